@@ -1,0 +1,1 @@
+"""mmjax: multimodal (image-text-label) foundation models on JAX/Flax."""

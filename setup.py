@@ -1,0 +1,30 @@
+"""mmjax: CoCa, UniCL, prefix conditioning and FLAVA objectives on JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "array-record>=0.7",
+        "ml_collections>=1.0",
+        "sentencepiece>=0.2",
+        "pillow>=10",
+        "numpy>=1.26",
+        "tensorboardX>=2.6",
+        "absl-py>=2.1",
+        "pycocoevalcap>=1.2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "gcs": ["gcsfs>=2024.2"],
+    },
+)
