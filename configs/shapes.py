@@ -31,6 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = data_config(image_size=64, max_text_len=24)
   c.model = model_config()
+  c.model.image_size = c.data.get_ref("image_size")
+  c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
   c.loss = loss_config()
   c.optimizer = optimizer_config(learning_rate=2e-3, warmup_steps=50, weight_decay=0.01)
   c.mesh = mesh_config()

@@ -1,0 +1,101 @@
+"""Orbax checkpoints: train state + the run's config + its data position.
+
+Layout: `<workdir>/checkpoints/<step>/{state,config,data}`. Orbax commits a step atomically
+(temporary directory renamed on success), so a step that was being written when the
+process died is invisible to `latest_step` and is never restored.
+"""
+import os
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  pass
+
+
+class Checkpointer:
+  """Saves asynchronously every `checkpoint_every_steps`; keeps the last
+  `checkpoint.max_to_keep` plus every `checkpoint.keep_period`-th step."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    self.directory = os.path.join(workdir, "checkpoints")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.max_to_keep,
+        keep_period=config.checkpoint.keep_period or None,
+        save_interval_steps=1, create=True, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "config", "data"), options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
+           force: bool = False) -> bool:
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config.to_dict()),
+        data=ocp.args.JsonSave({"step": int(step)}))
+    return self.manager.save(step, args=args, force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def saved_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), any topology."""
+    check_shapes(self._stored_shapes(step, "state")["params"], abstract_state.params,
+                 self.directory, step, prefix="params")
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters of a train-state checkpoint (no optimizer state is read)."""
+    stored = self._stored_shapes(step, "state")
+    check_shapes(stored["params"], abstract_params, self.directory, step, prefix="params")
+    item = {"params": abstract_params}
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+    return restored["state"]["params"]
+
+  def _stored_shapes(self, step: int, item: str) -> Any:
+    metadata = self.manager.item_metadata(step)[item]
+    tree = getattr(metadata, "tree", metadata)
+    return jax.tree.map(lambda m: tuple(m.shape), tree,
+                        is_leaf=lambda m: hasattr(m, "shape"))
+
+
+def check_shapes(stored: Any, abstract: Any, directory: str, step: int,
+                 prefix: str = "") -> None:
+  """Raises naming the first parameter whose stored and expected shapes differ."""
+  stored_flat = _flatten(stored)
+  expected_flat = _flatten(jax.tree.map(lambda x: tuple(x.shape), abstract))
+  for path in sorted(set(stored_flat) | set(expected_flat)):
+    got, want = stored_flat.get(path), expected_flat.get(path)
+    if got != want:
+      name = "/".join(p for p in (prefix, path) if p)
+      raise CheckpointMismatchError(
+          f"checkpoint {directory} step {step} does not match the config at {name}: "
+          f"checkpoint has {'no such entry' if got is None else f'shape {got}'}, "
+          f"config expects {'no such entry' if want is None else f'shape {want}'}")
+
+
+def _flatten(tree: Any) -> dict[str, tuple]:
+  if hasattr(tree, "__dataclass_fields__") or not isinstance(tree, dict):
+    tree = flax.serialization.to_state_dict(tree)
+  if not isinstance(tree, dict):
+    return {"": tree}
+  flat = flax.traverse_util.flatten_dict(tree, keep_empty_nodes=False)
+  return {"/".join(str(k) for k in path): v for path, v in flat.items()}

@@ -1,0 +1,85 @@
+"""Command-line flags shared by every mmjax command, and config validation.
+
+Every command takes `--config FILE[:ARG]` with `--config.KEY=VALUE` overrides (ml_collections
+config_flags: unknown keys fail with a "did you mean" suggestion, values are type-checked).
+`validate` then checks what config_flags cannot, before any device memory is allocated.
+"""
+import math
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from mmjax import sharding
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(*, step: bool = False, distributed: bool = False) -> None:
+  config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. configs/shapes.py",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  if step:
+    flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
+  if distributed:
+    flags.DEFINE_string("coordinator_address", None,
+                        "HOST:PORT of process 0 for multi-process runs without auto-detection.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's index (with coordinator_address).")
+
+
+def validated_config() -> ml_collections.ConfigDict:
+  validate(FLAGS.config)
+  return FLAGS.config
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ConfigError naming the offending key. Touches no device memory."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  try:
+    shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  batch_parallel = shape[0] * shape[1]
+  _require(config.batch_size > 0, f"config batch_size={config.batch_size} must be positive")
+  _require(config.batch_size % batch_parallel == 0,
+           f"config batch_size={config.batch_size} is not divisible by the data-parallel size "
+           f"{batch_parallel} (mesh.shape data x fsdp = {shape[0]} x {shape[1]})")
+  _require(config.batch_size % jax.process_count() == 0,
+           f"config batch_size={config.batch_size} is not divisible by the "
+           f"{jax.process_count()} processes")
+  accum = config.grad_accum_steps
+  _require(accum >= 1 and config.batch_size % (accum * batch_parallel) == 0,
+           f"config grad_accum_steps={accum}: batch_size={config.batch_size} must split into "
+           f"{accum} micro-batches divisible by the data-parallel size {batch_parallel}")
+  _require(config.total_steps > 0, f"config total_steps={config.total_steps} must be positive")
+  for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
+    _require(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
+  weights = {name: s.weight for name, s in config.data.sources.items()}
+  _require(all(w >= 0 for w in weights.values()) and math.fsum(weights.values()) > 0,
+           f"config data.sources.*.weight={weights} must be >= 0 and sum to a positive number")
+  for name, source in config.data.sources.items():
+    _require(source.kind in ("label", "caption"),
+             f"config data.sources.{name}.kind={source.kind!r}: choose 'label' or 'caption'")
+    key = "label_key" if source.kind == "label" else "text_key"
+    _require(bool(source[key]), f"config data.sources.{name}.{key} must be set for "
+                                f"kind={source.kind!r}")
+  _require(config.data.max_text_len >= 3,
+           f"config data.max_text_len={config.data.max_text_len} must hold BOS, a token, EOS")
+  _require(config.model.image_size % config.model.patch_size == 0,
+           f"config model.image_size={config.model.image_size} is not divisible by "
+           f"model.patch_size={config.model.patch_size}")
+  _require(config.loss.nonfinite_policy in ("skip", "stop"),
+           f"config loss.nonfinite_policy={config.loss.nonfinite_policy!r}: "
+           "choose 'skip' or 'stop'")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)

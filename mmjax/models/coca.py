@@ -1,0 +1,156 @@
+"""CoCa: Contrastive Captioners (arXiv 2205.01917).
+
+ViT image encoder -> attentional poolers (captioning: N queries; contrastive: 1 query, in
+`cascade` over the captioning pooler's outputs as in the paper, or `parallel`);
+unimodal causal text decoder whose appended CLS gives the text embedding; multimodal decoder
+that cross-attends to the captioning pooler's tokens and predicts the next token.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models import layers, text, vit
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CoCaConfig:
+  """The model part of a config, frozen so Flax can hash it (see `configs/*.py`)."""
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_depth: int
+  vision_mlp_dim: int
+  vision_heads: int
+  text_width: int
+  num_uni_layers: int
+  num_multi_layers: int
+  text_mlp_dim: int
+  text_heads: int
+  vocab_size: int
+  max_text_len: int  # tokens per example incl. BOS/EOS; the decoders see max_text_len - 1
+  embed_dim: int
+  pooler: str
+  num_caption_queries: int
+  tie_embeddings: bool
+  prefix_length: int
+  num_text_types: int
+  logit_scale_init: float
+  logit_scale_max: float
+  activation: str
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat_policy: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":
+    m = config.model
+    if m.pooler not in ("cascade", "parallel"):
+      raise ValueError(f"config model.pooler={m.pooler!r}: choose 'cascade' or 'parallel'")
+    return cls(
+        image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
+        vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
+        vision_heads=m.vision.num_heads, text_width=m.text.width,
+        num_uni_layers=m.text.num_uni_layers, num_multi_layers=m.text.num_multi_layers,
+        text_mlp_dim=m.text.mlp_dim, text_heads=m.text.num_heads,
+        vocab_size=m.text.vocab_size, max_text_len=config.data.max_text_len,
+        embed_dim=m.embed_dim, pooler=m.pooler, num_caption_queries=m.num_caption_queries,
+        tie_embeddings=m.tie_embeddings, prefix_length=m.prefix_length,
+        num_text_types=m.num_text_types, logit_scale_init=m.logit_scale_init,
+        logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
+        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+        remat_policy=m.remat_policy)
+
+
+class AttentionPooler(nn.Module):
+  """Learned queries [Q, D] attend once over `x` [B, N, Dx] -> [B, Q, D] (LayerNormed)."""
+  num_queries: int
+  width: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    queries = self.param("queries",
+                         layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
+                         (self.num_queries, self.width), self.param_dtype)
+    q = layers.LayerNorm(**kw, name="ln_q")(queries.astype(self.dtype))
+    q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
+    context = layers.LayerNorm(**kw, name="ln_k")(x)
+    out = layers.Attention(self.num_heads, **kw, name="attn")(q, context)
+    return layers.LayerNorm(**kw, name="ln_out")(out)
+
+
+class CoCa(nn.Module):
+  """Batch inputs: images float [B, H, W, 3]; text int32 [B, L] (BOS ... EOS PAD...);
+  text_type int32 [B]. The decoders read text[:, :-1] and predict text[:, 1:]."""
+  config: CoCaConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation)
+    self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
+                          c.vision_heads, **stack, **kw)
+    self.caption_pooler = AttentionPooler(c.num_caption_queries, c.text_width, c.text_heads,
+                                          **kw)
+    self.contrastive_pooler = AttentionPooler(1, c.text_width, c.text_heads, **kw)
+    self.token_embed = nn.Embed(
+        c.vocab_size, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.unimodal = text.UnimodalDecoder(
+        c.num_uni_layers, c.text_heads, c.text_mlp_dim, c.max_text_len - 1, c.prefix_length,
+        c.num_text_types, **stack, **kw)
+    self.multimodal = text.MultimodalDecoder(c.num_multi_layers, c.text_heads, c.text_mlp_dim,
+                                             **stack, **kw)
+    if not c.tie_embeddings:
+      self.lm_head = layers.Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+    self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
+    self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
+    self.logit_scale_log = self.param(
+        "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, caption tokens [B, Q, D])."""
+    tokens = self.vision(images)
+    caption_tokens = self.caption_pooler(tokens)
+    source = caption_tokens if self.config.pooler == "cascade" else tokens
+    pooled = self.contrastive_pooler(source)[:, 0]
+    return self.image_proj(pooled).astype(jnp.float32), caption_tokens
+
+  def encode_text_tokens(self, text_ids: jax.Array,
+                         text_type: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """text_ids [B, L] -> (embedding [B, E] float32, unimodal features [B, P+L-1, D])."""
+    inputs = text_ids[:, :-1]
+    features, cls = self.unimodal(self.token_embed(inputs), inputs != PAD_ID, text_type)
+    return self.text_proj(cls).astype(jnp.float32), features
+
+  def encode_text(self, text_ids: jax.Array, text_type: jax.Array) -> jax.Array:
+    return self.encode_text_tokens(text_ids, text_type)[0]
+
+  def caption_logits(self, features: jax.Array, caption_tokens: jax.Array) -> jax.Array:
+    """Unimodal features [B, P+T, D] + caption tokens -> float32 logits [B, T, V]."""
+    h = self.multimodal(features, caption_tokens)[:, self.config.prefix_length:]
+    logits = self.token_embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
+    return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def logit_scale(self) -> jax.Array:
+    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
+    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+
+  def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
+               with_captions: bool = True) -> dict[str, jax.Array]:
+    image_emb, caption_tokens = self.encode_image(images)
+    text_emb, features = self.encode_text_tokens(text_ids, text_type)
+    out = dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale())
+    if with_captions:
+      out["caption_logits"] = self.caption_logits(features, caption_tokens)
+    return out

@@ -1,0 +1,45 @@
+"""Tiny configs and synthetic batches for tests (the code paths are the real ones)."""
+import numpy as np
+
+import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
+
+
+def tiny_config(preset: str = "coca_unicl_prefix", **overrides):
+  config = shapes.get_config(preset)
+  config.unlock()
+  config.batch_size = 16
+  config.data.image_size = 32
+  config.data.max_text_len = 12
+  config.model.patch_size = 8
+  config.model.vision.update(width=32, depth=2, mlp_dim=64, num_heads=2)
+  config.model.text.update(width=32, num_uni_layers=2, num_multi_layers=2, mlp_dim=64,
+                           num_heads=2)
+  config.data.tokenizer.vocab_size = 64
+  config.model.embed_dim = 16
+  config.model.num_caption_queries = 4
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
+def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch in the pipeline's format with duplicated labels, captions and padding."""
+  rng = np.random.default_rng(seed)
+  b, length, size = config.batch_size, config.data.max_text_len, config.data.image_size
+  vocab = config.model.text.vocab_size
+  lengths = rng.integers(3, length + 1, size=b)
+  text = np.zeros((b, length), np.int32)
+  for i, n in enumerate(lengths):
+    text[i, 0] = 2
+    text[i, 1:n - 1] = rng.integers(4, vocab, size=n - 2)
+    text[i, n - 1] = 1
+  label = rng.integers(0, 4, size=b).astype(np.int32)
+  label[: b // 2] = -1
+  return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
+              label=label, text_type=(label >= 0).astype(np.int32),
+              skipped=np.zeros(b, np.int32))
