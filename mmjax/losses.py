@@ -14,7 +14,6 @@ device, D embedding width, c chunk width (columns of a received block processed 
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -234,7 +233,7 @@ def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
     ds = jax.lax.psum(ds, axes) if axes else ds
     return du, dv, ds
 
-  vec = spec
+  vec = spec  # [B] vectors (labels, statistics) are split like the rows
   fwd_map = jax.shard_map(fwd_body, mesh=mesh, in_specs=(spec, spec, vec, P()),
                           out_specs=(P(), vec, vec, vec, vec))
   bwd_map = jax.shard_map(bwd_body, mesh=mesh,
