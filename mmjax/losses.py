@@ -1,0 +1,286 @@
+"""Losses: UniCL (label-aware contrastive, CLIP as a special case) and captioning.
+
+`unicl_loss` has two paths:
+  * mesh=None: a dense reference-style implementation (B x B logits), differentiated by JAX.
+  * mesh given: a memory-linear ring implementation under `jax.shard_map`. Each device keeps
+    its own B/n rows of images, texts and labels; text blocks (with their labels) travel
+    around a ring of `ppermute`s, and running log-sum-exp / positive sums are accumulated for
+    both directions. A `jax.custom_vjp` recomputes the blocks in the backward pass, so no
+    device ever materialises the whole other modality, a B x B matrix, or the saved blocks of
+    the forward pass. Only [B/n, chunk] blocks of logits exist at any time.
+
+Notation: B global batch, n = product of the mesh sizes of `batch_axes`, m = B / n rows per
+device, D embedding width, c chunk width (columns of a received block processed at once).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+__all__ = ["unicl_loss", "unicl_loss_dense", "caption_loss", "positive_mask"]
+
+# Logit blocks are processed in [m, c] pieces with at most this many elements (16 MiB f32)
+# when chunk_size is None: keeps the per-device temporaries bounded independently of B.
+_AUTO_CHUNK_ELEMS = 1 << 22
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """Row-wise L2 normalisation in float32. x: [B, D] -> [B, D] float32."""
+  x = x.astype(jnp.float32)
+  # rsqrt of a clamped squared norm: an all-zero row gives zeros instead of NaNs.
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def positive_mask(row_labels: jax.Array, col_labels: jax.Array,
+                  diagonal: jax.Array | bool) -> jax.Array:
+  """Positive pairs between a block of rows and a block of columns.
+
+  Args:
+    row_labels: int [r]; -1 = no class (caption data).
+    col_labels: int [c].
+    diagonal: bool [r, c] (or broadcastable): True where row and column are the same example.
+  Returns:
+    bool [r, c]: same example, or same class id >= 0.
+  """
+  same_class = (row_labels[:, None] == col_labels[None, :]) & (row_labels[:, None] >= 0)
+  return same_class | diagonal
+
+
+def unicl_loss_dense(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                     logit_scale: jax.Array | float) -> jax.Array:
+  """Dense UniCL loss (materialises [B, B] logits). Inputs as in `unicl_loss`."""
+  u = _l2_normalize(image_emb)
+  v = _l2_normalize(text_emb)
+  logits = jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)  # [B, B]
+  b = logits.shape[0]
+  pos = positive_mask(labels, labels, jnp.eye(b, dtype=bool)).astype(jnp.float32)
+  pos_logit = pos * logits
+  # CE with a normalised multi-hot target = lse - mean of logits over the positives.
+  row = jax.nn.logsumexp(logits, axis=1) - pos_logit.sum(1) / pos.sum(1)
+  col = jax.nn.logsumexp(logits, axis=0) - pos_logit.sum(0) / pos.sum(0)
+  return 0.5 * (row.mean() + col.mean())
+
+
+def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+               logit_scale: jax.Array | float, *, mesh: Mesh | None = None,
+               batch_axes: Sequence[str] = ("data", "fsdp"),
+               chunk_size: int | None = None) -> jax.Array:
+  """UniCL contrastive loss (CLIP when every label is -1).
+
+  Positives: P[i, j] = (i == j) or (labels[i] == labels[j] >= 0). Image->text loss is the
+  mean over rows i of the cross-entropy between softmax(logits[i, :]) and P[i, :] / sum_j
+  P[i, j]; text->image the same over columns; the result is the mean of both directions.
+
+  Args:
+    image_emb: [B, D] image embeddings (any float dtype; normalised here in float32).
+    text_emb: [B, D] text embeddings.
+    labels: int [B]; -1 = no class (its only positive is its own pair), c >= 0 = class id.
+    logit_scale: scalar multiplier, already exponentiated (logits = scale * img @ txt.T).
+    mesh: if given, compute with the ring `shard_map` implementation; the batch dimension of
+      the inputs is (or will be resharded to be) split over `batch_axes` of this mesh; other
+      mesh axes (e.g. "tensor") see replicated data and compute redundantly.
+    batch_axes: mesh axes the batch is sharded over (axes absent from the mesh are ignored).
+    chunk_size: columns of a received [m, m] block processed at once in the ring path
+      (must divide m = B / n). None picks the largest divisor of m keeping blocks at
+      <= 4M elements.
+  Returns:
+    float32 scalar.
+  """
+  if mesh is None:
+    return unicl_loss_dense(image_emb, text_emb, labels, logit_scale)
+
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  b, _ = image_emb.shape
+  if text_emb.shape != image_emb.shape or labels.shape != (b,):
+    raise ValueError(f"shape mismatch: image {image_emb.shape}, text {text_emb.shape}, "
+                     f"labels {labels.shape}")
+  if b % n:
+    raise ValueError(f"batch {b} not divisible by the {n} devices of batch axes {axes}")
+  m = b // n
+  if chunk_size is None:
+    cap = max(1, _AUTO_CHUNK_ELEMS // m)
+    chunk_size = max(d for d in range(1, min(m, cap) + 1) if m % d == 0)
+  if m % chunk_size:
+    raise ValueError(f"chunk_size {chunk_size} must divide the per-device batch {m}")
+
+  u = _l2_normalize(image_emb)
+  v = _l2_normalize(text_emb)
+  scale = jnp.asarray(logit_scale, jnp.float32)
+  ring = _make_ring_loss(mesh, axes, n, chunk_size, b)
+  return ring(u, v, labels.astype(jnp.int32), scale)
+
+
+# ----------------------------------------------------------------------------------------
+# Ring implementation.
+# Device k holds rows [k m, (k+1) m). Every step each device sends its travelling block to
+# device k-1, so at ring step s device k holds the block that started on device (k+s) % n;
+# the diagonal (i == j) therefore only occurs at step 0, at equal local offsets. After n
+# sends a travelling block is back on its owner, which is how column statistics and text
+# gradients come home.
+# ----------------------------------------------------------------------------------------
+
+def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
+  """Builds the custom_vjp ring loss for fixed mesh / axes / chunk / batch size."""
+  spec = P(axes if axes else None)
+  perm = [(i, (i - 1) % n) for i in range(n)]
+  axis_name = axes if len(axes) != 1 else axes[0]
+
+  def shift(x):
+    if n == 1:
+      return x
+    return jax.lax.ppermute(x, axis_name, perm)
+
+  def varying(x):
+    # Loop carries start as constants (unvarying over the batch axes) but become varying
+    # after one update; shard_map's type check requires the carry type to be fixed.
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+  def chunk_logits(u_loc, v_blk, l_loc, l_blk, scale, step, j0):
+    """Scaled logits, cosine sims and positives of local rows vs columns [j0, j0+c)."""
+    v_c = jax.lax.dynamic_slice_in_dim(v_blk, j0, c, axis=0)  # [c, D]
+    l_c = jax.lax.dynamic_slice_in_dim(l_blk, j0, c, axis=0)  # [c]
+    sims = u_loc @ v_c.T  # [m, c]
+    rows = jnp.arange(u_loc.shape[0])[:, None]
+    cols = j0 + jnp.arange(c)[None, :]
+    pos = positive_mask(l_loc, l_c, (step == 0) & (rows == cols))
+    return v_c, sims, scale * sims, pos.astype(jnp.float32)
+
+  def fwd_body(u_loc, v_loc, l_loc, scale):
+    """Per-device forward. Returns loss (replicated) and [m] statistics for the backward."""
+    m = u_loc.shape[0]
+    neg_inf = jnp.full((m,), -jnp.inf, jnp.float32)
+    zeros = jnp.zeros((m,), jnp.float32)
+
+    def ring_step(step, carry):
+      # Row stats (local images): running max / sum-exp / positive logit sum / count.
+      # Column stats travel with the text block they describe.
+      (r_max, r_sum, r_pos, r_cnt, v_blk, l_blk, c_lse, c_pos, c_cnt) = carry
+
+      def chunk_step(ci, inner):
+        r_max, r_sum, r_pos, r_cnt, c_lse, c_pos, c_cnt = inner
+        j0 = ci * c
+        _, _, logits, pos = chunk_logits(u_loc, v_blk, l_loc, l_blk, scale, step, j0)
+        new_max = jnp.maximum(r_max, logits.max(1))
+        r_sum = r_sum * jnp.exp(r_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(1)
+        r_pos = r_pos + (pos * logits).sum(1)
+        r_cnt = r_cnt + pos.sum(1)
+        # This device's rows are one of n row blocks for these columns: merge its column
+        # log-sum-exp into the travelling one.
+        part = jax.nn.logsumexp(logits, axis=0)
+        old = jax.lax.dynamic_slice_in_dim(c_lse, j0, c)
+        c_lse = jax.lax.dynamic_update_slice_in_dim(c_lse, jnp.logaddexp(old, part), j0, 0)
+        c_pos = _add_slice(c_pos, (pos * logits).sum(0), j0)
+        c_cnt = _add_slice(c_cnt, pos.sum(0), j0)
+        return new_max, r_sum, r_pos, r_cnt, c_lse, c_pos, c_cnt
+
+      inner = (r_max, r_sum, r_pos, r_cnt, c_lse, c_pos, c_cnt)
+      inner = jax.lax.fori_loop(0, m // c, chunk_step, inner)
+      r_max, r_sum, r_pos, r_cnt, c_lse, c_pos, c_cnt = inner
+      # Everything travelling moves one hop; after the last step this brings the column
+      # statistics home (the text block itself is not needed any more, but sending it with
+      # them keeps one loop body; its cost is one extra [m, D] hop out of n).
+      v_blk, l_blk, c_lse, c_pos, c_cnt = shift((v_blk, l_blk, c_lse, c_pos, c_cnt))
+      return (r_max, r_sum, r_pos, r_cnt, v_blk, l_blk, c_lse, c_pos, c_cnt)
+
+    carry = (varying(neg_inf), varying(zeros), varying(zeros), varying(zeros), v_loc, l_loc,
+             varying(neg_inf), varying(zeros), varying(zeros))
+    carry = jax.lax.fori_loop(0, n, ring_step, carry)
+    r_max, r_sum, r_pos, r_cnt, _, _, c_lse, c_pos, c_cnt = carry
+    r_lse = r_max + jnp.log(r_sum)
+    local = (r_lse - r_pos / r_cnt).sum() + (c_lse - c_pos / c_cnt).sum()
+    loss = 0.5 * jax.lax.psum(local, axes) / b if axes else 0.5 * local / b
+    return loss, r_lse, r_cnt, c_lse, c_cnt
+
+  def bwd_body(u_loc, v_loc, l_loc, scale, r_lse, r_cnt, c_lse, c_cnt, g):
+    """Per-device backward: recompute logits chunk by chunk, rotate text-gradient sums.
+
+    dLoss/dlogits[i, j] = g / (2B) * (softmax_row[i, j] - P[i, j] / r_cnt[i]
+                                      + softmax_col[i, j] - P[i, j] / c_cnt[j]).
+    """
+    coef = g / (2.0 * b)
+
+    def ring_step(step, carry):
+      du, ds, v_blk, l_blk, c_lse_blk, c_cnt_blk, dv_blk = carry
+
+      def chunk_step(ci, inner):
+        du, ds, dv_blk = inner
+        j0 = ci * c
+        v_c, sims, logits, pos = chunk_logits(u_loc, v_blk, l_loc, l_blk, scale, step, j0)
+        lse_c = jax.lax.dynamic_slice_in_dim(c_lse_blk, j0, c)
+        cnt_c = jax.lax.dynamic_slice_in_dim(c_cnt_blk, j0, c)
+        grad = coef * (jnp.exp(logits - r_lse[:, None]) - pos / r_cnt[:, None]
+                       + jnp.exp(logits - lse_c[None, :]) - pos / cnt_c[None, :])  # [m, c]
+        du = du + scale * (grad @ v_c)
+        dv_blk = _add_slice(dv_blk, scale * (grad.T @ u_loc), j0)
+        ds = ds + (grad * sims).sum()
+        return du, ds, dv_blk
+
+      du, ds, dv_blk = jax.lax.fori_loop(0, v_blk.shape[0] // c, chunk_step, (du, ds, dv_blk))
+      v_blk, l_blk, c_lse_blk, c_cnt_blk, dv_blk = shift(
+          (v_blk, l_blk, c_lse_blk, c_cnt_blk, dv_blk))
+      return du, ds, v_blk, l_blk, c_lse_blk, c_cnt_blk, dv_blk
+
+    zeros_md = varying(jnp.zeros(u_loc.shape, jnp.float32))
+    carry = (zeros_md, varying(jnp.zeros((), jnp.float32)), v_loc, l_loc, c_lse, c_cnt,
+             zeros_md)
+    du, ds, _, _, _, _, dv = jax.lax.fori_loop(0, n, ring_step, carry)
+    ds = jax.lax.psum(ds, axes) if axes else ds
+    return du, dv, ds
+
+  vec = spec  # [B] vectors (labels, statistics) are split like the rows
+  fwd_map = jax.shard_map(fwd_body, mesh=mesh, in_specs=(spec, spec, vec, P()),
+                          out_specs=(P(), vec, vec, vec, vec))
+  bwd_map = jax.shard_map(bwd_body, mesh=mesh,
+                          in_specs=(spec, spec, vec, P(), vec, vec, vec, vec, P()),
+                          out_specs=(spec, spec, P()))
+
+  @jax.custom_vjp
+  def ring_loss(u, v, labels, scale):
+    return fwd_map(u, v, labels, scale)[0]
+
+  def ring_fwd(u, v, labels, scale):
+    loss, r_lse, r_cnt, c_lse, c_cnt = fwd_map(u, v, labels, scale)
+    # Residuals are the inputs plus four [B] vectors: nothing of size B x B or B/n x B/n.
+    return loss, (u, v, labels, scale, r_lse, r_cnt, c_lse, c_cnt)
+
+  def ring_bwd(res, g):
+    u, v, labels, scale, r_lse, r_cnt, c_lse, c_cnt = res
+    du, dv, ds = bwd_map(u, v, labels, scale, r_lse, r_cnt, c_lse, c_cnt, g)
+    # Integer labels get a float0 cotangent.
+    dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
+    return du, dv, dlabels, ds
+
+  ring_loss.defvjp(ring_fwd, ring_bwd)
+  return ring_loss
+
+
+def _add_slice(acc: jax.Array, val: jax.Array, start) -> jax.Array:
+  """acc[start:start+len(val)] += val along axis 0 (dynamic start)."""
+  old = jax.lax.dynamic_slice_in_dim(acc, start, val.shape[0], axis=0)
+  return jax.lax.dynamic_update_slice_in_dim(acc, old + val, start, axis=0)
+
+
+def caption_loss(logits: jax.Array, targets: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Token cross-entropy averaged over the tokens where mask == 1 (padding ignored).
+
+  Args:
+    logits: [B, T, V] (any float dtype; computed in float32).
+    targets: int [B, T].
+    mask: [B, T], 1 for real tokens, 0 for padding.
+  Returns:
+    (loss, num_tokens): float32 scalars; loss = sum(mask * nll) / max(num_tokens, 1).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  # where() rather than a product: a NaN/inf logit at a padded position must not leak in.
+  total = jnp.where(mask > 0, nll, 0.0).sum()
+  num_tokens = mask.sum()
+  return total / jnp.maximum(num_tokens, 1.0), num_tokens

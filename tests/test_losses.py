@@ -1,0 +1,263 @@
+"""Tests for mmjax.losses against independent float64 NumPy references.
+
+Sharded cases need 8 CPU devices (tests/conftest.py sets jax_num_cpu_devices=8).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mmjax.losses import caption_loss, unicl_loss
+
+B, D = 32, 8
+SCALE = 7.5  # not 1 so that the logit-scale gradient is exercised at a realistic size
+
+
+# ---------------------------------------------------------------------------------------
+# NumPy float64 references (written from the definition, not from the implementation).
+# ---------------------------------------------------------------------------------------
+
+def _softmax(z: np.ndarray, axis: int) -> np.ndarray:
+  e = np.exp(z - z.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def ref_unicl(x, y, labels, s):
+  """float64 UniCL loss and analytic gradients wrt (x, y, s).
+
+  Loss = 1/2 [mean_i CE(T_row[i], softmax_row(L)[i]) + mean_j CE(T_col[:, j], softmax_col(L)[:, j])]
+  with L = s * u v^T, u = x / |x|, v = y / |y|, T_row = P / rowsum(P), T_col = P / colsum(P).
+  """
+  x, y, s = np.float64(x), np.float64(y), np.float64(s)
+  nb = x.shape[0]
+  nx = np.linalg.norm(x, axis=1, keepdims=True)
+  ny = np.linalg.norm(y, axis=1, keepdims=True)
+  u, v = x / nx, y / ny
+  sim = u @ v.T
+  logits = s * sim
+  pos = np.zeros((nb, nb))
+  for i in range(nb):
+    for j in range(nb):
+      pos[i, j] = float(i == j or (labels[i] == labels[j] and labels[i] >= 0))
+  t_row = pos / pos.sum(1, keepdims=True)
+  t_col = pos / pos.sum(0, keepdims=True)
+  a_row = _softmax(logits, 1)
+  a_col = _softmax(logits, 0)
+  loss = 0.5 * (-(t_row * np.log(a_row)).sum() / nb - (t_col * np.log(a_col)).sum() / nb)
+  # d/dlogits of softmax cross-entropy = softmax - target, per direction.
+  g = 0.5 / nb * ((a_row - t_row) + (a_col - t_col))
+  du = s * g @ v
+  dv = s * g.T @ u
+  ds = (g * sim).sum()
+  # Through the normalisation: d(x/|x|) = (I - u u^T) / |x|.
+  dx = (du - u * (u * du).sum(1, keepdims=True)) / nx
+  dy = (dv - v * (v * dv).sum(1, keepdims=True)) / ny
+  return loss, dx, dy, ds
+
+
+def textbook_clip(x, y, s):
+  """CLIP's loss as in the paper's pseudo-code: symmetric CE with labels = arange(B)."""
+  x, y = np.float64(x), np.float64(y)
+  u = x / np.linalg.norm(x, axis=1, keepdims=True)
+  v = y / np.linalg.norm(y, axis=1, keepdims=True)
+  logits = s * u @ v.T
+  idx = np.arange(len(x))
+  ce_i = -np.log(_softmax(logits, 1)[idx, idx]).mean()
+  ce_t = -np.log(_softmax(logits.T, 1)[idx, idx]).mean()
+  return (ce_i + ce_t) / 2
+
+
+def _labels(kind: str, rng: np.random.Generator, nb: int = B) -> np.ndarray:
+  if kind == "mixed":  # captions (-1) and classes with duplicates
+    lab = rng.integers(-1, 5, size=nb)
+  elif kind == "captions":
+    lab = np.full(nb, -1)
+  elif kind == "all_labels":
+    lab = rng.integers(0, 4, size=nb)
+  elif kind == "half_one_class":  # one class fills half the rows, spread over all shards
+    lab = np.concatenate([np.full(nb // 2, 3), rng.integers(-1, 3, size=nb - nb // 2)])
+    lab = rng.permutation(lab)
+  else:
+    raise ValueError(kind)
+  return lab.astype(np.int32)
+
+
+def _inputs(kind: str, seed: int = 0, nb: int = B):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(nb, D)).astype(np.float32)
+  y = (0.5 * x + rng.normal(size=(nb, D))).astype(np.float32)  # correlated, like a model
+  return x, y, _labels(kind, rng, nb)
+
+
+def _jax_value_and_grads(x, y, labels, s, **kw):
+  fn = jax.jit(jax.value_and_grad(
+      lambda a, b, l, sc: unicl_loss(a, b, l, sc, **kw), argnums=(0, 1, 3)))
+  val, (gx, gy, gs) = fn(x, y, labels, jnp.float32(s))
+  return float(val), np.asarray(gx), np.asarray(gy), float(gs)
+
+
+def _assert_close(got, want, tol):
+  names = ("loss", "d_image", "d_text", "d_scale")
+  for n, a, b in zip(names, got, want):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=n)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference sanity: the analytic NumPy gradient agrees with finite differences.
+# ---------------------------------------------------------------------------------------
+
+def test_reference_gradient_matches_finite_differences():
+  x, y, lab = _inputs("mixed", seed=1, nb=6)
+  x, y = np.float64(x), np.float64(y)
+  _, dx, dy, ds = ref_unicl(x, y, lab, SCALE)
+  eps = 1e-6
+  for arr, grad, which in ((x, dx, 0), (y, dy, 1)):
+    for idx in [(0, 0), (2, 3), (5, 7)]:
+      plus, minus = arr.copy(), arr.copy()
+      plus[idx] += eps
+      minus[idx] -= eps
+      args_p = (plus, y) if which == 0 else (x, plus)
+      args_m = (minus, y) if which == 0 else (x, minus)
+      fd = (ref_unicl(*args_p, lab, SCALE)[0] - ref_unicl(*args_m, lab, SCALE)[0]) / (2 * eps)
+      assert abs(fd - grad[idx]) < 1e-7, (which, idx, fd, grad[idx])
+  fd = (ref_unicl(x, y, lab, SCALE + eps)[0] - ref_unicl(x, y, lab, SCALE - eps)[0]) / (2 * eps)
+  assert abs(fd - ds) < 1e-7
+
+
+# ---------------------------------------------------------------------------------------
+# Unsharded.
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mixed", "captions", "all_labels", "half_one_class"])
+def test_unsharded_matches_numpy(kind):
+  x, y, lab = _inputs(kind)
+  _assert_close(_jax_value_and_grads(x, y, lab, SCALE), ref_unicl(x, y, lab, SCALE), 1e-5)
+
+
+def test_all_captions_is_clip():
+  x, y, lab = _inputs("captions", seed=3)
+  got = float(unicl_loss(x, y, lab, SCALE))
+  np.testing.assert_allclose(got, textbook_clip(x, y, SCALE), rtol=1e-6)
+  # And labels do matter: sharing classes changes the value.
+  assert abs(float(unicl_loss(x, y, _labels("all_labels", np.random.default_rng(0)), SCALE))
+             - got) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded (ring) on 8 CPU devices, inside jit with batch-sharded inputs.
+# ---------------------------------------------------------------------------------------
+
+def _mesh(shape):
+  return jax.make_mesh(shape, ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+@pytest.mark.parametrize("shape,kind,chunk", [
+    ((8, 1, 1), "mixed", None),
+    ((8, 1, 1), "half_one_class", 2),
+    ((4, 2, 1), "mixed", 2),
+    ((4, 2, 1), "captions", None),
+    ((2, 2, 2), "half_one_class", None),
+    ((2, 2, 2), "all_labels", 4),
+])
+def test_sharded_matches_unsharded_and_numpy(shape, kind, chunk):
+  assert jax.device_count() == 8
+  x, y, lab = _inputs(kind, seed=sum(shape))
+  mesh = _mesh(shape)
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  args = [jax.device_put(a, sh) for a in (x, y, lab)]
+  with jax.set_mesh(mesh):
+    got = _jax_value_and_grads(*args, SCALE, mesh=mesh, chunk_size=chunk)
+  dense = _jax_value_and_grads(x, y, lab, SCALE)
+  _assert_close(got, dense, 1e-5)
+  _assert_close(got, ref_unicl(x, y, lab, SCALE), 1e-5)
+
+
+def test_sharded_gradients_keep_batch_sharding():
+  mesh = _mesh((4, 2, 1))
+  x, y, lab = _inputs("mixed")
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  args = [jax.device_put(a, sh) for a in (x, y, lab)]
+  with jax.set_mesh(mesh):
+    gx = jax.jit(jax.grad(lambda a, b, l: unicl_loss(a, b, l, SCALE, mesh=mesh)))(*args)
+  assert gx.sharding.is_equivalent_to(sh, 2)
+
+
+def test_sharded_memory_is_linear_in_batch():
+  """Compile-only: per-device temporaries stay far below one [B, B/n] slab of logits."""
+  mesh = _mesh((8, 1, 1))
+  nb, d = 4096, 32
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  args = (jax.ShapeDtypeStruct((nb, d), jnp.float32, sharding=sh),
+          jax.ShapeDtypeStruct((nb, d), jnp.float32, sharding=sh),
+          jax.ShapeDtypeStruct((nb,), jnp.int32, sharding=sh),
+          jax.ShapeDtypeStruct((), jnp.float32))
+
+  def temp_bytes(**kw):
+    f = jax.jit(jax.grad(lambda a, b, l, s: unicl_loss(a, b, l, s, **kw), argnums=(0, 1, 3)))
+    with jax.set_mesh(mesh):
+      return f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  ring = temp_bytes(mesh=mesh, chunk_size=128)
+  slab = nb * (nb // 8) * 4  # one device's share of a B x B f32 matrix: 8 MiB
+  assert ring < slab / 4, (ring, slab)
+  # The naive loss on the same sharded inputs needs far more: the test can tell them apart.
+  assert temp_bytes() > 2 * ring
+
+
+def test_bad_batch_raises():
+  mesh = _mesh((8, 1, 1))
+  x, y, lab = _inputs("mixed", nb=12)
+  with pytest.raises(ValueError, match="divisible"):
+    unicl_loss(x, y, lab, SCALE, mesh=mesh)
+  x, y, lab = _inputs("mixed", nb=48)  # 6 rows per device
+  with pytest.raises(ValueError, match="chunk_size"):
+    unicl_loss(x, y, lab, SCALE, mesh=mesh, chunk_size=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Captioning loss.
+# ---------------------------------------------------------------------------------------
+
+def _ref_caption(logits, targets, mask):
+  lg = np.float64(logits)
+  logp = lg - lg.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  total, count = 0.0, 0
+  for b in range(lg.shape[0]):
+    for t in range(lg.shape[1]):
+      if mask[b, t]:
+        total -= logp[b, t, targets[b, t]]
+        count += 1
+  return total / count, count
+
+
+def test_caption_loss_matches_numpy_and_ignores_padding():
+  rng = np.random.default_rng(0)
+  nb, t, v = 3, 7, 11
+  logits = rng.normal(size=(nb, t, v)).astype(np.float32) * 3
+  targets = rng.integers(0, v, size=(nb, t)).astype(np.int32)
+  lengths = np.array([7, 4, 1])
+  mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.int32)
+  loss, ntok = caption_loss(jnp.asarray(logits), targets, mask)
+  want, count = _ref_caption(logits, targets, mask)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6)
+  assert float(ntok) == count == lengths.sum()
+
+  changed = logits.copy()
+  changed[mask == 0] = rng.normal(size=(int((mask == 0).sum()), v)) * 100
+  changed[1, 6, 0] = np.nan  # even non-finite logits at padding must not leak in
+  loss2, _ = caption_loss(jnp.asarray(changed), targets, mask)
+  assert float(loss2) == pytest.approx(float(loss), rel=1e-6)
+  # Changing a real token does change it (the check above can fail).
+  changed[0, 0, targets[0, 0]] += 5.0  # (a shift of all V logits would cancel)
+  assert abs(float(caption_loss(jnp.asarray(changed), targets, mask)[0]) - float(loss)) > 1e-4
+
+
+def test_caption_loss_all_padding_is_zero_not_nan():
+  loss, ntok = caption_loss(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32),
+                            jnp.zeros((2, 3)))
+  assert float(loss) == 0.0 and float(ntok) == 0.0
