@@ -34,8 +34,8 @@ class OpenedSource:
   Attributes:
     name: TFDS name, e.g. "shapes/labels".
     split: TFDS split, e.g. "train" or "validation[:100]".
-    data_source: `tfds.data_source` result; `data_source[i]` is a dict with the image as
-      encoded bytes (decoded later so bad images can be substituted, see `CleanSource`).
+    data_source: `tfds.data_source` result; `data_source[i]` is a dict (image decoded to
+      uint8 [H, W, C] unless opened with decode_images=False: then encoded bytes).
     class_names: names of the ClassLabel feature `label_key`, or None.
   """
   name: str
@@ -48,17 +48,19 @@ class OpenedSource:
 
 
 def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image",
-                label_key: str = "") -> OpenedSource:
+                label_key: str = "", decode_images: bool = True) -> OpenedSource:
   """Opens TFDS `name`/`split` from `data_dir` through `tfds.data_source` (no TensorFlow).
 
   `shapes/*` datasets are built on first use. With `label_key`, the feature must be a
-  ClassLabel and its names are returned as `class_names`.
+  ClassLabel and its names are returned as `class_names`. `decode_images=False` leaves the
+  image as encoded bytes (fast text scans); it does not work under
+  `tfds.testing.mock_data`, whose encoder needs TensorFlow.
   """
   data_dir = expand_dir(data_dir)
   if name.split("/")[0] == "shapes":
     shapes.ensure_built(name, data_dir)
-  src = tfds.data_source(name, split=split, data_dir=data_dir,
-                         decoders={image_key: tfds.decode.SkipDecoding()})
+  decoders = None if decode_images else {image_key: tfds.decode.SkipDecoding()}
+  src = tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders)
   features = src.dataset_info.features
   if image_key not in features:
     raise KeyError(f"dataset {name!r} has no image feature {image_key!r}; features are "
@@ -116,7 +118,10 @@ class CleanSource:
     return len(self.opened)
 
   def _try(self, j: int) -> dict[str, Any] | None:
-    rec = self.opened.data_source[j]
+    try:
+      rec = self.opened.data_source[j]
+    except Exception:  # TFDS decodes the image while reading: zero-byte/corrupt lands here
+      return None
     label, texts = -1, []
     if self.kind == "label":
       label = int(rec[self.label_key])
@@ -132,10 +137,14 @@ class CleanSource:
       texts = [t for t in (_text(x).strip() for x in raw) if t]
       if not texts:
         return None
-    try:
-      image = decode_image(rec[self.image_key])
-    except Exception:  # any undecodable image is a bad record; counted, not fatal
-      return None
+    image = rec[self.image_key]
+    if isinstance(image, bytes):  # opened with decode_images=False
+      try:
+        image = decode_image(image)
+      except Exception:  # any undecodable image is a bad record; counted, not fatal
+        return None
+    elif image.ndim == 2 or image.shape[-1] == 1:
+      image = np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, axis=-1)
     return {"image": image, "label": np.int32(label), "texts": texts,
             "source": np.int32(self.source_index)}
 
@@ -198,7 +207,8 @@ def train_texts(config: ml_collections.ConfigDict) -> list[str]:
   for key in sorted(config.data.sources.keys()):
     s = config.data.sources[key]
     opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
-                         label_key=s.label_key if s.kind == "label" else "")
+                         label_key=s.label_key if s.kind == "label" else "",
+                         decode_images=False)
     if s.kind == "label":
       texts += [t.format(n) for n in opened.class_names for t in config.data.label_templates]
     else:
