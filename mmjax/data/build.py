@@ -114,22 +114,27 @@ def build_from_captions_file(captions_file: str, name: str, data_dir: str) -> st
   return _write(name, data_dir, features, examples)
 
 
-_IMAGES_DIR = flags.DEFINE_string("images_dir", "", "Folder of class sub-folders of images.")
-_CAPTIONS_FILE = flags.DEFINE_string("captions_file", "", ".csv/.jsonl of (image, caption).")
-_NAME = flags.DEFINE_string("name", "", "TFDS dataset name to write.")
-_DATA_DIR = flags.DEFINE_string("data_dir", "~/.cache/mmjax/datasets", "TFDS data_dir.")
+def _define_flags() -> None:
+  # Defined only when run as a script, so importing this module (tests, benchmarks) never
+  # clashes with the importer's own absl flags.
+  flags.DEFINE_string("images_dir", "", "Folder of class sub-folders of images.")
+  flags.DEFINE_string("captions_file", "", ".csv/.jsonl of (image, caption).")
+  flags.DEFINE_string("name", "", "TFDS dataset name to write.")
+  flags.DEFINE_string("data_dir", "~/.cache/mmjax/datasets", "TFDS data_dir.")
 
 
 def main(argv: list[str]) -> None:
   del argv
-  if not _NAME.value or bool(_IMAGES_DIR.value) == bool(_CAPTIONS_FILE.value):
+  f = flags.FLAGS
+  if not f.name or bool(f.images_dir) == bool(f.captions_file):
     raise app.UsageError("give --name and exactly one of --images_dir / --captions_file")
-  if _IMAGES_DIR.value:
-    out = build_from_images_dir(_IMAGES_DIR.value, _NAME.value, _DATA_DIR.value)
+  if f.images_dir:
+    out = build_from_images_dir(f.images_dir, f.name, f.data_dir)
   else:
-    out = build_from_captions_file(_CAPTIONS_FILE.value, _NAME.value, _DATA_DIR.value)
+    out = build_from_captions_file(f.captions_file, f.name, f.data_dir)
   print(out)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
