@@ -1,0 +1,180 @@
+"""Grain input pipeline: topology-independent training batches and evaluation splits.
+
+The global batch at step s is a pure function of (config.seed, s, config.batch_size,
+sources, weights): example g of the run (g = s * batch_size + position) is element g of one
+global, infinite `grain.MapDataset`:
+
+  per source (sorted keys): CleanSource -> shuffle(seed_k) -> repeat()   # new order each epoch
+  mix(per-source datasets, weights)                                      # deterministic interleave
+  random_map(TrainTransform, seed)                                       # rng keyed by g
+
+Process p of n reads indices s*B + p*b + j (b = B // n, j < b) by random access, so the
+same global batch comes out for any number of processes, and resuming at step k needs only
+k (the data position of a checkpoint is the step).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from mmjax.data import sources as sources_lib
+from mmjax.data import transforms
+from mmjax.tokenizer import Tokenizer
+
+label_texts = sources_lib.label_texts
+train_texts = sources_lib.train_texts
+
+
+def derive_seed(*parts: int) -> int:
+  """A 32-bit seed from integers (Grain shuffle seeds must be < 2**32)."""
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                         train_sources: sources_lib.TrainSources | None = None
+                         ) -> grain.MapDataset:
+  """The infinite MapDataset whose element g is global training example g (see module doc)."""
+  ts = train_sources or sources_lib.open_train_sources(config)
+  per_source = []
+  for i, src in enumerate(ts.sources):
+    # Shuffle derives seed + epoch per epoch, so repeat() yields a fresh order each epoch.
+    per_source.append(grain.MapDataset.source(src).shuffle(seed=derive_seed(config.seed, 1, i))
+                      .repeat())
+  ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, ts.weights)
+  kinds = [config.data.sources[k].kind for k in ts.keys]
+  return ds.random_map(transforms.TrainTransform(config, tokenizer, kinds),
+                       seed=derive_seed(config.seed, 2))
+
+
+class _LocalToGlobal(grain.transforms.Map):
+  """Local example position t of process p (from start_step) -> global example index."""
+
+  def __init__(self, start_step: int, global_batch: int, local_batch: int, process_index: int):
+    self.start, self.B, self.b, self.p = start_step, global_batch, local_batch, process_index
+
+  def map(self, t: int) -> int:
+    step, j = divmod(int(t), self.b)
+    return (self.start + step) * self.B + self.p * self.b + j
+
+
+class _Lookup(grain.transforms.Map):
+  """Global index -> example, by random access into the global dataset."""
+
+  def __init__(self, ds: grain.MapDataset):
+    self.ds = ds
+
+  def map(self, g: int) -> dict[str, np.ndarray]:
+    return self.ds[g]
+
+
+class TrainIterator:
+  """Yields this process's slices of successive global batches as dicts of numpy arrays.
+
+  Fields, with b = batch_size // process_count:
+    image float32 [b, H, W, 3] in [-1, 1]; text int32 [b, max_text_len];
+    label int32 [b] (unified class id, -1 for captions); text_type int32 [b] (0 caption,
+    1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
+    (records substituted to produce each example).
+  Raises if the cumulative fraction of skipped records of a source exceeds
+  `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
+  a single early bad record does not stop a run).
+  """
+
+  def __init__(self, it: Any, keys: list[str], names: list[str], max_skip_fraction: float):
+    self._it, self._keys, self._names = it, keys, names
+    self._max = float(max_skip_fraction)
+    self.examples = np.zeros(len(keys), np.int64)
+    self.skipped = np.zeros(len(keys), np.int64)
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self.examples += np.bincount(batch["source"], minlength=len(self._keys))
+    self.skipped += np.bincount(batch["source"], weights=batch["skipped"],
+                                minlength=len(self._keys)).astype(np.int64)
+    reads = self.examples + self.skipped
+    for k in range(len(self._keys)):
+      if (self.skipped[k] and reads[k] * self._max >= 1
+          and self.skipped[k] > self._max * reads[k]):
+        raise RuntimeError(
+            f"source {self._keys[k]!r} ({self._names[k]}): {self.skipped[k]} of {reads[k]} "
+            "records read were undecodable images or had no non-blank caption "
+            f"({self.skipped[k] / reads[k]:.2%} > config.data.max_skip_fraction={self._max})")
+    return batch
+
+  def close(self) -> None:
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                        start_step: int, process_index: int, process_count: int
+                        ) -> TrainIterator:
+  """This process's slice of every global batch from global step `start_step` on.
+
+  The slice has b = config.batch_size // process_count examples; see `TrainIterator` for
+  the fields. Concatenating the slices of processes 0..n-1 gives the same global batch
+  for every n dividing config.batch_size.
+  """
+  B = int(config.batch_size)
+  if process_count < 1 or B % process_count:
+    raise ValueError(f"config.batch_size={B} must be divisible by process_count={process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  b = B // process_count
+  ts = sources_lib.open_train_sources(config)
+  global_ds = global_train_dataset(config, tokenizer, ts)
+  # Enough local positions for any run (well inside int64 once mapped to global indices).
+  n_local = (2**62 // B) * b
+  ds = (grain.MapDataset.range(n_local)
+        .map(_LocalToGlobal(start_step, B, b, process_index))
+        .map(_Lookup(global_ds))
+        .batch(b, drop_remainder=True))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  if config.data.num_workers > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  names = [config.data.sources[k].name for k in ts.keys]
+  return TrainIterator(iter(it_ds), ts.keys, names, config.data.max_skip_fraction)
+
+
+def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,
+                    image_key: str, num_examples: int, label_key: str = "",
+                    text_key: str = "", data_dir: str = "") -> dict[str, Any]:
+  """The first `num_examples` examples of `dataset`/`split`, deterministically.
+
+  Returns images float32 [N, H, W, 3] in [-1, 1] (resize + centre crop to
+  config.data.image_size); with `label_key`: labels int32 [N] (the dataset's own class ids)
+  and class_names list[str]; with `text_key`: texts list[list[str]] (all non-blank captions
+  per image). N = min(num_examples, split size). Bad records are substituted as in training.
+  """
+  opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
+                                   image_key=image_key, label_key=label_key)
+  kind = "label" if label_key else ("caption" if text_key else "image")
+  src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
+                                image_key=image_key, label_key=label_key, text_key=text_key)
+  n = min(int(num_examples), len(src))
+  size = int(config.data.image_size)
+  images = np.empty((n, size, size, 3), np.float32)
+  labels, texts = np.empty((n,), np.int32), []
+  for i in range(n):
+    rec = src[i]
+    images[i] = transforms.center_crop_resize(rec["image"], size)
+    labels[i] = rec["label"]
+    texts.append(rec["texts"])
+  out: dict[str, Any] = {"images": images}
+  if label_key:
+    out["labels"], out["class_names"] = labels, list(opened.class_names)
+  if text_key:
+    out["texts"] = texts
+  return out

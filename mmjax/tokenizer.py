@@ -1,0 +1,134 @@
+"""SentencePiece tokenizer with fixed special ids, trained on the dataset texts if needed.
+
+Ids are fixed across the stack: ``pad_id=0, eos_id=1, bos_id=2, unk_id=3``. The model code
+(padding masks, captioning targets) relies on them, so a loaded model with other ids is
+rejected rather than silently remapped.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+  """Wraps a SentencePiece model whose pad/eos/bos/unk ids are 0/1/2/3."""
+
+  pad_id: int = PAD_ID
+  eos_id: int = EOS_ID
+  bos_id: int = BOS_ID
+  unk_id: int = UNK_ID
+
+  def __init__(self, model_proto: bytes, *, origin: str = "<bytes>"):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.model_proto = model_proto
+    got = (self._sp.pad_id(), self._sp.eos_id(), self._sp.bos_id(), self._sp.unk_id())
+    if got != (PAD_ID, EOS_ID, BOS_ID, UNK_ID):
+      raise ValueError(
+          f"SentencePiece model {origin} has pad/eos/bos/unk ids {got}; mmjax needs "
+          f"{(PAD_ID, EOS_ID, BOS_ID, UNK_ID)}. Retrain it with --pad_id=0 --eos_id=1 "
+          "--bos_id=2 --unk_id=3, or set data.tokenizer.path='' to train one on the data.")
+
+  def __getstate__(self) -> dict:
+    # SentencePieceProcessor does not pickle; Grain worker processes rebuild it from bytes.
+    return {"model_proto": self.model_proto}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state["model_proto"])
+
+  @classmethod
+  def from_file(cls, path: str) -> "Tokenizer":
+    with open(path, "rb") as f:
+      return cls(f.read(), origin=path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Tokenises `texts` to int32 [len(texts), max_len]: [BOS, pieces..., EOS, PAD...].
+
+    Texts longer than `max_len` lose their trailing pieces; EOS is always kept last so a
+    truncated caption still ends like a real one.
+    """
+    if max_len < 2:
+      raise ValueError(f"max_len must be >= 2 to hold BOS and EOS, got {max_len}")
+    if isinstance(texts, str):
+      raise TypeError("encode takes a sequence of strings, not a single str")
+    out = np.full((len(texts), max_len), PAD_ID, np.int32)
+    for i, pieces in enumerate(self._sp.encode(list(texts))):
+      pieces = pieces[:max_len - 2]
+      out[i, 0] = BOS_ID
+      out[i, 1:1 + len(pieces)] = pieces
+      out[i, 1 + len(pieces)] = EOS_ID
+    return out
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Decodes one id sequence [L], stopping at EOS and skipping PAD and BOS."""
+    kept = []
+    for t in np.asarray(ids).reshape(-1).tolist():
+      if t == EOS_ID:
+        break
+      if t not in (PAD_ID, BOS_ID):
+        kept.append(int(t))
+    return self._sp.decode(kept)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
+  """Trains a BPE SentencePiece model on `texts` (in memory)."""
+  if not texts:
+    raise ValueError("cannot train a tokenizer on an empty text list")
+  buf = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+      model_type="bpe", character_coverage=1.0,
+      # BPE reaches the requested size on tiny corpora by merging whole words (unigram stops
+      # far short); hard_vocab_limit=False still accepts a smaller vocab if merges run out.
+      hard_vocab_limit=False,
+      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+      num_threads=2, minloglevel=2)
+  return Tokenizer(buf.getvalue(), origin="<trained>")
+
+
+def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+  """The tokenizer for `config`.
+
+  `config.data.tokenizer.path` set: load that SentencePiece model (its ids must be ours).
+  Otherwise train one (vocab `config.data.tokenizer.vocab_size`) on every text of the
+  configured train sources (label-template prompts and captions), cached as
+  `<data_dir>/tokenizers/<sha of texts + settings>.model` and built under a file lock so
+  concurrent processes train it once.
+  """
+  path = config.data.tokenizer.path
+  if path:
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config.data.tokenizer.path={config.data.tokenizer.path!r}: "
+                              f"no such file {path}")
+    return Tokenizer.from_file(path)
+  # Imported here: the data package imports this module's ids.
+  from mmjax.data import sources
+  from mmjax.data.shapes import file_lock
+  texts = sources.train_texts(config)
+  vocab_size = int(config.data.tokenizer.vocab_size)
+  h = hashlib.sha256(json.dumps({"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}).encode())
+  cache_dir = os.path.join(os.path.expanduser(config.data_dir), "tokenizers")
+  cache = os.path.join(cache_dir, h.hexdigest()[:16] + ".model")
+  if not os.path.exists(cache):
+    with file_lock(cache + ".lock"):
+      if not os.path.exists(cache):
+        tok = train_tokenizer(texts, vocab_size)
+        tmp = cache + f".tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+          f.write(tok.model_proto)
+        os.replace(tmp, cache)  # atomic: readers never see a partial model
+        return tok
+  return Tokenizer.from_file(cache)

@@ -1,0 +1,216 @@
+"""Shapes build, TF-free reading, Grain pipeline determinism/topology, mocks, bad records."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import shapes as shapes_config
+from mmjax import tokenizer as tk
+from mmjax.data import build, pipeline, shapes, sources
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  # The parent of the per-worker base temp is shared by all xdist workers: build once,
+  # ensure_built's file lock makes the second worker wait and reuse it.
+  root = tmp_path_factory.getbasetemp().parent / "mmjax_datasets"
+  for name in ("shapes/labels", "shapes/captions"):
+    shapes.ensure_built(name, str(root))
+  return str(root)
+
+
+def make_config(data_dir, **overrides):
+  c = shapes_config.get_config()
+  c.unlock()
+  c.data_dir = data_dir
+  c.batch_size = 16
+  for k, v in overrides.items():
+    obj = c
+    *path, last = k.split(".")
+    for p in path:
+      obj = obj[p]
+    obj[last] = v
+  return c
+
+
+@pytest.fixture(scope="session")
+def tokenizer(data_dir):
+  return tk.get_tokenizer(make_config(data_dir))
+
+
+def take(config, tok, n, start_step=0, process_index=0, process_count=1):
+  it = pipeline.make_train_iterator(config, tok, start_step=start_step,
+                                    process_index=process_index, process_count=process_count)
+  try:
+    return [next(it) for _ in range(n)]
+  finally:
+    it.close()
+
+
+def test_shapes_read_through_data_source(data_dir):
+  labels = tfds.data_source("shapes/labels", split="validation", data_dir=data_dir)
+  caps = tfds.data_source("shapes/captions", split="train", data_dir=data_dir)
+  assert len(labels) == 500 and len(caps) == 4000
+  ex = labels[3]
+  assert ex["image"].shape == (64, 64, 3) and ex["image"].dtype == np.uint8
+  assert 0 <= ex["label"] < 64
+  assert labels.dataset_info.features["label"].names[0] == "red circle"
+  for i in range(20):
+    c = caps[i]["captions"]
+    assert len(c) == 3 and all(x.strip() for x in c)
+  assert "tensorflow" not in sys.modules
+
+
+def test_shapes_deterministic():
+  a = shapes.caption_example(np.random.default_rng((1, 2, 3)))
+  b = shapes.caption_example(np.random.default_rng((1, 2, 3)))
+  assert a == b
+
+
+def test_batch_fields(data_dir, tokenizer):
+  c = make_config(data_dir)
+  (b,) = take(c, tokenizer, 1)
+  assert b["image"].shape == (16, 64, 64, 3) and b["image"].dtype == np.float32
+  assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].std() > 0.05
+  assert b["text"].shape == (16, 24) and b["text"].dtype == np.int32
+  assert (b["text"][:, 0] == tk.BOS_ID).all() and ((b["text"] == tk.EOS_ID).sum(1) == 1).all()
+  for k in ("label", "text_type", "source", "skipped"):
+    assert b[k].shape == (16,) and b[k].dtype == np.int32
+  # sorted keys: captions=0, labels=1
+  is_label = b["source"] == 1
+  assert (b["text_type"] == is_label).all()
+  assert ((b["label"] >= 0) & (b["label"] < 64))[is_label].all()
+  assert (b["label"][~is_label] == -1).all()
+  assert (b["skipped"] == 0).all()
+  texts = [tokenizer.decode(t) for t in b["text"]]
+  assert all(texts)
+  names = pipeline.label_texts(c)
+  for t, l, lab in zip(texts, b["label"], is_label):
+    if lab:
+      assert names[l] in t
+
+
+def test_same_seed_same_batches_other_seed_differs(data_dir, tokenizer):
+  a = take(make_config(data_dir), tokenizer, 2)
+  b = take(make_config(data_dir), tokenizer, 2)
+  c = take(make_config(data_dir, seed=1), tokenizer, 2)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert not np.array_equal(a[0]["image"], c[0]["image"])
+
+
+def test_global_batch_independent_of_process_count(data_dir, tokenizer):
+  c = make_config(data_dir)
+  ref = take(c, tokenizer, 2)
+  for n in (2, 4):
+    parts = [take(c, tokenizer, 2, process_index=p, process_count=n) for p in range(n)]
+    for s in range(2):
+      for k in ref[s]:
+        np.testing.assert_array_equal(np.concatenate([parts[p][s][k] for p in range(n)]),
+                                      ref[s][k])
+
+
+def test_start_step_resumes(data_dir, tokenizer):
+  c = make_config(data_dir)
+  fresh = take(c, tokenizer, 4)
+  (resumed,) = take(c, tokenizer, 1, start_step=3)
+  for k in resumed:
+    np.testing.assert_array_equal(resumed[k], fresh[3][k])
+
+
+def test_epochs_reshuffle():
+  # The property make_train_iterator relies on: shuffle().repeat() reorders each epoch.
+  import grain
+  ds = grain.MapDataset.range(50).shuffle(seed=3).repeat()
+  e0, e1 = [ds[i] for i in range(50)], [ds[i] for i in range(50, 100)]
+  assert sorted(e0) == sorted(e1) == list(range(50)) and e0 != e1
+
+
+def test_mix_fractions(data_dir, tokenizer):
+  c = make_config(data_dir, **{"data.sources.labels.weight": 0.75,
+                               "data.sources.captions.weight": 0.25})
+  batches = take(c, tokenizer, 5)
+  src = np.concatenate([b["source"] for b in batches])
+  assert abs((src == 1).mean() - 0.75) < 0.05
+
+
+def test_load_eval_split(data_dir):
+  c = make_config(data_dir)
+  e = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
+                               image_key="image", label_key="label", num_examples=20)
+  assert e["images"].shape == (20, 64, 64, 3) and e["labels"].shape == (20,)
+  assert len(e["class_names"]) == 64
+  e2 = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
+                                image_key="image", label_key="label", num_examples=20)
+  np.testing.assert_array_equal(e["images"], e2["images"])
+  r = pipeline.load_eval_split(c, dataset="shapes/captions", split="validation",
+                               image_key="image", text_key="captions", num_examples=8)
+  assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
+
+
+def test_mock_imagenet_and_cifar(tmp_path):
+  c = make_config(str(tmp_path))
+  c.data.sources = {
+      "cifar": shapes_config.source_config("cifar10", kind="label", label_key="label",
+                                           weight=0.5),
+      "imagenet": shapes_config.source_config("imagenet2012", kind="label",
+                                              label_key="label", weight=0.5)}
+  with tfds.testing.mock_data(num_examples=12):
+    tok = tk.get_tokenizer(c)
+    names = pipeline.label_texts(c)
+    assert len(names) == 1010  # sorted keys: cifar's 10 classes, then imagenet's 1000
+    (b,) = take(c, tok, 1)
+  assert b["image"].shape == (16, 64, 64, 3)
+  cifar, imnet = b["source"] == 0, b["source"] == 1
+  assert cifar.any() and imnet.any()
+  assert (b["label"][cifar] < 10).all() and (b["label"][imnet] >= 10).all()
+  assert (b["label"] < 1010).all() and (b["text_type"] == 1).all()
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+  root = tmp_path / "imgs"
+  rng = np.random.default_rng(0)
+  for c in ("cat", "dog"):
+    (root / c).mkdir(parents=True)
+    for i in range(5):
+      Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(root / c / f"{i}.jpg")
+  (root / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  (root / "dog" / "empty.jpg").write_bytes(b"")
+  build.build_from_images_dir(str(root), "bad_folder", str(tmp_path / "data"))
+  return str(tmp_path / "data")
+
+
+def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
+  src = tfds.data_source("bad_folder", split="train", data_dir=bad_folder)
+  assert len(src) == 12
+  c = make_config(bad_folder, batch_size=12, **{"data.max_skip_fraction": 0.5})
+  c.data.tokenizer.path = ""
+  c.data.sources = {"folder": shapes_config.source_config(
+      "bad_folder", kind="label", label_key="label", weight=1.0)}
+  # One global batch of 12 = one epoch (a permutation of the 12 records): exactly the two
+  # bad ones are substituted, by their successors in storage order.
+  (b,) = take(c, tokenizer, 1)
+  assert b["image"].shape[0] == 12 and int((b["skipped"] > 0).sum()) == 2
+  # Over a 1% budget the run stops, naming the source.
+  c.data.max_skip_fraction = 0.01
+  with pytest.raises(RuntimeError, match="'folder'.*max_skip_fraction"):
+    take(c, tokenizer, 12)
+
+
+def test_label_out_of_range_raises(data_dir):
+  opened = sources.open_source("shapes/labels", "validation", data_dir, label_key="label")
+  opened.class_names = opened.class_names[:1]
+  src = sources.CleanSource(opened, key="labels", source_index=0, kind="label",
+                            image_key="image", label_key="label")
+  idx = next(i for i in range(50) if opened.data_source[i]["label"] > 0)
+  with pytest.raises(ValueError, match=f"'labels'.*record {idx}"):
+    src[idx]
+
+
+def test_no_tensorflow():
+  assert "tensorflow" not in sys.modules
