@@ -7,6 +7,7 @@ Presets (same data, steps and seed; only the objective changes):
   configs/shapes.py:unicl              contrastive with label-aware targets (UniCL)
   configs/shapes.py:unicl_prefix       UniCL + a learned prefix per text type
   configs/shapes.py:coca_unicl_prefix  the above + captioning loss (CoCa); the default
+Append ",tiny" (e.g. configs/shapes.py:clip,tiny) for a seconds-long smoke-test model.
 Any key can be overridden: --config.total_steps=100 --config.model.dtype=bfloat16
 """
 import ml_collections
@@ -15,19 +16,21 @@ PRESETS = ("clip", "unicl", "unicl_prefix", "coca_unicl_prefix")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  preset = arg or "coca_unicl_prefix"
-  if preset not in PRESETS:
-    raise ValueError(f"configs/shapes.py: unknown preset {preset!r}; choose one of {PRESETS}")
+  preset, *modifiers = (arg or "coca_unicl_prefix").split(",")
+  if preset not in PRESETS or set(modifiers) - {"tiny"}:
+    raise ValueError(f"configs/shapes.py:{arg}: choose one of {PRESETS}, optionally "
+                     "followed by ',tiny'")
   c = ml_collections.ConfigDict()
   c.preset = preset
   c.seed = 0
   c.batch_size = 64  # global, over all processes
-  c.total_steps = 600
+  c.total_steps = 800
   c.grad_accum_steps = 1
   c.log_every_steps = 25
   c.checkpoint_every_steps = 200
   c.eval_every_steps = 200
   c.data_dir = "~/.cache/mmjax/datasets"
+  c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"  # "" = off
 
   c.data = data_config(image_size=64, max_text_len=24)
   c.model = model_config()
@@ -48,8 +51,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.prefix_length = 0
   elif preset == "unicl_prefix":
     c.loss.caption_weight = 0.0
+  if "tiny" in modifiers:
+    shrink_to_tiny(c)
   c.lock()
   return c
+
+
+def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
+  """Seconds per run on a CPU: for smoke tests and CI; the code paths stay the same."""
+  c.batch_size = 16
+  c.total_steps = 10
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 5
+  c.eval_every_steps = 10
+  c.data.image_size = 32
+  c.data.max_text_len = 12
+  c.data.tokenizer.vocab_size = 64
+  c.model.patch_size = 8
+  c.model.vision.update(width=32, depth=2, mlp_dim=64, num_heads=2)
+  c.model.text.update(width=32, num_uni_layers=2, num_multi_layers=2, mlp_dim=64, num_heads=2)
+  c.model.embed_dim = 16
+  c.model.num_caption_queries = 4
+  c.optimizer.warmup_steps = 2
+  c.evals.batch_size = 32
+  c.evals.retrieval.num_examples = 64
+  c.evals.zeroshot.num_examples = 64
 
 
 def data_config(image_size: int, max_text_len: int) -> ml_collections.ConfigDict:
@@ -94,7 +120,7 @@ def model_config() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.name = "coca"
   m.image_size = 64
-  m.patch_size = 8
+  m.patch_size = 16  # 4 x 4 patches: on 2 CPU cores, steps matter more than resolution
   m.vision = ml_collections.ConfigDict(dict(width=128, depth=4, mlp_dim=512, num_heads=4))
   m.text = ml_collections.ConfigDict(dict(width=128, num_uni_layers=2, num_multi_layers=2,
                                           mlp_dim=512, num_heads=4, vocab_size=128))

@@ -5,10 +5,11 @@ config_flags: unknown keys fail with a "did you mean" suggestion, values are typ
 `validate` then checks what config_flags cannot, before any device memory is allocated.
 """
 import math
+import os
 
 import jax
 import ml_collections
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mmjax import sharding
@@ -28,6 +29,21 @@ def define_flags(*, step: bool = False, distributed: bool = False) -> None:
                         "HOST:PORT of process 0 for multi-process runs without auto-detection.")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator_address).")
     flags.DEFINE_integer("process_id", None, "This process's index (with coordinator_address).")
+
+
+def quiet_libraries() -> None:
+  """TFDS progress bars and Orbax/absl INFO lines drown the progress line; --verbosity wins."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  """XLA compiles are slow on CPU; a persistent cache makes restarts and reruns start fast."""
+  if config.get("compilation_cache_dir"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(config.compilation_cache_dir))
 
 
 def validated_config() -> ml_collections.ConfigDict:

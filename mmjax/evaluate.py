@@ -177,7 +177,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def main(argv: list[str]) -> None:
   del argv
+  cli.quiet_libraries()
   config = cli.validated_config()
+  cli.enable_compilation_cache(config)
   step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step)
   print(f"step {step}\n{format_table(results)}")
 

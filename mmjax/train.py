@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app, logging
+from absl import app
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
@@ -88,7 +88,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step = checkpointer.latest_step() or 0
     if start_step:
       state = checkpointer.restore(start_step, abstract)
-      logging.info("Resumed from %s at step %d", checkpointer.directory, start_step)
+      if process0:
+        print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
     else:
       state = state_lib.create_state(model, optimizer, config, shardings)
     train_step = step_lib.jit_train_step(
@@ -117,6 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.wait()
         raise SystemExit(PREEMPTED_EXIT_CODE)
       if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
+        # Log this step before evaluating, so evaluation time is not counted as training time.
+        last, skipped_total, timer = _handle_metrics(*pending, config, writer, progress,
+                                                     skipped_total, timer)
+        pending = None
         results = evaluate.run_evaluators(evaluators, embedder, state.params)
         writer.write(done, results)
         if process0:
@@ -167,8 +172,10 @@ def initialize_distributed() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
+  cli.quiet_libraries()
   initialize_distributed()
   config = cli.validated_config()
+  cli.enable_compilation_cache(config)
   train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
 
 

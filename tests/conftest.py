@@ -1,8 +1,24 @@
-"""Shared test setup: 8 fake CPU devices (sharding tests use sub-meshes of them)."""
+"""Shared test setup: 8 fake CPU devices (sharding tests use sub-meshes of them), a shared
+persistent XLA cache (CPU compiles dominate test time), and the shapes data built once."""
 import os
 import sys
+import tempfile
 
 import jax
+import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache")
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """The shapes datasets, built once for all xdist workers (ensure_built holds a file lock)."""
+  from mmjax.data import shapes
+  root = tmp_path_factory.getbasetemp().parent / "mmjax_datasets"
+  for name in ("shapes/labels", "shapes/captions"):
+    shapes.ensure_built(name, str(root))
+  return str(root)

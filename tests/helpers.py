@@ -5,18 +5,9 @@ import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
 
 
 def tiny_config(preset: str = "coca_unicl_prefix", **overrides):
-  config = shapes.get_config(preset)
+  """configs/shapes.py:<preset>,tiny with dotted-key overrides."""
+  config = shapes.get_config(f"{preset},tiny")
   config.unlock()
-  config.batch_size = 16
-  config.data.image_size = 32
-  config.data.max_text_len = 12
-  config.model.patch_size = 8
-  config.model.vision.update(width=32, depth=2, mlp_dim=64, num_heads=2)
-  config.model.text.update(width=32, num_uni_layers=2, num_multi_layers=2, mlp_dim=64,
-                           num_heads=2)
-  config.data.tokenizer.vocab_size = 64
-  config.model.embed_dim = 16
-  config.model.num_caption_queries = 4
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")

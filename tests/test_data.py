@@ -12,16 +12,6 @@ from mmjax import tokenizer as tk
 from mmjax.data import build, pipeline, shapes, sources
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  # The parent of the per-worker base temp is shared by all xdist workers: build once,
-  # ensure_built's file lock makes the second worker wait and reuse it.
-  root = tmp_path_factory.getbasetemp().parent / "mmjax_datasets"
-  for name in ("shapes/labels", "shapes/captions"):
-    shapes.ensure_built(name, str(root))
-  return str(root)
-
-
 def make_config(data_dir, **overrides):
   c = shapes_config.get_config()
   c.unlock()

@@ -1,0 +1,148 @@
+"""CoCa model: layouts, masking, prefix conditioning, mixed precision."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+from mmjax import models
+from mmjax.models import text as text_lib
+
+
+def init(config, batch):
+  model = models.build_model(config)
+  params = model.init(jax.random.key(0), batch["image"], batch["text"],
+                      batch["text_type"])["params"]
+  return model, flax.linen.unbox(params)
+
+
+def apply(model, params, batch):
+  return model.apply({"params": params}, batch["image"], batch["text"], batch["text_type"])
+
+
+def unstack_layers(tree):
+  """Scanned params ({'layers': stacked [n, ...]}) -> unrolled ({'layers_i': ...})."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "layers":
+      n = jax.tree.leaves(value)[0].shape[0]
+      for i in range(n):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
+    else:
+      out[key] = unstack_layers(value)
+  return out
+
+
+def test_scanned_and_unrolled_layouts_give_equal_outputs():
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  unrolled_config = helpers.tiny_config(**{"model.scan_layers": False})
+  unrolled = models.build_model(unrolled_config)
+  out_scan = apply(model, params, batch)
+  out_unrolled = apply(unrolled, unstack_layers(params), batch)
+  for key in out_scan:
+    np.testing.assert_allclose(out_scan[key], out_unrolled[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims"])
+def test_remat_policies_do_not_change_outputs(policy):
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  remat = models.build_model(helpers.tiny_config(**{"model.remat_policy": policy}))
+  loss = lambda m: lambda p: apply(m, p, batch)["caption_logits"].sum()
+  np.testing.assert_allclose(jax.grad(loss(remat))(params)["lm_head"]["dense"]["kernel"],
+                             jax.grad(loss(model))(params)["lm_head"]["dense"]["kernel"],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_captioning_is_causal():
+  """Logits at position t do not depend on tokens after t."""
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  changed = {**batch, "text": batch["text"].copy()}
+  changed["text"][:, 6:] = 5  # real (non-pad) tokens from position 6 on
+  a = apply(model, params, batch)["caption_logits"]
+  b = apply(model, params, changed)["caption_logits"]
+  np.testing.assert_allclose(a[:, :6], b[:, :6], rtol=1e-5, atol=1e-5)
+  assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
+
+
+def test_cls_sees_every_real_token_and_no_padding():
+  valid = jnp.array([[True, True, False, False, True]])  # 2 tokens, 2 pads, CLS slot
+  mask = np.asarray(text_lib.unimodal_mask(valid))[0, 0]
+  np.testing.assert_array_equal(mask[-1], [True, True, False, False, True])
+  np.testing.assert_array_equal(mask[1], [True, True, False, False, False])
+  # Model level: the text embedding depends on the last real token.
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  changed = {**batch, "text": batch["text"].copy()}
+  last_real = (batch["text"] != 0).sum(1) - 2  # the token before EOS
+  changed["text"][np.arange(len(last_real)), last_real] = 7
+  moved = np.abs(apply(model, params, batch)["text_emb"]
+                 - apply(model, params, changed)["text_emb"]).max(1)
+  assert (moved > 1e-4).all()
+
+
+def test_prefix_conditioning_switches_text_embedding_by_type():
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  flipped = {**batch, "text_type": 1 - batch["text_type"]}
+  moved = np.abs(apply(model, params, batch)["text_emb"]
+                 - apply(model, params, flipped)["text_emb"]).max(1)
+  assert (moved > 1e-4).all()
+  no_prefix = helpers.tiny_config(**{"model.prefix_length": 0})
+  model, params = init(no_prefix, batch)
+  np.testing.assert_allclose(apply(model, params, batch)["text_emb"],
+                             apply(model, params, flipped)["text_emb"], atol=1e-6)
+
+
+@pytest.mark.parametrize("pooler", ["cascade", "parallel"])
+def test_poolers_and_output_shapes(pooler):
+  config = helpers.tiny_config(**{"model.pooler": pooler})
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  out = apply(model, params, batch)
+  b, length = batch["text"].shape
+  assert out["image_emb"].shape == (b, config.model.embed_dim)
+  assert out["text_emb"].shape == (b, config.model.embed_dim)
+  assert out["caption_logits"].shape == (b, length - 1, config.model.text.vocab_size)
+  assert out["caption_logits"].dtype == jnp.float32
+  np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
+
+
+def test_tied_embeddings_drop_the_output_projection():
+  config = helpers.tiny_config(**{"model.tie_embeddings": True})
+  batch = helpers.synthetic_batch(config)
+  _, params = init(config, batch)
+  assert "lm_head" not in params
+  _, untied = init(helpers.tiny_config(), batch)
+  count = lambda p: sum(x.size for x in jax.tree.leaves(p))
+  assert count(untied) - count(params) == (config.model.text.vocab_size
+                                           * config.model.text.width)
+
+
+def test_bfloat16_loss_close_to_float32():
+  from mmjax import losses
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  bf16 = models.build_model(helpers.tiny_config(**{"model.dtype": "bfloat16"}))
+
+  def loss(m):
+    out = apply(m, params, batch)
+    mask = (batch["text"][:, 1:] != 0).astype(np.float32)
+    return (losses.unicl_loss(out["image_emb"], out["text_emb"], batch["label"],
+                              out["logit_scale"])
+            + 2 * losses.caption_loss(out["caption_logits"], batch["text"][:, 1:], mask)[0])
+
+  f32, b16 = float(loss(model)), float(loss(bf16))
+  assert abs(b16 - f32) / f32 < 2e-2
+  assert f32 != b16  # bf16 really ran in bf16

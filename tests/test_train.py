@@ -1,0 +1,101 @@
+"""End-to-end runs of the CLIs on the tiny shapes config (real data, Grain, Orbax, jit)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CACHE_DIR, REPO
+
+
+def command(module, workdir, data_dir, *overrides, preset="coca_unicl_prefix"):
+  return [sys.executable, "-m", module, f"--config={REPO}/configs/shapes.py:{preset},tiny",
+          f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+          f"--config.compilation_cache_dir={CACHE_DIR}", *overrides]
+
+
+def environment(devices=1):
+  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+          "JAX_NUM_CPU_DEVICES": str(devices)}
+
+
+def run(module, workdir, data_dir, *overrides, devices=1, expect=0, **kw):
+  proc = subprocess.run(command(module, workdir, data_dir, *overrides, **kw), cwd=REPO,
+                        env=environment(devices), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def losses_by_step(workdir):
+  return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
+
+
+def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  out = run("mmjax.train", workdir, data_dir).stdout
+  assert "step 10/10" in out and "ETA" in out
+  logged = metrics(workdir)
+  train = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in train] == [5, 10]
+  for key in ("loss", "contrastive_loss", "caption_loss", "learning_rate", "logit_scale",
+              "examples_per_sec", "data/skipped", "nonfinite_steps"):
+    assert key in train[-1], key
+  evals = [m for m in logged if "retrieval/shapes_captions/i2t_r1" in m]
+  assert [m["step"] for m in evals] == [10]
+  assert "zeroshot/shapes_labels/top1" in evals[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+  out = run("mmjax.train", workdir, data_dir, "--config.total_steps=15").stdout
+  assert "Resumed" in out and "at step 10" in out
+  assert [m["step"] for m in metrics(workdir) if "loss" in m] == [5, 10, 15]
+
+
+def test_sigterm_saves_next_step_exits_nonzero_and_resumes_exactly(tmp_path, data_dir):
+  steps = ["--config.total_steps=400", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=100", "--config.eval_every_steps=0"]
+  reference = str(tmp_path / "reference")
+  run("mmjax.train", reference, data_dir, *steps)
+
+  workdir = str(tmp_path / "preempted")
+  proc = subprocess.Popen(command("mmjax.train", workdir, data_dir, *steps), cwd=REPO,
+                          env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+                                        and len(metrics(workdir)) >= 20):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 42, err[-3000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  interrupted_at = saved[-1]
+  assert 20 <= interrupted_at < 400 and interrupted_at % 100 != 0  # the step after SIGTERM
+
+  out = run("mmjax.train", workdir, data_dir, *steps).stdout
+  assert f"at step {interrupted_at}" in out
+  resumed, expected = losses_by_step(workdir), losses_by_step(reference)
+  assert min(resumed) == 1 and max(resumed) == 400
+  for step in range(interrupted_at + 1, 401):
+    assert resumed[step] == expected[step], step  # bitwise: same device count, same data
+
+
+def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.mesh.shape=(2,4,1)", devices=8)
+  trained = [m for m in metrics(workdir) if "retrieval/shapes_captions/i2t_r1" in m][-1]
+  out = run("mmjax.evaluate", workdir, data_dir, devices=1).stdout
+  assert "zeroshot/shapes_labels/top1" in out
+  with open(os.path.join(workdir, "eval", "step_10.json")) as f:
+    evaluated = json.load(f)
+  for key, value in evaluated.items():
+    if key != "step":
+      assert value == pytest.approx(trained[key], abs=1e-6), key
