@@ -1,0 +1,191 @@
+"""CoCa at the paper's scale (arXiv 2205.01917, Table 1), on real TFDS datasets.
+
+  python -m mmjax.train --config configs/coca.py:base,v4_32 --workdir gs://BUCKET/coca_base
+  python -m mmjax.summary --config configs/coca.py:giant [--json]   # params and FLOPs
+
+Variants (model sizes from Table 1; all: 288 px images, patch 18 -> 256 image tokens,
+64,000-token SentencePiece vocabulary, 256 captioning queries, cascade pooler, untied output
+projection, bfloat16 compute with float32 parameters, scanned layers):
+
+  variant  ViT layers/MLP/width/heads   decoder uni/multi/MLP/width/heads   paper params
+  tiny     2 / 512 / 128 / 4            1 / 1 / 512 / 128 / 4               (CPU smoke test)
+  base     12 / 3072 / 768 / 12         12 / 12 / 3072 / 768 / 12           86M + 297M = 383M
+  large    24 / 4096 / 1024 / 16        12 / 12 / 4096 / 1024 / 16          303M + 484M = 787M
+  giant    40 / 6144 / 1408 / 16        18 / 18 / 5632 / 1408 / 16          1B + 1.1B = 2.1B
+
+Vocabulary: 64,000 rather than 65,536 because the paper's decoder counts need it: with two
+untied 64,000 x width tables the built decoders have 296.8M (Base, paper 297M) and 483.9M
+(Large, paper 484M); 65,536 gives 299.2M and 487.0M. `data.tokenizer.path` must name a
+64k SentencePiece model (training one on COCO captions + ImageNet class names cannot reach
+64k pieces).
+
+Mesh presets (append to the variant, e.g. `configs/coca.py:large,v5p_128`); mesh.shape is
+(data, fsdp, tensor), -1 takes the remaining devices:
+  v4_32    TPU v4-32: 16 chips (32 TensorCores, one JAX device per megacore chip), 4 hosts.
+           (-1, 16, 1): pure FSDP over all 16 chips. Giant's float32 parameters + gradients +
+           Adafactor state (~2.2B x ~12 bytes = ~27 GB) do not fit one 32 GB chip with
+           activations; split 16 ways they take ~1.7 GB per chip. data resolves to 1.
+  v5p_128  TPU v5p-128: 64 chips (v5p names count TensorCores, 2 per chip), 16 hosts.
+           (-1, 16, 1) = 4 data x 16 fsdp: FSDP groups of 16 chips keep the parameter
+           all-gathers 16-way (cheaper than 64-way) while the state still fits easily.
+  h100x8   one 8 x H100 node: (1, 8, 1), FSDP over NVLink. Replicating giant's state 8
+           ways (pure data parallelism) would spend ~27 GB of each 80 GB GPU on it.
+Each preset sets grad_accum_steps so that one micro-batch is 256 examples per device (exact
+gradient caching keeps all 65,536 negatives); tune it with --config.grad_accum_steps.
+
+Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from the label
+set `imagenet2012` (texts from class-name templates) and half from the caption set
+`coco_captions` (Karpathy splits); override with e.g.
+  --config.data.sources.labels.name=imagenet21k --config.data.sources.captions.name=...
+Evaluation: zero-shot ImageNet (validation) and COCO 5K retrieval (Karpathy `test`).
+
+Objective: the paper's CoCa (contrastive 1.0 + captioning 2.0, CLIP-style targets, no text
+prefix). The mmjax extensions are one override away:
+  --config.loss.label_aware=True --config.model.prefix_length=1
+Optimizer: the paper's Adafactor (b1 0.9, b2 0.999, decoupled weight decay 0.01), linear
+warmup over 2% of the steps to 8e-4, then linear decay to 0; batch 65,536, 500k steps.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("tiny", "base", "large", "giant")
+MESHES = ("v4_32", "v5p_128", "h100x8")
+
+# (vision width, depth, mlp_dim, heads), (text width, uni, multi, mlp_dim, heads)
+SIZES = {
+    "tiny": ((128, 2, 512, 4), (128, 1, 1, 512, 4)),
+    "base": ((768, 12, 3072, 12), (768, 12, 12, 3072, 12)),
+    "large": ((1024, 24, 4096, 16), (1024, 12, 12, 4096, 16)),
+    "giant": ((1408, 40, 6144, 16), (1408, 18, 18, 5632, 16)),
+}
+# mesh preset -> (mesh.shape, number of devices it is meant for)
+MESH_PRESETS = {
+    "v4_32": ((-1, 16, 1), 16),
+    "v5p_128": ((-1, 16, 1), 64),
+    "h100x8": ((1, 8, 1), 8),
+}
+MICRO_BATCH_PER_DEVICE = 256
+
+
+def _load_shapes():
+  """configs/ is not a package and config_flags loads this file by path: import the sibling
+  configs/shapes.py by path too, so both configs share one key structure."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
+  spec = importlib.util.spec_from_file_location("mmjax_configs_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant, *modifiers = (arg or "base").split(",")
+  if variant not in VARIANTS or len(modifiers) > 1 or set(modifiers) - set(MESHES):
+    raise ValueError(f"configs/coca.py:{arg}: choose a variant {VARIANTS}, optionally "
+                     f"followed by one mesh preset ',{{{'|'.join(MESHES)}}}'")
+  shapes = _load_shapes()
+  c = ml_collections.ConfigDict()
+  c.preset = "coca"
+  c.variant = variant
+  c.seed = 0
+  c.batch_size = 65536  # global, over all processes (paper)
+  c.total_steps = 500_000  # paper
+  c.grad_accum_steps = 1
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 5000
+  c.eval_every_steps = 10_000
+  c.data_dir = "~/tensorflow_datasets"
+  c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"
+
+  # 64 text tokens incl. BOS/EOS: the paper does not state its text length; 64 holds COCO
+  # captions and most alt-texts. It only sizes the 64-row text position table and the FLOPs.
+  c.data = shapes.data_config(image_size=288, max_text_len=64)
+  c.data.num_workers = 8
+  c.data.tokenizer.path = ""  # set to a 64k SentencePiece .model (see the docstring)
+  c.data.tokenizer.vocab_size = 64_000
+  c.data.augment.random_resized_crop = True  # real photos: the shapes caveats do not apply
+  c.data.augment.min_crop_area = 0.5
+  c.data.augment.flip = False  # captions may say "left"/"right"
+  c.data.sources.labels = shapes.source_config("imagenet2012", kind="label",
+                                               label_key="label", weight=0.5)
+  # tfds coco_captions: captions = Sequence({"text": str, "id": int64}), decoded as a dict of
+  # lists, so the texts are at the nested path captions/text.
+  c.data.sources.captions = shapes.source_config("coco_captions", kind="caption",
+                                                 text_key="captions/text", weight=0.5)
+
+  c.model = shapes.model_config()
+  c.model.image_size = c.data.get_ref("image_size")
+  c.model.patch_size = 18  # 288 / 18 = 16 x 16 = 256 image tokens (paper)
+  (vw, vd, vm, vh), (tw, nu, nm, tm, th) = SIZES[variant]
+  c.model.vision.update(width=vw, depth=vd, mlp_dim=vm, num_heads=vh)
+  c.model.text.update(width=tw, num_uni_layers=nu, num_multi_layers=nm, mlp_dim=tm,
+                      num_heads=th)
+  c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
+  # The paper does not give the embedding width; the text width keeps the projections square.
+  c.model.embed_dim = tw
+  c.model.pooler = "cascade"  # paper default (ablation: cascade > parallel)
+  c.model.num_caption_queries = 256  # paper
+  c.model.tie_embeddings = False  # the paper's decoder counts include two vocab tables
+  c.model.prefix_length = 0  # paper: no prefix conditioning
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.scan_layers = True  # one compiled layer per stack: compile time flat in depth
+  # Save the outputs of weight matmuls (projections, MLP) and recompute the rest (norms,
+  # GELU, attention probabilities): ~1/3 of the backward recompute of "full" at a fraction
+  # of the memory of "none". Use "full" if a large variant runs out of memory.
+  c.model.remat_policy = "dots_with_no_batch_dims"
+
+  c.loss = shapes.loss_config()
+  c.loss.label_aware = False  # paper: CLIP-style targets (every pair its own class)
+
+  c.optimizer = shapes.optimizer_config(learning_rate=8e-4, warmup_steps=10_000,
+                                        weight_decay=0.01)
+  c.optimizer.name = "adafactor"
+  c.optimizer.schedule = "linear"
+  # 2% warmup, following --config.total_steps overrides.
+  c.optimizer.warmup_steps = c.get_ref("total_steps") // 50
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+
+  c.mesh = shapes.mesh_config()
+  c.checkpoint = shapes.checkpoint_config()
+  c.checkpoint.keep_period = 50_000
+  c.evals = shapes.evals_config()
+  c.evals.batch_size = 1024
+  c.evals.retrieval.update(dataset="coco_captions", split="test", text_key="captions/text",
+                           num_examples=5000)  # Karpathy 5K test
+  c.evals.zeroshot.update(dataset="imagenet2012", split="validation", label_key="label",
+                          num_examples=50_000)
+
+  if variant == "tiny":
+    shrink_to_tiny(c)
+  if modifiers:
+    shape, num_devices = MESH_PRESETS[modifiers[0]]
+    c.mesh.shape = shape
+    if variant == "tiny":  # a smoke test on the real machine: 2 examples per device
+      c.batch_size = max(c.batch_size, 2 * num_devices)
+    c.grad_accum_steps = max(1, c.batch_size // (num_devices * MICRO_BATCH_PER_DEVICE))
+  c.lock()
+  return c
+
+
+def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
+  """The same recipe and data names at toy size: seconds per step on a CPU."""
+  c.batch_size = 16
+  c.total_steps = 10
+  c.log_every_steps = 5
+  c.checkpoint_every_steps = 5
+  c.eval_every_steps = 10
+  c.data.image_size = 64
+  c.model.patch_size = 16  # 16 image tokens
+  c.data.max_text_len = 16
+  c.data.num_workers = 0
+  c.data.tokenizer.vocab_size = 1024
+  c.model.num_caption_queries = 8
+  c.model.embed_dim = 64
+  c.model.dtype = "float32"
+  c.model.remat_policy = "none"
+  c.evals.batch_size = 32
+  c.evals.retrieval.num_examples = 64
+  c.evals.zeroshot.num_examples = 64

@@ -1,0 +1,197 @@
+"""Parameter counts per part and training FLOPs per example of a CoCa config.
+
+  python -m mmjax.summary --config configs/coca.py:giant [--json] [--config.KEY=VALUE ...]
+
+Parameters are counted on `jax.eval_shape(model.init, ...)`: shapes only, no memory, no
+compile (giant in ~2 s). Parts, by the model's top-level modules:
+  image encoder  `vision` (patch embedding, positions, blocks, final norm)
+  poolers        `caption_pooler` + `contrastive_pooler` (queries, norms, attention)
+  text decoder   `token_embed` + `unimodal` + `multimodal` + `lm_head` (the paper's decoder)
+  other          `image_proj`, `text_proj`, `logit_scale` and any module not listed above
+The paper's Table 1 "total" equals image encoder + decoder (86M + 297M = 383M), so poolers
+and projections are outside it; `params_table1` reports that sum next to `params_total`.
+
+Training FLOPs per example (model FLOPs, the MFU convention)
+-------------------------------------------------------------
+Only matrix multiplications are counted; a multiply-add is 2 FLOPs. Norms, GELU, softmax,
+residual adds, the cross-entropy and the optimizer update are left out (they are O(tokens x
+width), against O(tokens x width^2) for the matmuls). A forward matmul of an [n, k] input
+with a [k, m] weight costs 2nkm; the backward pass costs twice that (dX = dY W^T and
+dW = X^T dY), so training = 3 x forward. The one exception is the patch embedding: nothing
+needs the gradient of the images, so it costs forward + dW = 2 x forward. Rematerialisation
+(`model.remat_policy`), the recomputed logits of the sharded contrastive loss and the extra
+embedding pass of gradient accumulation are real work but not counted (as for MFU).
+
+Notation: N = (image_size / patch)^2 image tokens, p patch, L = data.max_text_len,
+P = model.prefix_length, Q = num_caption_queries, V vocab, E embed_dim, B global batch;
+Dv, Fv, Lv vision width / MLP / layers; Dt, Ft text width / MLP; Lu, Lm unimodal /
+multimodal layers. Positions: unimodal Tu = P + (L - 1) + 1 (prefix, input tokens, CLS),
+multimodal Tm = P + L - 1 (CLS dropped), predicted tokens Tc = L - 1.
+An attention layer with T queries over S keys of width D costs 4*T*S*D forward
+(QK^T: 2TSD, probabilities x V: 2TSD), plus its projections. Causal attention is counted in
+full (T*T, not T*(T+1)/2): the dense XLA kernel computes the masked half too.
+
+Forward FLOPs per example:
+  patch embedding   2*N*(p*p*3*Dv)
+  ViT               Lv * [2*N*(4*Dv^2 + 2*Dv*Fv) + 4*N^2*Dv]
+  caption pooler    2*Q*Dt^2 (q) + 2*2*N*Dv*Dt (k, v) + 2*Q*Dt^2 (out) + 4*Q*N*Dt
+  contrastive pool. cascade: 2*Dt^2 + 2*2*Q*Dt^2 + 2*Dt^2 + 4*Q*Dt   (1 query over Q tokens)
+                    parallel: 2*Dt^2 + 2*2*N*Dv*Dt + 2*Dt^2 + 4*N*Dt
+  unimodal          Lu * [2*Tu*(4*Dt^2 + 2*Dt*Ft) + 4*Tu^2*Dt]
+  multimodal        Lm * [2*Tm*(4*Dt^2 + 2*Dt*Ft) + 4*Tm^2*Dt
+                          + 2*2*Tm*Dt^2 (cross q, out) + 2*2*Q*Dt^2 (cross k, v) + 4*Tm*Q*Dt]
+  lm head           2*Tc*Dt*V (tied or untied)
+  projections       2*Dt*E (image) + 2*Dt*E (text)
+  contrastive loss  2*B*E (this example's share of the B x B logits)
+Training FLOPs per example = 3 x (sum of the above) - 1 x (patch embedding).
+Note the multimodal cross-attention k/v projections run over Q = 256 tokens per layer, more
+than the text itself, so "6 x params x text tokens" underestimates the decoder.
+`tests/test_summary.py` checks the total against XLA's cost analysis of the jitted
+forward+backward of the real loss.
+"""
+import json
+import math
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import models, state as state_lib
+from mmjax.models.coca import CoCaConfig
+
+PARTS = {
+    "image_encoder": ("vision",),
+    "poolers": ("caption_pooler", "contrastive_pooler"),
+    "text_decoder": ("token_embed", "unimodal", "multimodal", "lm_head"),
+}
+
+
+def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Parameters per top-level module of the model, from shapes only (no memory, no compile)."""
+  model = models.build_model(config)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *state_lib.dummy_inputs(config))
+  params = nn.unbox(abstract["params"])
+  return {name: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+          for name, tree in params.items()}
+
+
+def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward matmul FLOPs per example, per part (formulas in the module docstring)."""
+  c = CoCaConfig.from_config(config)
+  n = (c.image_size // c.patch_size) ** 2
+  dv, fv, dt, ft, q = c.vision_width, c.vision_mlp_dim, c.text_width, c.text_mlp_dim, \
+      c.num_caption_queries
+  tu = c.prefix_length + (c.max_text_len - 1) + 1
+  tm = c.prefix_length + c.max_text_len - 1
+  tc = c.max_text_len - 1
+  attention = lambda t, s, d: 4 * t * s * d
+  block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + attention(t, t, d)
+  if c.pooler == "cascade":
+    contrastive_pooler = 2 * dt * dt + 2 * 2 * q * dt * dt + 2 * dt * dt + attention(1, q, dt)
+  else:
+    contrastive_pooler = 2 * dt * dt + 2 * 2 * n * dv * dt + 2 * dt * dt + attention(1, n, dt)
+  cross = 2 * 2 * tm * dt * dt + 2 * 2 * q * dt * dt + attention(tm, q, dt)
+  return {
+      "patch_embedding": 2 * n * c.patch_size ** 2 * 3 * dv,
+      "vision_blocks": c.vision_depth * block(n, dv, fv),
+      "caption_pooler": 2 * q * dt * dt + 2 * 2 * n * dv * dt + 2 * q * dt * dt
+                        + attention(q, n, dt),
+      "contrastive_pooler": contrastive_pooler,
+      "unimodal": c.num_uni_layers * block(tu, dt, ft),
+      "multimodal": c.num_multi_layers * (block(tm, dt, ft) + cross),
+      "lm_head": 2 * tc * dt * c.vocab_size,
+      "projections": 2 * 2 * dt * c.embed_dim,
+      "contrastive_loss": 2 * config.batch_size * c.embed_dim,
+  }
+
+
+def train_flops(forward: dict[str, int]) -> dict[str, int]:
+  """3 x forward (forward, dX, dW), except the patch embedding: no image gradient."""
+  return {k: (2 if k == "patch_embedding" else 3) * v for k, v in forward.items()}
+
+
+def summarize(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Parameter counts and training FLOPs per example of `config` (JSON-serialisable).
+
+  Keys: params_total, params_image_encoder, params_poolers, params_text_decoder,
+  params_other, params_table1 (image encoder + text decoder, the paper's definition),
+  params_by_module, flops_per_example (training, model FLOPs), flops_per_step
+  (x batch_size), flops_by_part (training), tokens.
+  """
+  by_module = count_params(config)
+  grouped = {part: sum(by_module.get(m, 0) for m in modules)
+             for part, modules in PARTS.items()}
+  known = {m for modules in PARTS.values() for m in modules}
+  grouped["other"] = sum(v for k, v in by_module.items() if k not in known)
+  flops = train_flops(forward_flops(config))
+  per_example = sum(flops.values())
+  c = CoCaConfig.from_config(config)
+  return {
+      "variant": config.get("variant", config.get("preset", "")),
+      "params_total": sum(by_module.values()),
+      "params_image_encoder": grouped["image_encoder"],
+      "params_poolers": grouped["poolers"],
+      "params_text_decoder": grouped["text_decoder"],
+      "params_other": grouped["other"],
+      "params_table1": grouped["image_encoder"] + grouped["text_decoder"],
+      "params_by_module": by_module,
+      "flops_per_example": per_example,
+      "flops_per_step": per_example * config.batch_size,
+      "flops_by_part": flops,
+      "tokens": {"image": (c.image_size // c.patch_size) ** 2,
+                 "unimodal": c.prefix_length + c.max_text_len,
+                 "multimodal": c.prefix_length + c.max_text_len - 1,
+                 "caption_queries": c.num_caption_queries, "vocab": c.vocab_size},
+  }
+
+
+def format_table(s: dict[str, Any]) -> str:
+  """Human-readable table of `summarize`'s output."""
+  m = s["params_by_module"]
+  total = s["params_total"]
+  rows = [("image encoder (vision)", s["params_image_encoder"]),
+          ("poolers (caption + contrastive)", s["params_poolers"]),
+          ("text decoder", s["params_text_decoder"]),
+          *[(f"  {k}", m.get(k, 0)) for k in PARTS["text_decoder"]],
+          ("projections + logit scale", s["params_other"]),
+          ("total", total),
+          ("paper Table 1 sum (encoder + decoder)", s["params_table1"])]
+  t = s["tokens"]
+  lines = [f"CoCa {s['variant']}: {t['image']} image tokens, {t['unimodal']} unimodal / "
+           f"{t['multimodal']} multimodal text positions, {t['caption_queries']} caption "
+           f"queries, vocab {t['vocab']}", "",
+           f"{'parameters':40s} {'count':>14s} {'M':>9s} {'share':>7s}"]
+  for name, n in rows:
+    lines.append(f"{name:40s} {n:14,d} {n / 1e6:9.2f} {100 * n / total:6.1f}%")
+  lines += ["", f"{'training FLOPs per example':40s} {'GFLOP':>14s} {'share':>7s}"]
+  for name, f in s["flops_by_part"].items():
+    lines.append(f"{name:40s} {f / 1e9:14.2f} {100 * f / s['flops_per_example']:6.1f}%")
+  lines.append(f"{'total':40s} {s['flops_per_example'] / 1e9:14.2f}")
+  lines.append(f"{'per step (x batch)':40s} {s['flops_per_step'] / 1e9:14.4g}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  from absl import flags
+  summary = summarize(flags.FLAGS.config)
+  if flags.FLAGS.json:
+    json.dump(summary, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+  else:
+    print(format_table(summary))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  # Its own flags (no --workdir, unlike mmjax.cli.define_flags): nothing is written.
+  config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. configs/coca.py:base",
+                                  lock_config=True)
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+  flags.mark_flags_as_required(["config"])
+  jax.config.update("jax_platforms", "cpu")  # shapes only: never wait for an accelerator
+  app.run(main)

@@ -1,0 +1,81 @@
+"""configs/coca.py: every variant and mesh preset loads, locks, validates, overrides."""
+import os
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import coca  # configs/coca.py
+import shapes  # configs/shapes.py
+from mmjax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, "configs", "coca.py")
+
+
+def _keys(config: ml_collections.ConfigDict) -> set[str]:
+  return set(config.to_dict().keys()) | {
+      f"{k}.{sub}" for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)
+      for sub in _keys(v)}
+
+
+@pytest.mark.parametrize("mesh", [None, *coca.MESHES])
+@pytest.mark.parametrize("variant", coca.VARIANTS)
+def test_variants_and_meshes_load_lock_and_validate(variant, mesh):
+  config = coca.get_config(variant if mesh is None else f"{variant},{mesh}")
+  assert config.is_locked
+  with pytest.raises(AttributeError):
+    config.new_key = 1
+  with pytest.raises(AttributeError):
+    config.model.vision.new_key = 1
+  num_devices = 1 if mesh is None else coca.MESH_PRESETS[mesh][1]
+  cli.validate(config, num_devices=num_devices)
+  if mesh is not None and variant != "tiny":  # one micro-batch = 256 examples per device
+    assert config.batch_size // (config.grad_accum_steps * num_devices) == 256
+  # Same key structure as configs/shapes.py, so every command reads either file.
+  assert _keys(config) - {"variant"} == _keys(shapes.get_config())
+
+
+def test_paper_recipe():
+  c = coca.get_config("large")
+  assert (c.data.image_size, c.model.patch_size, c.model.num_caption_queries) == (288, 18, 256)
+  assert c.model.text.vocab_size == c.data.tokenizer.vocab_size == 64000
+  assert (c.model.pooler, c.model.tie_embeddings, c.model.dtype) == ("cascade", False,
+                                                                     "bfloat16")
+  assert (c.batch_size, c.total_steps, c.optimizer.warmup_steps) == (65536, 500_000, 10_000)
+  o = c.optimizer
+  assert (o.name, o.schedule, o.learning_rate, o.b1, o.b2, o.weight_decay) == (
+      "adafactor", "linear", 8e-4, 0.9, 0.999, 0.01)
+  assert (c.loss.contrastive_weight, c.loss.caption_weight) == (1.0, 2.0)
+  assert c.data.sources.labels.name == "imagenet2012"
+  assert c.data.sources.captions.text_key == "captions/text"
+
+
+def test_bad_argument_names_the_choices():
+  with pytest.raises(ValueError, match="variant"):
+    coca.get_config("huge")
+  with pytest.raises(ValueError, match="mesh"):
+    coca.get_config("base,v3_8")
+
+
+def test_command_line_overrides():
+  """As the train/summary commands parse them (config_flags, file loaded by path)."""
+  c = _parse([f"--config={CONFIG_FILE}:base,h100x8",
+              "--config.data.sources.labels.name=imagenet21k", "--config.total_steps=1000",
+              "--config.model.remat_policy=full"])
+  assert c.data.sources.labels.name == "imagenet21k"
+  assert c.optimizer.warmup_steps == 20  # 2% follows total_steps
+  assert c.model.remat_policy == "full" and c.mesh.shape == (1, 8, 1)
+  with pytest.raises((flags.Error, AttributeError), match="labels_name"):  # a typo fails
+    _parse([f"--config={CONFIG_FILE}:base", "--config.data.sources.labels_name=x"])
+
+
+def _parse(args: list[str]) -> ml_collections.ConfigDict:
+  """config_flags reads the overrides from argv (sys.argv unless given)."""
+  argv = ["prog", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
