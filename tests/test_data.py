@@ -204,3 +204,9 @@ def test_label_out_of_range_raises(data_dir):
 
 def test_no_tensorflow():
   assert "tensorflow" not in sys.modules
+
+
+def test_nested_feature_keys_are_paths():
+  record = {"captions": {"text": [b"a cat"]}, "image": 1}
+  assert sources.field(record, "captions/text") == [b"a cat"]
+  assert sources.field(record, "image") == 1

@@ -124,7 +124,7 @@ class CleanSource:
       return None
     label, texts = -1, []
     if self.kind == "label":
-      label = int(rec[self.label_key])
+      label = int(field(rec, self.label_key))
       names = self.opened.class_names
       if not 0 <= label < len(names):
         raise ValueError(f"source {self.key!r} ({self.opened.name}, split {self.opened.split}) "
@@ -132,12 +132,12 @@ class CleanSource:
       texts = [names[label]]
       label += self.label_offset
     elif self.kind == "caption":
-      raw = rec[self.text_key]
+      raw = field(rec, self.text_key)
       raw = [raw] if isinstance(raw, (bytes, str)) else list(raw)
       texts = [t for t in (_text(x).strip() for x in raw) if t]
       if not texts:
         return None
-    image = rec[self.image_key]
+    image = field(rec, self.image_key)
     if isinstance(image, bytes):  # opened with decode_images=False
       try:
         image = decode_image(image)
@@ -198,6 +198,13 @@ def label_texts(config: ml_collections.ConfigDict) -> list[str]:
   return open_train_sources(config).class_names
 
 
+def field(record: dict[str, Any], key: str) -> Any:
+  """record["a/b"] -> record["a"]["b"]: TFDS nests features (coco_captions: "captions/text")."""
+  for part in key.split("/"):
+    record = record[part]
+  return record
+
+
 def train_texts(config: ml_collections.ConfigDict) -> list[str]:
   """Every text the train pipeline can emit: all templates x class names, all captions.
 
@@ -213,7 +220,7 @@ def train_texts(config: ml_collections.ConfigDict) -> list[str]:
       texts += [t.format(n) for n in opened.class_names for t in config.data.label_templates]
     else:
       for i in range(len(opened)):
-        raw = opened.data_source[i][s.text_key]
+        raw = field(opened.data_source[i], s.text_key)
         raw = [raw] if isinstance(raw, (bytes, str)) else list(raw)
         texts += [t for t in (_text(x).strip() for x in raw) if t]
   return texts
