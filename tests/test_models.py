@@ -65,10 +65,11 @@ def test_remat_policy_does_not_change_gradients():
     loss = lambda p: m.apply({"params": p}, batch["image"], batch["text"],
                              batch["text_type"])["caption_logits"].sum()
     return jax.jit(jax.grad(loss))(params)
-  np.testing.assert_allclose(grads(remat)["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]
-                             ["kernel"],
-                             grads(model)["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]
-                             ["kernel"], rtol=1e-5, atol=1e-6)
+  fc1 = lambda g: g["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]["kernel"]
+  reference = fc1(grads(model))
+  # Rematerialisation reorders float work: equal up to rounding, relative to the gradient.
+  np.testing.assert_allclose(fc1(grads(remat)), reference, rtol=0,
+                             atol=1e-5 * np.abs(reference).max())
 
 
 def test_captioning_is_causal():
