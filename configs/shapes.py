@@ -41,6 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = mesh_config()
   c.checkpoint = checkpoint_config()
   c.evals = evals_config()
+  # As many tokens as training targets hold (text minus BOS), tracking data.max_text_len.
+  c.evals.captioning.max_new_tokens = c.data.get_ref("max_text_len") - 1
 
   if preset == "clip":
     c.loss.label_aware = False
@@ -76,6 +78,8 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.evals.batch_size = 32
   c.evals.retrieval.num_examples = 64
   c.evals.zeroshot.num_examples = 64
+  c.evals.captioning.num_examples = 16  # one decode batch: one extra compile in the trainer
+  c.evals.captioning.num_samples = 4
 
 
 def data_config(image_size: int, max_text_len: int) -> ml_collections.ConfigDict:
@@ -197,4 +201,12 @@ def evals_config() -> ml_collections.ConfigDict:
   e.zeroshot = ml_collections.ConfigDict(dict(
       dataset="shapes/labels", split="validation", image_key="image", label_key="label",
       num_examples=512, prefix="caption"))
+  e.captioning = ml_collections.ConfigDict(dict(
+      dataset="shapes/captions", split="validation", image_key="image", text_key="captions",
+      num_examples=512,
+      strategy="greedy",  # greedy | beam (| sample)
+      beam_size=4, length_penalty=1.0,  # beam: sum log p / length**length_penalty
+      max_new_tokens=23,  # get_config ties it to data.max_text_len - 1
+      num_samples=16,  # images in <workdir>/eval/samples_<step>.png (0 = no grid)
+      sample_scale=4))  # nearest-neighbour upscaling of each image in the grid
   return e

@@ -1,13 +1,17 @@
-"""Evaluators (zero-shot classification, image-text retrieval) and the eval CLI.
+"""Evaluators (zero-shot classification, image-text retrieval, captioning) and the eval CLI.
 
   python -m mmjax.evaluate --config configs/shapes.py --workdir /tmp/mmjax_shapes [--step N]
 
 Restores parameters only (no optimizer state) onto whatever devices exist, runs the
-evaluators the config lists, writes `<workdir>/eval/step_<N>.json` and prints a table.
-The trainer runs the same evaluators every `eval_every_steps`.
+evaluators the config lists, writes `<workdir>/eval/step_<N>.json`, a picture grid of
+sample captions and zero-shot classes `<workdir>/eval/samples_<N>.png` (also to
+TensorBoard) and prints a table. The trainer runs the same evaluators every
+`eval_every_steps` and logs the same grid to TensorBoard.
 """
 import json
 import os
+import re
+import textwrap
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -19,7 +23,7 @@ from absl import app
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import cli, sharding
+from mmjax import cli, decode, sharding
 from mmjax.data import pipeline
 from mmjax.tokenizer import Tokenizer
 
@@ -30,6 +34,7 @@ class Embedder:
   """Embeds images / texts in fixed-size batches sharded over the mesh's batch axes."""
 
   def __init__(self, model: nn.Module, mesh: Mesh, batch_size: int):
+    self.model = model  # generative evaluators build their own jitted functions from it
     self.mesh = mesh
     self.batch_size = _round_up(batch_size, sharding.batch_parallel_size(mesh))
     self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image")[0])
@@ -45,15 +50,20 @@ class Embedder:
     return self._run(lambda x: self._text(params, x[0], x[1]), tokens, text_type)
 
   def _run(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
+    emb = self.map_batches(fn, *arrays).astype(np.float64)
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+  def map_batches(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
+    """fn(list of sharded [batch_size, ...] arrays) -> [batch_size, ...] over arrays [N, ...]
+    in fixed-size padded batches (one compiled program); returns [N, ...] on the host."""
     n, out = len(arrays[0]), []
     with jax.set_mesh(self.mesh):
       for start in range(0, n, self.batch_size):
         chunk = [_pad_to(a[start:start + self.batch_size], self.batch_size) for a in arrays]
-        emb = multihost_utils.process_allgather(fn([self._shard(c) for c in chunk]),
-                                                tiled=True)
-        out.append(np.asarray(emb)[:min(self.batch_size, n - start)])
-    emb = np.concatenate(out).astype(np.float64)
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+        result = multihost_utils.process_allgather(fn([self._shard(c) for c in chunk]),
+                                                   tiled=True)
+        out.append(np.asarray(result)[:min(self.batch_size, n - start)])
+    return np.concatenate(out)
 
   def _shard(self, x: np.ndarray) -> jax.Array:
     # Every process holds the same eval arrays; each device takes its slice of the batch.
@@ -86,7 +96,8 @@ class ZeroShot:
     return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
   def __call__(self, embedder: Embedder, params: Any) -> dict[str, float]:
-    scores = embedder.images(params, self.images) @ self.class_embeddings(embedder, params).T
+    self.last_class_embeddings = self.class_embeddings(embedder, params)  # for the grid
+    scores = embedder.images(params, self.images) @ self.last_class_embeddings.T
     top = np.argsort(-scores, axis=1)[:, :5]
     hits = top == self.labels[:, None]
     return {f"zeroshot/{self.name}/top1": float(hits[:, 0].mean()),
@@ -122,7 +133,62 @@ class Retrieval:
     return out
 
 
-EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval}
+def caption_words(text: str) -> str:
+  """Lower-cased words joined by spaces: a Python stand-in for the PTB tokenizer (Java),
+  which also drops punctuation."""
+  return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
+
+
+def caption_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+  """CIDEr (CIDEr-D as in pycocoevalcap) and BLEU-4 over the corpus, pycocoevalcap scorers.
+
+  hypotheses: one caption per image; references: every reference caption per image.
+  """
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  res = {i: [caption_words(h)] for i, h in enumerate(hypotheses)}
+  gts = {i: [caption_words(r) for r in refs] for i, refs in enumerate(references)}
+  cider, _ = Cider().compute_score(gts, res)
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  return {"cider": float(cider), "bleu4": float(bleu[3])}
+
+
+class Captioning:
+  """Generated captions (K/V-cached decoding, `mmjax.decode`) scored with CIDEr and BLEU-4
+  against all reference captions of each image."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    e = config.evals.captioning
+    self.name = e.dataset.replace("/", "_")
+    split = pipeline.load_eval_split(config, dataset=e.dataset, split=e.split,
+                                     image_key=e.image_key, text_key=e.text_key,
+                                     num_examples=e.num_examples)
+    self.images, self.references = split["images"], split["texts"]
+    self.tokenizer = tokenizer
+    self.decode_config = decode.DecodeConfig(
+        strategy=e.strategy, max_new_tokens=e.max_new_tokens, beam_size=e.beam_size,
+        length_penalty=e.length_penalty)
+    self.num_samples, self.sample_scale = e.num_samples, e.sample_scale
+    self.seed = config.seed
+    self.last_captions: list[str] = []
+    self._captioners: dict[int, Callable] = {}
+
+  def captions(self, embedder: Embedder, params: Any, images: np.ndarray) -> list[str]:
+    """images [N, H, W, 3] -> N decoded captions."""
+    key = id(embedder.model)
+    if key not in self._captioners:  # one jitted decoder per model, compiled once
+      self._captioners[key] = decode.make_captioner(embedder.model, self.decode_config)
+    captioner, rng = self._captioners[key], jax.random.key(self.seed)
+    tokens = embedder.map_batches(lambda x: captioner(params, x[0], rng), images)
+    return [self.tokenizer.decode(t) for t in tokens]
+
+  def __call__(self, embedder: Embedder, params: Any) -> dict[str, float]:
+    self.last_captions = self.captions(embedder, params, self.images)
+    scores = caption_scores(self.last_captions, self.references)
+    return {f"caption/{self.name}/{k}": v for k, v in scores.items()}
+
+
+EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captioning}
 
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list:
@@ -134,6 +200,73 @@ def run_evaluators(evaluators: list, embedder: Embedder, params: Any) -> dict[st
   for evaluator in evaluators:
     results.update(evaluator(embedder, params))
   return results
+
+
+def sample_grid(evaluators: list, embedder: Embedder, params: Any) -> np.ndarray | None:
+  """uint8 [H, W, 3]: the first `evals.captioning.num_samples` captioning images, upscaled,
+  each with its generated caption and (if a zero-shot evaluator runs) its top-3 classes.
+  None without a captioning evaluator. Runs on every process (collectives); reuses the
+  captions and class embeddings of the last evaluation when there was one."""
+  captioner = next((e for e in evaluators if isinstance(e, Captioning)), None)
+  if captioner is None or not captioner.num_samples:
+    return None
+  images = captioner.images[:captioner.num_samples]
+  captions = captioner.last_captions[:len(images)]
+  if len(captions) < len(images):
+    captions = captioner.captions(embedder, params, images)
+  classes = None
+  zeroshot = next((e for e in evaluators if isinstance(e, ZeroShot)), None)
+  if zeroshot is not None:
+    class_emb = getattr(zeroshot, "last_class_embeddings", None)
+    if class_emb is None:
+      class_emb = zeroshot.class_embeddings(embedder, params)
+    top = np.argsort(-(embedder.images(params, images) @ class_emb.T), axis=1)[:, :3]
+    classes = [[zeroshot.class_names[c] for c in row] for row in top]
+  return render_grid(images, captions, classes, scale=captioner.sample_scale)
+
+
+def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]] | None,
+                *, scale: int = 4, columns: int = 0) -> np.ndarray:
+  """images float [N, H, W, 3] in [-1, 1] -> uint8 grid [rows * cell_h, cols * cell_w, 3]
+  with each image upscaled `scale`x (nearest) above its caption and top-3 classes."""
+  from PIL import Image, ImageDraw, ImageFont
+  font = ImageFont.load_default()
+  n, size = len(images), images.shape[1] * scale
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // columns)
+  chars = max(8, int(size // font.getlength("x")))  # wrap width in characters
+  texts = []
+  for i in range(n):
+    lines = textwrap.wrap(captions[i] or "(empty)", chars)[:4]
+    if classes is not None:
+      lines += textwrap.wrap("top-3: " + ", ".join(classes[i]), chars)[:3]
+    texts.append(lines)
+  line_h = int(font.getbbox("Ag")[3]) + 3
+  pad = 6
+  cell_w, cell_h = size + 2 * pad, size + 2 * pad + line_h * max(len(t) for t in texts)
+  canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+  draw = ImageDraw.Draw(canvas)
+  for i in range(n):
+    x, y = (i % columns) * cell_w + pad, (i // columns) * cell_h + pad
+    pixels = np.clip((images[i] + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (x, y))
+    for j, line in enumerate(texts[i]):
+      colour = "black" if j < len(texts[i]) - (3 if classes else 0) else (40, 40, 160)
+      draw.text((x, y + size + 2 + j * line_h), line, fill=colour, font=font)
+  return np.asarray(canvas)
+
+
+def write_sample_grid(workdir: str, step: int, grid: np.ndarray) -> str:
+  """Writes `<workdir>/eval/samples_<step>.png` and the TensorBoard image `samples`."""
+  from PIL import Image
+  from mmjax import writers
+  path = os.path.join(workdir, "eval", f"samples_{step}.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid).save(path)
+  writer = writers.MetricWriter(workdir)
+  writer.write_image(step, "samples", grid)
+  writer.close()
+  return path
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -165,13 +298,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
     abstract, _ = state_lib.abstract_state(model, make_optimizer(config), config, mesh)
     params = checkpointer.restore_params(step, abstract.params)
-    results = run_evaluators(build_evaluators(config, tokenizer),
-                             Embedder(model, mesh, config.evals.batch_size), params)
+    evaluators = build_evaluators(config, tokenizer)
+    embedder = Embedder(model, mesh, config.evals.batch_size)
+    results = run_evaluators(evaluators, embedder, params)
+    grid = sample_grid(evaluators, embedder, params)
   checkpointer.close()
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
       json.dump({"step": step, **results}, f, indent=1)
+    if grid is not None:
+      write_sample_grid(workdir, step, grid)
   return step, results
 
 

@@ -91,8 +91,12 @@ class AttentionPooler(nn.Module):
 
 class CoCa(nn.Module):
   """Batch inputs: images float [B, H, W, 3]; text int32 [B, L] (BOS ... EOS PAD...);
-  text_type int32 [B]. The decoders read text[:, :-1] and predict text[:, 1:]."""
+  text_type int32 [B]. The decoders read text[:, :-1] and predict text[:, 1:].
+
+  `decode=True` gives the same parameters with K/V-cached text decoders for autoregressive
+  captioning (`decode_prefill`, `decode_step`; driven by `mmjax.decode`)."""
   config: CoCaConfig
+  decode: bool = False
 
   def setup(self):
     c = self.config
@@ -108,9 +112,9 @@ class CoCa(nn.Module):
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
     self.unimodal = text.UnimodalDecoder(
         c.num_uni_layers, c.text_heads, c.text_mlp_dim, c.max_text_len - 1, c.prefix_length,
-        c.num_text_types, **stack, **kw)
+        c.num_text_types, **stack, **kw, decode=self.decode)
     self.multimodal = text.MultimodalDecoder(c.num_multi_layers, c.text_heads, c.text_mlp_dim,
-                                             **stack, **kw)
+                                             **stack, **kw, decode=self.decode)
     if not c.tie_embeddings:
       self.lm_head = layers.Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
@@ -139,8 +143,25 @@ class CoCa(nn.Module):
   def caption_logits(self, features: jax.Array, caption_tokens: jax.Array) -> jax.Array:
     """Unimodal features [B, P+T, D] + caption tokens -> float32 logits [B, T, V]."""
     h = self.multimodal(features, caption_tokens)[:, self.config.prefix_length:]
+    return self._lm_head(h)
+
+  def _lm_head(self, h: jax.Array) -> jax.Array:
+    """Multimodal features [B, T, D] -> float32 logits [B, T, V]."""
     logits = self.token_embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def decode_prefill(self, caption_tokens: jax.Array, text_ids: jax.Array,
+                     text_type: jax.Array) -> jax.Array:
+    """First decoding call (decode=True, mutable "cache"): prefix + `text_ids` [B, T] (BOS
+    ...) through both decoders, image K/V stored. caption_tokens [B, Q, D] from
+    `encode_image`; text_type int32 [B]. Returns float32 logits [B, T, V]."""
+    features, _ = self.unimodal(self.token_embed(text_ids), None, text_type)
+    return self.caption_logits(features, caption_tokens)
+
+  def decode_step(self, text_ids: jax.Array) -> jax.Array:
+    """Next tokens [B, T] (usually T=1) after the cached ones -> float32 logits [B, T, V]."""
+    features, _ = self.unimodal(self.token_embed(text_ids), None, None, continuation=True)
+    return self._lm_head(self.multimodal(features, None))
 
   def logit_scale(self) -> jax.Array:
     """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""

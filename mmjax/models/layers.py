@@ -64,14 +64,24 @@ class Attention(nn.Module):
   `mask`: bool, broadcastable to [B, heads, T, S], True where attention is allowed.
   Softmax runs in float32 inside `jax.nn.dot_product_attention`, which can dispatch to
   cuDNN flash attention on GPUs.
+
+  `decode=True` (autoregressive decoding; no new parameters) keeps K/V in the "cache"
+  collection, see `_cached_self_kv` and `_cached_cross_kv`. Self-attention is then causal
+  by cache position and `mask`/`is_causal` are ignored; `cross=True` marks cross-attention,
+  whose K/V are computed from `context` when it is given and read from the cache when
+  `context` is None.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
-               mask: jax.Array | None = None, is_causal: bool = False) -> jax.Array:
+               mask: jax.Array | None = None, is_causal: bool = False,
+               cross: bool = False) -> jax.Array:
+    if self.decode:
+      return self._decode(x, context, cross)
     context = x if context is None else context
     batch, length, width = x.shape
     head_dim = width // self.num_heads
@@ -87,6 +97,66 @@ class Attention(nn.Module):
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
     out = out.reshape(batch, length, width)
     return dense("out", ("heads", "embed"))(out)
+
+  # --- decoding (same parameters, K/V in the "cache" collection) ---------------------------
+  def _project(self, y: jax.Array, name: str, heads: bool = True) -> jax.Array:
+    """The training path's projections (same module names, so the same parameters)."""
+    width = y.shape[-1]
+    out = Dense(width, ("embed", "heads") if heads else ("heads", "embed"), dtype=self.dtype,
+                param_dtype=self.param_dtype, name=name)(y)
+    if not heads:
+      return out
+    out = out.reshape(*y.shape[:2], self.num_heads, width // self.num_heads)
+    return constrain(out, ("batch", "length", "heads", "kv"))
+
+  def _decode(self, x: jax.Array, context: jax.Array | None, cross: bool) -> jax.Array:
+    """x [B, L, D] -> [B, L, D]. Helpers called from a compact method may define submodules."""
+    batch, length, width = x.shape
+    q = self._project(x, "query")
+    if cross:
+      k, v = self._cached_cross_kv(context)
+      out = jax.nn.dot_product_attention(q, k, v)
+    else:
+      k, v, mask = self._cached_self_kv(self._project(x, "key"), self._project(x, "value"))
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self._project(out.reshape(batch, length, width), "out", heads=False)
+
+  def _cached_self_kv(self, k: jax.Array,
+                      v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Appends k, v [B, L, H, Dh] at the cache index; returns the whole cache [B, S, H, Dh]
+    and a bool mask [1, 1, L, S] (query at position index+i sees cache slots <= index+i).
+
+    Flax's convention: the first call (cache absent) only creates zeroed caches shaped like
+    its input, so `decode.init_cache` sizes them with an input of the maximum length S.
+    """
+    initialised = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+    if not initialised:
+      return k, v, None
+    length, size = k.shape[1], cached_k.value.shape[1]
+    start = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
+                                                  (0, start, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
+                                                  (0, start, 0, 0))
+    index.value = start + length
+    query_pos = start + jnp.arange(length)
+    mask = jnp.arange(size)[None, :] <= query_pos[:, None]  # causal; also hides unwritten slots
+    return cached_k.value, cached_v.value, mask[None, None]
+
+  def _cached_cross_kv(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """K/V of `context` [B, S, Dc] ([B, S, H, Dh] each), computed once per image: stored
+    when `context` is given (prefill), read back when it is None (every later step)."""
+    if context is None:
+      if not self.has_variable("cache", "cross_key"):
+        raise ValueError("cross-attention decode step before the prefill stored image K/V")
+      return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+    k, v = self._project(context, "key"), self._project(context, "value")
+    self.put_variable("cache", "cross_key", k)
+    self.put_variable("cache", "cross_value", v)
+    return k, v
 
 
 class Mlp(nn.Module):
@@ -123,6 +193,7 @@ class TransformerBlock(nn.Module):
   activation: str = "gelu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  decode: bool = False  # K/V caches (see Attention); context None = cached image K/V
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -131,11 +202,12 @@ class TransformerBlock(nn.Module):
     x = constrain(x, ("batch", "length", "embed"))
     h = LayerNorm(**kw, name="ln_self")(x)
     # A mask already encodes causality; is_causal alone lets XLA/cuDNN skip the mask tensor.
-    x = x + Attention(self.num_heads, **kw, name="self_attn")(
+    x = x + Attention(self.num_heads, **kw, decode=self.decode, name="self_attn")(
         h, mask=mask, is_causal=self.causal and mask is None)
     if self.cross_attention:
       h = LayerNorm(**kw, name="ln_cross")(x)
-      x = x + Attention(self.num_heads, **kw, name="cross_attn")(h, context)
+      x = x + Attention(self.num_heads, **kw, decode=self.decode, name="cross_attn")(
+          h, context, cross=True)
     h = LayerNorm(**kw, name="ln_mlp")(x)
     x = x + Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed")), None
@@ -154,12 +226,14 @@ class TransformerStack(nn.Module):
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  decode: bool = False  # per-layer K/V caches; under scan stacked on the layers axis
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
     block = TransformerBlock
-    if self.remat_policy != "none":
+    # Decoding keeps no activations for a backward pass: remat would only add lifting.
+    if self.remat_policy != "none" and not self.decode:
       if self.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"config model.remat_policy={self.remat_policy!r}: choose one of "
                          f"{['none', *REMAT_POLICIES]}")
@@ -168,8 +242,12 @@ class TransformerStack(nn.Module):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
               cross_attention=self.cross_attention, activation=self.activation,
               dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.decode:
+      kw["decode"] = True
     if self.scan:
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+      # Training sees exactly the old transform; decoding also stacks the caches per layer.
+      axes = {"params": 0, "cache": 0} if self.decode else {"params": 0}
+      scanned = nn.scan(block, variable_axes=axes, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast), length=self.num_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(**kw, name="layers")(x, mask, context)

@@ -26,6 +26,12 @@ class UnimodalDecoder(nn.Module):
 
   Inputs: embedded tokens [B, T, D], `valid` bool [B, T] (False at padding), `text_type`
   int32 [B] (0 caption, 1 label prompt). Returns (token features [B, P+T, D], cls [B, D]).
+
+  `decode=True` (same parameters): no CLS (causal, so no token attends to it), K/V cached
+  per layer, positions continue from a cached index, and `valid` is ignored (decoded
+  tokens are all real). The first call (`continuation=False`) prepends the prefix and
+  returns ([B, P+T, D], None); later calls (`continuation=True`) feed only the next
+  tokens and return ([B, T, D], None). Token t thus sits at position P+t as in training.
   """
   num_layers: int
   num_heads: int
@@ -38,10 +44,13 @@ class UnimodalDecoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, valid: jax.Array,
-               text_type: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, valid: jax.Array | None, text_type: jax.Array | None, *,
+               continuation: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    if self.decode:
+      return self._decode(x, text_type, continuation), None
     batch, length, width = x.shape
     init = nn.initializers.normal(0.02)
     pieces, valid_pieces = [], []
@@ -66,6 +75,30 @@ class UnimodalDecoder(nn.Module):
     cls_out = layers.LayerNorm(self.dtype, self.param_dtype, name="ln_cls")(x[:, -1])
     return x[:, :-1], cls_out
 
+  def _decode(self, x: jax.Array, text_type: jax.Array | None, continuation: bool) -> jax.Array:
+    """x [B, T, D] -> features [B, P+T, D] (first call) or [B, T, D] (continuation).
+
+    Same parameter declarations as the training path (decoding only applies them).
+    """
+    width = x.shape[-1]
+    init = nn.initializers.normal(0.02)
+    x = x.astype(self.dtype)
+    if self.prefix_length and not continuation:
+      prefix = self.param("prefix", layers.partitioned(init, (None, None, "embed")),
+                          (self.num_text_types, self.prefix_length, width), self.param_dtype)
+      x = jnp.concatenate([prefix[text_type].astype(self.dtype), x], axis=1)
+    # The position of the next input; 0 in a fresh cache.
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    total = self.prefix_length + self.max_len + 1
+    pos = self.param("pos_embed", layers.partitioned(init, (None, "embed")), (total, width),
+                     self.param_dtype)
+    x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, x.shape[1]).astype(self.dtype)
+    index.value = index.value + x.shape[1]
+    return layers.TransformerStack(
+        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        causal=True, activation=self.activation, scan=self.scan, dtype=self.dtype,
+        param_dtype=self.param_dtype, decode=True, name="decoder")(x)
+
 
 class MultimodalDecoder(nn.Module):
   """Causal decoder layers with cross-attention to image tokens.
@@ -81,12 +114,15 @@ class MultimodalDecoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  decode: bool = False  # K/V caches; image_tokens=None then reuses the cached image K/V
 
   @nn.compact
-  def __call__(self, x: jax.Array, image_tokens: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
+    if image_tokens is not None:
+      image_tokens = image_tokens.astype(self.dtype)
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, cross_attention=True, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="decoder")(x, None, image_tokens.astype(self.dtype))
+        decode=self.decode, name="decoder")(x, None, image_tokens)
     return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x)
