@@ -158,6 +158,7 @@ def test_converted_checkpoint_evaluates_and_finetunes(oc, tmp_path, data_dir):
   config.data_dir = data_dir
   config.compilation_cache_dir = CACHE_DIR
   config.total_steps = 2
+  config.eval_every_steps = 0  # evaluated above; keeps the test short
   config.loss.contrastive_weight = 0.0  # caption-only fine-tuning
   config.lock()
   expected = convert.convert_state_dict(

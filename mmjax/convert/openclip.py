@@ -212,7 +212,7 @@ def write_checkpoint(params: Any, config: Any, out: str) -> str:
         step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
         nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=shardings)
     state = make(placed)
-    checkpointer.save(0, state, config, force=True)
+    checkpointer.save(0, state, config)
   checkpointer.close()
   return checkpointer.directory
 
