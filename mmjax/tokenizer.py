@@ -101,12 +101,18 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
 def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   """The tokenizer for `config`.
 
+  `config.data.tokenizer.kind == "openclip"`: open_clip's CLIP BPE (merges from `path`, or
+  from the installed open_clip package when empty).
   `config.data.tokenizer.path` set: load that SentencePiece model (its ids must be ours).
   Otherwise train one (vocab `config.data.tokenizer.vocab_size`) on every text of the
   configured train sources (label-template prompts and captions), cached as
   `<data_dir>/tokenizers/<sha of texts + settings>.model` and built under a file lock so
   concurrent processes train it once.
   """
+  if config.data.tokenizer.get("kind", "sentencepiece") == "openclip":
+    # open_clip's BPE (ids pad 0, BOS 49406, EOS 49407), for converted open_clip models.
+    from mmjax.convert.openclip import OpenClipTokenizer
+    return OpenClipTokenizer(os.path.expanduser(config.data.tokenizer.path) or None)
   path = config.data.tokenizer.path
   if path:
     path = os.path.expanduser(path)

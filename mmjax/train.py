@@ -85,8 +85,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
     # Shard: abstract state first, then created or restored directly onto its shardings.
     abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
+    latest = checkpointer.latest_step()
+    start_step = latest or 0
+    if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
       state = checkpointer.restore(start_step, abstract)
       if process0:
         print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)

@@ -4,6 +4,10 @@ ViT image encoder -> attentional poolers (captioning: N queries; contrastive: 1 
 `cascade` over the captioning pooler's outputs as in the paper, or `parallel`);
 unimodal causal text decoder whose appended CLS gives the text embedding; multimodal decoder
 that cross-attends to the captioning pooler's tokens and predicts the next token.
+
+`pooler="openclip"` with the options below expresses open_clip's CoCa exactly (see
+`configs/openclip.py` and `mmjax.convert.openclip`): one pooler of N queries whose first
+output is the contrastive embedding and the rest the caption tokens.
 """
 import dataclasses
 from typing import Any
@@ -47,12 +51,43 @@ class CoCaConfig:
   param_dtype: str
   scan_layers: bool
   remat_policy: str
+  # Options for converted open_clip weights; the defaults are mmjax's own model.
+  norm_eps: float = 1e-6  # every LayerNorm; torch (open_clip) uses 1e-5
+  pooler_heads: int = 0  # attention heads of the poolers; 0 = text_heads
+  vision_patch_bias: bool = True
+  vision_class_token: bool = False  # prepended class token (its own position row 0)
+  vision_ln_pre: bool = False  # LayerNorm after position embeddings, before the blocks
+  vision_ln_post: bool = True  # LayerNorm after the blocks (open_clip CoCa: none)
+  text_cls_mask: str = "correct"  # "legacy": open_clip's shipped CoCa weights' CLS mask
+  multimodal_block: str = "fused"  # "openclip": self-attn+MLP then cross-attn+MLP
+  image_norm: str = "none"  # "clip": map pipeline images in [-1, 1] to CLIP mean/std
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":
     m = config.model
-    if m.pooler not in ("cascade", "parallel"):
-      raise ValueError(f"config model.pooler={m.pooler!r}: choose 'cascade' or 'parallel'")
+    if m.pooler not in ("cascade", "parallel", "openclip"):
+      raise ValueError(f"config model.pooler={m.pooler!r}: choose 'cascade', 'parallel' or "
+                       "'openclip'")
+    vision, text_cfg = m.vision, m.text
+    options = dict(
+        norm_eps=m.get("norm_eps", 1e-6), pooler_heads=m.get("pooler_heads", 0),
+        vision_patch_bias=vision.get("patch_bias", True),
+        vision_class_token=vision.get("class_token", False),
+        vision_ln_pre=vision.get("ln_pre", False), vision_ln_post=vision.get("ln_post", True),
+        text_cls_mask=text_cfg.get("cls_mask", "correct"),
+        multimodal_block=text_cfg.get("multimodal_block", "fused"),
+        image_norm=m.get("image_norm", "none"))
+    for key, value, allowed in (("text.cls_mask", options["text_cls_mask"], CLS_MASKS),
+                                ("text.multimodal_block", options["multimodal_block"],
+                                 MULTIMODAL_BLOCKS),
+                                ("image_norm", options["image_norm"], tuple(IMAGE_NORMS))):
+      if value not in allowed:
+        raise ValueError(f"config model.{key}={value!r}: choose one of {allowed}")
+    if m.pooler == "openclip" and m.embed_dim != m.text.width:
+      # open_clip's pooler width is embed_dim and its tokens feed the decoder's
+      # cross-attention, whose key width is the text width.
+      raise ValueError(f"config model.pooler='openclip' needs model.embed_dim="
+                       f"{m.embed_dim} == model.text.width={m.text.width}")
     return cls(
         image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
         vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
@@ -65,7 +100,16 @@ class CoCaConfig:
         num_text_types=m.num_text_types, logit_scale_init=m.logit_scale_init,
         logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
         dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy)
+        remat_policy=m.remat_policy, **options)
+
+
+CLS_MASKS = ("correct", "legacy")
+MULTIMODAL_BLOCKS = ("fused", "openclip")
+# Per-channel (mean, std) applied to images in [0, 1]; "clip" is OpenAI CLIP's (open_clip's
+# OPENAI_DATASET_MEAN/STD), which open_clip's CoCa checkpoints were trained with.
+IMAGE_NORMS = {"none": None,
+               "clip": ((0.48145466, 0.4578275, 0.40821073),
+                        (0.26862954, 0.26130258, 0.27577711))}
 
 
 class AttentionPooler(nn.Module):
@@ -75,17 +119,19 @@ class AttentionPooler(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.norm_eps)
     queries = self.param("queries",
                          layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
                          (self.num_queries, self.width), self.param_dtype)
     q = layers.LayerNorm(**kw, name="ln_q")(queries.astype(self.dtype))
     q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
     context = layers.LayerNorm(**kw, name="ln_k")(x)
-    out = layers.Attention(self.num_heads, **kw, name="attn")(q, context)
+    out = layers.Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="attn")(q, context)
     return layers.LayerNorm(**kw, name="ln_out")(out)
 
 
@@ -101,20 +147,32 @@ class CoCa(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation)
+    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
+                 norm_eps=c.norm_eps)
     self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
-                          c.vision_heads, **stack, **kw)
-    self.caption_pooler = AttentionPooler(c.num_caption_queries, c.text_width, c.text_heads,
-                                          **kw)
-    self.contrastive_pooler = AttentionPooler(1, c.text_width, c.text_heads, **kw)
+                          c.vision_heads, **stack, **kw, patch_bias=c.vision_patch_bias,
+                          class_token=c.vision_class_token, ln_pre=c.vision_ln_pre,
+                          ln_post=c.vision_ln_post)
+    pooler_heads = c.pooler_heads or c.text_heads
+    if c.pooler == "openclip":
+      # One pooler: query 0 is the contrastive embedding, queries 1.. the caption tokens;
+      # its output LayerNorm is open_clip's ln_post.
+      self.caption_pooler = AttentionPooler(c.num_caption_queries + 1, c.text_width,
+                                            pooler_heads, **kw, norm_eps=c.norm_eps)
+    else:
+      self.caption_pooler = AttentionPooler(c.num_caption_queries, c.text_width, pooler_heads,
+                                            **kw, norm_eps=c.norm_eps)
+      self.contrastive_pooler = AttentionPooler(1, c.text_width, pooler_heads, **kw,
+                                                norm_eps=c.norm_eps)
     self.token_embed = nn.Embed(
         c.vocab_size, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
     self.unimodal = text.UnimodalDecoder(
         c.num_uni_layers, c.text_heads, c.text_mlp_dim, c.max_text_len - 1, c.prefix_length,
-        c.num_text_types, **stack, **kw, decode=self.decode)
+        c.num_text_types, **stack, **kw, cls_mask=c.text_cls_mask, decode=self.decode)
     self.multimodal = text.MultimodalDecoder(c.num_multi_layers, c.text_heads, c.text_mlp_dim,
-                                             **stack, **kw, decode=self.decode)
+                                             **stack, **kw, block=c.multimodal_block,
+                                             decode=self.decode)
     if not c.tie_embeddings:
       self.lm_head = layers.Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
@@ -124,7 +182,15 @@ class CoCa(nn.Module):
 
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, caption tokens [B, Q, D])."""
+    norm = IMAGE_NORMS[self.config.image_norm]
+    if norm is not None:
+      # Pipeline images are in [-1, 1]; the checkpoint expects (pixel/255 - mean) / std.
+      mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
+      images = ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
     tokens = self.vision(images)
+    if self.config.pooler == "openclip":
+      pooled = self.caption_pooler(tokens)
+      return self.image_proj(pooled[:, 0]).astype(jnp.float32), pooled[:, 1:]
     caption_tokens = self.caption_pooler(tokens)
     source = caption_tokens if self.config.pooler == "cascade" else tokens
     pooled = self.contrastive_pooler(source)[:, 0]

@@ -46,14 +46,18 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """Pre-LN normalisation; statistics always in float32 (flax promotes reductions)."""
+  """Pre-LN normalisation; statistics always in float32 (flax promotes reductions).
+
+  `epsilon`: 1e-6 for mmjax's own models; 1e-5 (torch's default) for converted open_clip
+  weights, whose activations are small enough at init that the difference is visible."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return nn.LayerNorm(
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype,
+        epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=partitioned(nn.initializers.ones, ("embed",)),
         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="norm")(x)
 
@@ -193,6 +197,7 @@ class TransformerBlock(nn.Module):
   activation: str = "gelu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
   decode: bool = False  # K/V caches (see Attention); context None = cached image K/V
 
   @nn.compact
@@ -200,22 +205,25 @@ class TransformerBlock(nn.Module):
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = constrain(x, ("batch", "length", "embed"))
-    h = LayerNorm(**kw, name="ln_self")(x)
+    h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_self")(x)
     # A mask already encodes causality; is_causal alone lets XLA/cuDNN skip the mask tensor.
     x = x + Attention(self.num_heads, **kw, decode=self.decode, name="self_attn")(
         h, mask=mask, is_causal=self.causal and mask is None)
     if self.cross_attention:
-      h = LayerNorm(**kw, name="ln_cross")(x)
+      h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_cross")(x)
       x = x + Attention(self.num_heads, **kw, decode=self.decode, name="cross_attn")(
           h, context, cross=True)
-    h = LayerNorm(**kw, name="ln_mlp")(x)
+    h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_mlp")(x)
     x = x + Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed")), None
 
 
 class TransformerStack(nn.Module):
   """`num_layers` TransformerBlocks, scanned (params stacked on a `layers` axis) or unrolled,
-  each optionally rematerialised with a named policy from `REMAT_POLICIES`."""
+  each optionally rematerialised with a named policy from `REMAT_POLICIES`.
+
+  `block`: the layer class (None = TransformerBlock); it must take TransformerBlock's fields
+  and call signature (open_clip's multimodal layer is one, see `mmjax.models.text`)."""
   num_layers: int
   num_heads: int
   mlp_dim: int
@@ -226,12 +234,14 @@ class TransformerStack(nn.Module):
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  block: Any = None
   decode: bool = False  # per-layer K/V caches; under scan stacked on the layers axis
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
-    block = TransformerBlock
+    block = self.block or TransformerBlock
     # Decoding keeps no activations for a backward pass: remat would only add lifting.
     if self.remat_policy != "none" and not self.decode:
       if self.remat_policy not in REMAT_POLICIES:
@@ -241,7 +251,7 @@ class TransformerStack(nn.Module):
                        prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
               cross_attention=self.cross_attention, activation=self.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype)
+              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)
     if self.decode:
       kw["decode"] = True
     if self.scan:

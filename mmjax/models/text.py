@@ -19,6 +19,60 @@ def unimodal_mask(valid: jax.Array) -> jax.Array:
   return causal[None, None] & valid[:, None, None, :]
 
 
+def legacy_cls_key_valid(valid: jax.Array) -> jax.Array:
+  """open_clip's legacy (pre `correct_cls_mask`) key mask, which its CoCa weights were
+  trained with: the validity of [tokens..., CLS] shifted right by one slot, slot 0 always
+  valid. So the key after a real token is visible and the last real token's successor (the
+  first pad, or the CLS when there is no padding) too; the CLS itself is masked whenever the
+  text has padding. Used as `unimodal_mask(legacy_cls_key_valid(valid))`.
+
+  valid: bool [B, S] (S includes the final CLS slot). Returns bool [B, S].
+  """
+  return jnp.concatenate([jnp.ones_like(valid[:, :1]), valid[:, :-1]], axis=1)
+
+
+class CrossAttentionBlock(nn.Module):
+  """open_clip's cross-attention residual block: x + attn(ln_q(x), ln_kv(context)), then
+  x + mlp(ln_mlp(x)). x: [B, T, D]; context: [B, S, D]. Returns [B, T, D]."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: layers.LayerNorm(**kw, epsilon=self.norm_eps, name=name)
+    x = x + layers.Attention(self.num_heads, **kw, name="attn")(norm("ln_q")(x),
+                                                                 norm("ln_kv")(context))
+    return x + layers.Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(norm("ln_mlp")(x))
+
+
+class OpenClipMultimodalBlock(nn.Module):
+  """One layer of open_clip's MultimodalTransformer: a causal self-attention block with its
+  own MLP, then a CrossAttentionBlock (second MLP). Same fields and signature as
+  `layers.TransformerBlock` so `layers.TransformerStack(block=...)` scans it."""
+  num_heads: int
+  mlp_dim: int
+  causal: bool = True
+  cross_attention: bool = True
+  activation: str = "gelu"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  norm_eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               context: jax.Array | None = None) -> tuple[jax.Array, None]:
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
+              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)
+    x, _ = layers.TransformerBlock(**kw, causal=self.causal, name="self_block")(x, mask)
+    x = CrossAttentionBlock(**kw, name="cross_block")(x, context)
+    return layers.constrain(x, ("batch", "length", "embed")), None
+
+
 class UnimodalDecoder(nn.Module):
   """Causal text decoder (no image). A learned prefix per text type is prepended (prefix
   conditioning) and a learned CLS is appended in the final slot; its normalised output is
@@ -44,6 +98,8 @@ class UnimodalDecoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  cls_mask: str = "correct"  # "correct" | "legacy" (open_clip's shipped CoCa weights)
   decode: bool = False
 
   @nn.compact
@@ -67,12 +123,19 @@ class UnimodalDecoder(nn.Module):
     pos = self.param("pos_embed", layers.partitioned(init, (None, "embed")), (total, width),
                      self.param_dtype)
     x = x + pos[:x.shape[1]].astype(self.dtype)
+    key_valid = jnp.concatenate(valid_pieces, axis=1)
+    if self.cls_mask == "legacy":
+      key_valid = legacy_cls_key_valid(key_valid)
+    elif self.cls_mask != "correct":
+      raise ValueError(f"config model.text.cls_mask={self.cls_mask!r}: choose 'correct' or "
+                       "'legacy'")
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="decoder")(x, unimodal_mask(jnp.concatenate(valid_pieces, axis=1)))
-    cls_out = layers.LayerNorm(self.dtype, self.param_dtype, name="ln_cls")(x[:, -1])
+        norm_eps=self.norm_eps, name="decoder")(x, unimodal_mask(key_valid))
+    cls_out = layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
+                               name="ln_cls")(x[:, -1])
     return x[:, :-1], cls_out
 
   def _decode(self, x: jax.Array, text_type: jax.Array | None, continuation: bool) -> jax.Array:
@@ -97,7 +160,7 @@ class UnimodalDecoder(nn.Module):
     return layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, activation=self.activation, scan=self.scan, dtype=self.dtype,
-        param_dtype=self.param_dtype, decode=True, name="decoder")(x)
+        param_dtype=self.param_dtype, norm_eps=self.norm_eps, decode=True, name="decoder")(x)
 
 
 class MultimodalDecoder(nn.Module):
@@ -105,6 +168,8 @@ class MultimodalDecoder(nn.Module):
 
   x: unimodal token features [B, S, D]; image_tokens: [B, Q, Di]. Returns [B, S, D] after a
   final LayerNorm (the captioning head's input).
+  `block`: "fused" (self-attn, cross-attn, MLP per layer) or "openclip"
+  (`OpenClipMultimodalBlock`: self-attn + MLP, then LayerNormed cross-attn + MLP).
   """
   num_layers: int
   num_heads: int
@@ -114,15 +179,25 @@ class MultimodalDecoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  block: str = "fused"
   decode: bool = False  # K/V caches; image_tokens=None then reuses the cached image K/V
 
   @nn.compact
   def __call__(self, x: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
+    if self.decode and self.block != "fused":
+      raise NotImplementedError(f"config model.text.multimodal_block={self.block!r}: KV-cached "
+                                "decoding supports only the 'fused' block")
     if image_tokens is not None:
       image_tokens = image_tokens.astype(self.dtype)
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, cross_attention=True, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        decode=self.decode, name="decoder")(x, None, image_tokens)
-    return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_final")(x)
+        norm_eps=self.norm_eps, block=_MULTIMODAL_BLOCKS[self.block], decode=self.decode,
+        name="decoder")(x, None, image_tokens)
+    return layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
+                            name="ln_final")(x)
+
+
+_MULTIMODAL_BLOCKS = {"fused": None, "openclip": OpenClipMultimodalBlock}

@@ -1,0 +1,1 @@
+"""Converters from other frameworks' checkpoints to mmjax checkpoints (see `openclip`)."""
