@@ -19,7 +19,7 @@ from absl import app
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import cli, sharding
+from mmjax import cli, linear_probe, sharding
 from mmjax.data import pipeline
 from mmjax.tokenizer import Tokenizer
 
@@ -123,6 +123,7 @@ class Retrieval:
 
 
 EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval}
+EVALUATORS["linear_probe"] = linear_probe.LinearProbe  # frozen image features, any model
 
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list:
