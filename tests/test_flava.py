@@ -324,3 +324,13 @@ def test_pipeline_emits_modality_views(data_dir):
   assert (batch["text"][modality != "image", 0] == tokenizer_lib.BOS_ID).all()
   assert np.abs(batch["image"][modality != "text"]).sum() > 0
   assert set(modality) == {"paired", "image", "text"}
+
+
+def test_summary_reports_flava_parts():
+  from mmjax import summary
+  s = summary.summarize_flava(flava_configs.get_config("full"))
+  # ViT-B/16 at 224 px: 86M; BERT-base-shaped text encoder (30,522 ids + [MASK]): 109M.
+  assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
+  assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
+  assert s["params_total"] == sum(s["params_by_module"].values())
+  assert "FLAVA full" in summary.format_flava_table(s)
