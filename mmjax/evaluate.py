@@ -23,7 +23,7 @@ from absl import app
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import cli, decode, sharding
+from mmjax import cli, decode, linear_probe, sharding
 from mmjax.data import pipeline
 from mmjax.tokenizer import Tokenizer
 
@@ -188,7 +188,8 @@ class Captioning:
     return {f"caption/{self.name}/{k}": v for k, v in scores.items()}
 
 
-EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captioning}
+EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captioning,
+              "linear_probe": linear_probe.LinearProbe}  # frozen image features, any model
 
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list:

@@ -28,6 +28,11 @@ class StepFns:
     self.model, self.optimizer, self.schedule = model, optimizer, schedule
     self.config, self.mesh = config, mesh
     self.with_captions = config.loss.caption_weight > 0
+    # FLAVA has its own objective (masks, ITM negatives, phases); CoCa/UniCL use the below.
+    self.flava = None
+    if config.model.name == "flava":
+      from mmjax import flava_objectives
+      self.flava = flava_objectives.FlavaObjective(model, config, mesh)
 
   # --- losses ---------------------------------------------------------------------------
   def contrastive_labels(self, batch: Batch) -> jax.Array:
@@ -127,7 +132,10 @@ class StepFns:
 
   # --- the step ---------------------------------------------------------------------------
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    loss, aux, grads = self.grads(state.params, batch)
+    if self.flava is not None:
+      loss, aux, grads = self.flava.grads(state.params, batch, state.step)
+    else:
+      loss, aux, grads = self.grads(state.params, batch)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)

@@ -78,6 +78,41 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
           for name, tree in params.items()}
 
 
+FLAVA_PARTS = {
+    "image_encoder": ("vision",),
+    "text_encoder": ("token_embed", "text"),
+    "multimodal_encoder": ("image_to_mm", "text_to_mm", "mm_cls", "multimodal", "mm_ln"),
+    "heads": ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head", "itm_head"),
+}
+
+
+def summarize_flava(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """FLAVA parameter counts per part (FLOPs are not modelled for FLAVA yet).
+
+  Keys: variant, params_total, params_<part> for FLAVA_PARTS and `other` (contrastive
+  projections, logit scale), params_by_module.
+  """
+  by_module = count_params(config)
+  out = {"variant": config.get("variant", config.get("preset", "")),
+         "params_total": sum(by_module.values())}
+  known = {m for modules in FLAVA_PARTS.values() for m in modules}
+  for part, modules in FLAVA_PARTS.items():
+    out[f"params_{part}"] = sum(by_module.get(m, 0) for m in modules)
+  out["params_other"] = sum(v for k, v in by_module.items() if k not in known)
+  out["params_by_module"] = by_module
+  return out
+
+
+def format_flava_table(s: dict[str, Any]) -> str:
+  total = s["params_total"]
+  lines = [f"FLAVA {s['variant']}", "", f"{'parameters':40s} {'count':>14s} {'M':>9s} {'share':>7s}"]
+  for name in (*FLAVA_PARTS, "other"):
+    n = s[f"params_{name}"]
+    lines.append(f"{name:40s} {n:14,d} {n / 1e6:9.2f} {100 * n / total:6.1f}%")
+  lines.append(f"{'total':40s} {total:14,d} {total / 1e6:9.2f}")
+  return "\n".join(lines)
+
+
 def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Forward matmul FLOPs per example, per part (formulas in the module docstring)."""
   c = CoCaConfig.from_config(config)
@@ -177,12 +212,13 @@ def format_table(s: dict[str, Any]) -> str:
 def main(argv: list[str]) -> None:
   del argv
   from absl import flags
-  summary = summarize(flags.FLAGS.config)
+  is_flava = flags.FLAGS.config.model.name == "flava"
+  summary = (summarize_flava if is_flava else summarize)(flags.FLAGS.config)
   if flags.FLAGS.json:
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
   else:
-    print(format_table(summary))
+    print((format_flava_table if is_flava else format_table)(summary))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer
                       .repeat())
   ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, ts.weights)
   kinds = [config.data.sources[k].kind for k in ts.keys]
-  return ds.random_map(transforms.TrainTransform(config, tokenizer, kinds),
+  modalities = transforms.source_modalities(config, ts.keys)
+  return ds.random_map(transforms.TrainTransform(config, tokenizer, kinds, modalities),
                        seed=derive_seed(config.seed, 2))
 
 
@@ -80,7 +81,8 @@ class TrainIterator:
     image float32 [b, H, W, 3] in [-1, 1]; text int32 [b, max_text_len];
     label int32 [b] (unified class id, -1 for captions); text_type int32 [b] (0 caption,
     1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
-    (records substituted to produce each example).
+    (records substituted to produce each example). When any source sets `modality`
+    (FLAVA): has_image, has_text, paired int32 [b] (see transforms.MODALITIES).
   Raises if the cumulative fraction of skipped records of a source exceeds
   `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
   a single early bad record does not stop a run).

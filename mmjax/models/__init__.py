@@ -8,4 +8,7 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   if name == "coca":
     from mmjax.models import coca
     return coca.CoCa(coca.CoCaConfig.from_config(config))
-  raise ValueError(f"config model.name={name!r}: choose 'coca'")
+  if name == "flava":
+    from mmjax.models import flava
+    return flava.Flava(flava.FlavaConfig.from_config(config))
+  raise ValueError(f"config model.name={name!r}: choose 'coca' or 'flava'")

@@ -1,0 +1,324 @@
+"""FLAVA: A Foundational Language And Vision Alignment model (arXiv 2112.04482).
+
+Three encoders built from `layers.TransformerStack` (pre-LN blocks, scanned or unrolled):
+  * image encoder: ViT patch embedding, a prepended learned CLS token, learned positions;
+    masked patches (MIM / MMM) have their embedding replaced by a learned mask token
+    (BEiT), so the image encoder is defined here rather than by wrapping `vit.ViT` (which
+    offers no hook between the patch embedding and the blocks).
+  * text encoder: bidirectional (causal=False) with a padding mask; BOS is the text CLS.
+  * multimodal encoder: over [mm CLS, projected image tokens (CLS + N), projected text
+    tokens (L)] with a padding mask on the text part.
+Heads: MLM (text vocab, on text-encoder outputs), MIM (on image-encoder patch outputs),
+MMM text / image (on multimodal outputs), ITM (one logit on the multimodal CLS), and the
+contrastive projections of the image / text CLS outputs.
+
+MIM targets (`config.flava.mim_target`): "pixels" regresses per-patch normalised pixels
+(MAE); "codebook" classifies each masked patch into one of `flava.codebook_size` codes
+(nearest centroid of a user codebook, see `mmjax.flava_objectives`). The heads only need
+the output size, `FlavaConfig.mim_outputs`.
+
+Token ids: the tokenizer's ids are [0, vocab_size) with PAD=0, EOS=1, BOS=2, UNK=3. MLM's
+[MASK] id is `vocab_size` (one extra embedding row); the MLM heads predict the tokenizer's
+vocab_size ids only.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models import layers
+
+PAD_ID = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FlavaConfig:
+  """The model part of a FLAVA config, frozen so Flax can hash it (see configs/flava.py)."""
+  image_size: int
+  patch_size: int
+  vision_width: int
+  vision_depth: int
+  vision_mlp_dim: int
+  vision_heads: int
+  text_width: int
+  text_depth: int
+  text_mlp_dim: int
+  text_heads: int
+  mm_width: int
+  mm_depth: int
+  mm_mlp_dim: int
+  mm_heads: int
+  vocab_size: int  # tokenizer ids; the embedding has one more row for [MASK]
+  max_text_len: int
+  embed_dim: int
+  mim_outputs: int  # p*p*3 for pixel regression, codebook_size for codebook targets
+  logit_scale_init: float
+  logit_scale_max: float
+  activation: str
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat_policy: str
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
+    m, f = config.model, config.flava
+    if f.mim_target == "pixels":
+      mim_outputs = m.patch_size * m.patch_size * 3
+    elif f.mim_target == "codebook":
+      mim_outputs = int(f.codebook_size)
+    else:
+      raise ValueError(f"config flava.mim_target={f.mim_target!r}: choose 'pixels' or "
+                       "'codebook'")
+    return cls(
+        image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
+        vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
+        vision_heads=m.vision.num_heads, text_width=m.text.width,
+        text_depth=m.text.num_layers, text_mlp_dim=m.text.mlp_dim,
+        text_heads=m.text.num_heads, mm_width=m.multimodal.width,
+        mm_depth=m.multimodal.num_layers, mm_mlp_dim=m.multimodal.mlp_dim,
+        mm_heads=m.multimodal.num_heads, vocab_size=m.text.vocab_size,
+        max_text_len=config.data.max_text_len, embed_dim=m.embed_dim,
+        mim_outputs=mim_outputs, logit_scale_init=m.logit_scale_init,
+        logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
+        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
+        remat_policy=m.remat_policy)
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, dtype):
+  return module.param(name, layers.partitioned(nn.initializers.normal(0.02), axes), shape,
+                      dtype)
+
+
+class ImageEncoder(nn.Module):
+  """images [B, H, W, 3] (+ patch mask bool [B, N]) -> tokens [B, 1+N, D] (CLS first, LN'd).
+
+  Where `patch_mask` is True the patch embedding is replaced by the learned mask token
+  before positions are added (BEiT), so the model must infer the patch from its context.
+  """
+  patch_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  activation: str = "gelu"
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                               (None, None, None, "embed")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
+                name="patch_embed")(images.astype(self.dtype))
+    batch, h, w, width = x.shape
+    x = x.reshape(batch, h * w, width)
+    mask_token = _param(self, "mask_token", (width,), ("embed",), self.param_dtype)
+    if patch_mask is not None:
+      x = jnp.where(patch_mask[..., None], mask_token.astype(self.dtype), x)
+    cls = _param(self, "cls", (width,), ("embed",), self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], 1)
+    pos = _param(self, "pos_embed", (1 + h * w, width), (None, "embed"), self.param_dtype)
+    x = x + pos.astype(self.dtype)
+    x = layers.TransformerStack(
+        num_layers=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        activation=self.activation, scan=self.scan, remat_policy=self.remat_policy,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x)
+    return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x)
+
+
+def padding_mask(valid: jax.Array) -> jax.Array:
+  """valid bool [B, S] -> attention mask bool [B, 1, 1, S] (queries may see valid keys).
+
+  Position 0 (a CLS) is always a valid key, so an all-padding row (image-only examples
+  carry all-PAD text) still has one key and its softmax stays finite.
+  """
+  valid = valid.at[:, 0].set(True)
+  return valid[:, None, None, :]
+
+
+class TextEncoder(nn.Module):
+  """Embedded tokens [B, L, D] + valid bool [B, L] -> features [B, L, D] (bidirectional, LN'd)."""
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  max_len: int
+  activation: str = "gelu"
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    pos = _param(self, "pos_embed", (self.max_len, x.shape[-1]), (None, "embed"),
+                 self.param_dtype)
+    x = x.astype(self.dtype) + pos[:x.shape[1]].astype(self.dtype)
+    x = layers.TransformerStack(
+        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        causal=False, activation=self.activation, scan=self.scan,
+        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="encoder")(x, padding_mask(valid))
+    return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x)
+
+
+class Head(nn.Module):
+  """BERT-style prediction head: Dense(width) -> GELU -> LayerNorm -> Dense(outputs).
+
+  x [..., D] -> float32 [..., outputs].
+  """
+  outputs: int
+  out_axis: str | None
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layers.Dense(x.shape[-1], ("embed", "mlp"), **kw, name="transform")(x)
+    h = layers.LayerNorm(**kw, name="ln")(nn.gelu(h, approximate=False))
+    return layers.Dense(self.outputs, ("mlp", self.out_axis), **kw,
+                        name="out")(h).astype(jnp.float32)
+
+
+class Flava(nn.Module):
+  """Batch inputs: images float [B, H, W, 3]; text int32 [B, L] (BOS ... EOS PAD...)."""
+  config: FlavaConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation)
+    self.vision = ImageEncoder(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
+                               c.vision_heads, **stack, **kw)
+    self.token_embed = nn.Embed(
+        c.vocab_size + 1, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.text = TextEncoder(c.text_depth, c.text_heads, c.text_mlp_dim, c.max_text_len,
+                            **stack, **kw)
+    self.image_to_mm = layers.Dense(c.mm_width, ("embed", "mlp"), **kw)
+    self.text_to_mm = layers.Dense(c.mm_width, ("embed", "mlp"), **kw)
+    self.mm_cls = self.param("mm_cls",
+                             layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
+                             (c.mm_width,), kw["param_dtype"])
+    self.multimodal = layers.TransformerStack(
+        num_layers=c.mm_depth, num_heads=c.mm_heads, mlp_dim=c.mm_mlp_dim, **stack, **kw)
+    self.mm_ln = layers.LayerNorm(**kw)
+    self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
+    self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
+    self.mlm_head = Head(c.vocab_size, "vocab", **kw)
+    self.mim_head = Head(c.mim_outputs, None, **kw)
+    self.mmm_text_head = Head(c.vocab_size, "vocab", **kw)
+    self.mmm_image_head = Head(c.mim_outputs, None, **kw)
+    self.itm_head = Head(1, None, **kw)
+    self.logit_scale_log = self.param(
+        "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
+
+  # --- encoders -----------------------------------------------------------------------------
+  def image_tokens(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
+    """images [B, H, W, 3], patch_mask bool [B, N] or None -> tokens [B, 1+N, Dv]."""
+    return self.vision(images, patch_mask)
+
+  def text_tokens(self, text_ids: jax.Array) -> jax.Array:
+    """text_ids int32 [B, L] (may contain mask_id) -> features [B, L, Dt]; [:, 0] is CLS."""
+    return self.text(self.token_embed(text_ids), text_ids != PAD_ID)
+
+  def image_embedding(self, tokens: jax.Array) -> jax.Array:
+    """Image tokens [B, 1+N, Dv] -> contrastive embedding [B, E] float32 (unnormalised)."""
+    return self.image_proj(tokens[:, 0]).astype(jnp.float32)
+
+  def text_embedding(self, features: jax.Array) -> jax.Array:
+    """Text features [B, L, Dt] -> contrastive embedding [B, E] float32 (unnormalised)."""
+    return self.text_proj(features[:, 0]).astype(jnp.float32)
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] -> (embedding [B, E] float32, tokens [B, 1+N, Dv]); as CoCa's."""
+    tokens = self.image_tokens(images)
+    return self.image_embedding(tokens), tokens
+
+  def encode_text(self, text_ids: jax.Array, text_type: jax.Array) -> jax.Array:
+    """text_ids [B, L] -> embedding [B, E] float32. text_type is accepted for the common
+    evaluator signature and ignored (FLAVA has no prefix conditioning)."""
+    del text_type
+    return self.text_embedding(self.text_tokens(text_ids))
+
+  def fuse(self, image_tokens: jax.Array, text_features: jax.Array,
+           text_ids: jax.Array) -> jax.Array:
+    """Multimodal encoder.
+
+    image_tokens [B, 1+N, Dv], text_features [B, L, Dt], text_ids [B, L] (padding mask)
+    -> [B, 1 + (1+N) + L, Dm] LN'd: position 0 mm CLS, 1..1+N image (1 = image CLS),
+    then text.
+    """
+    batch = image_tokens.shape[0]
+    img = self.image_to_mm(image_tokens)
+    txt = self.text_to_mm(text_features)
+    cls = jnp.broadcast_to(self.mm_cls.astype(img.dtype), (batch, 1, img.shape[-1]))
+    x = jnp.concatenate([cls, img, txt.astype(img.dtype)], axis=1)
+    valid = jnp.concatenate([jnp.ones((batch, 1 + img.shape[1]), bool), text_ids != PAD_ID],
+                            axis=1)
+    return self.mm_ln(self.multimodal(x, padding_mask(valid)))
+
+  def mm_heads(self, fused: jax.Array) -> dict[str, jax.Array]:
+    """Fused [B, 2+N+L, Dm] -> itm_logit [B], mmm_text_logits [B, L, V],
+    mmm_image_pred [B, N, mim_outputs] (all float32)."""
+    n = self.config.num_patches
+    return dict(itm_logit=self.itm_head(fused[:, 0])[:, 0],
+                mmm_image_pred=self.mmm_image_head(fused[:, 2:2 + n]),
+                mmm_text_logits=self.mmm_text_head(fused[:, 2 + n:]))
+
+  def logit_scale(self) -> jax.Array:
+    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
+    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+
+  # --- pretraining forward ------------------------------------------------------------------
+  def pretrain(self, images: jax.Array, patch_mask: jax.Array, text_ids: jax.Array,
+               mm_text_ids: jax.Array) -> dict[str, jax.Array]:
+    """Everything the FLAVA objectives need, in one call.
+
+    Args:
+      images: float [B, H, W, 3].
+      patch_mask: bool [B, N], patches replaced by the mask token (MIM / MMM image).
+      text_ids: int32 [B, L], the clean captions (contrastive).
+      mm_text_ids: int32 [B, L], the MLM-masked texts (after ITM caption swaps).
+    Returns float32 dict: image_emb, text_emb [B, E]; logit_scale []; mim_pred
+    [B, N, mim_outputs] (masked image through the image encoder); mlm_logits [B, L, V]
+    (masked text through the text encoder); itm_logit [B], mmm_text_logits [B, L, V],
+    mmm_image_pred [B, N, mim_outputs] (masked image + masked text, multimodal encoder).
+    """
+    b = images.shape[0]
+    # Clean and masked passes share one call per encoder (2B rows): one compiled encoder.
+    img = self.image_tokens(jnp.concatenate([images, images]),
+                            jnp.concatenate([jnp.zeros_like(patch_mask), patch_mask]))
+    txt = self.text_tokens(jnp.concatenate([text_ids, mm_text_ids]))
+    img_clean, img_masked = img[:b], img[b:]
+    txt_clean, txt_masked = txt[:b], txt[b:]
+    out = dict(image_emb=self.image_embedding(img_clean),
+               text_emb=self.text_embedding(txt_clean), logit_scale=self.logit_scale(),
+               mim_pred=self.mim_head(img_masked[:, 1:]),
+               mlm_logits=self.mlm_head(txt_masked))
+    out.update(self.mm_heads(self.fuse(img_masked, txt_masked, mm_text_ids)))
+    return out
+
+  def __call__(self, images: jax.Array, text_ids: jax.Array,
+               text_type: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Unmasked forward through every module (creates all parameters at init).
+    Returns the `pretrain` dict with no patch masked and the clean text everywhere."""
+    del text_type
+    patch_mask = jnp.zeros((images.shape[0], self.config.num_patches), bool)
+    return self.pretrain(images, patch_mask, text_ids, text_ids)

@@ -1,0 +1,336 @@
+"""FLAVA: losses against float64 NumPy references, masking statistics, ITM negatives, a
+jitted train step through mmjax.step, evaluator signatures, the linear probe and the
+modality views of the data pipeline.
+
+CPU compiles dominate: every distinct program is jitted once (losses share one program).
+"""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flava as flava_configs  # configs/flava.py (conftest puts configs/ on sys.path)
+from mmjax import flava_objectives as fo
+from mmjax import evaluate, linear_probe, losses, models, sharding, state as state_lib
+from mmjax import step as step_lib
+from mmjax.optimizer import make_optimizer, make_schedule
+
+
+def tiny_config(**overrides):
+  config = flava_configs.get_config("tiny")
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  config.lock()
+  return config
+
+
+# --- float64 NumPy references --------------------------------------------------------------
+def np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_token_ce(logits, targets, weights):
+  nll = -np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
+  return (nll * weights).sum() / max(weights.sum(), 1)
+
+
+def np_patch_mse(pred, target, weights):
+  return (((pred - target) ** 2).mean(-1) * weights).sum() / max(weights.sum(), 1)
+
+
+def np_itm_bce(logit, y, weights):
+  p = 1 / (1 + np.exp(-logit))
+  nll = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+  return (nll * weights).sum() / max(weights.sum(), 1)
+
+
+def np_contrastive(img, txt, labels, valid, scale):
+  """Loop over the valid rows only: the sub-batch of paired examples, UniCL targets."""
+  idx = np.flatnonzero(valid)
+  u = img[idx] / np.linalg.norm(img[idx], axis=1, keepdims=True)
+  v = txt[idx] / np.linalg.norm(txt[idx], axis=1, keepdims=True)
+  lab = labels[idx]
+  logits = scale * u @ v.T
+  n = len(idx)
+  pos = np.array([[i == j or (lab[i] >= 0 and lab[i] == lab[j]) for j in range(n)]
+                  for i in range(n)], np.float64)
+  def direction(lg, ps):
+    total = 0.0
+    for i in range(n):
+      lse = np.log(np.exp(lg[i] - lg[i].max()).sum()) + lg[i].max()
+      total += lse - (lg[i] * ps[i]).sum() / ps[i].sum()
+    return total / n
+  return 0.5 * (direction(logits, pos) + direction(logits.T, pos.T))
+
+
+def np_patchify(images, p):
+  b, h, w, c = images.shape
+  out = np.empty((b, (h // p) * (w // p), p * p * c))
+  for bi in range(b):
+    k = 0
+    for r in range(h // p):
+      for q in range(w // p):
+        out[bi, k] = images[bi, r * p:(r + 1) * p, q * p:(q + 1) * p].reshape(-1)
+        k += 1
+  return out
+
+
+def test_losses_match_float64_numpy_references():
+  rng = np.random.default_rng(0)
+  b, length, vocab, n, pv, e, k = 6, 5, 11, 4, 12, 8, 7
+  logits = rng.normal(size=(b, length, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, (b, length)).astype(np.int32)
+  tok_w = (rng.random((b, length)) < 0.4).astype(np.float32)
+  pred = rng.normal(size=(b, n, pv)).astype(np.float32)
+  images = rng.uniform(-1, 1, (b, 4, 4, 3)).astype(np.float32)  # patch 2 -> 4 patches of 12
+  patch_w = (rng.random((b, n)) < 0.5).astype(np.float32)
+  itm_logit = rng.normal(size=b).astype(np.float32) * 2
+  match = rng.integers(0, 2, b).astype(np.int32)
+  row_w = np.array([1, 1, 0, 1, 0, 1], np.float32)
+  img = rng.normal(size=(b, e)).astype(np.float32)
+  txt = rng.normal(size=(b, e)).astype(np.float32)
+  labels = np.array([-1, 3, 3, -1, 2, 3], np.int32)
+  valid = np.array([1, 1, 0, 1, 0, 1], bool)
+  centroids = rng.uniform(-1, 1, (k, pv)).astype(np.float32)
+
+  @jax.jit
+  def all_losses(a):
+    patches = fo.patchify(a["images"], 2)
+    target = fo.normalized_pixels(patches)
+    return dict(
+        ce=fo.token_ce(a["logits"], a["targets"], a["tok_w"])[0],
+        patches=patches, target=target,
+        mse=fo.patch_mse(a["pred"], target, a["patch_w"])[0],
+        bce=fo.itm_bce(a["itm_logit"], a["match"], a["row_w"])[0],
+        contrastive=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"], a["valid"],
+                                               10.0),
+        contrastive_all=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
+                                                   jnp.ones_like(a["valid"]), 10.0),
+        unicl_all=losses.unicl_loss_dense(a["img"], a["txt"], a["labels"], 10.0),
+        contrastive_none=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
+                                                    jnp.zeros_like(a["valid"]), 10.0),
+        grad_none=jax.grad(fo.masked_contrastive_loss)(
+            a["img"], a["txt"], a["labels"], jnp.zeros_like(a["valid"]), 10.0),
+        codes=fo.codebook_codes(patches, a["centroids"]))
+
+  out = jax.device_get(all_losses(dict(
+      logits=logits, targets=targets, tok_w=tok_w, pred=pred, images=images,
+      patch_w=patch_w, itm_logit=itm_logit, match=match, row_w=row_w, img=img, txt=txt,
+      labels=labels, valid=valid, centroids=centroids)))
+  f64 = lambda x: np.asarray(x, np.float64)
+  np_patches = np_patchify(f64(images), 2)
+  np.testing.assert_allclose(out["patches"], np_patches, rtol=0, atol=0)
+  np_target = (np_patches - np_patches.mean(-1, keepdims=True)) / np.sqrt(
+      np_patches.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(out["target"], np_target, rtol=1e-5, atol=1e-5)
+  assert out["ce"] == pytest.approx(np_token_ce(f64(logits), targets, f64(tok_w)), rel=1e-5)
+  assert out["mse"] == pytest.approx(np_patch_mse(f64(pred), np_target, f64(patch_w)),
+                                     rel=1e-5)
+  assert out["bce"] == pytest.approx(np_itm_bce(f64(itm_logit), f64(match), f64(row_w)),
+                                     rel=1e-5)
+  assert out["contrastive"] == pytest.approx(
+      np_contrastive(f64(img), f64(txt), labels, valid, 10.0), rel=1e-5)
+  # All rows paired: exactly the shared UniCL loss.
+  assert out["contrastive_all"] == pytest.approx(float(out["unicl_all"]), rel=1e-6)
+  assert out["contrastive_all"] == pytest.approx(
+      np_contrastive(f64(img), f64(txt), labels, np.ones(b, bool), 10.0), rel=1e-5)
+  # No paired row (a unimodal-only batch): zero loss and finite zero gradients.
+  assert out["contrastive_none"] == 0.0 and np.all(out["grad_none"] == 0.0)
+  dist = ((np_patches[:, :, None, :] - f64(centroids)[None, None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(out["codes"], dist.argmin(-1))
+
+
+def test_mlm_masking_rates():
+  rng = np.random.default_rng(1)
+  b, length, vocab = 512, 64, 100
+  text = rng.integers(4, vocab, (b, length)).astype(np.int32)
+  text[:, 0], text[:, 40] = 2, 1  # BOS, EOS
+  text[:, 41:] = 0  # padding
+  masked, selected = jax.device_get(
+      jax.jit(lambda k, t: fo.mlm_mask(k, t, vocab, vocab, 0.15))(jax.random.key(0), text))
+  regular = text >= 4
+  assert not selected[~regular].any()  # never BOS/EOS/PAD
+  np.testing.assert_array_equal(masked[~selected], text[~selected])
+  rate = selected[regular].mean()
+  n_sel = selected.sum()
+  # Binomial standard errors: 0.15 over ~20k tokens -> 0.0025; 0.8 over ~3k -> 0.007.
+  assert abs(rate - 0.15) < 0.01, rate
+  to_mask = (masked[selected] == vocab).mean()
+  kept = (masked[selected] == text[selected]).mean()  # includes random draws of the same id
+  assert abs(to_mask - 0.8) < 0.03, to_mask
+  assert abs(kept - (0.1 + 0.1 / (vocab - 4))) < 0.03, kept
+  random = masked[selected & (masked != vocab) & (masked != text)]
+  assert len(random) > 0.07 * n_sel and random.min() >= 4 and random.max() < vocab
+
+
+def test_block_masking_ratio_and_blocks():
+  batch, grid, ratio = 256, 14, 0.4
+  mask = jax.device_get(jax.jit(lambda k: fo.block_mask(k, batch, grid, ratio, 16))(
+      jax.random.key(0)))
+  target = round(ratio * grid * grid)  # 78 of 196, BEiT's 75 rounds to ~40%
+  assert mask.shape == (batch, grid * grid)
+  np.testing.assert_array_equal(mask.sum(1), target)
+  assert abs(mask.mean() - ratio) < 0.01
+  # Blockiness: share of masked patches with a masked 4-neighbour; an i.i.d. 40% mask
+  # gives ~1 - 0.6**4 = 0.87 at most; blocks give nearly 1, and masks differ per image.
+  m = mask.reshape(batch, grid, grid)
+  pad = np.pad(m, ((0, 0), (1, 1), (1, 1)))
+  neighbour = pad[:, :-2, 1:-1] | pad[:, 2:, 1:-1] | pad[:, 1:-1, :-2] | pad[:, 1:-1, 2:]
+  assert (neighbour & m).sum() / m.sum() > 0.95
+  assert len({row.tobytes() for row in mask}) == batch
+
+
+def test_itm_negatives_never_their_own_caption():
+  rng = np.random.default_rng(2)
+  trials, b = 300, 16
+  paired = rng.random((trials, b)) < 0.6
+  paired[0] = False
+  paired[1] = False
+  paired[1, 3] = True  # one paired row: no negative is possible
+  keys = jax.random.split(jax.random.key(0), trials)
+  partner, swap = jax.device_get(jax.jit(jax.vmap(
+      lambda k, p: fo.itm_negatives(k, p, 0.5)))(keys, paired))
+  rows = np.arange(b)[None].repeat(trials, 0)
+  assert not swap[~paired].any()
+  assert not swap[:2].any()
+  assert (partner[swap] != rows[swap]).all()
+  assert paired[np.arange(trials)[:, None].repeat(b, 1)[swap], partner[swap]].all()
+  # The partner map restricted to the paired rows is a permutation without fixed points.
+  for t in range(2, trials):
+    idx = np.flatnonzero(paired[t])
+    if len(idx) >= 2:
+      assert sorted(partner[t, idx]) == list(idx) and (partner[t, idx] != idx).all()
+  multi = paired[2:].sum(1, keepdims=True) >= 2
+  assert abs(swap[2:][paired[2:] & multi].mean() - 0.5) < 0.03
+
+
+def flava_batch(config, seed=0):
+  """Paired, image-only and text-only examples, as the pipeline emits them."""
+  rng = np.random.default_rng(seed)
+  b, length, size = config.batch_size, config.data.max_text_len, config.data.image_size
+  vocab = config.model.text.vocab_size
+  text = np.zeros((b, length), np.int32)
+  for i in range(b):
+    n = rng.integers(4, length + 1)
+    text[i, 0], text[i, n - 1] = 2, 1
+    text[i, 1:n - 1] = rng.integers(4, vocab, n - 2)
+  kind = np.arange(b) % 4  # 0, 1 paired; 2 image-only; 3 text-only
+  paired = (kind < 2).astype(np.int32)
+  has_image = (kind != 3).astype(np.int32)
+  has_text = (kind != 2).astype(np.int32)
+  text[has_text == 0] = 0
+  image = rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32)
+  image[has_image == 0] = 0
+  label = np.where(kind == 0, rng.integers(0, 3, b), -1).astype(np.int32)
+  return dict(image=image, text=text, label=label, text_type=np.zeros(b, np.int32),
+              source=kind.astype(np.int32), skipped=np.zeros(b, np.int32),
+              has_image=has_image, has_text=has_text, paired=paired)
+
+
+def test_tiny_flava_train_step_and_evaluators():
+  config = tiny_config(batch_size=8, **{"flava.unimodal_steps": 1,
+                                        "flava.itm_negative_rate": 0.5})
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  model, optimizer = models.build_model(config), make_optimizer(config)
+  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
+  batch = flava_batch(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+    state = state_lib.create_state(model, optimizer, config, shardings)
+    train_step = step_lib.jit_train_step(fns, shardings, mesh)
+    history = []
+    for _ in range(3):
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+      history.append(jax.device_get(metrics))
+    for m in history:
+      for key in (*fo.LOSS_KEYS, "loss", "grad_norm"):
+        assert np.isfinite(m[key]) and m[key] > 0, (key, m[key])
+      assert bool(m["finite"])
+    # Step 0 is the unimodal phase: the loss is MLM + MIM only; then all six.
+    first, second = history[0], history[1]
+    assert int(first["joint_phase"]) == 0 and int(second["joint_phase"]) == 1
+    assert first["loss"] == pytest.approx(first["mlm_loss"] + first["mim_loss"], rel=1e-5)
+    assert second["loss"] == pytest.approx(sum(second[k] for k in fo.LOSS_KEYS), rel=1e-5)
+    assert int(state.step) == 3 and int(first["paired_examples"]) == 4
+
+    # Zero-shot / retrieval / linear-probe use encode_image / encode_text like CoCa's.
+    embedder = evaluate.Embedder(model, mesh, batch_size=4)
+    image_emb = embedder.images(state.params, batch["image"][:4])
+    text_emb = embedder.texts(state.params, batch["text"][:4], batch["text_type"][:4])
+  assert image_emb.shape == text_emb.shape == (4, config.model.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, rtol=1e-6)
+
+
+def test_masks_are_a_function_of_seed_and_step():
+  config = tiny_config(batch_size=8)
+  objective = fo.FlavaObjective(models.build_model(config), config)
+  batch = {k: jnp.asarray(v) for k, v in flava_batch(config).items()}
+  make = jax.jit(objective.make_inputs)
+  a, b, c = (jax.device_get(make(batch, jnp.int32(s))) for s in (5, 5, 6))
+  for key in ("patch_mask", "selected", "mm_text", "swap"):
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a["patch_mask"], c["patch_mask"])
+  # MLM selection never touches the all-PAD text of image-only rows.
+  assert not a["selected"][batch["has_text"] == 0].any()
+
+
+def test_linear_probe_ridge_closed_form():
+  rng = np.random.default_rng(3)
+  classes, d = 5, 16
+  centers = rng.normal(size=(classes, d)) * 3
+  y = rng.integers(0, classes, 400)
+  x = centers[y] + rng.normal(size=(400, d))
+  acc, l2 = linear_probe.fit_and_score(x[:300], y[:300], x[300:], y[300:], classes,
+                                       (1e-4, 1e-2, 1.0), 0.2)
+  assert acc > 0.95 and l2 in (1e-4, 1e-2, 1.0)
+  # The closed form solves the regularised normal equations.
+  w = linear_probe.ridge_fit(x, y, classes, 0.1)
+  xb = np.concatenate([x, np.ones((400, 1))], 1)
+  reg = 0.1 * 400 * np.eye(d + 1)
+  reg[d, d] = 0
+  np.testing.assert_allclose((xb.T @ xb + reg) @ w, xb.T @ np.eye(classes)[y], atol=1e-8)
+  # Random features: chance level, not better.
+  chance, _ = linear_probe.fit_and_score(rng.normal(size=(300, d)), y[:300],
+                                         rng.normal(size=(100, d)), y[300:], classes,
+                                         (1e-2,), 0.0)
+  assert chance < 0.4
+
+
+def test_pipeline_emits_modality_views(data_dir):
+  from mmjax import tokenizer as tokenizer_lib
+  from mmjax.data import pipeline
+  config = tiny_config(data_dir=data_dir, batch_size=64)
+  tokenizer = tokenizer_lib.get_tokenizer(config)
+  it = pipeline.make_train_iterator(config, tokenizer, start_step=0, process_index=0,
+                                    process_count=1)
+  batch = next(it)
+  it.close()
+  keys = sorted(config.data.sources.keys())  # source id = sorted key index
+  modality = np.array([config.data.sources[k].modality for k in keys])[batch["source"]]
+  np.testing.assert_array_equal(batch["paired"], modality == "paired")
+  np.testing.assert_array_equal(batch["has_image"], modality != "text")
+  np.testing.assert_array_equal(batch["has_text"], modality != "image")
+  assert (batch["text"][modality == "image"] == 0).all()
+  assert (batch["image"][modality == "text"] == 0).all()
+  assert (batch["text"][modality != "image", 0] == tokenizer_lib.BOS_ID).all()
+  assert np.abs(batch["image"][modality != "text"]).sum() > 0
+  assert set(modality) == {"paired", "image", "text"}
+
+
+def test_summary_reports_flava_parts():
+  from mmjax import summary
+  s = summary.summarize_flava(flava_configs.get_config("full"))
+  # ViT-B/16 at 224 px: 86M; BERT-base-shaped text encoder (30,522 ids + [MASK]): 109M.
+  assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
+  assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
+  assert s["params_total"] == sum(s["params_by_module"].values())
+  assert "FLAVA full" in summary.format_flava_table(s)
