@@ -157,6 +157,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                            num_examples=5000)  # Karpathy 5K test
   c.evals.zeroshot.update(dataset="imagenet2012", split="validation", label_key="label",
                           num_examples=50_000)
+  c.evals.captioning.update(dataset="coco_captions", split="test", text_key="captions/text",
+                            num_examples=5000, strategy="beam", beam_size=3,
+                            max_new_tokens=c.data.get_ref("max_text_len") - 1)
 
   if variant == "tiny":
     shrink_to_tiny(c)
