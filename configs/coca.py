@@ -192,3 +192,4 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.evals.batch_size = 32
   c.evals.retrieval.num_examples = 64
   c.evals.zeroshot.num_examples = 64
+  c.evals.captioning.num_examples = 16
