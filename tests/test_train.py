@@ -99,3 +99,28 @@ def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path
   for key, value in evaluated.items():
     if key != "step":
       assert value == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_corrupt_images_are_skipped_and_the_exact_count_logged(tmp_path, data_dir):
+  """12 records of which 2 are undecodable (corrupt, zero bytes); 8 label examples per step
+  (50/50 mix, batch 16) for 12 steps = 8 epochs = 16 substituted records."""
+  import numpy as np
+  from PIL import Image
+  from mmjax.data import build
+  root = tmp_path / "images"
+  rng = np.random.default_rng(0)
+  for name in ("cat", "dog"):
+    (root / name).mkdir(parents=True)
+    for i in range(5):
+      Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(root / name / f"{i}.jpg")
+  (root / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  (root / "dog" / "empty.jpg").write_bytes(b"")
+  folder_dir = str(tmp_path / "datasets")
+  build.build_from_images_dir(str(root), "pets", folder_dir)
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.total_steps=12", "--config.log_every_steps=12",
+      "--config.eval_every_steps=0", "--config.data.sources.labels.name=pets",
+      f"--config.data.sources.labels.data_dir={folder_dir}",
+      "--config.data.max_skip_fraction=0.5")
+  (last,) = [m for m in metrics(workdir) if "loss" in m]
+  assert last["step"] == 12 and last["data/skipped"] == 16
