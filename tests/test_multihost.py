@@ -17,9 +17,10 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 12
 FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
-         "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
-         # FSDP over all 8 devices: every process holds (and must write) part of the state.
-         "--config.mesh.shape=(1,8,1)")
+         "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0")
+# FSDP over all 8 devices: every process holds (and must write) part of the state. Not in
+# FLAGS: a repeated tuple override concatenates (ml_collections), so pass it exactly once.
+FSDP8 = "--config.mesh.shape=(1,8,1)"
 HEARTBEAT_S = 10
 
 
@@ -36,7 +37,7 @@ def start_processes(workdir, data_dir, *overrides, n=2):
   for i in range(n):
     log = open(os.path.join(workdir, f"process_{i}.log"), "w")
     procs.append(subprocess.Popen(
-        command("mmjax.train", workdir, data_dir, *FLAGS, *overrides,
+        command("mmjax.train", workdir, data_dir, *FLAGS, FSDP8, *overrides,
                 f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
                 f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
                 "--shutdown_timeout_seconds=30"),
@@ -61,7 +62,7 @@ def losses(workdir):
 def runs(tmp_path_factory, data_dir):
   root = tmp_path_factory.mktemp("multihost")
   single = str(root / "single")
-  run("mmjax.train", single, data_dir, *FLAGS, devices=8)
+  run("mmjax.train", single, data_dir, *FLAGS, FSDP8, devices=8)
   multi = str(root / "multi")
   procs = start_processes(multi, data_dir)
   for i, p in enumerate(procs):
