@@ -40,7 +40,7 @@ def start_processes(workdir, data_dir, *overrides, n=2):
         command("mmjax.train", workdir, data_dir, *FLAGS, FSDP8, *overrides,
                 f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
                 f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
-                "--shutdown_timeout_seconds=30"),
+                "--shutdown_timeout_seconds=180"),
         cwd=REPO, env={**environment(8 // n), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"},
         stdout=log, stderr=subprocess.STDOUT))
   return procs
