@@ -17,6 +17,7 @@ reach a checkpoint's config and cannot be set by accident in a real run):
                                  slice, exercising the real non-finite guard.
 """
 import collections
+import itertools
 import json
 import os
 import signal
@@ -107,6 +108,15 @@ def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.
   yield from queue
 
 
+START_BARRIER_TIMEOUT_S = 900
+
+
+def _barrier(name: str, timeout_s: int) -> None:
+  """All processes wait here (coordination service; no device collective involved)."""
+  from jax._src import distributed  # the public multihost_utils barrier is a collective
+  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
@@ -183,6 +193,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           process_count=jax.process_count())
       batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), mesh,
                                config.data.prefetch_batches)
+      if jax.process_count() > 1:
+        # Gloo gives peers only 30 s to meet at their first collective, so a process that
+        # compiles slower (loaded host, cold cache) would fail the job. Compile ahead of
+        # time, then meet at a coordination-service barrier whose timeout is ours.
+        first = next(batches)
+        train_step = train_step.lower(state, first).compile()
+        _barrier("mmjax_train_start", START_BARRIER_TIMEOUT_S)
+        batches = itertools.chain([first], batches)
 
       # Loop. Metrics are fetched one step late, so the host never waits on the step in
       # flight, except before a checkpoint: the policy 'stop' must fire before a state that
