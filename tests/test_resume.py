@@ -80,10 +80,10 @@ def test_kill_9_at_a_random_step_then_restart_loses_nothing(tmp_path, data_dir, 
   proc = subprocess.Popen(command("mmjax.train", workdir, data_dir, *FLAGS), cwd=REPO,
                           env=environment(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
+  first = os.path.join(workdir, "checkpoints", "5")  # renamed into place when committed
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(jsonl) and os.path.getsize(jsonl) and \
-        open(jsonl).read().count("\n") >= kill_after:
+    if os.path.isdir(first) and open(jsonl).read().count("\n") >= kill_after:
       break
     time.sleep(0.002)
   assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-2000:]}"
