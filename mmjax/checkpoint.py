@@ -4,6 +4,7 @@ Layout: `<workdir>/checkpoints/<step>/{state,config,data}`. Orbax commits a step
 (temporary directory renamed on success), so a step that was being written when the
 process died is invisible to `latest_step` and is never restored.
 """
+import json
 import os
 from typing import Any
 
@@ -18,29 +19,41 @@ class CheckpointMismatchError(ValueError):
   pass
 
 
+# Config keys that may change between a checkpoint and its resumption without a notice:
+# they change neither the state's shapes nor the training trajectory.
+RESUMABLE_CHANGES = ("total_steps", "log_every_steps", "checkpoint_every_steps",
+                     "eval_every_steps", "evals", "checkpoint", "compilation_cache_dir",
+                     "data_dir", "data.num_workers", "data.prefetch_batches")
+
+
 class Checkpointer:
-  """Saves asynchronously every `checkpoint_every_steps`; keeps the last
-  `checkpoint.max_to_keep` plus every `checkpoint.keep_period`-th step."""
+  """Saves asynchronously when the trainer asks; keeps the last `checkpoint.max_to_keep`
+  plus every step divisible by `checkpoint.keep_period` (Orbax 0.12's `keep_period` is
+  `EveryNSteps(exact_interval=True)`: `step % keep_period == 0`, OR-ed with `LatestN`)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.directory = os.path.join(workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.max_to_keep,
         keep_period=config.checkpoint.keep_period or None,
-        save_interval_steps=1, create=True, enable_async_checkpointing=True)
+        save_interval_steps=1, create=True, enable_async_checkpointing=True,
+        # Uncommitted `<step>.orbax-checkpoint-tmp-*` directories of a killed save are
+        # never restored (latest_step ignores them); this also deletes them at start.
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "config", "data"), options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, config: ml_collections.ConfigDict, *,
-           force: bool = False) -> bool:
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> bool:
+    """Starts an asynchronous save of `step` (the trainer decides when: force=True also
+    keeps Orbax from polling the preemption sync point a second time for this step)."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config.to_dict()),
         data=ocp.args.JsonSave({"step": int(step)}))
-    return self.manager.save(step, args=args, force=force)
+    return self.manager.save(step, args=args, force=True)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -79,6 +92,23 @@ class Checkpointer:
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: tuple(m.shape), tree,
                         is_leaf=lambda m: hasattr(m, "shape"))
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """Dotted keys whose value differs from the checkpoint's config, except RESUMABLE_CHANGES."""
+  def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+      return {prefix: d}
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+  # Compare as stored (JSON: tuples become lists).
+  old = flat(json.loads(json.dumps(saved, default=str)))
+  new = flat(json.loads(json.dumps(config.to_dict(), default=str)))
+  return [k for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)
+          and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
 
 
 def check_shapes(stored: Any, abstract: Any, directory: str, step: int,

@@ -29,6 +29,15 @@ def define_flags(*, step: bool = False, distributed: bool = False) -> None:
                         "HOST:PORT of process 0 for multi-process runs without auto-detection.")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with coordinator_address).")
     flags.DEFINE_integer("process_id", None, "This process's index (with coordinator_address).")
+    flags.DEFINE_integer("initialization_timeout_seconds", 300,
+                         "Multi-process: how long to wait for all processes to connect.")
+    flags.DEFINE_integer("heartbeat_timeout_seconds", 60,
+                         "Multi-process: a process silent this long is declared dead and the "
+                         "whole job fails (bounds the time a dead peer can hang the others).")
+    flags.DEFINE_integer("shutdown_timeout_seconds", 300,
+                         "Multi-process: how long an exiting process waits for the others (generous: "
+                         "processes finish local work, e.g. checkpoint commits, at "
+                         "different speeds on a loaded host).")
 
 
 def quiet_libraries() -> None:
@@ -91,6 +100,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _require(config.model.image_size % config.model.patch_size == 0,
            f"config model.image_size={config.model.image_size} is not divisible by "
            f"model.patch_size={config.model.patch_size}")
+  _require(config.checkpoint.max_to_keep >= 1,
+           f"config checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1")
+  _require(config.checkpoint.keep_period >= 0,
+           f"config checkpoint.keep_period={config.checkpoint.keep_period} must be >= 0 "
+           "(0 = off)")
   _require(config.loss.nonfinite_policy in ("skip", "stop"),
            f"config loss.nonfinite_policy={config.loss.nonfinite_policy!r}: "
            "choose 'skip' or 'stop'")

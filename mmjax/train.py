@@ -5,8 +5,20 @@
 
 Multi-process: auto-detected on TPU pods and SLURM; on one machine pass
 `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` (see launch/).
+
+Exit status: 0 done; 42 preempted (SIGTERM; the step reached was checkpointed, rerun to
+resume); 1 an error (message on stderr naming the config key, checkpoint or step).
+
+Fault injection for tests (environment variables, deliberately not config keys: they never
+reach a checkpoint's config and cannot be set by accident in a real run):
+  MMJAX_DEBUG_SIGTERM_AT_STEP=N  this process sends itself SIGTERM right after dispatching
+                                 update N, exercising the real preemption path.
+  MMJAX_DEBUG_NAN_AT_STEP=N      the batch of update N gets a NaN pixel in this process's
+                                 slice, exercising the real non-finite guard.
 """
 import collections
+import itertools
+import json
 import os
 import signal
 import sys
@@ -34,12 +46,22 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preemption:
-  """Set by SIGTERM (single process) or JAX's preemption notice (multi-process, where every
-  process must agree on the step, so the coordination service decides)."""
+  """Set by SIGTERM (single process) or JAX's preemption sync point (multi-process).
+
+  With several processes every one must checkpoint the same step, so the decision comes
+  from the coordination service: its preemption notifier catches SIGTERM in any process and
+  all processes agree on the first step after the notice (`reached_preemption_sync_point`,
+  which must be called at every step). We must not install a Python SIGTERM handler there:
+  it would replace the notifier's. If the preemption service is disabled
+  (`jax_enable_preemption_service=False`), SIGTERM keeps its default action (the process
+  dies) and the job resumes from the last periodic checkpoint.
+  """
 
   def __init__(self):
     self._signalled = False
-    if jax.process_count() == 1:
+    self._multi = jax.process_count() > 1
+    self._service = True
+    if not self._multi:
       signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
@@ -47,9 +69,32 @@ class Preemption:
     self._signalled = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
+    if not self._multi:
+      return self._signalled
+    if not self._service:
+      return False
+    try:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
+    except RuntimeError as e:  # preemption service disabled: periodic checkpoints only
+      print(f"warning: no preemption checkpoints ({e})", file=sys.stderr, flush=True)
+      self._service = False
+      return False
+
+
+def _debug_step(name: str) -> int | None:
+  """A test-only fault-injection step from the environment (see the module docstring)."""
+  value = os.environ.get(name, "")
+  return int(value) if value else None
+
+
+def poison_batches(batches: Iterator[dict[str, np.ndarray]], start_step: int,
+                   nan_at_step: int | None) -> Iterator[dict[str, np.ndarray]]:
+  """Passes batches through; the one for update `nan_at_step` (1-based) gets a NaN pixel."""
+  for done, batch in enumerate(batches, start=start_step + 1):
+    if done == nan_at_step:
+      batch = {**batch, "image": batch["image"].copy()}
+      batch["image"][0, 0, 0, 0] = np.nan
+    yield batch
 
 
 def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
@@ -63,12 +108,50 @@ def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.
   yield from queue
 
 
+START_BARRIER_TIMEOUT_S = 900
+
+
+def _barrier(name: str, timeout_s: int) -> None:
+  """All processes wait here (coordination service; no device collective involved)."""
+  from jax._src import distributed  # the public multihost_utils barrier is a collective
+  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
+def truncate_metrics(workdir: str, step: int) -> None:
+  """On resume, drops metrics.jsonl lines logged after the checkpointed `step` (they are
+  recomputed identically) and a torn last line left by a killed process, so the file reads
+  as if the run had never been interrupted."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break  # a torn write can only be the last line
+    if not line.endswith("\n") or record.get("step", 0) > step:
+      break
+    kept.append(line)
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs training to `config.total_steps`; returns the last logged metrics and eval results."""
+  """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
+
+  Raises SystemExit(PREEMPTED_EXIT_CODE) after checkpointing on preemption,
+  NonFiniteLossError (loss.nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
+  """
   process0 = jax.process_index() == 0
   # Mesh, data, model.
   mesh = sharding.make_mesh(config)
@@ -79,63 +162,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = models.build_model(config)
   optimizer, schedule = make_optimizer(config), make_schedule(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
-  writer = writers.MetricWriter(workdir, enabled=process0)
   preemption = Preemption()
+  sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
+  nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
+  writer, train_iterator = None, None
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    # Shard: abstract state first, then created or restored directly onto its shardings.
-    abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    latest = checkpointer.latest_step()
-    start_step = latest or 0
-    if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
-      state = checkpointer.restore(start_step, abstract)
-      if process0:
-        print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
-    else:
-      state = state_lib.create_state(model, optimizer, config, shardings)
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-    evaluators = evaluate.build_evaluators(config, tokenizer) if config.eval_every_steps else []
-    embedder = evaluate.Embedder(model, mesh, config.evals.batch_size)
-    batches = device_batches(pipeline.make_train_iterator(
-        config, tokenizer, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count()), mesh, config.data.prefetch_batches)
-
-    # Loop. Metrics are fetched one step late, so the host never waits on the step in flight.
-    progress = writers.Progress(config.total_steps, start_step)
-    pending, last, results = None, {}, {}
-    skipped_total, timer = 0, (time.time(), start_step)
-    for step in range(start_step, config.total_steps):
-      state, metrics = train_step(state, next(batches))
-      done = step + 1
-      if pending is not None:
-        last, skipped_total, timer = _handle_metrics(*pending, config, writer, progress,
-                                                     skipped_total, timer)
-      pending = (done, metrics)
-      preempted = preemption.reached(done)
-      if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
-        checkpointer.save(done, state, config, force=preempted)
-      if preempted:
-        checkpointer.wait()
-        raise SystemExit(PREEMPTED_EXIT_CODE)
-      if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
-        # Log this step before evaluating, so evaluation time is not counted as training time.
-        last, skipped_total, timer = _handle_metrics(*pending, config, writer, progress,
-                                                     skipped_total, timer)
-        pending = None
-        results = evaluate.run_evaluators(evaluators, embedder, state.params)
-        writer.write(done, results)
-        grid = evaluate.sample_grid(evaluators, embedder, state.params)
-        if grid is not None:
-          writer.write_image(done, "samples", grid)
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+      # Shard: abstract state first, then created or restored directly onto its shardings.
+      abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+      latest = checkpointer.latest_step()
+      start_step = latest or 0
+      if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
+        state = checkpointer.restore(start_step, abstract)
         if process0:
-          print(evaluate.format_table(results), flush=True)
-        timer = (time.time(), done)
-    if pending is not None:
-      last, skipped_total, timer = _handle_metrics(*pending, config, writer, progress,
-                                                   skipped_total, timer)
-  checkpointer.close()
-  writer.close()
+          print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
+          changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
+          if changed:
+            print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
+          truncate_metrics(workdir, start_step)
+      else:
+        state = state_lib.create_state(model, optimizer, config, shardings)
+      writer = writers.MetricWriter(workdir, enabled=process0)
+      train_step = step_lib.jit_train_step(
+          step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
+      evaluators = (evaluate.build_evaluators(config, tokenizer) if config.eval_every_steps
+                    else [])
+      embedder = evaluate.Embedder(model, mesh, config.evals.batch_size)
+      train_iterator = pipeline.make_train_iterator(
+          config, tokenizer, start_step=start_step, process_index=jax.process_index(),
+          process_count=jax.process_count())
+      batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), mesh,
+                               config.data.prefetch_batches)
+      if jax.process_count() > 1:
+        # Gloo gives peers only 30 s to meet at their first collective, so a process that
+        # compiles slower (loaded host, cold cache) would fail the job. Compile ahead of
+        # time, then meet at a coordination-service barrier whose timeout is ours.
+        first = next(batches)
+        train_step = train_step.lower(state, first).compile()
+        _barrier("mmjax_train_start", START_BARRIER_TIMEOUT_S)
+        batches = itertools.chain([first], batches)
+
+      # Loop. Metrics are fetched one step late, so the host never waits on the step in
+      # flight, except before a checkpoint: the policy 'stop' must fire before a state that
+      # contains a non-finite step is saved (the save syncs on the state anyway).
+      progress = writers.Progress(config.total_steps, start_step)
+      pending, last, results = None, {}, {}
+      skipped_total, timer = 0, (time.time(), start_step)
+
+      def flush(pending, last, skipped_total, timer):
+        if pending is None:
+          return None, last, skipped_total, timer
+        return (None, *_handle_metrics(*pending, config, writer, progress, skipped_total,
+                                       timer))
+
+      for step in range(start_step, config.total_steps):
+        state, metrics = train_step(state, next(batches))
+        done = step + 1
+        if done == sigterm_at_step:
+          os.kill(os.getpid(), signal.SIGTERM)
+        pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+        pending = (done, metrics)
+        preempted = preemption.reached(done)
+        if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
+          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+          checkpointer.save(done, state, config)
+        if preempted:
+          checkpointer.wait()
+          if process0:
+            print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
+                  "command to resume", flush=True)
+          raise SystemExit(PREEMPTED_EXIT_CODE)
+        if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
+          # Log this step before evaluating, so evaluation time is not counted as training.
+          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+          results = evaluate.run_evaluators(evaluators, embedder, state.params)
+          writer.write(done, results)
+          grid = evaluate.sample_grid(evaluators, embedder, state.params)
+          if grid is not None:
+            writer.write_image(done, "samples", grid)
+          if process0:
+            print(evaluate.format_table(results), flush=True)
+          timer = (time.time(), done)
+      pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+  finally:
+    # Also on errors: commit the saves in flight, so the last good checkpoint survives.
+    if train_iterator is not None:
+      train_iterator.close()
+    checkpointer.close()
+    if writer is not None:
+      writer.close()
   return {**last, **results}
 
 
@@ -146,7 +262,7 @@ def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
   if not metrics["finite"] and config.loss.nonfinite_policy == "stop":
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {step} (config loss.nonfinite_policy='stop'); "
-        "the update was not applied and the last checkpoint is intact")
+        "the update was not applied and no checkpoint containing it was written")
   skipped_total += int(metrics.pop("skipped_records"))
   metrics.pop("finite")
   if not is_due(step, config.log_every_steps, config.total_steps):
@@ -163,24 +279,39 @@ def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
 
 
 def initialize_distributed() -> None:
-  """Explicit flags for local multi-process runs; auto-detection on TPU pods and SLURM."""
+  """Explicit flags for local multi-process runs; auto-detection on TPU pods and SLURM.
+
+  A process that dies stops sending heartbeats; after `--heartbeat_timeout_seconds` the
+  coordination service reports it and every other process terminates, so a job never hangs
+  in a collective waiting for a dead peer.
+  """
   flags = cli.FLAGS
+  timeouts = dict(initialization_timeout=flags.initialization_timeout_seconds,
+                  heartbeat_timeout_seconds=flags.heartbeat_timeout_seconds,
+                  shutdown_timeout_seconds=flags.shutdown_timeout_seconds)
   if flags.coordinator_address:
+    if flags.num_processes is None or flags.process_id is None:
+      raise cli.ConfigError("--coordinator_address needs --num_processes and --process_id")
     jax.distributed.initialize(coordinator_address=flags.coordinator_address,
                                num_processes=flags.num_processes, process_id=flags.process_id,
-                               initialization_timeout=300)
+                               **timeouts)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
       "TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
 
 
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_libraries()
-  initialize_distributed()
-  config = cli.validated_config()
-  cli.enable_compilation_cache(config)
-  train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
+  try:
+    initialize_distributed()
+    config = cli.validated_config()
+    cli.enable_compilation_cache(config)
+    train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
+  except (cli.ConfigError, checkpoint.CheckpointMismatchError, NonFiniteLossError) as e:
+    # Expected failures: one clear line, no traceback, exit status 1.
+    print(f"mmjax.train: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

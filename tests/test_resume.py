@@ -1,0 +1,145 @@
+"""Preemption-safe training, end to end through the CLI (real data, Grain, Orbax, jit).
+
+One uninterrupted reference run is shared by the module; every interrupted run must
+reproduce its losses bitwise after restarting (same device count, data from the step).
+Faults are injected the way they happen in production: SIGTERM (via the test-only
+MMJAX_DEBUG_SIGTERM_AT_STEP hook of mmjax.train, or from here), `kill -9` at a random step,
+a NaN in one batch (MMJAX_DEBUG_NAN_AT_STEP).
+"""
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from test_train import REPO, command, environment, metrics, run
+
+TOTAL = 40
+FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0")
+
+
+def train(workdir, data_dir, *overrides, expect=0, env=None):
+  proc = subprocess.run(command("mmjax.train", workdir, data_dir, *FLAGS, *overrides),
+                        cwd=REPO, env={**environment(), **(env or {})}, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def steps_in(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def leftovers(workdir):
+  return glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  train(workdir, data_dir)
+  logged = metrics(workdir)
+  assert [m["step"] for m in logged] == list(range(1, TOTAL + 1))
+  return workdir, {m["step"]: m["loss"] for m in logged}
+
+
+def assert_resumed_exactly(workdir, reference_losses, resumed_at):
+  """The restarted process logged exactly steps resumed_at+1..TOTAL with the reference's
+  losses bitwise, and metrics.jsonl reads like the uninterrupted run's (no duplicates)."""
+  logged = metrics(workdir)
+  assert [m["step"] for m in logged] == list(range(1, TOTAL + 1))
+  for m in logged[resumed_at:]:
+    assert m["loss"] == reference_losses[m["step"]], m["step"]
+
+
+def test_sigterm_at_step_7_commits_step_7_and_restart_begins_at_8(tmp_path, data_dir,
+                                                                  reference):
+  _, ref_losses = reference
+  workdir = str(tmp_path / "run")
+  proc = train(workdir, data_dir, expect=42, env={"MMJAX_DEBUG_SIGTERM_AT_STEP": "7"})
+  assert "Preempted: saved step 7" in proc.stdout
+  assert steps_in(workdir) == [5, 7] and not leftovers(workdir)
+  assert metrics(workdir)[-1]["step"] == 7
+  out = train(workdir, data_dir).stdout
+  assert "at step 7" in out and "step 8/" in out
+  assert_resumed_exactly(workdir, ref_losses, 7)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_step_then_restart_loses_nothing(tmp_path, data_dir, reference,
+                                                            seed):
+  _, ref_losses = reference
+  kill_after = random.Random(seed).randint(6, TOTAL - 10)
+  workdir = str(tmp_path / "run")
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  proc = subprocess.Popen(command("mmjax.train", workdir, data_dir, *FLAGS), cwd=REPO,
+                          env=environment(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  first = os.path.join(workdir, "checkpoints", "5")  # renamed into place when committed
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(first) and open(jsonl).read().count("\n") >= kill_after:
+      break
+    time.sleep(0.002)
+  assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-2000:]}"
+  proc.kill()  # SIGKILL: no handler runs, async saves in flight are torn
+  proc.communicate(timeout=60)
+  committed = steps_in(workdir)
+  assert committed and committed[-1] >= 5
+  # A torn save of a later step looks like this; a restart must not pick it up.
+  os.makedirs(os.path.join(workdir, "checkpoints",
+                           f"{committed[-1] + 1}.orbax-checkpoint-tmp-1700000000"))
+  out = train(workdir, data_dir).stdout
+  assert f"at step {committed[-1]}" in out, out[-2000:]
+  assert not leftovers(workdir)
+  assert_resumed_exactly(workdir, ref_losses, committed[-1])
+
+
+def test_restoring_with_different_shapes_names_the_parameter(tmp_path, data_dir, reference):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(os.path.join(reference[0], "checkpoints"),
+                  os.path.join(workdir, "checkpoints"))
+  err = train(workdir, data_dir, "--config.model.text.width=48", expect=1).stderr
+  message = [line for line in err.splitlines() if "mmjax.train: error" in line]
+  assert message, err[-3000:]
+  # e.g. "... step 40 does not match the config at params/text/...: checkpoint has shape
+  # (32, ...), config expects shape (48, ...)"
+  assert f"{workdir}/checkpoints step {TOTAL}" in message[0]
+  assert "at params/" in message[0] and "checkpoint has shape" in message[0]
+  assert "48" in message[0].split("config expects shape")[1]
+  assert "Traceback" not in err
+
+
+def test_allowed_config_changes_resume(tmp_path, data_dir, reference):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  out = train(workdir, data_dir, f"--config.total_steps={TOTAL + 2}",
+              "--config.log_every_steps=2", "--config.evals.batch_size=16").stdout
+  assert f"at step {TOTAL}" in out and "Config differs" not in out
+  assert [m["step"] for m in metrics(workdir)][-1] == TOTAL + 2
+
+
+def test_nonfinite_skip_counts_and_continues(tmp_path, data_dir):
+  workdir = str(tmp_path / "run")
+  train(workdir, data_dir, "--config.total_steps=8", env={"MMJAX_DEBUG_NAN_AT_STEP": "3"})
+  logged = {m["step"]: m for m in metrics(workdir)}
+  assert [logged[s]["nonfinite_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 1, 1, 1]
+  assert logged[3]["loss"] != logged[3]["loss"]  # NaN
+  assert all(logged[s]["loss"] == logged[s]["loss"] for s in (1, 2, 4, 5, 6, 7, 8))
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                           data_dir):
+  workdir = str(tmp_path / "run")
+  err = train(workdir, data_dir, "--config.total_steps=12", "--config.checkpoint_every_steps=4",
+              "--config.loss.nonfinite_policy=stop", expect=1,
+              env={"MMJAX_DEBUG_NAN_AT_STEP": "8"}).stderr
+  assert "non-finite loss or gradient at step 8" in err and "nonfinite_policy" in err, err[-2000:]
+  # Step 8 is due for a checkpoint, but it contains the bad step: only step 4 is committed.
+  assert steps_in(workdir) == [4] and not leftovers(workdir)
+  assert [m["step"] for m in metrics(workdir)] == list(range(1, 8))
