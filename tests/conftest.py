@@ -22,3 +22,7 @@ def data_dir(tmp_path_factory):
   for name in ("shapes/labels", "shapes/captions"):
     shapes.ensure_built(name, str(root))
   return str(root)
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: multi-process runs (minutes on 2 cores)")
