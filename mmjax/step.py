@@ -136,7 +136,7 @@ class StepFns:
       loss, aux, grads = self.flava.grads(state.params, batch, state.step)
     else:
       loss, aux, grads = self.grads(state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
