@@ -210,3 +210,21 @@ def test_nested_feature_keys_are_paths():
   record = {"captions": {"text": [b"a cat"]}, "image": 1}
   assert sources.field(record, "captions/text") == [b"a cat"]
   assert sources.field(record, "image") == 1
+
+
+def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir):
+  import json
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, "-m", "mmjax.data.preview", "--config", f"{repo}/configs/shapes.py",
+       "--out", str(tmp_path / "batch.png"), "--num_batches", "8", "--json",
+       f"--config.data_dir={data_dir}", "--config.data.sources.labels.weight=0.3",
+       "--config.data.sources.captions.weight=0.7"],
+      cwd=repo, env={**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=300, check=True)
+  stats = json.loads(out.stdout.strip().splitlines()[-1])
+  assert stats["weights_per_source"] == {"labels": 0.3, "captions": 0.7}
+  for name, weight in stats["weights_per_source"].items():
+    assert abs(stats["fraction_per_source"][name] - weight) <= 0.05
+  assert (tmp_path / "batch.png").exists()
