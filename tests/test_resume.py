@@ -70,7 +70,9 @@ def test_sigterm_at_step_7_commits_step_7_and_restart_begins_at_8(tmp_path, data
   assert_resumed_exactly(workdir, ref_losses, 7)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+# One seed in CI; the other two with the multi-process suite (`pytest -m slow`).
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow)])
 def test_kill_9_at_a_random_step_then_restart_loses_nothing(tmp_path, data_dir, reference,
                                                             seed):
   _, ref_losses = reference
