@@ -4,9 +4,8 @@ import numpy as np
 import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
 
 
-def tiny_config(preset: str = "coca_unicl_prefix", **overrides):
-  """configs/shapes.py:<preset>,tiny with dotted-key overrides."""
-  config = shapes.get_config(f"{preset},tiny")
+def override(config, **overrides):
+  """Unlocks, sets dotted keys ("model.dtype"), locks again; returns the same config."""
   config.unlock()
   for key, value in overrides.items():
     target = config
@@ -16,6 +15,11 @@ def tiny_config(preset: str = "coca_unicl_prefix", **overrides):
     target[leaf] = value
   config.lock()
   return config
+
+
+def tiny_config(preset: str = "coca_unicl_prefix", **overrides):
+  """configs/shapes.py:<preset>,tiny with dotted-key overrides."""
+  return override(shapes.get_config(f"{preset},tiny"), **overrides)
 
 
 def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:

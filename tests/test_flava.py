@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 import flava as flava_configs  # configs/flava.py (conftest puts configs/ on sys.path)
 from mmjax import flava_objectives as fo
 from mmjax import evaluate, linear_probe, losses, models, sharding, state as state_lib
@@ -20,16 +21,7 @@ from mmjax.optimizer import make_optimizer, make_schedule
 
 
 def tiny_config(**overrides):
-  config = flava_configs.get_config("tiny")
-  config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  config.lock()
-  return config
+  return helpers.override(flava_configs.get_config("tiny"), **overrides)
 
 
 # --- float64 NumPy references --------------------------------------------------------------
