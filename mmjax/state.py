@@ -33,10 +33,49 @@ def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation,
   """rng -> TrainState whose leaves are boxed with logical axis names."""
   def init(rng: jax.Array) -> TrainState:
     params = model.init(rng, *dummy_inputs(config))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
+    opt_state = box_like_params(optimizer.init(nn.unbox(params)), params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       nonfinite_steps=jnp.zeros((), jnp.int32))
   return init
+
+
+def box_like_params(opt_state: Any, boxed_params: Any) -> Any:
+  """Gives optimizer-state leaves their parameter's logical axis names.
+
+  Every sub-tree of `opt_state` shaped like the parameter tree (AdamW's mu and nu,
+  Adafactor's factored statistics) is matched leaf by leaf: a leaf of the parameter's shape
+  takes its names; one with a single axis removed (Adafactor's row / column statistics)
+  takes the names without that axis; anything else (scalars, Adafactor's (1,) placeholders)
+  stays replicated. Initialising optax on boxed parameters instead would copy each
+  parameter's names onto factored statistics of a lower rank, an invalid sharding.
+  """
+  treedef = jax.tree.structure(boxed_params, is_leaf=_is_boxed)
+  boxes = treedef.flatten_up_to(boxed_params)
+
+  def box(leaf: jax.Array, param: nn.Partitioned) -> Any:
+    if not isinstance(param, nn.Partitioned):
+      return leaf
+    shape, names = param.value.shape, tuple(param.names)
+    if leaf.shape == shape:
+      return param.replace_boxed(leaf)
+    for axis in range(len(shape)):
+      if leaf.shape == shape[:axis] + shape[axis + 1:]:
+        return param.replace(value=leaf, names=names[:axis] + names[axis + 1:])
+    return leaf
+
+  param_def = jax.tree.structure(nn.unbox(boxed_params))
+  is_param_tree = lambda node: jax.tree.structure(node) == param_def
+
+  def visit(node: Any) -> Any:
+    if is_param_tree(node):
+      return treedef.unflatten(map(box, treedef.flatten_up_to(node), boxes))
+    return node
+
+  return jax.tree.map(visit, opt_state, is_leaf=is_param_tree)
+
+
+def _is_boxed(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)
 
 
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation,
