@@ -32,7 +32,8 @@ CAPTION_TEXT_TYPE = 0  # the caption prefix (prefix conditioning)
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """How to pick tokens. `sample` applies temperature, then top-k (0 = off), then top-p
-  (nucleus; 1.0 = off). `beam` ranks finished hypotheses by sum log p / length**alpha."""
+  (nucleus; 1.0 = off). `beam` ranks finished hypotheses by sum log p / length**alpha.
+  bos_id / eos_id / pad_id: the tokenizer's (open_clip's BPE: 49406 / 49407 / 0)."""
   strategy: str = "greedy"
   max_new_tokens: int = 16
   beam_size: int = 4
@@ -40,6 +41,9 @@ class DecodeConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  bos_id: int = BOS_ID
+  eos_id: int = EOS_ID
+  pad_id: int = PAD_ID
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -126,8 +130,8 @@ def sequential_decode(first_logits: jax.Array, step_fn: StepFn, cache: Cache, rn
 def reorder_cache(cache: Cache, rows: jax.Array) -> Cache:
   """Gathers cache rows (beam search's surviving parents). rows: int32 [N].
 
-  K/V leaves are [..., N, S, H, Dh] (a leading layers axis when scanned): batch axis
-  ndim - 4. Lower-rank leaves (cache indices) are shared by all rows and kept.
+  K/V leaves are [..., N, H, Dh, S] / [..., N, H, S, Dh] (`layers.cache_layout`; a leading
+  layers axis when scanned): batch axis ndim - 4. Lower-rank leaves (cache indices) are shared by all rows and kept.
   """
   def gather(x):
     return jnp.take(x, rows, axis=x.ndim - 4) if x.ndim >= 4 else x
@@ -232,7 +236,7 @@ def beam_search(first_logits: jax.Array, step_fn: StepFn, cache: Cache, *, beam_
 
 # --- CoCa -----------------------------------------------------------------------------------
 def init_cache(decoder: nn.Module, params: Any, caption_tokens: jax.Array,
-               max_new_tokens: int) -> Cache:
+               max_new_tokens: int, bos_id: int = BOS_ID) -> Cache:
   """Zeroed caches for `decoder` (a CoCa with decode=True) and N = caption_tokens.shape[0]
   rows: self-attention K/V of prefix + max_new_tokens positions, image K/V, indices.
 
@@ -242,7 +246,7 @@ def init_cache(decoder: nn.Module, params: Any, caption_tokens: jax.Array,
   n = caption_tokens.shape[0]
 
   def shapes(params, caption_tokens):
-    tokens = jnp.full((n, max_new_tokens), BOS_ID, jnp.int32)
+    tokens = jnp.full((n, max_new_tokens), bos_id, jnp.int32)
     text_type = jnp.full((n,), CAPTION_TEXT_TYPE, jnp.int32)
     _, variables = decoder.apply({"params": params}, caption_tokens, tokens, text_type,
                                  method="decode_prefill", mutable=["cache"])
@@ -264,8 +268,8 @@ def decode_from_image_tokens(model: nn.Module, params: Any, caption_tokens: jax.
   if beam:  # K rows per image; the image side itself was computed once per image
     caption_tokens = jnp.repeat(caption_tokens, config.beam_size, axis=0)
   n = caption_tokens.shape[0]
-  cache = init_cache(decoder, params, caption_tokens, config.max_new_tokens)
-  bos = jnp.full((n, 1), BOS_ID, jnp.int32)
+  cache = init_cache(decoder, params, caption_tokens, config.max_new_tokens, config.bos_id)
+  bos = jnp.full((n, 1), config.bos_id, jnp.int32)
   text_type = jnp.full((n,), CAPTION_TEXT_TYPE, jnp.int32)
   logits, variables = decoder.apply({"params": params, "cache": cache}, caption_tokens, bos,
                                     text_type, method="decode_prefill", mutable=["cache"])
@@ -278,11 +282,13 @@ def decode_from_image_tokens(model: nn.Module, params: Any, caption_tokens: jax.
   if beam:
     tokens, _ = beam_search(logits[:, -1], step_fn, variables["cache"],
                             beam_size=config.beam_size, max_new_tokens=config.max_new_tokens,
-                            length_penalty=config.length_penalty)
+                            length_penalty=config.length_penalty, eos_id=config.eos_id,
+                            pad_id=config.pad_id)
     return tokens
   rng = jax.random.key(0) if rng is None else rng
   return sequential_decode(logits[:, -1], step_fn, variables["cache"], rng,
-                           make_select(config), max_new_tokens=config.max_new_tokens)
+                           make_select(config), max_new_tokens=config.max_new_tokens,
+                           eos_id=config.eos_id, pad_id=config.pad_id)
 
 
 def make_captioner(model: nn.Module, config: DecodeConfig
@@ -294,8 +300,9 @@ def make_captioner(model: nn.Module, config: DecodeConfig
   return jax.jit(generate)
 
 
-def uncached_greedy(model: nn.Module, params: Any, images: jax.Array,
-                    max_new_tokens: int) -> jax.Array:
+def uncached_greedy(model: nn.Module, params: Any, images: jax.Array, max_new_tokens: int,
+                    *, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
+                    pad_id: int = PAD_ID) -> jax.Array:
   """Reference greedy decoding without a cache (jit it): every step re-runs both text
   decoders, through the training forward pass, on the whole sequence so far and takes the
   argmax at its last position. The sequence is padded to the model's fixed text length
@@ -318,9 +325,9 @@ def uncached_greedy(model: nn.Module, params: Any, images: jax.Array,
 
   def body(step, state):
     text_ids, done = state
-    token = jnp.where(done, PAD_ID, greedy_select(last_logits(text_ids, step)))
-    return text_ids.at[:, step + 1].set(token), done | (token == EOS_ID)
+    token = jnp.where(done, pad_id, greedy_select(last_logits(text_ids, step)))
+    return text_ids.at[:, step + 1].set(token), done | (token == eos_id)
 
-  text_ids = jnp.full((n, length), PAD_ID, jnp.int32).at[:, 0].set(BOS_ID)
+  text_ids = jnp.full((n, length), pad_id, jnp.int32).at[:, 0].set(bos_id)
   text_ids, _ = jax.lax.fori_loop(0, max_new_tokens, body, (text_ids, jnp.zeros((n,), bool)))
   return text_ids[:, 1:max_new_tokens + 1]

@@ -167,7 +167,8 @@ class Captioning:
     self.tokenizer = tokenizer
     self.decode_config = decode.DecodeConfig(
         strategy=e.strategy, max_new_tokens=e.max_new_tokens, beam_size=e.beam_size,
-        length_penalty=e.length_penalty)
+        length_penalty=e.length_penalty, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id)
     self.num_samples, self.sample_scale = e.num_samples, e.sample_scale
     self.seed = config.seed
     self.last_captions: list[str] = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import helpers
+import openclip as openclip_configs  # configs/openclip.py (conftest puts configs/ on sys.path)
 from mmjax import decode, models
 from test_models import unstack_layers
 
@@ -45,6 +46,36 @@ def test_cached_greedy_equals_uncached_recomputation(tiny, greedy):
                                                                      MAX_NEW)
   np.testing.assert_array_equal(greedy, np.asarray(reference))
   assert len(np.unique(greedy)) > 2  # not a degenerate constant output
+
+
+def test_other_tokenizer_ids_start_from_their_bos(tiny, greedy):
+  """Converted open_clip models decode from BOS 49406 to EOS 49407: the ids are the config's,
+  cached and uncached agree, and another BOS changes the output."""
+  _, model, params, images = tiny
+  ids = dict(bos_id=5, eos_id=7, pad_id=0)
+  cached = caption(model, params, images, **ids)
+  reference = jax.jit(functools.partial(decode.uncached_greedy, **ids),
+                      static_argnums=(0, 3))(model, params, images, MAX_NEW)
+  np.testing.assert_array_equal(cached, np.asarray(reference))
+  assert not np.array_equal(cached, greedy)
+
+
+def test_openclip_multimodal_block_decodes_with_the_cache():
+  """open_clip's layer layout (configs/openclip.py, converted weights) decodes with K/V
+  caches too: cached greedy equals recomputation, with open_clip's BOS/EOS ids."""
+  config = openclip_configs.get_config("coca_tiny")
+  model = models.build_model(config)
+  size, length = config.data.image_size, config.data.max_text_len
+  images = jax.random.uniform(jax.random.key(2), (3, size, size, 3), minval=-1, maxval=1)
+  params = jax.jit(lambda x: flax.linen.unbox(model.init(
+      jax.random.key(0), x, jnp.full((3, length), 5, jnp.int32),
+      jnp.zeros((3,), jnp.int32))["params"]))(images)
+  ids = dict(bos_id=49406, eos_id=49407, pad_id=0)
+  cached = caption(model, params, images, **ids)
+  reference = jax.jit(functools.partial(decode.uncached_greedy, **ids),
+                      static_argnums=(0, 3))(model, params, images, MAX_NEW)
+  np.testing.assert_array_equal(cached, np.asarray(reference))
+  assert len(np.unique(cached)) > 2
 
 
 def test_beam_size_1_equals_greedy(tiny, greedy):

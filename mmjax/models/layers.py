@@ -118,49 +118,71 @@ class Attention(nn.Module):
     batch, length, width = x.shape
     q = self._project(x, "query")
     if cross:
-      k, v = self._cached_cross_kv(context)
-      out = jax.nn.dot_product_attention(q, k, v)
+      k_t, v, mask = (*self._cached_cross_kv(context), None)
     else:
-      k, v, mask = self._cached_self_kv(self._project(x, "key"), self._project(x, "value"))
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      k_t, v, mask = self._cached_self_kv(self._project(x, "key"), self._project(x, "value"))
+    out = cached_attention(q, k_t, v, mask)
     return self._project(out.reshape(batch, length, width), "out", heads=False)
 
   def _cached_self_kv(self, k: jax.Array,
                       v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Appends k, v [B, L, H, Dh] at the cache index; returns the whole cache [B, S, H, Dh]
-    and a bool mask [1, 1, L, S] (query at position index+i sees cache slots <= index+i).
+    """Appends k, v [B, L, H, Dh] at the cache index; returns the whole caches, keys
+    [B, H, Dh, S] and values [B, H, S, Dh] (`cache_layout`), and a bool mask [1, 1, L, S]
+    (query at position index+i sees cache slots <= index+i).
 
     Flax's convention: the first call (cache absent) only creates zeroed caches shaped like
     its input, so `decode.init_cache` sizes them with an input of the maximum length S.
     """
+    k_t, v = cache_layout(k, v)
     initialised = self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_t.shape, k_t.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
     if not initialised:
-      return k, v, None
-    length, size = k.shape[1], cached_k.value.shape[1]
+      return k_t, v, None
+    length, size = v.shape[2], cached_v.value.shape[2]
     start = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype),
-                                                  (0, start, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype),
-                                                  (0, start, 0, 0))
+    cached_k.value = jax.lax.dynamic_update_slice(
+        cached_k.value, k_t.astype(cached_k.value.dtype), (0, 0, 0, start))
+    cached_v.value = jax.lax.dynamic_update_slice(
+        cached_v.value, v.astype(cached_v.value.dtype), (0, 0, start, 0))
     index.value = start + length
     query_pos = start + jnp.arange(length)
     mask = jnp.arange(size)[None, :] <= query_pos[:, None]  # causal; also hides unwritten slots
     return cached_k.value, cached_v.value, mask[None, None]
 
   def _cached_cross_kv(self, context: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """K/V of `context` [B, S, Dc] ([B, S, H, Dh] each), computed once per image: stored
-    when `context` is given (prefill), read back when it is None (every later step)."""
+    """K/V of `context` [B, S, Dc] in `cache_layout`, computed once per image: stored when
+    `context` is given (prefill), read back when it is None (every later step)."""
     if context is None:
       if not self.has_variable("cache", "cross_key"):
         raise ValueError("cross-attention decode step before the prefill stored image K/V")
       return self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
-    k, v = self._project(context, "key"), self._project(context, "value")
-    self.put_variable("cache", "cross_key", k)
+    k_t, v = cache_layout(self._project(context, "key"), self._project(context, "value"))
+    self.put_variable("cache", "cross_key", k_t)
     self.put_variable("cache", "cross_value", v)
-    return k, v
+    return k_t, v
+
+
+def cache_layout(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """k, v [B, S, H, Dh] -> keys [B, H, Dh, S], values [B, H, S, Dh]: the operand layouts of
+  the two batched matmuls of `cached_attention`, so a decode step reads its caches in place
+  (stored as [B, S, H, Dh], every step re-transposed every layer's keys: a third of the step
+  time on a CPU). The batch axis stays 4th from last, as `decode.reorder_cache` expects."""
+  return k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+
+def cached_attention(q: jax.Array, k_t: jax.Array, v: jax.Array,
+                     mask: jax.Array | None) -> jax.Array:
+  """`jax.nn.dot_product_attention` over caches in `cache_layout`: q [B, T, H, Dh], k_t
+  [B, H, Dh, S], v [B, H, S, Dh], mask bool broadcastable to [B, H, T, S] -> [B, T, H, Dh].
+  Logits and softmax in float32."""
+  logits = jnp.einsum("bthd,bhds->bhts", q, k_t, preferred_element_type=jnp.float32)
+  logits = logits * (q.shape[-1] ** -0.5)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bhsd->bthd", probs, v)
 
 
 class Mlp(nn.Module):

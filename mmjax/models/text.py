@@ -33,20 +33,24 @@ def legacy_cls_key_valid(valid: jax.Array) -> jax.Array:
 
 class CrossAttentionBlock(nn.Module):
   """open_clip's cross-attention residual block: x + attn(ln_q(x), ln_kv(context)), then
-  x + mlp(ln_mlp(x)). x: [B, T, D]; context: [B, S, D]. Returns [B, T, D]."""
+  x + mlp(ln_mlp(x)). x: [B, T, D]; context: [B, S, D]. Returns [B, T, D].
+  `decode=True`: the image K/V are cached; context None reads them from the cache."""
   num_heads: int
   mlp_dim: int
   activation: str = "gelu"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   norm_eps: float = 1e-6
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: layers.LayerNorm(**kw, epsilon=self.norm_eps, name=name)
-    x = x + layers.Attention(self.num_heads, **kw, name="attn")(norm("ln_q")(x),
-                                                                 norm("ln_kv")(context))
+    if context is not None or not self.decode:
+      context = norm("ln_kv")(context)
+    x = x + layers.Attention(self.num_heads, **kw, decode=self.decode, name="attn")(
+        norm("ln_q")(x), context, cross=True)
     return x + layers.Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(norm("ln_mlp")(x))
 
 
@@ -62,12 +66,14 @@ class OpenClipMultimodalBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   norm_eps: float = 1e-6
+  decode: bool = False  # K/V caches, as layers.TransformerBlock
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)
+              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
+              decode=self.decode)
     x, _ = layers.TransformerBlock(**kw, causal=self.causal, name="self_block")(x, mask)
     x = CrossAttentionBlock(**kw, name="cross_block")(x, context)
     return layers.constrain(x, ("batch", "length", "embed")), None
@@ -185,9 +191,6 @@ class MultimodalDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
-    if self.decode and self.block != "fused":
-      raise NotImplementedError(f"config model.text.multimodal_block={self.block!r}: KV-cached "
-                                "decoding supports only the 'fused' block")
     if image_tokens is not None:
       image_tokens = image_tokens.astype(self.dtype)
     x = layers.TransformerStack(
