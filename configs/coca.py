@@ -97,6 +97,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every_steps = 10_000
   c.data_dir = "~/tensorflow_datasets"
   c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"
+  # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
+  # A100, TPU v4/v5e/v5p/v6e), no MFU metric on unknown devices such as CPUs.
+  c.peak_tflops_per_device = 0.0
 
   # 64 text tokens incl. BOS/EOS: the paper does not state its text length; 64 holds COCO
   # captions and most alt-texts. It only sizes the 64-row text position table and the FLOPs.

@@ -94,6 +94,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0
   c.grad_accum_steps = 1
   c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"
+  # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
+  # A100, TPU v4/v5e/v5p/v6e), no MFU metric on unknown devices such as CPUs.
+  c.peak_tflops_per_device = 0.0
   c.loss = shapes.loss_config()
   c.loss.caption_weight = 0.0  # no captioning head in FLAVA
   c.mesh = shapes.mesh_config()

@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every_steps = 200
   c.data_dir = "~/.cache/mmjax/datasets"
   c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"  # "" = off
+  # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
+  # A100, TPU v4/v5e/v5p/v6e), no MFU metric on unknown devices such as CPUs.
+  c.peak_tflops_per_device = 0.0
 
   c.data = data_config(image_size=64, max_text_len=24)
   c.model = model_config()

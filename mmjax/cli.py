@@ -4,6 +4,7 @@ Every command takes `--config FILE[:ARG]` with `--config.KEY=VALUE` overrides (m
 config_flags: unknown keys fail with a "did you mean" suggestion, values are type-checked).
 `validate` then checks what config_flags cannot, before any device memory is allocated.
 """
+import importlib.util
 import math
 import os
 
@@ -48,6 +49,17 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`FILE[:ARG]` -> FILE's `get_config(ARG)`, for scripts without absl flags (benchmarks)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
+  module_spec = importlib.util.spec_from_file_location("_mmjax_loaded_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
   """XLA compiles are slow on CPU; a persistent cache makes restarts and reruns start fast."""
   if config.get("compilation_cache_dir"):
@@ -86,6 +98,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _require(config.total_steps > 0, f"config total_steps={config.total_steps} must be positive")
   for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
     _require(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
+  _require(config.peak_tflops_per_device >= 0,
+           f"config peak_tflops_per_device={config.peak_tflops_per_device} must be >= 0 "
+           "(0 = look up the device kind)")
   weights = {name: s.weight for name, s in config.data.sources.items()}
   _require(all(w >= 0 for w in weights.values()) and math.fsum(weights.values()) > 0,
            f"config data.sources.*.weight={weights} must be >= 0 and sum to a positive number")

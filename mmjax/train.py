@@ -33,6 +33,7 @@ from absl import app
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
+from mmjax import summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
 from mmjax.data import pipeline
@@ -207,14 +208,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # flight, except before a checkpoint: the policy 'stop' must fire before a state that
       # contains a non-finite step is saved (the save syncs on the state anyway).
       progress = writers.Progress(config.total_steps, start_step)
+      throughput = Throughput.from_config(config)
       pending, last, results = None, {}, {}
       skipped_total, timer = 0, (time.time(), start_step)
 
       def flush(pending, last, skipped_total, timer):
         if pending is None:
           return None, last, skipped_total, timer
-        return (None, *_handle_metrics(*pending, config, writer, progress, skipped_total,
-                                       timer))
+        return (None, *_handle_metrics(*pending, config, writer, progress, throughput,
+                                       skipped_total, timer))
 
       for step in range(start_step, config.total_steps):
         state, metrics = train_step(state, next(batches))
@@ -255,9 +257,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return {**last, **results}
 
 
+class Throughput:
+  """Model FLOP/s per device and MFU from examples/s (`mmjax.summary`'s FLOPs formula)."""
+
+  def __init__(self, flops_per_example: int | None, peak_flops: float | None, devices: int):
+    self.flops_per_example, self.peak_flops, self.devices = flops_per_example, peak_flops, devices
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Throughput":
+    return cls(summary.model_flops_per_example(config),
+               summary.peak_flops_per_device(jax.devices()[0].device_kind,
+                                             config.peak_tflops_per_device),
+               jax.device_count())
+
+  def metrics(self, examples_per_sec: float) -> dict[str, float]:
+    """`tflops_per_sec_per_device` when the model has a FLOPs formula; `mfu` also needs the
+    device's peak."""
+    if self.flops_per_example is None:
+      return {}
+    flops = examples_per_sec * self.flops_per_example / self.devices
+    out = {"tflops_per_sec_per_device": flops / 1e12}
+    if self.peak_flops:
+      out["mfu"] = flops / self.peak_flops
+    return out
+
+
 def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
                     writer: writers.MetricWriter, progress: writers.Progress,
-                    skipped_total: int, timer: tuple[float, int]):
+                    throughput: Throughput, skipped_total: int, timer: tuple[float, int]):
   metrics = jax.device_get(metrics)
   if not metrics["finite"] and config.loss.nonfinite_policy == "stop":
     raise NonFiniteLossError(
@@ -271,6 +298,7 @@ def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
   now = time.time()
   metrics["examples_per_sec"] = (step - start_step) * config.batch_size / max(now - start_time,
                                                                              1e-9)
+  metrics.update(throughput.metrics(metrics["examples_per_sec"]))
   metrics["data/skipped"] = skipped_total
   writer.write(step, metrics)
   if jax.process_index() == 0:

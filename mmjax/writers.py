@@ -63,7 +63,7 @@ class Progress:
     elapsed = time.time() - self._start_time
     eta = elapsed / done * (self.total_steps - step) if done else float("nan")
     parts = [f"step {step}/{self.total_steps}"]
-    for key in ("loss", "contrastive_loss", "caption_loss", "examples_per_sec"):
+    for key in ("loss", "contrastive_loss", "caption_loss", "examples_per_sec", "mfu"):
       if key in metrics:
         parts.append(f"{key.replace('examples_per_sec', 'ex/s')} {float(metrics[key]):.4g}")
     parts.append(f"ETA {format_seconds(eta)}")

@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
+import helpers
 from conftest import CACHE_DIR, REPO
+from mmjax import summary
 
 
 def command(module, workdir, data_dir, *overrides, preset="coca_unicl_prefix"):
@@ -44,17 +46,26 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   train = [m for m in logged if "loss" in m]
   assert [m["step"] for m in train] == [5, 10]
   for key in ("loss", "contrastive_loss", "caption_loss", "learning_rate", "logit_scale",
-              "examples_per_sec", "data/skipped", "nonfinite_steps"):
+              "examples_per_sec", "data/skipped", "nonfinite_steps",
+              "tflops_per_sec_per_device"):
     assert key in train[-1], key
+  assert "mfu" not in train[-1]  # a CPU has no known peak
   evals = [m for m in logged if "retrieval/shapes_captions/i2t_r1" in m]
   assert [m["step"] for m in evals] == [10]
   assert "zeroshot/shapes_labels/top1" in evals[0]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
-  out = run("mmjax.train", workdir, data_dir, "--config.total_steps=15").stdout
+  out = run("mmjax.train", workdir, data_dir, "--config.total_steps=15",
+            "--config.peak_tflops_per_device=0.5").stdout
   assert "Resumed" in out and "at step 10" in out
-  assert [m["step"] for m in metrics(workdir) if "loss" in m] == [5, 10, 15]
+  train = [m for m in metrics(workdir) if "loss" in m]
+  assert [m["step"] for m in train] == [5, 10, 15]
+  # MFU = model FLOP/s per device / peak, from the summary's FLOPs formula.
+  flops = summary.model_flops_per_example(helpers.tiny_config())
+  assert train[-1]["tflops_per_sec_per_device"] == pytest.approx(
+      train[-1]["examples_per_sec"] * flops / 1e12)
+  assert train[-1]["mfu"] == pytest.approx(train[-1]["tflops_per_sec_per_device"] / 0.5)
 
 
 def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path, data_dir):
