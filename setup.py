@@ -12,6 +12,7 @@ setuptools.setup(
         "flax>=0.12,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "etils[epath]>=1.7",  # imported directly: workdir files, local or gs://
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
         "array-record>=0.7",
