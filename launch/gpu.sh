@@ -10,7 +10,8 @@ Runs `python -m mmjax.train --config CONFIG --workdir WORKDIR EXTRA_ARGS...`
 on one GPU. Rerunning with the same WORKDIR resumes from WORKDIR/checkpoints.
 
 Options (environment variable in brackets):
-  --config SPEC        config file[:arg]                  [CONFIG, default configs/coca.py:base]
+  --config SPEC        config file[:arg]                  [CONFIG, default configs/shapes.py:
+                       needs no downloaded data; configs/coca.py:* needs its datasets]
   --workdir DIR        local dir or gs://bucket/path      [WORKDIR, default workdir/gpu]
   --gpu ID             which GPU to use (CUDA_VISIBLE_DEVICES) [GPU, default: leave unset]
   --mem-fraction F     XLA_PYTHON_CLIENT_MEM_FRACTION     [MEM_FRACTION, default 0.90]
@@ -29,12 +30,14 @@ Default XLA_FLAGS added: --xla_gpu_enable_latency_hiding_scheduler=true
 (overlaps collectives with compute; harmless on one GPU, useful as soon as the
 mesh has more devices). Extra XLA flags: export XLA_FLAGS="..." beforehand.
 
-Example:
-  launch/gpu.sh --install --config configs/coca.py:base --workdir /data/runs/coca -- --config.batch_size=64
+Examples:
+  launch/gpu.sh --install --python .venv/bin/python --workdir /tmp/shapes    # first time
+  launch/gpu.sh --config configs/coca.py:base --workdir /data/runs/coca_debug -- \
+      --config.batch_size=64 --config.grad_accum_steps=4 --config.total_steps=20
 EOF
 }
 
-CONFIG="${CONFIG:-configs/coca.py:base}"
+CONFIG="${CONFIG:-configs/shapes.py}"
 WORKDIR="${WORKDIR:-workdir/gpu}"
 GPU="${GPU:-}"
 MEM_FRACTION="${MEM_FRACTION:-0.90}"

@@ -19,7 +19,8 @@ Options (environment variable in brackets):
   -n, --num_processes N      number of processes                 [NUM_PROCESSES, default 2]
   --devices_per_process K    CPU devices per process (JAX_NUM_CPU_DEVICES)
                                                                  [DEVICES_PER_PROCESS, default 2]
-  --config SPEC              config file[:arg]                   [CONFIG, default configs/coca.py:base]
+  --config SPEC              config file[:arg]                   [CONFIG, default
+                             configs/shapes.py:coca_unicl_prefix,tiny: seconds per step on a CPU]
   --workdir DIR              workdir (logs go to DIR/logs)       [WORKDIR, default workdir/local_multiprocess]
   --port PORT                coordinator port, 0 = pick a free one [PORT, default 0]
   --module MOD               python module to run                [MODULE, default mmjax.train]
@@ -29,13 +30,17 @@ Options (environment variable in brackets):
 
 Relative paths (--config, --workdir) are relative to the repository root.
 Everything after `--` is passed through to every process unchanged, e.g.
-  launch/local_multiprocess.sh -n 4 --devices_per_process 2 -- --config.total_steps=10
+  launch/local_multiprocess.sh -n 4 --devices_per_process 2 --workdir /tmp/mp -- --config.total_steps=20
+Use the python of your venv (--python .venv/bin/python, or activate it first). The
+processes inherit the environment and use the config's compilation_cache_dir, but JAX
+writes cache entries only from process 0 and, on CPU, the other processes' cache keys
+differ: they compile every program themselves (minutes on a small CPU).
 EOF
 }
 
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-2}"
-CONFIG="${CONFIG:-configs/coca.py:base}"
+CONFIG="${CONFIG:-configs/shapes.py:coca_unicl_prefix,tiny}"
 WORKDIR="${WORKDIR:-workdir/local_multiprocess}"
 PORT="${PORT:-0}"
 MODULE="${MODULE:-mmjax.train}"

@@ -34,7 +34,9 @@ Options (environment variable in brackets; all have placeholder defaults):
   --queued                use `gcloud compute tpus queued-resources` (create waits
                           until ACTIVE; delete removes the queued resource)
   --qr-id ID              queued resource id        [QR_ID, default NAME-qr]
-  --config SPEC           config file[:arg]         [CONFIG, default configs/coca.py:base]
+  --config SPEC           config file[:arg]         [CONFIG, default configs/coca.py:base
+                          with the accelerator's mesh preset if there is one:
+                          v4-32 -> configs/coca.py:base,v4_32, v5p-128 -> ...,v5p_128]
   --workdir DIR           gs:// workdir shared by all workers
                                                     [WORKDIR, default gs://YOUR_BUCKET/mmjax/NAME]
   --repo URL              git repo to clone on the workers
@@ -70,7 +72,7 @@ SPOT=0
 PREEMPTIBLE=0
 QUEUED=0
 QR_ID="${QR_ID:-}"
-CONFIG="${CONFIG:-configs/coca.py:base}"
+CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 REPO_URL="${REPO_URL:-https://github.com/YOUR_ORG/mmjax.git}"
 REPO_REF="${REPO_REF:-main}"
@@ -123,6 +125,13 @@ done
 [[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
 [[ -z "$TAIL" || "$TAIL" =~ ^[0-9]+$ ]] || die "--tail needs a number"
 QR_ID="${QR_ID:-${TPU_NAME}-qr}"
+if [[ -z "$CONFIG" ]]; then
+  case "$ACCELERATOR_TYPE" in
+    v4-32) CONFIG=configs/coca.py:base,v4_32 ;;
+    v5p-128) CONFIG=configs/coca.py:base,v5p_128 ;;
+    *) CONFIG=configs/coca.py:base ;;
+  esac
+fi
 WORKDIR="${WORKDIR:-gs://YOUR_BUCKET/mmjax/${TPU_NAME}}"
 LOG_DIR="${LOG_DIR:-tpu_logs/${TPU_NAME}}"
 if [[ -z "$TPU_VERSION" ]]; then

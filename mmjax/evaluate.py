@@ -260,15 +260,17 @@ def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]
 
 def write_sample_grid(workdir: str, step: int, grid: np.ndarray) -> str:
   """Writes `<workdir>/eval/samples_<step>.png` and the TensorBoard image `samples`."""
+  from etils import epath  # local or gs://
   from PIL import Image
   from mmjax import writers
-  path = os.path.join(workdir, "eval", f"samples_{step}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid).save(path)
+  path = epath.Path(workdir) / "eval" / f"samples_{step}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(grid).save(f, format="PNG")
   writer = writers.MetricWriter(workdir)
   writer.write_image(step, "samples", grid)
   writer.close()
-  return path
+  return os.fspath(path)
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -306,9 +308,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     grid = sample_grid(evaluators, embedder, params)
   checkpointer.close()
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w") as f:
-      json.dump({"step": step, **results}, f, indent=1)
+    from etils import epath  # local or gs://
+    out = epath.Path(workdir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"step_{step}.json").write_text(json.dumps({"step": step, **results}, indent=1))
     if grid is not None:
       write_sample_grid(workdir, step, grid)
   return step, results

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -46,8 +47,8 @@ class Tokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> "Tokenizer":
-    with open(path, "rb") as f:
-      return cls(f.read(), origin=path)
+    """A local path or a gs:// URI (etils.epath; gs:// needs the `gcs` extra)."""
+    return cls(epath.Path(path).read_bytes(), origin=str(path))
 
   @property
   def vocab_size(self) -> int:
@@ -116,7 +117,7 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   path = config.data.tokenizer.path
   if path:
     path = os.path.expanduser(path)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f"config.data.tokenizer.path={config.data.tokenizer.path!r}: "
                               f"no such file {path}")
     return Tokenizer.from_file(path)

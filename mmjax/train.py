@@ -18,7 +18,6 @@ reach a checkpoint's config and cannot be set by accident in a real run):
 """
 import collections
 import itertools
-import json
 import os
 import signal
 import sys
@@ -122,31 +121,6 @@ def is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
-def truncate_metrics(workdir: str, step: int) -> None:
-  """On resume, drops metrics.jsonl lines logged after the checkpointed `step` (they are
-  recomputed identically) and a torn last line left by a killed process, so the file reads
-  as if the run had never been interrupted."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = []
-  for line in lines:
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      break  # a torn write can only be the last line
-    if not line.endswith("\n") or record.get("step", 0) > step:
-      break
-    kept.append(line)
-  if len(kept) != len(lines):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
@@ -181,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
           if changed:
             print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
-          truncate_metrics(workdir, start_step)
+          writers.truncate_metrics(workdir, start_step)
       else:
         state = state_lib.create_state(model, optimizer, config, shardings)
       writer = writers.MetricWriter(workdir, enabled=process0)

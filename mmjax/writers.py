@@ -1,4 +1,15 @@
-"""Where training progress goes: `metrics.jsonl`, TensorBoard and a progress line."""
+"""Where training progress goes: `metrics.jsonl`, TensorBoard and a progress line.
+
+The work directory may be local or a `gs://` (any `etils.epath`) URI. Object stores have no
+append: on a local disk `metrics.jsonl` is appended to and flushed line by line; on `gs://`
+the writer keeps the file's lines in memory (read back once when it starts, so a resumed run
+continues the same file) and uploads the whole file after every logged step. A GCS upload
+replaces the object atomically, so a reader or a killed process never sees a torn file; the
+cost is one small upload per logged step (a few MB at most for long runs; raise
+`log_every_steps` if that matters). gs:// needs `pip install -e '.[gcs]'` (gcsfs for the
+files, google-cloud-storage for tensorboardX's event-file writer).
+"""
+import io
 import json
 import os
 import sys
@@ -6,43 +17,105 @@ import time
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for `gs://...` and other URI work directories (no append, no rename-over)."""
+  return "://" in os.fspath(path)
 
 
 class MetricWriter:
-  """Appends one JSON object per logged step to `<workdir>/metrics.jsonl` and writes the
-  same scalars (and images) to TensorBoard. Only the writing process (process 0) writes."""
+  """Writes one JSON object per logged step to `<workdir>/metrics.jsonl` and the same scalars
+  (and images) to TensorBoard under `<workdir>/tensorboard`. Only the writing process
+  (process 0) writes: with `enabled=False` every method is a no-op."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    root = epath.Path(workdir)
+    self._remote = is_remote(root)
+    self._path = root / METRICS_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    if self._remote:
+      self._lines = _read_lines(self._path) if self._path.exists() else []
+      if self._lines and not self._lines[-1].endswith("\n"):
+        self._lines[-1] += "\n"
+      self._jsonl = None
+    else:
+      self._jsonl = self._path.open("a")
     from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # gs:// goes through tensorboardX's own GCS writer (google-cloud-storage), which uploads
+    # the whole event file on every flush: there it flushes every 120 s (its flush_secs) and
+    # on close instead of after every write.
+    self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
     scalars = {k: _to_python(v) for k, v in metrics.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **scalars}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))  # replaces the object in one upload
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     for key, value in scalars.items():
       if isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
-    self._tb.flush()
+    self._flush_tb()
 
   def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
     """image: uint8 [H, W, 3]."""
     if self.enabled:
       self._tb.add_image(tag, image, step, dataformats="HWC")
+      self._flush_tb()
+
+  def _flush_tb(self) -> None:
+    if not self._remote:
       self._tb.flush()
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
+
+
+def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:
+  """On resume, drops metrics.jsonl lines logged after the checkpointed `step` (they are
+  recomputed identically) and a torn last line left by a killed process, so the file reads
+  as if the run had never been interrupted. Local or gs://."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    return
+  lines = _read_lines(path)
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      break  # a torn write can only be the last line
+    if not line.endswith("\n") or record.get("step", 0) > step:
+      break
+    kept.append(line)
+  if len(kept) == len(lines):
+    return
+  if is_remote(path):
+    path.write_text("".join(kept))  # an object upload is atomic
+  else:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)  # atomic: a kill here leaves the old or the new file
+
+
+def _read_lines(path: epath.Path) -> list[str]:
+  return io.StringIO(path.read_text(), newline="\n").readlines()
 
 
 def _to_python(value: Any) -> Any:

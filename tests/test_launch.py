@@ -1,8 +1,10 @@
 """Tests for the launch/ scripts: dry runs, argument handling, shellcheck.
 
-Nothing here talks to gcloud/SLURM or runs real training. The local
-multi-process launcher is exercised end to end with a stub training module.
+Nothing here talks to gcloud/SLURM. The local multi-process launcher is exercised with a
+stub training module (argument passing, failure handling) and, marked slow, with the real
+mmjax.train on the shapes config.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -98,7 +100,8 @@ def test_tpu_dry_run_without_arguments_prints_full_sequence():
   assert "--worker=all" in ssh and "--zone us-central2-b" in ssh and "--command" in ssh
   # Install step, then the train command with tee'd per-worker log.
   assert "git clone" in out and "jax[tpu]" in out and ".[gcs]" in out
-  assert "-m mmjax.train --config configs/coca.py:base --workdir gs://" in out
+  # The default config carries the mesh preset of the default accelerator (v4-32).
+  assert "-m mmjax.train --config configs/coca.py:base,v4_32 --workdir gs://" in out
   assert "tee -a" in out and "train-$(hostname).log" in out
   assert "gcloud compute tpus tpu-vm scp --recurse mmjax-tpu:mmjax-logs" in out
   assert out.index("tpu-vm create") < out.index("tpu-vm ssh") < out.index("tpu-vm scp")
@@ -114,6 +117,16 @@ def test_tpu_options_and_env_vars():
   assert "export A=" in out
   create = dry("tpu_vm.sh", "--accelerator-type", "v5litepod-16", "--spot", "create")
   assert "--version v2-alpha-tpuv5-lite" in create and create.rstrip().endswith("--spot")
+
+
+@pytest.mark.parametrize("accelerator, config", [
+    ("v4-32", "configs/coca.py:base,v4_32"), ("v5p-128", "configs/coca.py:base,v5p_128"),
+    ("v4-8", "configs/coca.py:base")])
+def test_tpu_default_config_follows_the_accelerator(accelerator, config):
+  out = dry("tpu_vm.sh", "--accelerator-type", accelerator, "run")
+  assert f"-m mmjax.train --config {config} --workdir" in out
+  out = dry("tpu_vm.sh", "--accelerator-type", accelerator, "--config", "configs/x.py:y", "run")
+  assert "-m mmjax.train --config configs/x.py:y --workdir" in out
 
 
 def test_tpu_queued_resources():
@@ -152,7 +165,7 @@ def test_gpu_dry_run():
   assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.90" in out
   assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in out
   assert "CUDA_VISIBLE_DEVICES=1" in out
-  assert "-m mmjax.train --config configs/coca.py:base --workdir /tmp/w --config.batch_size=8" in out
+  assert "-m mmjax.train --config configs/shapes.py --workdir /tmp/w --config.batch_size=8" in out
   assert "pip install" not in out
 
 
@@ -161,7 +174,7 @@ def test_gpu_install_evaluate_and_user_xla_flags():
             env=_env(XLA_FLAGS="--xla_dump_to=/tmp/d"))
   assert "pip install -e '.[gcs]' 'jax[cuda13]'" in out
   assert "'XLA_FLAGS=--xla_dump_to=/tmp/d --xla_gpu_enable_latency_hiding_scheduler=true'" in out
-  assert "-m mmjax.evaluate --config configs/coca.py:base --workdir workdir/gpu --step 500" in out
+  assert "-m mmjax.evaluate --config configs/shapes.py --workdir workdir/gpu --step 500" in out
   assert out.index("pip install") < out.index("mmjax.evaluate")
   assert "xla_gpu_enable_latency" not in dry("gpu.sh", "--no-xla-flags")
 
@@ -205,7 +218,7 @@ def test_local_multiprocess_dry_run():
   assert len(cmds) == 3
   for i, cmd in enumerate(cmds):
     assert "JAX_NUM_CPU_DEVICES=4" in cmd and "JAX_PLATFORMS=cpu" in cmd
-    assert "--config configs/coca.py:base --workdir /tmp/lw" in cmd
+    assert "--config configs/shapes.py:coca_unicl_prefix,tiny --workdir /tmp/lw" in cmd
     assert (f"--coordinator_address 127.0.0.1:23456 --num_processes 3 --process_id {i} "
             "--config.total_steps=2") in cmd
     assert f"/tmp/lw/logs/process_{i}.log" in cmd
@@ -280,3 +293,40 @@ def test_local_multiprocess_failure_kills_the_others(fake_train):
   pids = [int((tmp_path / "pids" / str(i)).read_text()) for i in range(3)]
   time.sleep(0.2)
   assert not any(_alive(p) for p in pids), "surviving processes were not killed"
+
+
+@pytest.mark.slow  # ~3-6 min on 2 cores: process 1 never hits the compile cache (see below)
+def test_local_multiprocess_trains_the_default_config(tmp_path, data_dir):
+  """The launcher's default config (shapes, tiny) trained by 2 real mmjax.train processes x 2
+  CPU devices to the last step: metrics, the final checkpoint with both processes' shards,
+  both logs. The shared test compile cache is passed as a config override (the trainer
+  applies it); JAX writes entries only from process 0 and on CPU process 1's cache keys
+  differ from process 0's, so process 1 compiles everything (this is what makes it slow)."""
+  from conftest import CACHE_DIR
+  workdir = tmp_path / "mp"
+  total = 4
+  start = time.monotonic()
+  res = run_script("local_multiprocess.sh", "-n", "2", "--devices_per_process", "2",
+                   "--workdir", str(workdir), "--",
+                   f"--config.data_dir={data_dir}", f"--config.compilation_cache_dir={CACHE_DIR}",
+                   f"--config.total_steps={total}", "--config.log_every_steps=2",
+                   "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0",
+                   env=_env(PYTHON=sys.executable), timeout=1200)
+  logs = [workdir / "logs" / f"process_{i}.log" for i in range(2)]
+  detail = res.stdout + res.stderr + "".join(
+      f"\n--- {p.name}\n" + p.read_text()[-3000:] for p in logs if p.exists())
+  assert res.returncode == 0, detail
+  assert "All 2 processes finished successfully." in res.stdout
+  print(f"2-process shapes run: {time.monotonic() - start:.0f} s")
+  logged = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [m["step"] for m in logged] == [2, total], logged  # one writer: no duplicates
+  assert all(m["loss"] == m["loss"] and m["nonfinite_steps"] == 0 for m in logged)
+  # The final step is committed (checkpoint_every_steps=0: only the last step is saved),
+  # with shards from both processes.
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [str(total)]
+  step_dir = workdir / "checkpoints" / str(total)
+  assert (step_dir / "_CHECKPOINT_METADATA").exists()
+  assert sorted(p.name for p in (step_dir / "state").glob("ocdbt.process_*")) == [
+      "ocdbt.process_0", "ocdbt.process_1"]
+  assert f"step {total}/{total}" in logs[0].read_text()  # process 0 prints the progress
+  assert "Traceback" not in logs[1].read_text() and logs[1].stat().st_size > 0
