@@ -20,8 +20,11 @@ def run_script(*args, timeout=600) -> dict:
 
 
 def test_gpu_benchmark_reduced_mode_runs_every_variant_on_cpu():
-  out = run_script("benchmarks/gpu.py", "--reduced", "--steps", "2", "--warmup", "1")
-  assert out["platform"] == "cpu" and out["peak_tflops"] is None
+  """Every figure of the one-run GPU script, on CPU (a CPU has no known peak: the MFU
+  denominator is given, as `--peak_tflops` does for unlisted accelerators)."""
+  out = run_script("benchmarks/gpu.py", "--reduced", "--steps", "2", "--warmup", "1",
+                   "--peak_tflops", "0.001")
+  assert out["platform"] == "cpu" and out["peak_tflops"] == 0.001
   assert set(out["variants"]) == {"32_scan_noremat_b4", "48_scan_dots_b4_bf16"}
   for name, v in out["variants"].items():
     assert "error" not in v, (name, v)
@@ -29,15 +32,9 @@ def test_gpu_benchmark_reduced_mode_runs_every_variant_on_cpu():
     assert v["examples_per_s"] == pytest.approx(v["batch"] / v["step_s"], rel=1e-2)
     assert v["model_tflops_per_s"] == pytest.approx(
         v["batch"] * v["flops_per_example"] / v["step_s"] / 1e12, rel=1e-2)
-    assert v["mfu"] is None  # no known peak for a CPU
-  assert out["best"]["variant"] in out["variants"]
-
-
-def test_gpu_benchmark_mfu_uses_the_given_peak():
-  out = run_script("benchmarks/gpu.py", "--reduced", "--steps", "1", "--warmup", "1",
-                   "--variants", "32_scan_noremat_b4", "--peak_tflops", "0.001")
-  v = out["variants"]["32_scan_noremat_b4"]
-  assert v["mfu"] == pytest.approx(v["model_tflops_per_s"] / 0.001, rel=1e-2)
+    assert v["mfu"] == pytest.approx(v["model_tflops_per_s"] / 0.001, rel=1e-2)
+  best = max(out["variants"], key=lambda k: out["variants"][k]["model_tflops_per_s"])
+  assert out["best"]["variant"] == best
 
 
 @pytest.mark.slow
