@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.models import layers
 from mmjax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 Cache = Any  # a pytree of arrays; see `reorder_cache` for the layout beam search assumes
@@ -293,8 +294,20 @@ def decode_from_image_tokens(model: nn.Module, params: Any, caption_tokens: jax.
 
 def make_captioner(model: nn.Module, config: DecodeConfig
                    ) -> Callable[[Any, jax.Array, jax.Array | None], jax.Array]:
-  """A jitted `(params, images [B, H, W, 3], rng) -> tokens int32 [B, max_new_tokens]`."""
+  """A jitted `(params, images [B, H, W, 3], rng) -> tokens int32 [B, max_new_tokens]`.
+
+  A model trained with scanned layers decodes with unrolled ones (its parameters unstacked
+  once per call): a scanned stack slices every layer's weights out of the stacked arrays at
+  every step, a copy of the whole decoder per token.
+  """
+  if model.config.scan_layers:
+    model = model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+    prepare = layers.unstack_layer_params
+  else:
+    prepare = lambda params: params
+
   def generate(params: Any, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    params = prepare(params)
     _, caption_tokens = model.apply({"params": params}, images, method="encode_image")
     return decode_from_image_tokens(model, params, caption_tokens, config, rng)
   return jax.jit(generate)

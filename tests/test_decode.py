@@ -12,7 +12,7 @@ import pytest
 import helpers
 import openclip as openclip_configs  # configs/openclip.py (conftest puts configs/ on sys.path)
 from mmjax import decode, models
-from test_models import unstack_layers
+from mmjax.models import layers
 
 EOS, PAD = decode.EOS_ID, decode.PAD_ID
 MAX_NEW = 8
@@ -95,7 +95,7 @@ def test_beam_search_same_with_scanned_and_unrolled_layers(tiny):
   _, model, params, images = tiny
   unrolled = models.build_model(helpers.tiny_config(**{"model.scan_layers": False}))
   kw = dict(strategy="beam", beam_size=3)
-  np.testing.assert_array_equal(caption(unrolled, unstack_layers(params), images, **kw),
+  np.testing.assert_array_equal(caption(unrolled, layers.unstack_layer_params(params), images, **kw),
                                 caption(model, params, images, **kw))
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import helpers
 from mmjax import models
+from mmjax.models import layers
 from mmjax.models import text as text_lib
 
 
@@ -28,21 +29,6 @@ def apply(model, params, batch):
   return jax.device_get(_APPLY[model](params, batch))
 
 
-def unstack_layers(tree):
-  """Scanned params ({'layers': stacked [n, ...]}) -> unrolled ({'layers_i': ...})."""
-  if not isinstance(tree, dict):
-    return tree
-  out = {}
-  for key, value in tree.items():
-    if key == "layers":
-      n = jax.tree.leaves(value)[0].shape[0]
-      for i in range(n):
-        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], value)
-    else:
-      out[key] = unstack_layers(value)
-  return out
-
-
 def test_scanned_and_unrolled_layouts_give_equal_outputs():
   config = helpers.tiny_config()
   batch = helpers.synthetic_batch(config)
@@ -50,7 +36,7 @@ def test_scanned_and_unrolled_layouts_give_equal_outputs():
   unrolled_config = helpers.tiny_config(**{"model.scan_layers": False})
   unrolled = models.build_model(unrolled_config)
   out_scan = apply(model, params, batch)
-  out_unrolled = apply(unrolled, unstack_layers(params), batch)
+  out_unrolled = apply(unrolled, layers.unstack_layer_params(params), batch)
   for key in out_scan:
     np.testing.assert_allclose(out_scan[key], out_unrolled[key], rtol=1e-5, atol=1e-5)
 

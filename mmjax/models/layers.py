@@ -287,3 +287,18 @@ class TransformerStack(nn.Module):
     for i in range(self.num_layers):
       x, _ = block(**kw, name=f"layers_{i}")(x, mask, context)
     return x
+
+
+def unstack_layer_params(tree: Any) -> Any:
+  """Scanned parameters ({"layers": leaves stacked [n, ...]}) -> the unrolled layout
+  ({"layers_0": ..., "layers_{n-1}": ...}) of the same `TransformerStack`s."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {}
+  for key, value in tree.items():
+    if key == "layers":
+      n = jax.tree.leaves(value)[0].shape[0]
+      out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], value) for i in range(n)})
+    else:
+      out[key] = unstack_layer_params(value)
+  return out
