@@ -22,6 +22,14 @@ wheels carried), open_clip's coca_ViT-B-32 step (bf16 autocast, as `--precision 
 and mmjax's same architecture are timed on the same device.
 
 The last line is one JSON object with every figure.
+
+On the lent H100/H200 machines (jax, flax, optax, orbax preinstalled) this script needs only
+ml_collections besides: download it here and carry it (the device tool's `carry`):
+  pip download --no-deps -d .gpu_wheels ml_collections
+  # device command: pip install -q --no-deps .gpu_wheels/*.whl && \
+  #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/gpu.py
+torch + open_clip wheels exceed what can be carried (64 MiB), so the open_clip figure is
+taken only where the GPU image has them.
 """
 import argparse
 import json
