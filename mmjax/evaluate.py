@@ -40,6 +40,8 @@ class Embedder:
     self._image = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image")[0])
     self._text = jax.jit(lambda p, t, tt: model.apply({"params": p}, t, tt,
                                                       method="encode_text"))
+    self._features = jax.jit(lambda p, x: model.apply({"params": p}, x,
+                                                      method="image_features"))
 
   def images(self, params: Any, images: np.ndarray) -> np.ndarray:
     """images [N, H, W, 3] -> L2-normalised embeddings [N, E] (host)."""
@@ -48,6 +50,11 @@ class Embedder:
   def texts(self, params: Any, tokens: np.ndarray, text_type: np.ndarray) -> np.ndarray:
     """tokens [N, L], text_type [N] -> L2-normalised embeddings [N, E] (host)."""
     return self._run(lambda x: self._text(params, x[0], x[1]), tokens, text_type)
+
+  def features(self, params: Any, images: np.ndarray) -> np.ndarray:
+    """images [N, H, W, 3] -> the model's frozen `image_features` [N, D] (host, float64,
+    not normalised): what linear probes read."""
+    return self.map_batches(lambda x: self._features(params, x[0]), images).astype(np.float64)
 
   def _run(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
     emb = self.map_batches(fn, *arrays).astype(np.float64)

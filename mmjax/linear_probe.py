@@ -1,18 +1,29 @@
-"""Linear-probe evaluator: a linear classifier on frozen image embeddings, for any model.
+"""Linear-probe evaluator: a linear classifier on frozen image features, for any model.
 
-Features are the model's `encode_image` embeddings (the L2-normalised contrastive
-embedding every mmjax model exposes, via `evaluate.Embedder`), so the probe works for
-CoCa, UniCL and FLAVA checkpoints alike.
+Features are the model's `image_features(images)` (via `evaluate.Embedder.features`): the
+image representation before the projection to the contrastive embedding space, as CLIP's
+linear probes use (FLAVA: the image encoder's CLS output; CoCa: the contrastive pooler's
+output; each model's docstring says why). Not the L2-normalised contrastive embedding,
+which keeps only what the text side matches.
 
-Classifier: closed-form ridge regression onto one-hot targets (a least-squares classifier),
-solved in float64 NumPy: W = (X^T X + lambda * n * I)^-1 X^T Y with a bias column (not
-penalised). Chosen over logistic regression by gradient descent because it is exact,
-deterministic and takes milliseconds; on normalised features its accuracy is typically
-close to logistic regression's. lambda is picked from `l2_grid` by accuracy on a held-out
-`holdout_fraction` of the probe's training examples, then refit on all of them.
+Each feature is standardised (zero mean, unit variance over the probe's training
+examples; the same affine map is applied to the test examples), so the L2 penalty treats
+every dimension alike whatever the encoder's activation scales.
+
+Classifiers (`classifier`), both in float64 NumPy/SciPy, deterministic, a bias column
+that is not penalised:
+  * "logistic" (default; CLIP's probe): multinomial logistic regression, mean
+    cross-entropy + lambda/2 * |W|^2, minimised by L-BFGS (scipy.optimize), warm-started
+    along the lambda grid.
+  * "ridge": closed-form ridge regression onto one-hot targets (a least-squares
+    classifier), W = (X^T X + lambda * n * I)^-1 X^T Y. Milliseconds, but with many
+    classes and few dimensions least squares is a poor classifier (a class's score is
+    linear, so it cannot win only in its own region), so it reads lower.
+lambda is picked from `l2_grid` by accuracy on a held-out `holdout_fraction` of the
+probe's training examples (the first ones), then the classifier is refit on all of them.
 
 Config (`config.evals.linear_probe`): dataset, train_split, split, image_key, label_key,
-num_train, num_examples, l2_grid, holdout_fraction. Reports
+num_train, num_examples, l2_grid, holdout_fraction, classifier. Reports
 `linear_probe/<dataset>/top1` and `.../lambda`.
 """
 from __future__ import annotations
@@ -25,8 +36,11 @@ import numpy as np
 from mmjax.data import pipeline
 
 
-def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
-  """x [n, d], y int [n] -> weights [d + 1, C] (last row = bias)."""
+def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
+              init: np.ndarray | None = None) -> np.ndarray:
+  """x [n, d], y int [n] -> weights [d + 1, C] (last row = bias). `init` is unused (the
+  solution is closed-form)."""
+  del init
   n, d = x.shape
   xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
   targets = np.eye(num_classes)[y]
@@ -35,28 +49,81 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.n
   return np.linalg.solve(xb.T @ xb + reg, xb.T @ targets)
 
 
-def ridge_predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """weights [d + 1, C], x [n, d] -> predicted class int [n]."""
+def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
+                 init: np.ndarray | None = None, max_iter: int = 1000) -> np.ndarray:
+  """Multinomial logistic regression: x [n, d], y int [n] -> weights [d + 1, C] (last row =
+  bias), minimising mean cross-entropy + l2/2 * |W without bias|^2 by L-BFGS from `init`
+  (weights [d + 1, C]; zero by default). The objective is strictly convex, so the start
+  only changes how many iterations it takes."""
+  import scipy.optimize
+  n, d = x.shape
+  xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
+  targets = np.eye(num_classes)[y]
+
+  def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+    w = flat.reshape(d + 1, num_classes)
+    logits = xb @ w
+    logits -= logits.max(axis=1, keepdims=True)
+    log_z = np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    probs = np.exp(logits - log_z)
+    loss = (log_z[:, 0] - (logits * targets).sum(1)).mean() + 0.5 * l2 * np.sum(w[:-1] ** 2)
+    grad = xb.T @ (probs - targets) / n
+    grad[:-1] += l2 * w[:-1]
+    return loss, grad.ravel()
+
+  start = np.zeros((d + 1) * num_classes) if init is None else np.ravel(init)
+  result = scipy.optimize.minimize(objective, start, jac=True, method="L-BFGS-B",
+                                   options={"maxiter": max_iter})
+  return result.x.reshape(d + 1, num_classes)
+
+
+CLASSIFIERS = {"logistic": logistic_fit, "ridge": ridge_fit}
+
+
+def predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """weights [d + 1, C] (either classifier), x [n, d] -> predicted class int [n]."""
   return np.argmax(x @ w[:-1] + w[-1], axis=1)
+
+
+def standardize(train_x: np.ndarray,
+                test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Both [n, d] -> float64, each column shifted and scaled by the train set's mean and
+  standard deviation (a constant column is only centred)."""
+  train_x, test_x = np.asarray(train_x, np.float64), np.asarray(test_x, np.float64)
+  mean, std = train_x.mean(0), train_x.std(0)
+  std = np.where(std > 1e-9 * (1.0 + np.abs(mean)), std, 1.0)  # float noise of a constant
+  return (train_x - mean) / std, (test_x - mean) / std
 
 
 def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                   test_y: np.ndarray, num_classes: int, l2_grid: tuple[float, ...],
-                  holdout_fraction: float) -> tuple[float, float]:
-  """Selects lambda on a holdout of the train set, refits on all of it.
+                  holdout_fraction: float,
+                  classifier: str = "logistic") -> tuple[float, float]:
+  """Standardises the features, selects lambda on a holdout of the train set, refits on
+  all of it.
 
   Returns (top-1 accuracy on the test set, chosen lambda).
   """
+  if classifier not in CLASSIFIERS:
+    raise ValueError(f"config evals.linear_probe.classifier={classifier!r}: choose one of "
+                     f"{list(CLASSIFIERS)}")
+  fit = CLASSIFIERS[classifier]
+  train_x, test_x = standardize(train_x, test_x)
   n_hold = int(round(len(train_x) * holdout_fraction))
-  best = l2_grid[0]
+  best, w = l2_grid[0], None
   if 0 < n_hold < len(train_x) and len(l2_grid) > 1:
     fit_x, fit_y = train_x[n_hold:], train_y[n_hold:]
     hold_x, hold_y = train_x[:n_hold], train_y[:n_hold]
-    scores = [(ridge_predict(ridge_fit(fit_x, fit_y, num_classes, l2), hold_x) == hold_y).mean()
-              for l2 in l2_grid]
-    best = l2_grid[int(np.argmax(scores))]  # first (smallest) lambda among ties
-  w = ridge_fit(train_x, train_y, num_classes, best)
-  return float((ridge_predict(w, test_x) == test_y).mean()), float(best)
+    scores, fits = {}, {}
+    # Strongest penalty first, each fit warm-started from the previous one (a regularisation
+    # path: L-BFGS needs far fewer iterations than from zero at small lambda).
+    for l2 in sorted(l2_grid, reverse=True):
+      w = fits[l2] = fit(fit_x, fit_y, num_classes, l2, w)
+      scores[l2] = (predict(w, hold_x) == hold_y).mean()
+    best = max(sorted(l2_grid), key=lambda l2: scores[l2])  # smallest lambda among ties
+    w = fits[best]
+  w = fit(train_x, train_y, num_classes, best, w)
+  return float((predict(w, test_x) == test_y).mean()), float(best)
 
 
 class LinearProbe:
@@ -65,20 +132,40 @@ class LinearProbe:
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only
     e = config.evals.linear_probe
-    self.name = e.dataset.replace("/", "_")
     load = lambda split, n: pipeline.load_eval_split(
         config, dataset=e.dataset, split=split, image_key=e.image_key, label_key=e.label_key,
         num_examples=n)
     train, test = load(e.train_split, e.num_train), load(e.split, e.num_examples)
-    self.train_images, self.train_labels = train["images"], train["labels"]
-    self.test_images, self.test_labels = test["images"], test["labels"]
-    self.num_classes = len(train["class_names"])
-    self.l2_grid = tuple(float(x) for x in e.l2_grid)
-    self.holdout_fraction = float(e.holdout_fraction)
+    self._set(e.dataset, train["images"], train["labels"], test["images"], test["labels"],
+              len(train["class_names"]), e.l2_grid, e.holdout_fraction,
+              e.get("classifier", "logistic"))
+
+  @classmethod
+  def from_arrays(cls, dataset: str, train_images: np.ndarray, train_labels: np.ndarray,
+                  test_images: np.ndarray, test_labels: np.ndarray, num_classes: int,
+                  l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
+                  holdout_fraction: float = 0.2,
+                  classifier: str = "logistic") -> "LinearProbe":
+    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int)."""
+    probe = cls.__new__(cls)
+    probe._set(dataset, train_images, train_labels, test_images, test_labels, num_classes,
+               l2_grid, holdout_fraction, classifier)
+    return probe
+
+  def _set(self, dataset, train_images, train_labels, test_images, test_labels, num_classes,
+           l2_grid, holdout_fraction, classifier) -> None:
+    self.name = dataset.replace("/", "_")
+    self.train_images, self.train_labels = train_images, np.asarray(train_labels)
+    self.test_images, self.test_labels = test_images, np.asarray(test_labels)
+    self.num_classes = int(num_classes)
+    self.l2_grid = tuple(float(x) for x in l2_grid)
+    self.holdout_fraction = float(holdout_fraction)
+    self.classifier = classifier
 
   def __call__(self, embedder: Any, params: Any) -> dict[str, float]:
-    train_x = embedder.images(params, self.train_images)
-    test_x = embedder.images(params, self.test_images)
+    train_x = embedder.features(params, self.train_images)
+    test_x = embedder.features(params, self.test_images)
     top1, l2 = fit_and_score(train_x, self.train_labels, test_x, self.test_labels,
-                             self.num_classes, self.l2_grid, self.holdout_fraction)
+                             self.num_classes, self.l2_grid, self.holdout_fraction,
+                             self.classifier)
     return {f"linear_probe/{self.name}/top1": top1, f"linear_probe/{self.name}/lambda": l2}

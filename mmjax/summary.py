@@ -86,11 +86,54 @@ FLAVA_PARTS = {
 }
 
 
+def flava_forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward matmul FLOPs per example of FLAVA's pretraining forward (`Flava.pretrain`),
+  per part; same conventions as `forward_flops` (matmuls only, causal-free dense attention).
+
+  Every example runs the image encoder twice (clean for the contrastive loss, masked for
+  MIM / MMM) and the text encoder twice (clean, masked), whatever its modality: the batch
+  is dense, flags only weight the losses. With T_i = 1 + N image tokens (CLS), L text
+  tokens, T_m = 1 + T_i + L multimodal tokens (its CLS first), and a head
+  x -> Dense(D) -> Dense(out) costing 2*T*D^2 + 2*T*D*out:
+    patch embedding     2 x 2*N*(p*p*3*Dv)
+    image encoder       2 x Lv * [2*T_i*(4*Dv^2 + 2*Dv*Fv) + 4*T_i^2*Dv]
+    text encoder        2 x Lt * [2*L*(4*Dt^2 + 2*Dt*Ft) + 4*L^2*Dt]
+    multimodal encoder  2*T_i*Dv*Dm + 2*L*Dt*Dm (input projections)
+                        + Lm * [2*T_m*(4*Dm^2 + 2*Dm*Fm) + 4*T_m^2*Dm]
+    heads               MLM (L, Dt, V) + MIM (N, Dv, M) + MMM text (L, Dm, V)
+                        + MMM image (N, Dm, M) + ITM (1, Dm, 1); M = p*p*3 or codebook size
+    projections         2*Dv*E + 2*Dt*E
+    contrastive loss    2*B*E (this example's share of the dense B x B logits)
+  MIM targets (normalised pixels, nearest codebook centroid) are target preprocessing
+  without gradients and are not counted. Training = 3 x forward, patch embedding 2 x.
+  """
+  from mmjax.models.flava import FlavaConfig
+  c = FlavaConfig.from_config(config)
+  n, p, length = c.num_patches, c.patch_size, c.max_text_len
+  dv, dt, dm = c.vision_width, c.text_width, c.mm_width
+  ti, tm = 1 + n, 2 + n + length
+  block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
+  head = lambda t, d, out: 2 * t * d * d + 2 * t * d * out
+  v, m = c.vocab_size, c.mim_outputs
+  return {
+      "patch_embedding": 2 * 2 * n * p * p * 3 * dv,
+      "image_encoder": 2 * c.vision_depth * block(ti, dv, c.vision_mlp_dim),
+      "text_encoder": 2 * c.text_depth * block(length, dt, c.text_mlp_dim),
+      "multimodal_encoder": (2 * ti * dv * dm + 2 * length * dt * dm
+                             + c.mm_depth * block(tm, dm, c.mm_mlp_dim)),
+      "heads": (head(length, dt, v) + head(n, dv, m) + head(length, dm, v) + head(n, dm, m)
+                + head(1, dm, 1)),
+      "projections": 2 * (dv + dt) * c.embed_dim,
+      "contrastive_loss": 2 * config.batch_size * c.embed_dim,
+  }
+
+
 def summarize_flava(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """FLAVA parameter counts per part (FLOPs are not modelled for FLAVA yet).
+  """FLAVA parameter counts per part and training FLOPs per example.
 
   Keys: variant, params_total, params_<part> for FLAVA_PARTS and `other` (contrastive
-  projections, logit scale), params_by_module.
+  projections, logit scale), params_by_module, flops_per_example (training, model FLOPs,
+  see `flava_forward_flops`), flops_per_step (x batch_size), flops_by_part (training).
   """
   by_module = count_params(config)
   out = {"variant": config.get("variant", config.get("preset", "")),
@@ -100,6 +143,10 @@ def summarize_flava(config: ml_collections.ConfigDict) -> dict[str, Any]:
     out[f"params_{part}"] = sum(by_module.get(m, 0) for m in modules)
   out["params_other"] = sum(v for k, v in by_module.items() if k not in known)
   out["params_by_module"] = by_module
+  flops = train_flops(flava_forward_flops(config))
+  out["flops_per_example"] = sum(flops.values())
+  out["flops_per_step"] = out["flops_per_example"] * config.batch_size
+  out["flops_by_part"] = flops
   return out
 
 
@@ -110,7 +157,7 @@ def format_flava_table(s: dict[str, Any]) -> str:
     n = s[f"params_{name}"]
     lines.append(f"{name:40s} {n:14,d} {n / 1e6:9.2f} {100 * n / total:6.1f}%")
   lines.append(f"{'total':40s} {total:14,d} {total / 1e6:9.2f}")
-  return "\n".join(lines)
+  return "\n".join(lines + flops_lines(s))
 
 
 def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -233,12 +280,17 @@ def format_table(s: dict[str, Any]) -> str:
            f"{'parameters':40s} {'count':>14s} {'M':>9s} {'share':>7s}"]
   for name, n in rows:
     lines.append(f"{name:40s} {n:14,d} {n / 1e6:9.2f} {100 * n / total:6.1f}%")
-  lines += ["", f"{'training FLOPs per example':40s} {'GFLOP':>14s} {'share':>7s}"]
+  return "\n".join(lines + flops_lines(s))
+
+
+def flops_lines(s: dict[str, Any]) -> list[str]:
+  """The training-FLOPs rows of `format_table` / `format_flava_table`."""
+  lines = ["", f"{'training FLOPs per example':40s} {'GFLOP':>14s} {'share':>7s}"]
   for name, f in s["flops_by_part"].items():
     lines.append(f"{name:40s} {f / 1e9:14.2f} {100 * f / s['flops_per_example']:6.1f}%")
   lines.append(f"{'total':40s} {s['flops_per_example'] / 1e9:14.2f}")
   lines.append(f"{'per step (x batch)':40s} {s['flops_per_step'] / 1e9:14.4g}")
-  return "\n".join(lines)
+  return lines
 
 
 def main(argv: list[str]) -> None:

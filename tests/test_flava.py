@@ -1,10 +1,15 @@
 """FLAVA: losses against float64 NumPy references, masking statistics, ITM negatives, a
-jitted train step through mmjax.step, evaluator signatures, the linear probe and the
-modality views of the data pipeline.
+jitted train step through mmjax.step, the sharded loss against one device, evaluator
+signatures, the linear probe on frozen features, the eval CLI on a FLAVA checkpoint and
+the modality views of the data pipeline.
 
 CPU compiles dominate: every distinct program is jitted once (losses share one program).
 """
+import json
 import math
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -14,9 +19,12 @@ import pytest
 
 import helpers
 import flava as flava_configs  # configs/flava.py (conftest puts configs/ on sys.path)
+from conftest import CACHE_DIR, REPO
 from mmjax import flava_objectives as fo
 from mmjax import evaluate, linear_probe, losses, models, sharding, state as state_lib
 from mmjax import step as step_lib
+from mmjax.models import vit
+from mmjax.models.flava import FlavaConfig
 from mmjax.optimizer import make_optimizer, make_schedule
 
 
@@ -262,6 +270,44 @@ def test_tiny_flava_train_step_and_evaluators():
   np.testing.assert_allclose(np.linalg.norm(image_emb, axis=1), 1.0, rtol=1e-6)
 
 
+def flava_loss_and_grads(mesh_shape):
+  """The jitted FLAVA loss and gradients of one batch (joint phase, ITM swaps) on a mesh."""
+  config = tiny_config(batch_size=8, **{"mesh.shape": mesh_shape,
+                                        "flava.itm_negative_rate": 0.5})
+  mesh = sharding.make_mesh(config, jax.devices()[:math.prod(mesh_shape)])
+  model, optimizer = models.build_model(config), make_optimizer(config)
+  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+    state = state_lib.create_state(model, optimizer, config, shardings)
+    batch = sharding.global_batch(flava_batch(config), mesh)
+    grads = jax.jit(fns.flava.grads, in_shardings=(
+        shardings.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
+    loss, aux, g = grads(state.params, batch, jnp.int32(config.flava.unimodal_steps))
+  return float(loss), jax.device_get(aux), jax.device_get(g)
+
+
+@pytest.fixture(scope="module")
+def one_device_reference():
+  return flava_loss_and_grads((1, 1, 1))
+
+
+@pytest.mark.parametrize("mesh_shape", [
+    (2, 2, 2), pytest.param((4, 2, 1), marks=pytest.mark.slow)])
+def test_sharded_pretrain_loss_matches_one_device(one_device_reference, mesh_shape):
+  ref_loss, ref_aux, ref_grads = one_device_reference
+  loss, aux, grads = flava_loss_and_grads(mesh_shape)
+  assert int(aux["joint_phase"]) == 1 and int(aux["itm_negatives"]) > 0
+  assert loss == pytest.approx(ref_loss, rel=1e-5)
+  for key in fo.LOSS_KEYS:
+    assert aux[key] == pytest.approx(ref_aux[key], rel=1e-5, abs=1e-6), key
+  # Gradients, relative to the whole gradient (some leaves are float noise around zero).
+  scale = max(np.abs(x).max() for x in jax.tree.leaves(ref_grads))
+  worst = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(grads),
+                                                   jax.tree.leaves(ref_grads)))
+  assert worst <= 1e-5 * scale, worst
+
+
 def test_masks_are_a_function_of_seed_and_step():
   config = tiny_config(batch_size=8)
   objective = fo.FlavaObjective(models.build_model(config), config)
@@ -275,26 +321,142 @@ def test_masks_are_a_function_of_seed_and_step():
   assert not a["selected"][batch["has_text"] == 0].any()
 
 
-def test_linear_probe_ridge_closed_form():
+def init_params(config, model):
+  batch = flava_batch(config)
+  return nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"],
+                                      batch["text"])["params"])
+
+
+def test_image_encoder_is_the_shared_vit_with_a_mask_token():
+  config = tiny_config(batch_size=4)
+  model = models.build_model(config)
+  params = init_params(config, model)
+  assert sorted(params["vision"]) == ["cls", "encoder", "ln_post", "mask_token",
+                                      "patch_embed", "pos_embed"]
+  n = FlavaConfig.from_config(config).num_patches
+  rng = np.random.default_rng(4)
+  images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  other = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  run = jax.jit(lambda p, x, m: model.apply(
+      {"params": p}, x, m,
+      method=lambda f, x, m: (f.image_tokens(x, m), f.image_tokens(x), f.image_features(x),
+                              f.image_proj(f.image_features(x)), f.encode_image(x)[0])))
+  none, every = np.zeros((4, n), bool), np.ones((4, n), bool)
+  masked_none, unmasked, features, projected, embedding = jax.device_get(
+      run(params, images, none))
+  other_none = jax.device_get(run(params, other, none))[0]
+  masked_all = jax.device_get(run(params, images, every))[0]
+  other_all = jax.device_get(run(params, other, every))[0]
+  # An all-False mask is the plain encoder; different images give different tokens ...
+  np.testing.assert_array_equal(masked_none, unmasked)
+  assert np.abs(masked_none - other_none).max() > 1e-2
+  # ... but with every patch replaced by the mask token the image no longer matters.
+  np.testing.assert_allclose(masked_all, other_all, atol=1e-6)
+  # Probe features: the image encoder's CLS output, which image_proj maps to the embedding.
+  assert features.shape == (4, config.model.vision.width) and features.dtype == np.float32
+  np.testing.assert_array_equal(features, unmasked[:, 0])
+  np.testing.assert_allclose(projected, embedding, rtol=1e-5, atol=1e-6)
+  # A ViT built without a mask token refuses a mask (CoCa's parameter tree is unchanged).
+  with pytest.raises(ValueError, match="mask_token=True"):
+    vit.ViT(4, 8, 1, 16, 2).init(jax.random.key(0), images[:1], none[:1])
+
+
+def test_linear_probe_standardizes_features():
+  """Per-dimension rescaling of the features changes neither the accuracy nor the chosen
+  lambda: the ridge penalty sees standardised features."""
+  rng = np.random.default_rng(5)
+  classes, d = 4, 12
+  y = rng.integers(0, classes, 300)
+  x = rng.normal(size=(classes, d))[y] * 0.7 + rng.normal(size=(300, d))
+  scale = 10.0 ** rng.uniform(-3, 3, d)
+  grid = (1e-4, 1e-2, 1.0, 10.0)
+  plain = linear_probe.fit_and_score(x[:200], y[:200], x[200:], y[200:], classes, grid, 0.25,
+                                     "ridge")
+  scaled = linear_probe.fit_and_score(x[:200] * scale, y[:200], x[200:] * scale, y[200:],
+                                      classes, grid, 0.25, "ridge")
+  assert plain == scaled and plain[0] > 0.5
+  train, test = linear_probe.standardize(x[:200] * scale + 5.0, x[200:] * scale + 5.0)
+  np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-9)
+  np.testing.assert_allclose(train.std(0), 1.0, rtol=1e-9)
+  np.testing.assert_allclose(test, (x[200:] - x[:200].mean(0)) / x[:200].std(0), rtol=1e-6)
+
+
+def test_linear_probe_reads_image_features_and_beats_chance():
+  """Synthetic separable classes (one colour per class, noisy) through a random-init tiny
+  FLAVA: the probe reads `Embedder.features` (the model's image_features), never the
+  contrastive embedding, and classifies far above chance (0.25)."""
+  config = tiny_config(batch_size=8)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  model = models.build_model(config)
+  params = init_params(config, model)
+  rng = np.random.default_rng(6)
+  colours = rng.uniform(-0.8, 0.8, (4, 3))
+
+  def split(n):
+    y = rng.integers(0, 4, n).astype(np.int32)
+    x = colours[y][:, None, None, :] + rng.normal(0, 0.1, (n, 32, 32, 3))
+    return np.clip(x, -1, 1).astype(np.float32), y
+
+  (train_x, train_y), (test_x, test_y) = split(128), split(64)
+
+  class Spy(evaluate.Embedder):
+    calls = 0
+
+    def features(self, params, images):
+      Spy.calls += 1
+      return super().features(params, images)
+
+    def images(self, params, images):
+      raise AssertionError("the linear probe read the contrastive embedding")
+
+  probe = linear_probe.LinearProbe.from_arrays("synthetic", train_x, train_y, test_x, test_y,
+                                               num_classes=4)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+    result = probe(Spy(model, mesh, batch_size=64), params)
+  assert Spy.calls == 2
+  assert result["linear_probe/synthetic/top1"] > 0.9, result
+
+
+@pytest.mark.parametrize("classifier", ["ridge", "logistic"])
+def test_linear_probe_classifiers_separate_and_stay_at_chance_on_noise(classifier):
   rng = np.random.default_rng(3)
   classes, d = 5, 16
   centers = rng.normal(size=(classes, d)) * 3
   y = rng.integers(0, classes, 400)
   x = centers[y] + rng.normal(size=(400, d))
   acc, l2 = linear_probe.fit_and_score(x[:300], y[:300], x[300:], y[300:], classes,
-                                       (1e-4, 1e-2, 1.0), 0.2)
+                                       (1e-4, 1e-2, 1.0), 0.2, classifier)
   assert acc > 0.95 and l2 in (1e-4, 1e-2, 1.0)
-  # The closed form solves the regularised normal equations.
-  w = linear_probe.ridge_fit(x, y, classes, 0.1)
-  xb = np.concatenate([x, np.ones((400, 1))], 1)
-  reg = 0.1 * 400 * np.eye(d + 1)
-  reg[d, d] = 0
-  np.testing.assert_allclose((xb.T @ xb + reg) @ w, xb.T @ np.eye(classes)[y], atol=1e-8)
   # Random features: chance level, not better.
   chance, _ = linear_probe.fit_and_score(rng.normal(size=(300, d)), y[:300],
                                          rng.normal(size=(100, d)), y[300:], classes,
-                                         (1e-2,), 0.0)
+                                         (1e-2,), 0.0, classifier)
   assert chance < 0.4
+
+
+def test_linear_probe_fits_solve_their_objectives():
+  rng = np.random.default_rng(3)
+  classes, d, n = 5, 16, 400
+  y = rng.integers(0, classes, n)
+  x = rng.normal(size=(classes, d))[y] + rng.normal(size=(n, d))
+  xb = np.concatenate([x, np.ones((n, 1))], 1)
+  targets = np.eye(classes)[y]
+  # Ridge: the closed form solves the regularised normal equations.
+  w = linear_probe.ridge_fit(x, y, classes, 0.1)
+  reg = 0.1 * n * np.eye(d + 1)
+  reg[d, d] = 0
+  np.testing.assert_allclose((xb.T @ xb + reg) @ w, xb.T @ targets, atol=1e-8)
+  # Logistic: at the returned weights the gradient of mean cross-entropy + l2/2 |W|^2
+  # (bias unpenalised), computed here independently, vanishes.
+  w = linear_probe.logistic_fit(x, y, classes, 0.01)
+  logits = xb @ w
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  grad = xb.T @ (probs - targets) / n + 0.01 * np.concatenate([w[:-1], np.zeros((1, classes))])
+  assert np.abs(grad).max() < 1e-4, np.abs(grad).max()
+  assert np.abs(w).max() > 0.1  # not the zero start
+  with pytest.raises(ValueError, match="classifier"):
+    linear_probe.fit_and_score(x, y, x, y, classes, (0.1,), 0.0, "svm")
 
 
 def test_pipeline_emits_modality_views(data_dir):
@@ -318,6 +480,26 @@ def test_pipeline_emits_modality_views(data_dir):
   assert set(modality) == {"paired", "image", "text"}
 
 
+def test_summary_flava_flops_match_xla():
+  """The FLOPs formula (matmuls only) against XLA's cost analysis of the lowered gradient of
+  the real FLAVA loss (unrolled layers: a scanned body is counted once). XLA also counts
+  norms, GELU, softmax, the losses and the masking, so the formula lands a little below."""
+  config = tiny_config(**{"model.scan_layers": False})
+  model = models.build_model(config)
+  objective = fo.FlavaObjective(model, config)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                   *state_lib.dummy_inputs(config))["params"])
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flava_batch(config).items()}
+  lowered = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jnp.int32(100))[0])).lower(
+      params, batch)
+  cost = lowered.cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / config.batch_size
+  from mmjax import summary
+  s = summary.summarize_flava(config)
+  assert 0.85 < s["flops_per_example"] / xla <= 1.0, (s["flops_per_example"], xla)
+  assert s["flops_per_step"] == s["flops_per_example"] * config.batch_size
+
+
 def test_summary_reports_flava_parts():
   from mmjax import summary
   s = summary.summarize_flava(flava_configs.get_config("full"))
@@ -325,4 +507,44 @@ def test_summary_reports_flava_parts():
   assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
   assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
   assert s["params_total"] == sum(s["params_by_module"].values())
-  assert "FLAVA full" in summary.format_flava_table(s)
+  table = summary.format_flava_table(s)
+  assert "FLAVA full" in table and "training FLOPs per example" in table
+  # Two ViT-B/16 passes (clean + masked), training (3 x), 2 FLOPs per multiply-add, 84.9M
+  # block weights, 197 tokens: the "6 x params x tokens" rule, twice.
+  assert s["flops_by_part"]["image_encoder"] > 2 * 6 * 84.9e6 * 197
+
+
+def flava_cli(module, workdir, data_dir, *overrides):
+  command = [sys.executable, "-m", module, f"--config={REPO}/configs/flava.py:tiny",
+             f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+             f"--config.compilation_cache_dir={CACHE_DIR}", *overrides]
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
+  """Train 2 steps (checkpoint + in-loop evaluation), then `python -m mmjax.evaluate` on the
+  checkpoint: zero-shot, retrieval and linear probe run and give the trainer's numbers."""
+  workdir = str(tmp_path / "flava")
+  small = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
+           "--config.flava.unimodal_steps=1", "--config.evals.batch_size=32",
+           "--config.evals.zeroshot.num_examples=32", "--config.evals.retrieval.num_examples=32",
+           "--config.evals.linear_probe.num_train=128",
+           "--config.evals.linear_probe.num_examples=32"]
+  flava_cli("mmjax.train", workdir, data_dir, *small)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    trained = [m for m in map(json.loads, f) if "linear_probe/shapes_labels/top1" in m][-1]
+  out = flava_cli("mmjax.evaluate", workdir, data_dir, *small)
+  with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+    evaluated = json.load(f)
+  for key in ("zeroshot/shapes_labels/top1", "retrieval/shapes_captions/i2t_r10",
+              "linear_probe/shapes_labels/top1"):
+    assert key in evaluated and key in out, key
+  for key, value in evaluated.items():
+    if key != "step":
+      assert value == pytest.approx(trained[key], abs=1e-6), key

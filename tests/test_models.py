@@ -116,6 +116,22 @@ def test_poolers_and_output_shapes(pooler):  # parallel: contrastive pooler read
   np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
 
 
+def test_image_features_are_the_contrastive_pooling_before_the_projection():
+  """Linear probes read `image_features`: projected by image_proj they give exactly the
+  contrastive embedding, and they are the model's pooled vector (not the embedding)."""
+  config = helpers.tiny_config()
+  batch = helpers.synthetic_batch(config)
+  model, params = init(config, batch)
+  features, projected, embedding = jax.device_get(jax.jit(lambda p, x: model.apply(
+      {"params": p}, x,
+      method=lambda m, x: (m.image_features(x), m.image_proj(m.image_features(x)),
+                           m.encode_image(x)[0])))(params, batch["image"]))
+  assert features.shape == (config.batch_size, config.model.text.width)
+  assert features.dtype == np.float32
+  np.testing.assert_allclose(projected, embedding, rtol=1e-5, atol=1e-6)
+  assert config.model.embed_dim != config.model.text.width  # really a different vector
+
+
 def test_tied_embeddings_drop_the_output_projection():
   config = helpers.tiny_config(**{"model.tie_embeddings": True})
   batch = helpers.synthetic_batch(config)

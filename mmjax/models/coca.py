@@ -17,40 +17,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from mmjax.models import config as model_config
 from mmjax.models import layers, text, vit
 
 PAD_ID = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class CoCaConfig:
-  """The model part of a config, frozen so Flax can hash it (see `configs/*.py`)."""
-  image_size: int
-  patch_size: int
-  vision_width: int
-  vision_depth: int
-  vision_mlp_dim: int
-  vision_heads: int
-  text_width: int
+class CoCaConfig(model_config.ModelConfig):
+  """The model part of a config, frozen so Flax can hash it (see `configs/*.py`).
+
+  Adds to the shared fields (`mmjax.models.config`); the decoders see max_text_len - 1
+  tokens."""
   num_uni_layers: int
   num_multi_layers: int
-  text_mlp_dim: int
-  text_heads: int
-  vocab_size: int
-  max_text_len: int  # tokens per example incl. BOS/EOS; the decoders see max_text_len - 1
-  embed_dim: int
   pooler: str
   num_caption_queries: int
   tie_embeddings: bool
   prefix_length: int
   num_text_types: int
-  logit_scale_init: float
-  logit_scale_max: float
-  activation: str
-  dtype: str
-  param_dtype: str
-  scan_layers: bool
-  remat_policy: str
   # Options for converted open_clip weights; the defaults are mmjax's own model.
   norm_eps: float = 1e-6  # every LayerNorm; torch (open_clip) uses 1e-5
   pooler_heads: int = 0  # attention heads of the poolers; 0 = text_heads
@@ -89,18 +74,10 @@ class CoCaConfig:
       raise ValueError(f"config model.pooler='openclip' needs model.embed_dim="
                        f"{m.embed_dim} == model.text.width={m.text.width}")
     return cls(
-        image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
-        vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
-        vision_heads=m.vision.num_heads, text_width=m.text.width,
-        num_uni_layers=m.text.num_uni_layers, num_multi_layers=m.text.num_multi_layers,
-        text_mlp_dim=m.text.mlp_dim, text_heads=m.text.num_heads,
-        vocab_size=m.text.vocab_size, max_text_len=config.data.max_text_len,
-        embed_dim=m.embed_dim, pooler=m.pooler, num_caption_queries=m.num_caption_queries,
-        tie_embeddings=m.tie_embeddings, prefix_length=m.prefix_length,
-        num_text_types=m.num_text_types, logit_scale_init=m.logit_scale_init,
-        logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
-        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy, **options)
+        **cls.shared_fields(config), num_uni_layers=m.text.num_uni_layers,
+        num_multi_layers=m.text.num_multi_layers, pooler=m.pooler,
+        num_caption_queries=m.num_caption_queries, tie_embeddings=m.tie_embeddings,
+        prefix_length=m.prefix_length, num_text_types=m.num_text_types, **options)
 
 
 CLS_MASKS = ("correct", "legacy")
@@ -180,8 +157,9 @@ class CoCa(nn.Module):
     self.logit_scale_log = self.param(
         "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
 
-  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, caption tokens [B, Q, D])."""
+  def pool_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] -> (contrastive pooler output [B, D] before the projection,
+    caption tokens [B, Q, D])."""
     norm = IMAGE_NORMS[self.config.image_norm]
     if norm is not None:
       # Pipeline images are in [-1, 1]; the checkpoint expects (pixel/255 - mean) / std.
@@ -190,11 +168,28 @@ class CoCa(nn.Module):
     tokens = self.vision(images)
     if self.config.pooler == "openclip":
       pooled = self.caption_pooler(tokens)
-      return self.image_proj(pooled[:, 0]).astype(jnp.float32), pooled[:, 1:]
+      return pooled[:, 0], pooled[:, 1:]
     caption_tokens = self.caption_pooler(tokens)
     source = caption_tokens if self.config.pooler == "cascade" else tokens
-    pooled = self.contrastive_pooler(source)[:, 0]
+    return self.contrastive_pooler(source)[:, 0], caption_tokens
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, caption tokens [B, Q, D])."""
+    pooled, caption_tokens = self.pool_image(images)
     return self.image_proj(pooled).astype(jnp.float32), caption_tokens
+
+  def image_features(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] -> frozen features [B, D] float32 for linear probes: the
+    contrastive pooler's output, before the projection to the embedding space.
+
+    Why: CLIP's linear probes (arXiv 2103.00020, App. A.3) use the image features before
+    that projection, and big_vision's few-shot / linear evaluators read a model's
+    `pre_logits`, the pooled representation before its head. CoCa's own frozen-feature
+    evaluation (arXiv 2205.01917) trains a new attentional pooler over the frozen ViT
+    tokens, which a linear probe cannot; the contrastive pooler is the pooling CoCa learned
+    for a single image vector.
+    """
+    return self.pool_image(images)[0].astype(jnp.float32)
 
   def encode_text_tokens(self, text_ids: jax.Array,
                          text_type: jax.Array) -> tuple[jax.Array, jax.Array]:

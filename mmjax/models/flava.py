@@ -1,10 +1,9 @@
 """FLAVA: A Foundational Language And Vision Alignment model (arXiv 2112.04482).
 
 Three encoders built from `layers.TransformerStack` (pre-LN blocks, scanned or unrolled):
-  * image encoder: ViT patch embedding, a prepended learned CLS token, learned positions;
-    masked patches (MIM / MMM) have their embedding replaced by a learned mask token
-    (BEiT), so the image encoder is defined here rather than by wrapping `vit.ViT` (which
-    offers no hook between the patch embedding and the blocks).
+  * image encoder: `vit.ViT` with a prepended learned CLS token, learned positions and a
+    final LayerNorm; masked patches (MIM / MMM) have their embedding replaced by its
+    learned mask token (BEiT, `vit.ViT(mask_token=True)`).
   * text encoder: bidirectional (causal=False) with a padding mask; BOS is the text CLS.
   * multimodal encoder: over [mm CLS, projected image tokens (CLS + N), projected text
     tokens (L)] with a padding mask on the text part.
@@ -28,47 +27,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax.models import layers
+from mmjax.models import config as model_config
+from mmjax.models import layers, vit
 
 PAD_ID = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class FlavaConfig:
-  """The model part of a FLAVA config, frozen so Flax can hash it (see configs/flava.py)."""
-  image_size: int
-  patch_size: int
-  vision_width: int
-  vision_depth: int
-  vision_mlp_dim: int
-  vision_heads: int
-  text_width: int
+class FlavaConfig(model_config.ModelConfig):
+  """The model part of a FLAVA config, frozen so Flax can hash it (see configs/flava.py).
+
+  Adds to the shared fields (`mmjax.models.config`); vocab_size counts the tokenizer's
+  ids, the embedding has one more row for [MASK]."""
   text_depth: int
-  text_mlp_dim: int
-  text_heads: int
   mm_width: int
   mm_depth: int
   mm_mlp_dim: int
   mm_heads: int
-  vocab_size: int  # tokenizer ids; the embedding has one more row for [MASK]
-  max_text_len: int
-  embed_dim: int
   mim_outputs: int  # p*p*3 for pixel regression, codebook_size for codebook targets
-  logit_scale_init: float
-  logit_scale_max: float
-  activation: str
-  dtype: str
-  param_dtype: str
-  scan_layers: bool
-  remat_policy: str
 
   @property
   def mask_id(self) -> int:
     return self.vocab_size
-
-  @property
-  def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
@@ -81,65 +61,10 @@ class FlavaConfig:
       raise ValueError(f"config flava.mim_target={f.mim_target!r}: choose 'pixels' or "
                        "'codebook'")
     return cls(
-        image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
-        vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
-        vision_heads=m.vision.num_heads, text_width=m.text.width,
-        text_depth=m.text.num_layers, text_mlp_dim=m.text.mlp_dim,
-        text_heads=m.text.num_heads, mm_width=m.multimodal.width,
-        mm_depth=m.multimodal.num_layers, mm_mlp_dim=m.multimodal.mlp_dim,
-        mm_heads=m.multimodal.num_heads, vocab_size=m.text.vocab_size,
-        max_text_len=config.data.max_text_len, embed_dim=m.embed_dim,
-        mim_outputs=mim_outputs, logit_scale_init=m.logit_scale_init,
-        logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
-        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy)
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, dtype):
-  return module.param(name, layers.partitioned(nn.initializers.normal(0.02), axes), shape,
-                      dtype)
-
-
-class ImageEncoder(nn.Module):
-  """images [B, H, W, 3] (+ patch mask bool [B, N]) -> tokens [B, 1+N, D] (CLS first, LN'd).
-
-  Where `patch_mask` is True the patch embedding is replaced by the learned mask token
-  before positions are added (BEiT), so the model must infer the patch from its context.
-  """
-  patch_size: int
-  width: int
-  depth: int
-  mlp_dim: int
-  num_heads: int
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
-    p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                               (None, None, None, "embed")),
-                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
-                name="patch_embed")(images.astype(self.dtype))
-    batch, h, w, width = x.shape
-    x = x.reshape(batch, h * w, width)
-    mask_token = _param(self, "mask_token", (width,), ("embed",), self.param_dtype)
-    if patch_mask is not None:
-      x = jnp.where(patch_mask[..., None], mask_token.astype(self.dtype), x)
-    cls = _param(self, "cls", (width,), ("embed",), self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], 1)
-    pos = _param(self, "pos_embed", (1 + h * w, width), (None, "embed"), self.param_dtype)
-    x = x + pos.astype(self.dtype)
-    x = layers.TransformerStack(
-        num_layers=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        activation=self.activation, scan=self.scan, remat_policy=self.remat_policy,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="encoder")(x)
-    return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x)
+        **cls.shared_fields(config), text_depth=m.text.num_layers,
+        mm_width=m.multimodal.width, mm_depth=m.multimodal.num_layers,
+        mm_mlp_dim=m.multimodal.mlp_dim, mm_heads=m.multimodal.num_heads,
+        mim_outputs=mim_outputs)
 
 
 def padding_mask(valid: jax.Array) -> jax.Array:
@@ -166,8 +91,9 @@ class TextEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
-    pos = _param(self, "pos_embed", (self.max_len, x.shape[-1]), (None, "embed"),
-                 self.param_dtype)
+    pos = self.param("pos_embed",
+                     layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
+                     (self.max_len, x.shape[-1]), self.param_dtype)
     x = x.astype(self.dtype) + pos[:x.shape[1]].astype(self.dtype)
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
@@ -204,8 +130,8 @@ class Flava(nn.Module):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation)
-    self.vision = ImageEncoder(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
-                               c.vision_heads, **stack, **kw)
+    self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
+                          c.vision_heads, **stack, **kw, class_token=True, mask_token=True)
     self.token_embed = nn.Embed(
         c.vocab_size + 1, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -250,6 +176,18 @@ class Flava(nn.Module):
     """images [B, H, W, 3] -> (embedding [B, E] float32, tokens [B, 1+N, Dv]); as CoCa's."""
     tokens = self.image_tokens(images)
     return self.image_embedding(tokens), tokens
+
+  def image_features(self, images: jax.Array) -> jax.Array:
+    """images [B, H, W, 3] -> frozen features [B, Dv] float32 for linear probes: the image
+    encoder's CLS output (after its final LayerNorm), before the contrastive projection.
+
+    Why this token: it is FLAVA's image representation h_CLS,I (the one the contrastive
+    head projects and the multimodal encoder receives first); and CLIP's linear probes
+    (arXiv 2103.00020, App. A.3) use the image features before the projection to the
+    embedding space, since the projection only needs to carry what matches text. The
+    probe standardises the features itself (`mmjax.linear_probe`).
+    """
+    return self.image_tokens(images)[:, 0].astype(jnp.float32)
 
   def encode_text(self, text_ids: jax.Array, text_type: jax.Array) -> jax.Array:
     """text_ids [B, L] -> embedding [B, E] float32. text_type is accepted for the common

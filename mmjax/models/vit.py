@@ -13,6 +13,11 @@ class ViT(nn.Module):
   open_clip's (OpenAI CLIP's) ViT: bias-free patch embedding, a class token first in the
   sequence (its position embedding is row 0), `ln_pre` before the blocks, and for CoCa no
   final LayerNorm (its attentional pooler normalises keys with its own LayerNorm).
+
+  `mask_token=True` adds a learned `mask_token` parameter (BEiT, FLAVA's MIM / MMM): where
+  `patch_mask` [B, N] is True the patch embedding is replaced by it before the class token
+  and positions are added, so the blocks must infer the patch from its context. Without it
+  (the default) the parameter tree is unchanged and `patch_mask` must be None.
   """
   patch_size: int
   width: int
@@ -29,9 +34,10 @@ class ViT(nn.Module):
   class_token: bool = False
   ln_pre: bool = False
   ln_post: bool = True
+  mask_token: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
     p = self.patch_size
     norm = lambda name: layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
                                          name=name)
@@ -43,6 +49,15 @@ class ViT(nn.Module):
                 name="patch_embed")(images.astype(self.dtype))
     batch, h, w, width = x.shape
     x = x.reshape(batch, h * w, width)
+    if self.mask_token:
+      token = self.param("mask_token",
+                         layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
+                         (width,), self.param_dtype)
+      if patch_mask is not None:
+        x = jnp.where(patch_mask[..., None], token.astype(self.dtype), x)
+    elif patch_mask is not None:
+      raise ValueError("ViT(mask_token=False) was given a patch_mask: build it with "
+                       "mask_token=True to mask patches")
     if self.class_token:
       cls = self.param("cls", layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
                        (width,), self.param_dtype)
