@@ -216,10 +216,11 @@ def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> flo
 
 
 def model_flops_per_example(config: ml_collections.ConfigDict) -> int | None:
-  """Training model FLOPs per example (`summarize`), or None for models without a formula."""
-  if config.model.get("name", "coca") != "coca":
-    return None
-  return sum(train_flops(forward_flops(config)).values())
+  """Training model FLOPs per example (`summarize` / `summarize_flava`'s total), or None for
+  models without a formula."""
+  formulas = {"coca": forward_flops, "flava": flava_forward_flops}
+  formula = formulas.get(config.model.get("name", "coca"))
+  return None if formula is None else sum(train_flops(formula(config)).values())
 
 
 def train_flops(forward: dict[str, int]) -> dict[str, int]:

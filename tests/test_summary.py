@@ -10,6 +10,7 @@ import jax
 import pytest
 
 import coca  # configs/coca.py (conftest puts configs/ on sys.path)
+import flava  # configs/flava.py
 import helpers
 from mmjax import models, state as state_lib, step as step_lib, summary
 
@@ -140,3 +141,6 @@ def test_model_flops_per_example_is_the_summary_total():
   config = helpers.tiny_config()
   assert summary.model_flops_per_example(config) == summary.summarize(config)[
       "flops_per_example"] > 0
+  flava_config = flava.get_config("tiny")
+  assert summary.model_flops_per_example(flava_config) == summary.summarize_flava(
+      flava_config)["flops_per_example"] > 0
