@@ -101,7 +101,8 @@ def flava_forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
     multimodal encoder  2*T_i*Dv*Dm + 2*L*Dt*Dm (input projections)
                         + Lm * [2*T_m*(4*Dm^2 + 2*Dm*Fm) + 4*T_m^2*Dm]
     heads               MLM (L, Dt, V) + MIM (N, Dv, M) + MMM text (L, Dm, V)
-                        + MMM image (N, Dm, M) + ITM (1, Dm, 1); M = p*p*3 or codebook size
+                        + MMM image (N, Dm, M) + ITM (1, Dm, 1); M = p*p*3 or codebook size,
+                        V = FlavaConfig.padded_vocab (vocab + [MASK], rounded up to 128)
     projections         2*Dv*E + 2*Dt*E
     contrastive loss    2*B*E (this example's share of the dense B x B logits)
   MIM targets (normalised pixels, nearest codebook centroid) are target preprocessing
@@ -114,7 +115,7 @@ def flava_forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   ti, tm = 1 + n, 2 + n + length
   block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
   head = lambda t, d, out: 2 * t * d * d + 2 * t * d * out
-  v, m = c.vocab_size, c.mim_outputs
+  v, m = c.padded_vocab, c.mim_outputs  # the text heads compute the padded logits
   return {
       "patch_embedding": 2 * 2 * n * p * p * 3 * dv,
       "image_encoder": 2 * c.vision_depth * block(ti, dv, c.vision_mlp_dim),

@@ -333,10 +333,10 @@ def test_image_encoder_is_the_shared_vit_with_a_mask_token():
   params = init_params(config, model)
   assert sorted(params["vision"]) == ["cls", "encoder", "ln_post", "mask_token",
                                       "patch_embed", "pos_embed"]
-  n = FlavaConfig.from_config(config).num_patches
+  n, size = FlavaConfig.from_config(config).num_patches, config.data.image_size
   rng = np.random.default_rng(4)
-  images = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
-  other = rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  images = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
+  other = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
   run = jax.jit(lambda p, x, m: model.apply(
       {"params": p}, x, m,
       method=lambda f, x, m: (f.image_tokens(x, m), f.image_tokens(x), f.image_features(x),
@@ -358,7 +358,8 @@ def test_image_encoder_is_the_shared_vit_with_a_mask_token():
   np.testing.assert_allclose(projected, embedding, rtol=1e-5, atol=1e-6)
   # A ViT built without a mask token refuses a mask (CoCa's parameter tree is unchanged).
   with pytest.raises(ValueError, match="mask_token=True"):
-    vit.ViT(4, 8, 1, 16, 2).init(jax.random.key(0), images[:1], none[:1])
+    vit.ViT(config.model.patch_size, 8, 1, 16, 2).init(jax.random.key(0), images[:1],
+                                                        none[:1])
 
 
 def test_linear_probe_standardizes_features():
@@ -392,9 +393,11 @@ def test_linear_probe_reads_image_features_and_beats_chance():
   rng = np.random.default_rng(6)
   colours = rng.uniform(-0.8, 0.8, (4, 3))
 
+  size = config.data.image_size
+
   def split(n):
     y = rng.integers(0, 4, n).astype(np.int32)
-    x = colours[y][:, None, None, :] + rng.normal(0, 0.1, (n, 32, 32, 3))
+    x = colours[y][:, None, None, :] + rng.normal(0, 0.1, (n, size, size, 3))
     return np.clip(x, -1, 1).astype(np.float32), y
 
   (train_x, train_y), (test_x, test_y) = split(128), split(64)
@@ -498,6 +501,7 @@ def test_summary_flava_flops_match_xla():
   s = summary.summarize_flava(config)
   assert 0.85 < s["flops_per_example"] / xla <= 1.0, (s["flops_per_example"], xla)
   assert s["flops_per_step"] == s["flops_per_example"] * config.batch_size
+  assert summary.model_flops_per_example(config) == s["flops_per_example"]  # the MFU metric
 
 
 def test_summary_reports_flava_parts():

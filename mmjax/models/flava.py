@@ -18,7 +18,10 @@ the output size, `FlavaConfig.mim_outputs`.
 
 Token ids: the tokenizer's ids are [0, vocab_size) with PAD=0, EOS=1, BOS=2, UNK=3. MLM's
 [MASK] id is `vocab_size` (one extra embedding row); the MLM heads predict the tokenizer's
-vocab_size ids only.
+vocab_size ids only. The embedding's rows and the text heads' outputs are padded to
+`FlavaConfig.padded_vocab` (a multiple of 128) so their `vocab` axis splits over a
+tensor-parallel mesh axis (vocab_size + 1 is often odd: 65, 30,523); padded rows are never
+looked up and padded logits are sliced off.
 """
 import dataclasses
 
@@ -31,6 +34,7 @@ from mmjax.models import config as model_config
 from mmjax.models import layers, vit
 
 PAD_ID = 0
+VOCAB_MULTIPLE = 128  # rows of the token table / text-head outputs, see the module docstring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +53,11 @@ class FlavaConfig(model_config.ModelConfig):
   @property
   def mask_id(self) -> int:
     return self.vocab_size
+
+  @property
+  def padded_vocab(self) -> int:
+    """vocab_size + 1 ([MASK]) rounded up to a multiple of VOCAB_MULTIPLE."""
+    return -(-(self.vocab_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
@@ -133,7 +142,7 @@ class Flava(nn.Module):
     self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
                           c.vision_heads, **stack, **kw, class_token=True, mask_token=True)
     self.token_embed = nn.Embed(
-        c.vocab_size + 1, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        c.padded_vocab, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
     self.text = TextEncoder(c.text_depth, c.text_heads, c.text_mlp_dim, c.max_text_len,
                             **stack, **kw)
@@ -147,9 +156,9 @@ class Flava(nn.Module):
     self.mm_ln = layers.LayerNorm(**kw)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
-    self.mlm_head = Head(c.vocab_size, "vocab", **kw)
+    self.mlm_head = Head(c.padded_vocab, "vocab", **kw)
     self.mim_head = Head(c.mim_outputs, None, **kw)
-    self.mmm_text_head = Head(c.vocab_size, "vocab", **kw)
+    self.mmm_text_head = Head(c.padded_vocab, "vocab", **kw)
     self.mmm_image_head = Head(c.mim_outputs, None, **kw)
     self.itm_head = Head(1, None, **kw)
     self.logit_scale_log = self.param(
@@ -218,7 +227,11 @@ class Flava(nn.Module):
     n = self.config.num_patches
     return dict(itm_logit=self.itm_head(fused[:, 0])[:, 0],
                 mmm_image_pred=self.mmm_image_head(fused[:, 2:2 + n]),
-                mmm_text_logits=self.mmm_text_head(fused[:, 2 + n:]))
+                mmm_text_logits=self.text_logits(self.mmm_text_head, fused[:, 2 + n:]))
+
+  def text_logits(self, head: nn.Module, x: jax.Array) -> jax.Array:
+    """A text head over x [B, L, D] -> float32 logits [B, L, vocab_size] (padding cut)."""
+    return head(x)[..., :self.config.vocab_size]
 
   def logit_scale(self) -> jax.Array:
     """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
@@ -249,7 +262,7 @@ class Flava(nn.Module):
     out = dict(image_emb=self.image_embedding(img_clean),
                text_emb=self.text_embedding(txt_clean), logit_scale=self.logit_scale(),
                mim_pred=self.mim_head(img_masked[:, 1:]),
-               mlm_logits=self.mlm_head(txt_masked))
+               mlm_logits=self.text_logits(self.mlm_head, txt_masked))
     out.update(self.mm_heads(self.fuse(img_masked, txt_masked, mm_text_ids)))
     return out
 
