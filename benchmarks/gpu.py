@@ -106,13 +106,14 @@ def time_steps(run, warmup: int, steps: int, *args) -> list[float]:
   return times
 
 
-def mmjax_runner(config):
-  """(run(feed) -> one step, waited for; compile seconds), the jitted train step of `config`.
-  feed: "device" reuses a device-resident batch, "host" copies the host batch every step."""
+def mmjax_runner(config, host_batch: dict[str, np.ndarray] | None = None):
+  """(run(feed) -> the loss of one step, waited for; compile seconds): the real jitted train
+  step of `config` on one device, its state carried between calls. feed: "device" reuses a
+  device-resident batch, "host" copies `host_batch` (default `random_batch`) every step."""
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   model = models.build_model(config)
   optimizer, schedule = make_optimizer(config), make_schedule(config)
-  host_batch = random_batch(config)
+  host_batch = random_batch(config) if host_batch is None else host_batch
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
     _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
     state = state_lib.create_state(model, optimizer, config, shardings)
@@ -124,12 +125,13 @@ def mmjax_runner(config):
     compile_s = time.perf_counter() - start
   holder = {"state": state}
 
-  def run(feed: str = "device") -> None:
+  def run(feed: str = "device") -> float:
     batch = sharding.global_batch(host_batch, mesh) if feed == "host" else device_batch
     holder["state"], metrics = compiled(holder["state"], batch)
     loss = float(jax.block_until_ready(metrics["loss"]))
     if not np.isfinite(loss):
       raise FloatingPointError(f"non-finite loss {loss}")
+    return loss
 
   return run, compile_s
 

@@ -31,19 +31,14 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import gpu  # noqa: E402  (benchmarks/gpu.py: the one-device train-step runner)
 import openclip as openclip_configs  # noqa: E402  (configs/openclip.py)
-
-from mmjax import models, sharding  # noqa: E402
-from mmjax import state as state_lib  # noqa: E402
-from mmjax import step as step_lib  # noqa: E402
-from mmjax.optimizer import make_optimizer, make_schedule  # noqa: E402
 
 VARIANT_OVERRIDES = {
     "default": {},
@@ -63,11 +58,8 @@ def mmjax_config(variant: str, batch: int):
 
 
 def make_mmjax_step(variant: str, batch: int, seed: int):
-  """() -> runs one step and waits for it; the state is carried between calls."""
+  """(run one step -> loss, compile seconds): `gpu.mmjax_runner` on a CLIP-target batch."""
   config = mmjax_config(variant, batch)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
   rng = np.random.default_rng(seed)
   size, length = config.data.image_size, config.data.max_text_len
   host_batch = dict(
@@ -76,22 +68,7 @@ def make_mmjax_step(variant: str, batch: int, seed: int):
       label=np.full((batch,), -1, np.int32),  # CLIP targets, as open_clip
       text_type=np.zeros((batch,), np.int32),
       skipped=np.zeros((batch,), np.int32))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-    device_batch = sharding.global_batch(host_batch, mesh)
-    start = time.perf_counter()
-    compiled = train_step.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - start
-  holder = {"state": state}
-
-  def run() -> float:
-    holder["state"], metrics = compiled(holder["state"], device_batch)
-    return float(jax.block_until_ready(metrics["loss"]))
-
-  return run, compile_s
+  return gpu.mmjax_runner(config, host_batch)
 
 
 def make_openclip_step(batch: int, seed: int, device: str = "cpu", amp_bf16: bool = False):
