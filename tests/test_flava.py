@@ -333,6 +333,9 @@ def test_image_encoder_is_the_shared_vit_with_a_mask_token():
   params = init_params(config, model)
   assert sorted(params["vision"]) == ["cls", "encoder", "ln_post", "mask_token",
                                       "patch_embed", "pos_embed"]
+  # Token table rows (vocab + [MASK]) padded so the `vocab` axis splits over tensor devices.
+  rows = params["token_embed"]["embedding"].shape[0]
+  assert rows % 128 == 0 and rows >= config.model.text.vocab_size + 1
   n, size = FlavaConfig.from_config(config).num_patches, config.data.image_size
   rng = np.random.default_rng(4)
   images = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
