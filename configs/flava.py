@@ -5,8 +5,8 @@
 
 Variants:
   tiny  64 px, patch 16 (4 x 4 = 16 patches, as configs/shapes.py), encoders width 64 /
-        2 layers, multimodal 1 layer, batch 64, 1800 steps; shapes data. 13 min measured
-        on a shared 2-core CPU, ~6 min of it training at idle speed (README, FLAVA).
+        2 layers, multimodal 1 layer, batch 64, 1800 steps; shapes data. 8 min measured
+        on a quiet 2-core CPU, final evaluation included (README, FLAVA).
   full  the paper's sizes: ViT-B/16 at 224 px (768 wide, 12 layers, MLP 3072, 12 heads), a
         text encoder of the same shape, a 6-layer multimodal encoder of width 768; batch
         8192. Data: coco_captions pairs, imagenet2012 images (image-only), coco captions as

@@ -281,8 +281,12 @@ def write_sample_grid(workdir: str, step: int, grid: np.ndarray) -> str:
 
 
 def format_table(results: dict[str, float]) -> str:
+  """One `name  value` line per metric; 4 decimals, or 4 significant digits for values
+  below 1e-3 that are not zero (a probe's chosen lambda of 1e-5 must not read 0.0000)."""
   width = max((len(k) for k in results), default=0)
-  return "\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(results.items()))
+  def fmt(v: float) -> str:
+    return f"{v:.4g}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+  return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in sorted(results.items()))
 
 
 def _round_up(x: int, multiple: int) -> int:
