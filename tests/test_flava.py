@@ -521,15 +521,41 @@ def test_summary_reports_flava_parts():
   assert s["flops_by_part"]["image_encoder"] > 2 * 6 * 84.9e6 * 197
 
 
-def flava_cli(module, workdir, data_dir, *overrides):
+def flava_cli(module, workdir, data_dir, *overrides, expect=0, env=None):
   command = [sys.executable, "-m", module, f"--config={REPO}/configs/flava.py:tiny",
              f"--workdir={workdir}", f"--config.data_dir={data_dir}",
              f"--config.compilation_cache_dir={CACHE_DIR}", *overrides]
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
+         **(env or {})}
   proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc.stdout
+
+
+def test_preempted_in_the_unimodal_phase_resumes_into_the_joint_phase(tmp_path, data_dir):
+  """SIGTERM at step 3 of 8 (unimodal phase: steps 1-4), restart: the resumed run switches
+  to all six objectives at the same step and logs the uninterrupted run's losses bitwise."""
+  small = ["--config.total_steps=8", "--config.batch_size=8", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=4", "--config.eval_every_steps=0",
+           "--config.flava.unimodal_steps=4"]
+  def logged(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
+
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  flava_cli("mmjax.train", reference, data_dir, *small)
+  out = flava_cli("mmjax.train", resumed, data_dir, *small, expect=42,
+                  env={"MMJAX_DEBUG_SIGTERM_AT_STEP": "3"})
+  assert "Preempted: saved step 3" in out
+  out = flava_cli("mmjax.train", resumed, data_dir, *small)
+  assert "at step 3" in out and "step 4/" in out
+  ref, res = logged(reference), logged(resumed)
+  assert sorted(res) == sorted(ref) == list(range(1, 9))
+  assert [ref[s]["joint_phase"] for s in ref] == [0, 0, 0, 0, 1, 1, 1, 1]
+  for s in range(1, 9):
+    assert {k: res[s][k] for k in fo.LOSS_KEYS + ("loss", "joint_phase")} == \
+        {k: ref[s][k] for k in fo.LOSS_KEYS + ("loss", "joint_phase")}, s
 
 
 @pytest.mark.slow
