@@ -48,20 +48,9 @@ SOT, EOT, PAD = 49406, 49407, 0
 
 def build_pair(seed: int = 0):
   """(torch model in eval mode, mmjax model, mmjax params) with the same weights."""
-  import open_clip
-  import torch
-  name = "mmjax_bench_decode_coca_vit_b32"
-  open_clip.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config(VARIANT)
-  torch.manual_seed(seed)
-  torch_model = open_clip.create_model(name, pretrained=None).eval()
-  with torch.no_grad():
-    # open_clip leaves the caption head uninitialised (torch.empty); give every parameter a
-    # random component so that logits are not degenerate (tests/test_openclip.py does too).
-    width = torch_model.text_decoder.text_projection.shape[0]
-    torch_model.text_decoder.text_projection.normal_(std=width ** -0.5)
-    for p in torch_model.parameters():
-      if p is not torch_model.logit_scale:
-        p.add_(torch.randn_like(p) * 0.02)
+  # Random weights with every parameter perturbed: open_clip leaves the caption head
+  # uninitialised, and non-degenerate logits make the greedy parity check meaningful.
+  torch_model = convert.openclip_coca(VARIANT, seed, perturb=True).eval()
   config = openclip_configs.get_config(VARIANT)
   params = convert.convert_state_dict(
       {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, config)

@@ -40,6 +40,8 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import gpu  # noqa: E402  (benchmarks/gpu.py: the one-device train-step runner)
 import openclip as openclip_configs  # noqa: E402  (configs/openclip.py)
 
+from mmjax.convert import openclip as convert  # noqa: E402
+
 VARIANT_OVERRIDES = {
     "default": {},
     "unrolled": {"scan_layers": False},
@@ -76,13 +78,9 @@ def make_openclip_step(batch: int, seed: int, device: str = "cpu", amp_bf16: boo
   bfloat16, open_clip's `--precision amp_bf16` (GPU runs in benchmarks/gpu.py)."""
   import contextlib
 
-  import open_clip
   import torch
   from open_clip.loss import CoCaLoss
-  torch.manual_seed(seed)
-  name = "mmjax_bench_coca_vit_b32"
-  open_clip.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config("coca_vit_b32")
-  model = open_clip.create_model(name, pretrained=None).to(device).train()
+  model = convert.openclip_coca("coca_vit_b32", seed).to(device).train()
   loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999),
                                 weight_decay=0.1)

@@ -40,31 +40,10 @@ def num_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def build_torch_model(oc, variant: str, legacy_mask: bool, seed: int = 0):
-  """A randomly initialised open_clip CoCa with `variant`'s architecture (eval mode)."""
-  import torch
-  name = f"mmjax_test_{variant}"
-  oc.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config(variant)
-  torch.manual_seed(seed)
-  model = oc.create_model(name, pretrained=None).eval()
-  with torch.no_grad():
-    # open_clip leaves the caption head (torch.empty) uninitialised in 3.3.0 (often zeros,
-    # which would make logit parity vacuous), and zero biases / unit LayerNorm scales would
-    # hide swapped or misordered entries: give every parameter a random component.
-    width = model.text_decoder.text_projection.shape[0]
-    model.text_decoder.text_projection.normal_(std=width ** -0.5)
-    for p in model.parameters():
-      if p is not model.logit_scale:
-        p.add_(torch.randn_like(p) * 0.02)
-  # open_clip 3.3.0 reads this flag at forward time but no model config sets it.
-  model.text.correct_cls_mask = not legacy_mask
-  return model
-
-
 def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, float]:
   """Max abs differences of image/text embeddings and caption logits, same inputs."""
   import torch
-  torch_model = build_torch_model(oc, variant, legacy_mask)
+  torch_model = convert.openclip_coca(variant, perturb=True, legacy_mask=legacy_mask).eval()
   config = openclip_configs.get_config(f"{variant},legacy_mask={int(legacy_mask)}")
   params = convert.convert_state_dict(
       {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, config)
@@ -143,7 +122,7 @@ def test_converted_checkpoint_evaluates_and_finetunes(oc, tmp_path, data_dir):
 
   from mmjax import checkpoint, evaluate, sharding, state as state_lib, train
   from mmjax.optimizer import make_optimizer
-  torch_model = build_torch_model(oc, "coca_tiny", legacy_mask=True)
+  torch_model = convert.openclip_coca("coca_tiny", perturb=True).eval()
   path = str(tmp_path / "open_clip_coca_tiny.safetensors")
   save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, path)
   workdir = str(tmp_path / "run")

@@ -231,12 +231,48 @@ def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str,
   return {"load_s": t1 - t0, "convert_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
 
 
-def variant_config(variant: str) -> Any:
-  """configs/openclip.py:<variant> of this source tree."""
+def _repo_configs() -> Any:
+  """The configs/openclip.py module of this source tree (configs/ is not a package)."""
   spec = importlib.util.spec_from_file_location("_mmjax_configs_openclip", REPO_CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return module
+
+
+def variant_config(variant: str) -> Any:
+  """configs/openclip.py:<variant> of this source tree."""
+  return _repo_configs().get_config(variant)
+
+
+def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
+                  legacy_mask: bool = True) -> Any:
+  """open_clip's torch CoCa with configs/openclip.py:<variant>'s architecture, randomly
+  initialised from torch seed `seed` (what parity tests and benchmarks compare against).
+
+  perturb: give every parameter (but the logit scale) a N(0, 0.02) component, and the
+  caption head N(0, 1/width) weights. open_clip 3.3.0 leaves that head as torch.empty
+  (often zeros, which makes logit parity vacuous), and zero biases / unit LayerNorm scales
+  would hide swapped or misordered entries in a conversion.
+  legacy_mask: open_clip's default (and pretrained CoCa weights') CLS attention mask,
+  `text.correct_cls_mask=False`, as configs/openclip.py's `legacy_mask=1` default; False
+  sets the corrected mask (open_clip reads the flag at forward time, no model config sets
+  it).
+  """
+  import open_clip  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  name = f"mmjax_{variant}"
+  open_clip.factory._MODEL_CONFIGS[name] = _repo_configs().openclip_model_config(variant)  # pylint: disable=protected-access
+  torch.manual_seed(seed)
+  model = open_clip.create_model(name, pretrained=None)
+  if perturb:
+    with torch.no_grad():
+      width = model.text_decoder.text_projection.shape[0]
+      model.text_decoder.text_projection.normal_(std=width ** -0.5)
+      for p in model.parameters():
+        if p is not model.logit_scale:
+          p.add_(torch.randn_like(p) * 0.02)
+  model.text.correct_cls_mask = not legacy_mask
+  return model
 
 
 # --- tokenizer ------------------------------------------------------------------------------
