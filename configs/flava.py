@@ -176,11 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       s[key].modality = modality
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
-  zs = c.evals.zeroshot
-  # Linear probe on frozen image features (mmjax.linear_probe), from the zero-shot dataset.
-  c.evals.linear_probe = ml_collections.ConfigDict(dict(
-      dataset=zs.dataset, train_split="train", split=zs.split, image_key=zs.image_key,
-      label_key=zs.label_key, num_train=probe_train, num_examples=probe_eval,
-      classifier="logistic", l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))
+  c.evals.linear_probe = shapes.linear_probe_config(c.evals.zeroshot, probe_train)
+  c.evals.linear_probe.num_examples = probe_eval
   c.lock()
   return c
