@@ -114,7 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.total_steps = 1800
     c.log_every_steps = 50
     c.checkpoint_every_steps = 600
-    c.eval_every_steps = 1800  # the final step only: the 4000-image probe takes ~1 min
+    c.eval_every_steps = 1800  # the final step only (the evaluation takes ~30 s here)
     c.data_dir = "~/.cache/mmjax/datasets"
     c.data = shapes.data_config(image_size=64, max_text_len=12)
     c.data.tokenizer.vocab_size = 64

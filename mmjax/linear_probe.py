@@ -13,8 +13,8 @@ every dimension alike whatever the encoder's activation scales.
 Classifiers (`classifier`), both in float64 NumPy/SciPy, deterministic, a bias column
 that is not penalised:
   * "logistic" (default; CLIP's probe): multinomial logistic regression, mean
-    cross-entropy + lambda/2 * |W|^2, minimised by L-BFGS (scipy.optimize), warm-started
-    along the lambda grid.
+    cross-entropy + lambda/2 * |W|^2, minimised by L-BFGS (scipy.optimize) with
+    scikit-learn's stopping rule, warm-started along the lambda grid.
   * "ridge": closed-form ridge regression onto one-hot targets (a least-squares
     classifier), W = (X^T X + lambda * n * I)^-1 X^T Y. Milliseconds, but with many
     classes and few dimensions least squares is a poor classifier (a class's score is
@@ -50,30 +50,39 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
 
 
 def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
-                 init: np.ndarray | None = None, max_iter: int = 1000) -> np.ndarray:
+                 init: np.ndarray | None = None, max_iter: int = 1000,
+                 gtol: float = 1e-4) -> np.ndarray:
   """Multinomial logistic regression: x [n, d], y int [n] -> weights [d + 1, C] (last row =
   bias), minimising mean cross-entropy + l2/2 * |W without bias|^2 by L-BFGS from `init`
   (weights [d + 1, C]; zero by default). The objective is strictly convex, so the start
-  only changes how many iterations it takes."""
+  only changes how many iterations it takes.
+
+  Stopping as scikit-learn's LogisticRegression (which CLIP's probes used): at most
+  `max_iter` iterations, or when no gradient component exceeds `gtol` (its tol=1e-4);
+  its ftol of 64 machine epsilons leaves the gradient test in charge.
+  """
   import scipy.optimize
   n, d = x.shape
   xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
-  targets = np.eye(num_classes)[y]
+  rows = np.arange(n)
 
   def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
     w = flat.reshape(d + 1, num_classes)
     logits = xb @ w
     logits -= logits.max(axis=1, keepdims=True)
-    log_z = np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    probs = np.exp(logits - log_z)
-    loss = (log_z[:, 0] - (logits * targets).sum(1)).mean() + 0.5 * l2 * np.sum(w[:-1] ** 2)
-    grad = xb.T @ (probs - targets) / n
+    probs = np.exp(logits)
+    z = probs.sum(axis=1, keepdims=True)
+    probs /= z
+    loss = (np.log(z[:, 0]) - logits[rows, y]).mean() + 0.5 * l2 * np.sum(w[:-1] ** 2)
+    probs[rows, y] -= 1.0  # d loss / d logits, times n
+    grad = xb.T @ probs / n
     grad[:-1] += l2 * w[:-1]
     return loss, grad.ravel()
 
   start = np.zeros((d + 1) * num_classes) if init is None else np.ravel(init)
-  result = scipy.optimize.minimize(objective, start, jac=True, method="L-BFGS-B",
-                                   options={"maxiter": max_iter})
+  result = scipy.optimize.minimize(
+      objective, start, jac=True, method="L-BFGS-B",
+      options={"maxiter": max_iter, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
   return result.x.reshape(d + 1, num_classes)
 
 
