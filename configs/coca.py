@@ -163,6 +163,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals.captioning.update(dataset="coco_captions", split="test", text_key="captions/text",
                             num_examples=5000, strategy="beam", beam_size=3,
                             max_new_tokens=c.data.get_ref("max_text_len") - 1)
+  # ImageNet linear probe, off (num_examples=0) during pretraining: the logistic fit runs on
+  # the host in float64 NumPy, ~120 GFLOP per L-BFGS step at 40k x 768 features x 1000
+  # classes. On a checkpoint: mmjax.evaluate ... --config.evals.linear_probe.num_examples=N
+  c.evals.linear_probe = shapes.linear_probe_config(c.evals.zeroshot, num_train=50_000,
+                                                    num_examples=0)
 
   if variant == "tiny":
     shrink_to_tiny(c)

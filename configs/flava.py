@@ -169,14 +169,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals.retrieval.update(dataset="coco_captions", split="test", text_key="captions/text",
                              num_examples=5000)
     c.evals.zeroshot.update(dataset="imagenet2012", split="validation", num_examples=50_000)
-    probe_train, probe_eval = 50_000, 10_000
+    # Off during pretraining, as configs/coca.py's (the fit runs on the host); on a
+    # checkpoint: mmjax.evaluate ... --config.evals.linear_probe.num_examples=10000
+    probe_train, probe_eval = 50_000, 0
   for key, modality in (("labels", "paired"), ("captions", "paired"), ("images", "image"),
                         ("texts", "text")):
     if key in s:
       s[key].modality = modality
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
-  c.evals.linear_probe = shapes.linear_probe_config(c.evals.zeroshot, probe_train)
-  c.evals.linear_probe.num_examples = probe_eval
+  c.evals.linear_probe = shapes.linear_probe_config(c.evals.zeroshot, probe_train, probe_eval)
   c.lock()
   return c

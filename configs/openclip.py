@@ -140,5 +140,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log_every_steps = c.checkpoint_every_steps = c.eval_every_steps = 2
     c.evals.batch_size = 16
     c.evals.retrieval.num_examples = c.evals.zeroshot.num_examples = 32
+    c.evals.linear_probe.update(num_train=128, num_examples=32)
   c.lock()
   return c

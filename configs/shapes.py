@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals = evals_config()
   # As many tokens as training targets hold (text minus BOS), tracking data.max_text_len.
   c.evals.captioning.max_new_tokens = c.data.get_ref("max_text_len") - 1
-  c.evals.linear_probe = linear_probe_config(c.evals.zeroshot, num_train=4000)
+  c.evals.linear_probe = linear_probe_config(c.evals.zeroshot, num_train=4000,
+                                            num_examples=512)
 
   if preset == "clip":
     c.loss.label_aware = False
@@ -84,7 +85,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.evals.zeroshot.num_examples = 64
   c.evals.captioning.num_examples = 16  # one decode batch: one extra compile in the trainer
   c.evals.captioning.num_samples = 4
-  c.evals.linear_probe.num_train = 128
+  c.evals.linear_probe.update(num_train=128, num_examples=64)
 
 
 def data_config(image_size: int, max_text_len: int) -> ml_collections.ConfigDict:
@@ -217,16 +218,16 @@ def evals_config() -> ml_collections.ConfigDict:
   return e
 
 
-def linear_probe_config(zeroshot: ml_collections.ConfigDict,
-                        num_train: int) -> ml_collections.ConfigDict:
+def linear_probe_config(zeroshot: ml_collections.ConfigDict, num_train: int,
+                        num_examples: int) -> ml_collections.ConfigDict:
   """Linear probe (mmjax.linear_probe) on the model's frozen `image_features`: multinomial
   logistic regression fitted on `num_train` images of the zero-shot dataset's train split
-  (lambda from l2_grid, chosen on a holdout_fraction of them), scored on the zero-shot
-  evaluation images."""
+  (lambda from l2_grid, chosen on a holdout_fraction of them), scored on `num_examples`
+  images of its evaluation split (0 = off). Values are copied, not referenced: overriding a
+  probe key must not move the zero-shot evaluator."""
   return ml_collections.ConfigDict(dict(
-      dataset=zeroshot.get_ref("dataset"), train_split="train",
-      split=zeroshot.get_ref("split"), image_key=zeroshot.get_ref("image_key"),
-      label_key=zeroshot.get_ref("label_key"), num_train=num_train,
-      num_examples=zeroshot.get_ref("num_examples"),
+      dataset=zeroshot.dataset, train_split="train", split=zeroshot.split,
+      image_key=zeroshot.image_key, label_key=zeroshot.label_key, num_train=num_train,
+      num_examples=num_examples,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

@@ -201,7 +201,10 @@ EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captio
 
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list:
-  return [cls(config, tokenizer) for name, cls in EVALUATORS.items() if name in config.evals]
+  """One evaluator per `config.evals` entry; an entry with num_examples=0 is off (locked
+  configs cannot drop keys, e.g. `--config.evals.captioning.num_examples=0`)."""
+  return [cls(config, tokenizer) for name, cls in EVALUATORS.items()
+          if name in config.evals and config.evals[name].num_examples > 0]
 
 
 def run_evaluators(evaluators: list, embedder: Embedder, params: Any) -> dict[str, float]:

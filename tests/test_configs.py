@@ -79,3 +79,15 @@ def _parse(args: list[str]) -> ml_collections.ConfigDict:
                                   sys_argv=argv)
   fv(argv)
   return fv.config
+
+
+def test_linear_probe_keys_do_not_move_the_zero_shot_evaluator():
+  """The probe copies the zero-shot dataset's names and sizes; overriding either leaves the
+  other alone (a shared FieldReference would silently change both)."""
+  import flava  # configs/flava.py
+  full = flava.get_config("full")
+  assert (full.evals.zeroshot.num_examples, full.evals.linear_probe.num_examples) == (50_000, 0)
+  c = _parse([f"--config={CONFIG_FILE}:base", "--config.evals.linear_probe.num_examples=10000",
+              "--config.evals.linear_probe.dataset=imagenet_v2"])
+  assert c.evals.zeroshot.num_examples == 50_000 and c.evals.zeroshot.dataset == "imagenet2012"
+  assert c.evals.linear_probe.dataset == "imagenet_v2"
