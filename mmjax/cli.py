@@ -7,6 +7,7 @@ config_flags: unknown keys fail with a "did you mean" suggestion, values are typ
 import importlib.util
 import math
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -54,10 +55,15 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
+  return load_config_module(path).get_config(arg or None)
+
+
+def load_config_module(path: str) -> Any:
+  """A config file as a module (configs/ is not a package), e.g. for its helper functions."""
   module_spec = importlib.util.spec_from_file_location("_mmjax_loaded_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return module
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,6 @@
 """Tiny configs and synthetic batches for tests (the code paths are the real ones)."""
+import flax.linen as nn
+import jax
 import numpy as np
 
 import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
@@ -38,3 +40,17 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
               label=label, text_type=(label >= 0).astype(np.int32),
               skipped=np.zeros(b, np.int32))
+
+
+def step_setup(config, num_devices: int):
+  """The real train-step machinery for `config` on the first `num_devices` devices:
+  (mesh, StepFns, state shardings, sharded initial state)."""
+  from mmjax import models, sharding, state as state_lib, step as step_lib
+  from mmjax.optimizer import make_optimizer, make_schedule
+  mesh = sharding.make_mesh(config, jax.devices()[:num_devices])
+  model, optimizer = models.build_model(config), make_optimizer(config)
+  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+    state = state_lib.create_state(model, optimizer, config, shardings)
+  return mesh, fns, shardings, state

@@ -25,7 +25,6 @@ from mmjax import evaluate, linear_probe, losses, models, sharding, state as sta
 from mmjax import step as step_lib
 from mmjax.models import vit
 from mmjax.models.flava import FlavaConfig
-from mmjax.optimizer import make_optimizer, make_schedule
 
 
 def tiny_config(**overrides):
@@ -239,13 +238,9 @@ def flava_batch(config, seed=0):
 def test_tiny_flava_train_step_and_evaluators():
   config = tiny_config(batch_size=8, **{"flava.unimodal_steps": 1,
                                         "flava.itm_negative_rate": 0.5})
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
+  mesh, fns, shardings, state = helpers.step_setup(config, num_devices=1)
   batch = flava_batch(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
     train_step = step_lib.jit_train_step(fns, shardings, mesh)
     history = []
     for _ in range(3):
@@ -263,7 +258,7 @@ def test_tiny_flava_train_step_and_evaluators():
     assert int(state.step) == 3 and int(first["paired_examples"]) == 4
 
     # Zero-shot / retrieval / linear-probe use encode_image / encode_text like CoCa's.
-    embedder = evaluate.Embedder(model, mesh, batch_size=4)
+    embedder = evaluate.Embedder(fns.model, mesh, batch_size=4)
     image_emb = embedder.images(state.params, batch["image"][:4])
     text_emb = embedder.texts(state.params, batch["text"][:4], batch["text_type"][:4])
   assert image_emb.shape == text_emb.shape == (4, config.model.embed_dim)
@@ -274,12 +269,8 @@ def flava_loss_and_grads(mesh_shape):
   """The jitted FLAVA loss and gradients of one batch (joint phase, ITM swaps) on a mesh."""
   config = tiny_config(batch_size=8, **{"mesh.shape": mesh_shape,
                                         "flava.itm_negative_rate": 0.5})
-  mesh = sharding.make_mesh(config, jax.devices()[:math.prod(mesh_shape)])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
+  mesh, fns, shardings, state = helpers.step_setup(config, math.prod(mesh_shape))
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
     batch = sharding.global_batch(flava_batch(config), mesh)
     grads = jax.jit(fns.flava.grads, in_shardings=(
         shardings.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)))

@@ -3,25 +3,18 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import coca  # configs/coca.py (conftest puts configs/ on sys.path)
 import helpers
 from mmjax import models, sharding, state as state_lib, step as step_lib
-from mmjax.optimizer import make_optimizer, make_schedule
+from mmjax.optimizer import make_optimizer
 
 
 def setup(mesh_shape=(1, 1, 1), **overrides):
   config = helpers.tiny_config(**{"mesh.shape": mesh_shape, **overrides})
-  mesh = sharding.make_mesh(config, jax.devices()[:math.prod(mesh_shape)])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
-  return config, mesh, fns, shardings, state
+  return (config, *helpers.step_setup(config, math.prod(mesh_shape)))
 
 
 def loss_and_grads(mesh_shape, **overrides):

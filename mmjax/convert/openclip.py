@@ -232,11 +232,9 @@ def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str,
 
 
 def _repo_configs() -> Any:
-  """The configs/openclip.py module of this source tree (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("_mmjax_configs_openclip", REPO_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The configs/openclip.py module of this source tree."""
+  from mmjax import cli  # pylint: disable=import-outside-toplevel
+  return cli.load_config_module(REPO_CONFIG)
 
 
 def variant_config(variant: str) -> Any:
