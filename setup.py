@@ -6,6 +6,7 @@ setuptools.setup(
     version="0.1.0",
     description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    package_data={"mmjax": ["gpu_targets/*.txtpb"]},  # GPU targets for mmjax.aot
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
@@ -31,5 +32,10 @@ setuptools.setup(
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10", "crc32c>=2.3"],
         "openclip": ["torch==2.14.1", "open-clip-torch==3.3.0", "safetensors>=0.4"],
+        # Ahead-of-time compilation for TPU slices / GPU nodes on any machine (mmjax.aot).
+        # jax[tpu] / jax[cuda12] pin libtpu / the CUDA plugin to the installed jax's release;
+        # both extras install into one environment (run with JAX_PLATFORMS=cpu off-device).
+        "tpu-aot": ["jax[tpu]>=0.10,<0.13"],
+        "gpu-aot": ["jax[cuda12]>=0.10,<0.13"],
     },
 )

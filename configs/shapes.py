@@ -178,6 +178,9 @@ def optimizer_config(learning_rate: float, warmup_steps: int,
 def mesh_config() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # Multislice TPU jobs: slices spanned by each axis (product = number of slices; -1 takes
+  # the rest): the data axis crosses the data-centre network, the others stay in a slice.
+  m.dcn_shape = (-1, 1, 1)
   m.rules = (
       ("batch", ("data", "fsdp")),
       ("embed", "fsdp"),

@@ -81,7 +81,10 @@ def _is_boxed(x: Any) -> bool:
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation,
                    config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
   """(abstract unboxed state with shardings attached, shardings). No device memory used."""
-  boxed = jax.eval_shape(make_init_fn(model, optimizer, config), jax.random.key(0))
+  # The key is made inside eval_shape: a concrete one would need a device, and the mesh may
+  # be of abstract devices (ahead-of-time compilation for a TPU/GPU target, mmjax.aot).
+  init = make_init_fn(model, optimizer, config)
+  boxed = jax.eval_shape(lambda: init(jax.random.key(0)))
   shardings = sharding.logical_shardings(boxed, mesh, config.mesh.rules)
   unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(
       x, nn.Partitioned) else x, boxed,

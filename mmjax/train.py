@@ -31,7 +31,8 @@ import numpy as np
 from absl import app
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
+from mmjax import aot, checkpoint, cli, evaluate, models, sharding, state as state_lib
+from mmjax import step as step_lib
 from mmjax import summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
@@ -169,14 +170,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           process_count=jax.process_count())
       batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), mesh,
                                config.data.prefetch_batches)
+      # Compiled ahead of the loop: its memory is printed before the first step, and with
+      # several processes (Gloo gives peers only 30 s to meet at their first collective, so
+      # a slower compile would fail the job) all meet at a barrier whose timeout is ours.
+      first = next(batches)
+      train_step = train_step.lower(state, first).compile()
+      if process0:
+        print(aot.memory_line(train_step, jax.local_devices()[0]), flush=True)
       if jax.process_count() > 1:
-        # Gloo gives peers only 30 s to meet at their first collective, so a process that
-        # compiles slower (loaded host, cold cache) would fail the job. Compile ahead of
-        # time, then meet at a coordination-service barrier whose timeout is ours.
-        first = next(batches)
-        train_step = train_step.lower(state, first).compile()
         _barrier("mmjax_train_start", START_BARRIER_TIMEOUT_S)
-        batches = itertools.chain([first], batches)
+      batches = itertools.chain([first], batches)
 
       # Loop. Metrics are fetched one step late, so the host never waits on the step in
       # flight, except before a checkpoint: the policy 'stop' must fire before a state that
