@@ -66,7 +66,13 @@ MESH_PRESETS = {
     "v5p_128": ((-1, 16, 1), 64),
     "h100x8": ((1, 8, 1), 8),
 }
-MICRO_BATCH_PER_DEVICE = 256
+# Examples per device in one micro-batch (grad_accum_steps = batch / (devices x this)) of
+# each (variant, mesh preset): measured with `python -m mmjax.aot` (see the docstring).
+MICRO_BATCH_PER_DEVICE = {
+    ("base", "v4_32"): 128, ("base", "v5p_128"): 256, ("base", "h100x8"): 256,
+    ("large", "v4_32"): 64, ("large", "v5p_128"): 256, ("large", "h100x8"): 256,
+    ("giant", "v4_32"): 32, ("giant", "v5p_128"): 128, ("giant", "h100x8"): 256,
+}
 
 
 def _load_shapes():
@@ -176,7 +182,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shape = shape
     if variant == "tiny":  # a smoke test on the real machine: 2 examples per device
       c.batch_size = max(c.batch_size, 2 * num_devices)
-    c.grad_accum_steps = max(1, c.batch_size // (num_devices * MICRO_BATCH_PER_DEVICE))
+    micro_batch = MICRO_BATCH_PER_DEVICE.get((variant, modifiers[0]), 256)
+    c.grad_accum_steps = max(1, c.batch_size // (num_devices * micro_batch))
   c.lock()
   return c
 

@@ -20,10 +20,11 @@ adds the evaluators' embedding programs (`evaluate.Embedder`, at evals.batch_siz
 
 Per device, the report gives:
   memory   arguments split into parameters, optimizer state, other state and the batch
-           (shard sizes from the abstract shapes and shardings; `argument layout padding`
-           is the compiler's argument bytes minus that sum: tiling), temporaries, outputs
-           not aliased to a donated input; total = their sum = argument + output - alias +
-           temp of `compiled.memory_analysis()`. On TPU this total is the figure the
+           (shard sizes from the abstract shapes and shardings; `argument_adjustment` is
+           the compiler's argument bytes minus that sum: layout tiling, or inputs a program
+           does not read and XLA drops), temporaries, outputs not aliased to a donated
+           input; total = their sum = argument + output - alias + temp of
+           `compiled.memory_analysis()`. On TPU this total is the figure the
            compiler checks against its available HBM (an over-budget program fails to
            compile with RESOURCE_EXHAUSTED; the report then quotes the compiler's figures).
   fits     total <= device memory, and the headroom (capacity - total) / capacity.
@@ -60,6 +61,9 @@ from mmjax import hlo, topologies
 from mmjax.optimizer import make_optimizer, make_schedule
 
 GiB = 2**30
+# Without a GPU to autotune on, XLA:GPU can fail to tile a Triton GEMM fusion ("Couldn't
+# find output tile sizes", CoCa-Base micro-batch 256 on h100x8); cuBLAS GEMMs need no tiling.
+GPU_COMPILE_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 HEADROOM_TARGET = 0.10  # presets must keep 10% of device memory free
 PROGRAMS = ("train", "eval", "decode")
 
@@ -83,12 +87,13 @@ def _lowered_train_step(config: ml_collections.ConfigDict, devices: list[Any]):
   return lowered, mesh, model, abstract, batch
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-                   batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The global training batch of `data.pipeline.TrainIterator` (its docstring lists the
-  fields), as shapes sharded over the batch axes."""
+  fields: image float32 [B, H, W, 3], text int32 [B, L], int32 [B] flags), as shapes
+  sharded over the batch axes."""
   from mmjax.data import transforms
-  b = config.batch_size if batch_size is None else batch_size
+  b = config.batch_size
   size, length = config.model.image_size, config.data.max_text_len
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                    sharding=sharding.batch_sharding(mesh))
@@ -155,21 +160,28 @@ def compile_lowered(name: str, lowered: Any, lower_s: float, platform: str) -> C
     options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
     if platform == "gpu":
       options["xla_gpu_dump_llvmir"] = False
+      options.update(GPU_COMPILE_OPTIONS)
     start = time.perf_counter()
     compiled, oom = None, None
+    # A compile-only executable cannot be read back from the persistent cache: skip it.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
       compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # jax.errors.JaxRuntimeError
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
       oom = str(e).strip().splitlines()[0]
+    finally:
+      jax.config.update("jax_enable_compilation_cache", cache)
     compile_s = time.perf_counter() - start
     files = _dumped_files(dump)
     hlo_text = (compiled.as_text() if compiled is not None
                 else _read(files.get("oom_intermediate_module.txt")
                            or files.get("after_optimizations.txt")))
     peak = _peak_buffers(_read(files.get("live-range.txt")), hlo_text)
-    dumped = _buffer_assignment_totals(_read(files.get("buffer-assignment.txt")))
+    dumped = _buffer_assignment_totals(_read(files.get("buffer-assignment.txt")),
+                                       _read(files.get("memory-usage-report.txt")))
   return CompileResult(name, compiled, oom, lower_s, compile_s, hlo_text, peak, dumped)
 
 
@@ -180,7 +192,8 @@ def _dumped_files(directory: str) -> dict[str, str]:
   for name in sorted(os.listdir(directory)):
     for suffix in ("oom_intermediate_module.txt", "after_optimizations.txt",
                    "after_optimizations-live-range.txt",
-                   "after_optimizations-buffer-assignment.txt"):
+                   "after_optimizations-buffer-assignment.txt",
+                   "after_optimizations-memory-usage-report.txt"):
       if name.endswith(suffix):
         key = suffix.removeprefix("after_optimizations-")
         out[key] = os.path.join(directory, name)
@@ -225,26 +238,26 @@ def _instruction_info(hlo_text: str, names: set[str]) -> dict[str, dict]:
   return out
 
 
-def _buffer_assignment_totals(text: str) -> dict | None:
-  """Argument / output / temporary bytes in device memory (color 0) from a dumped buffer
-  assignment: the compiler's own accounting, available when it refused the program too."""
-  if not text:
+def _buffer_assignment_totals(assignment: str, usage_report: str) -> dict | None:
+  """The compiler's accounting of device memory (color 0) from its dumped buffer
+  assignment, also when it refused the program: argument allocations, output allocations
+  that are not donated arguments, everything else (temporaries, thread-local scratch,
+  constants), their sum, and the memory-usage report's total (the figure the TPU compiler
+  checks against its HBM; equal to the sum)."""
+  if not assignment:
     return None
-  totals = dict(argument=0, output=0, alias=0, temp=0)
-  for line in text.splitlines():
-    match = re.match(r"allocation \d+: size (\d+), (.*):$", line)
-    if not match or "color " in match[2]:
-      continue
+  totals = dict(argument=0, output_not_aliased=0, temp=0)
+  for match in re.finditer(r"^allocation \d+: size (\d+), (.*):$", assignment, re.M):
     size, kind = int(match[1]), match[2]
-    if "parameter" in kind:
-      totals["argument"] += size
-      if "maybe-live-out" in kind:
-        totals["alias"] += size
-        totals["output"] += size
-    elif "maybe-live-out" in kind or "output shape" in kind:
-      totals["output"] += size
-    elif "preallocated-temp" in kind or "thread-local" not in kind:
-      totals["temp"] += size
+    if "color " in kind:  # other memory spaces: VMEM, CMEM, SMEM, host
+      continue
+    key = ("argument" if kind.startswith("parameter") else
+           "output_not_aliased" if "output shape" in kind or "maybe-live-out" in kind
+           else "temp")
+    totals[key] += size
+  totals["total"] = sum(totals.values())
+  report = re.search(r"Memory Space: default \(color=0\)\nTotal bytes: (\d+)", usage_report)
+  totals["usage_report_total"] = int(report[1]) if report else None
   return totals
 
 
@@ -256,22 +269,34 @@ def shard_bytes(tree: Any) -> int:
 
 
 def memory_parts(result: CompileResult, arguments: dict[str, Any]) -> dict[str, int]:
-  """Per-device bytes: the named argument groups, the compiler's argument layout padding,
-  temporaries and outputs not aliased to donated inputs; `total` is their sum."""
+  """Per-device bytes: the named argument groups, the compiler's argument bytes minus their
+  sum, temporaries and outputs not aliased to donated inputs; `total` is their sum. The
+  compiler's figures come from its buffer assignment when dumped (the accounting it checks
+  against device memory), else from `memory_analysis()`."""
   parts = {name: shard_bytes(tree) for name, tree in arguments.items()}
-  if result.compiled is not None:
+  compiler = result.dumped_memory
+  if compiler is None and result.compiled is not None:
     m = result.compiled.memory_analysis()
-    compiler = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
-                    alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes)
-  elif result.dumped_memory is not None:
-    compiler = result.dumped_memory
-  else:
+    compiler = dict(argument=m.argument_size_in_bytes, temp=m.temp_size_in_bytes,
+                    output_not_aliased=m.output_size_in_bytes - m.alias_size_in_bytes)
+  if compiler is None:
     return {**parts, "total": None}
-  parts["argument_layout_padding"] = compiler["argument"] - sum(parts.values())
+  parts["argument_adjustment"] = compiler["argument"] - sum(parts.values())
   parts["temporaries"] = compiler["temp"]
-  parts["outputs_not_aliased"] = compiler["output"] - compiler["alias"]
+  parts["outputs_not_aliased"] = compiler["output_not_aliased"]
   parts["total"] = sum(parts.values())
   return parts
+
+
+def _memory_analysis(compiled: Any) -> dict[str, int] | None:
+  """`compiled.memory_analysis()` as a dict (on TPU it can leave out small temporaries the
+  buffer assignment has)."""
+  m = compiled.memory_analysis() if compiled is not None else None
+  if m is None:
+    return None
+  return dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
+              alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
+              peak=getattr(m, "peak_memory_in_bytes", None))
 
 
 _OOM_FIGURES = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds "
@@ -283,11 +308,11 @@ def program_report(result: CompileResult, arguments: dict[str, Any], capacity: i
   """The JSON-ready figures of one compiled program (see the module docstring)."""
   memory = memory_parts(result, arguments)
   total = memory["total"]
-  if result.out_of_memory:
-    figures = _OOM_FIGURES.search(result.out_of_memory)
-    if figures:  # the compiler's own figures win over our accounting
+  figures = _OOM_FIGURES.search(result.out_of_memory or "")
+  if figures:
+    capacity = topologies.parse_gib_figure(*figures.groups()[2:])
+    if total is None:  # no dump: the message's figure, rounded to 0.01 GiB
       total = topologies.parse_gib_figure(*figures.groups()[:2])
-      capacity = topologies.parse_gib_figure(*figures.groups()[2:])
   fits = result.compiled is not None and total is not None and total <= capacity
   stats = hlo.analyze(result.hlo_text) if result.hlo_text else None
   report = dict(
@@ -295,6 +320,8 @@ def program_report(result: CompileResult, arguments: dict[str, Any], capacity: i
       device_memory_bytes=capacity,
       headroom_fraction=None if total is None else (capacity - total) / capacity,
       memory=memory, peak_buffers=result.peak_buffers, compiler_error=result.out_of_memory,
+      buffer_assignment=result.dumped_memory,
+      memory_analysis=_memory_analysis(result.compiled),
       lower_s=round(result.lower_s, 2), compile_s=round(result.compile_s, 2),
       compiled_flops_per_device=stats.matmul_flops if stats else None,
       model_flops_per_device=model_flops_per_device,
@@ -520,7 +547,7 @@ def _memory_summary(report: dict[str, Any]) -> str:
 
 MEMORY_ROWS = (("params", "parameters"), ("optimizer_state", "optimizer state"),
                ("other_state", "other state (step counters)"), ("batch", "batch / inputs"),
-               ("argument_layout_padding", "argument layout padding"),
+               ("argument_adjustment", "arguments: compiler - shapes"),
                ("temporaries", "temporaries"), ("outputs_not_aliased", "outputs (not aliased)"),
                ("total", "total"))
 

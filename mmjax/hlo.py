@@ -9,8 +9,9 @@ about one layer's FLOPs per stack; here the trip count is read from the loop: th
 read is counted once and reported in `unknown_trip_counts` (its figures are then per
 iteration).
 
-FLOPs: 2 x output elements x contracted elements of every dot, convolution and cuBLAS GEMM
-custom call (the matmul convention of `mmjax.summary`); elementwise work is not counted.
+FLOPs: 2 x output elements x contracted elements of every dot, convolution, cuBLAS GEMM and
+cuDNN forward-convolution custom call (the matmul convention of `mmjax.summary`);
+elementwise work is not counted.
 Collectives: all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute (sync or
 the `-done` half of async pairs); bytes are the per-device result bytes.
 """
@@ -32,6 +33,9 @@ _CALLEE = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_c
                      r"=%([^\s,)}]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
+# XLA:GPU rewrites convolutions (forward and both gradients) into forward cuDNN calls, some
+# fused with bias and activation, that keep the convolution's window and dim_labels.
+_CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$conv\w*Forward"')
 
 
 @dataclasses.dataclass
@@ -139,7 +143,7 @@ def matmul_flops(instruction: Instruction, shapes: dict[str, str]) -> int:
     lhs = shape_dims(shapes.get(instruction.operands[0], ""))
     dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
     contracted = math.prod(lhs[int(d)] for d in dims[1].split(",") if d) if dims else 1
-  elif op == "convolution":
+  elif op == "convolution" or (op == "custom-call" and _CUDNN_CONV.search(attrs)):
     return _convolution_flops(instruction, shapes)
   elif op == "custom-call" and any(f'"{t}"' in attrs for t in _GEMM_TARGETS):
     lhs = shape_dims(shapes.get(instruction.operands[0], ""))

@@ -15,8 +15,9 @@ Per-device memory capacity
   TPU: the compiler's own figure, read from the RESOURCE_EXHAUSTED message of a probe
   program that needs more than any chip has (`tpu_available_hbm`): what it will actually
   allow a program. Measured with libtpu 0.0.42.1: v4 30.75 GiB, v5e 15.75 GiB, v5p
-  95.74 GiB, v6e 31.25 GiB (datasheets: v4 32 GiB, v5e 16 GB, v5p 95 GiB user-allocatable
-  of 96 GiB physical, v6e 32 GB; cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}).
+  95.74 GiB, v6e 31.25 GiB (datasheets: v4 32 GiB, v5e "16 GB", v5p 95 GiB user-allocatable
+  of 96 GiB physical, v6e "32 GB"; cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; the v5e/v6e
+  "GB" are binary: the compiler allows more than 16e9 / 32e9 bytes).
   GPU: `device_memory_size` of the target config (mmjax/gpu_targets/*.txtpb, values from
   XLA's xla/backends/gpu/target_config/specs/) times the fraction JAX's allocator may use,
   XLA_PYTHON_CLIENT_MEM_FRACTION: launch/gpu.sh and launch/slurm.sbatch set 0.90 (JAX's own
@@ -38,7 +39,7 @@ class TpuGeneration:
   chip_config: str  # "megacore": both TensorCores of a chip are one JAX device
   units_per_chip: int  # what the accelerator-type number counts: 2 = TensorCores, 1 = chips
   shapes: dict[int, str]  # chips -> physical topology (cloud.google.com tables)
-  datasheet_hbm_bytes: int
+  datasheet_hbm_bytes: int  # physical HBM per chip
 
 
 _CUBE_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -48,9 +49,9 @@ _PLANE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 
 TPU_GENERATIONS = {
     "v4": TpuGeneration("v4", "megacore", 2, _CUBE_SHAPES, 32 * GiB),
     "v5p": TpuGeneration("v5p", "megacore", 2,
-                         {**_CUBE_SHAPES, 4096: "16x16x16", 6144: "16x16x24"}, 95 * GiB),
-    "v5e": TpuGeneration("v5e", "default", 1, _PLANE_SHAPES, 16 * 10**9),
-    "v6e": TpuGeneration("v6e", "default", 1, _PLANE_SHAPES, 32 * 10**9),
+                         {**_CUBE_SHAPES, 4096: "16x16x16", 6144: "16x16x24"}, 96 * GiB),
+    "v5e": TpuGeneration("v5e", "default", 1, _PLANE_SHAPES, 16 * GiB),
+    "v6e": TpuGeneration("v6e", "default", 1, _PLANE_SHAPES, 32 * GiB),
 }
 TPU_ALIASES = {"v5litepod": "v5e"}
 
@@ -94,6 +95,9 @@ class Target:
       # these; the compile-only topology below is explicit, so they change nothing else.
       os.environ.setdefault("TPU_ACCELERATOR_TYPE", self.name.split()[-1])
       os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+      # libtpu takes /tmp/libtpu_lockfile (one process per TPU host); compiling needs no
+      # TPU, so several compiles (tests in parallel, a benchmark) may run at once.
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       return list(topologies.get_topology_desc(
           platform="tpu", topology_name=self.topology, chip_config_name=self.chip_config,
           chips_per_host_bounds=self.host_bounds, num_slices=self.num_slices).devices)

@@ -4,6 +4,9 @@ import os
 import sys
 import tempfile
 
+# The `test` extra installs libtpu for the ahead-of-time tests (mmjax.aot): keep JAX from
+# initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import pytest
 
