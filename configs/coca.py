@@ -66,12 +66,19 @@ MESH_PRESETS = {
     "v5p_128": ((-1, 16, 1), 64),
     "h100x8": ((1, 8, 1), 8),
 }
-# Examples per device in one micro-batch (grad_accum_steps = batch / (devices x this)) of
-# each (variant, mesh preset): measured with `python -m mmjax.aot` (see the docstring).
-MICRO_BATCH_PER_DEVICE = {
-    ("base", "v4_32"): 128, ("base", "v5p_128"): 256, ("base", "h100x8"): 256,
-    ("large", "v4_32"): 64, ("large", "v5p_128"): 256, ("large", "h100x8"): 256,
-    ("giant", "v4_32"): 32, ("giant", "v5p_128"): 128, ("giant", "h100x8"): 256,
+# (variant, mesh preset) -> (examples per device in one micro-batch, remat policy), chosen
+# by compiling for the target with `python -m mmjax.aot` (figures in the docstring);
+# grad_accum_steps = batch_size / (devices x micro-batch).
+PRESET_MEMORY = {
+    ("base", "v4_32"): (128, "dots_with_no_batch_dims"),
+    ("base", "v5p_128"): (256, "dots_with_no_batch_dims"),
+    ("base", "h100x8"): (256, "dots_with_no_batch_dims"),
+    ("large", "v4_32"): (64, "dots_with_no_batch_dims"),
+    ("large", "v5p_128"): (256, "dots_with_no_batch_dims"),
+    ("large", "h100x8"): (256, "dots_with_no_batch_dims"),
+    ("giant", "v4_32"): (64, "full"),
+    ("giant", "v5p_128"): (128, "dots_with_no_batch_dims"),
+    ("giant", "h100x8"): (256, "dots_with_no_batch_dims"),
 }
 
 
@@ -182,8 +189,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shape = shape
     if variant == "tiny":  # a smoke test on the real machine: 2 examples per device
       c.batch_size = max(c.batch_size, 2 * num_devices)
-    micro_batch = MICRO_BATCH_PER_DEVICE.get((variant, modifiers[0]), 256)
+    micro_batch, remat = PRESET_MEMORY.get((variant, modifiers[0]), (256, "none"))
     c.grad_accum_steps = max(1, c.batch_size // (num_devices * micro_batch))
+    if variant != "tiny":
+      c.model.remat_policy = remat
   c.lock()
   return c
 

@@ -45,8 +45,10 @@ Exit status: 0 it fits (all programs), 1 it does not, 2 a usage or config error.
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -155,7 +157,6 @@ class CompileResult:
 def compile_lowered(name: str, lowered: Any, lower_s: float, platform: str) -> CompileResult:
   """Compiles with an XLA dump to a temporary directory: its buffer assignment and live
   ranges name the largest buffers at the memory peak, also when the compiler gives up."""
-  import tempfile
   with tempfile.TemporaryDirectory(prefix="mmjax_aot_") as dump:
     options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
     if platform == "gpu":
@@ -187,7 +188,6 @@ def compile_lowered(name: str, lowered: Any, lower_s: float, platform: str) -> C
 
 def _dumped_files(directory: str) -> dict[str, str]:
   """Suffix -> path of the dumped files of the (last) module: the compiled program."""
-  import os
   out = {}
   for name in sorted(os.listdir(directory)):
     for suffix in ("oom_intermediate_module.txt", "after_optimizations.txt",
@@ -229,11 +229,11 @@ def _peak_buffers(live_ranges: str, hlo_text: str, top: int = 8) -> list[dict]:
 def _instruction_info(hlo_text: str, names: set[str]) -> dict[str, dict]:
   """name -> {shape, op} for instructions of the HLO text (op: the metadata op_name)."""
   out = {}
-  for match in re.finditer(r"^\s*(?:ROOT )?%(\S+) = (\S+|\([^=]*?\)) [a-z][\w-]*\(.*$",
-                           hlo_text, re.M):
-    if match[1] in names and match[1] not in out:
-      op = re.search(r'op_name="([^"]*)"', match[0])
-      out[match[1]] = dict(shape=re.sub(r"\{[^}]*\}", "", match[2])[:80],
+  for instructions in hlo.parse_module(hlo_text)[0].values() if hlo_text else ():
+    for i in instructions:
+      if i.name in names and i.name not in out:
+        op = re.search(r'op_name="([^"]*)"', i.attrs)
+        out[i.name] = dict(shape=re.sub(r"\{[^}]*\}", "", i.shape)[:80],
                            op=op[1].replace("\\'", "'") if op else "")
   return out
 
@@ -390,11 +390,18 @@ def check(config: ml_collections.ConfigDict, target: topologies.Target,
   extra = {}
   if "eval" in what:
     extra.update(_timed(_lowered_eval, config, mesh, model, abstract.params))
-  if "decode" in what and "captioning" in config.evals and config.model.name == "coca":
-    extra.update(_timed(_lowered_decode, config, mesh, model, abstract.params))
+  skipped = {}
+  if "decode" in what:
+    if config.model.name == "coca" and "captioning" in config.evals:
+      extra.update(_timed(_lowered_decode, config, mesh, model, abstract.params))
+    else:
+      skipped["decode"] = f"model {config.model.name!r} has no captioning decoder"
   for name, (lowered_program, seconds, inputs) in extra.items():
     result = compile_lowered(name, lowered_program, seconds, target.platform)
     programs[name] = program_report(result, inputs, capacity_bytes, device_kind, None)
+  if not programs:
+    raise cli.ConfigError("nothing to compile: " + "; ".join(
+        f"--what={k}: {v}" for k, v in skipped.items()))
   first = next(iter(programs.values()))
   return dict(
       {k: first[k] for k in SUMMARY_KEYS}, fits=all(p["fits"] for p in programs.values()),
@@ -404,7 +411,7 @@ def check(config: ml_collections.ConfigDict, target: topologies.Target,
       mesh=dict(mesh.shape), batch_size=config.batch_size,
       grad_accum_steps=config.grad_accum_steps,
       micro_batch_per_device=_micro_batch_per_device(config, mesh),
-      remat_policy=config.model.remat_policy, programs=programs,
+      remat_policy=config.model.remat_policy, programs=programs, skipped=skipped,
       versions=versions())
 
 
@@ -561,6 +568,8 @@ def format_report(report: dict[str, Any], spec: str) -> str:
            f"{report['remat_policy']!r}"]
   for name, p in report["programs"].items():
     lines += ["", f"[{name}]"] + _program_lines(p, report)
+  for name, reason in report["skipped"].items():
+    lines += ["", f"[{name}] skipped: {reason}"]
   return "\n".join(lines)
 
 

@@ -111,6 +111,21 @@ def test_padded_window_counts_only_real_inputs():
   # A plain valid convolution: every tap is real.
   assert hlo._valid_taps(length=8, outputs=5, size=4, pad_lo=0, stride=1, lhs_dilate=1,
                          rhs_dilate=1) == 20
+  # Weight gradients window over the whole batch: O(outputs), not outputs x window.
+  assert hlo._valid_taps(length=2**24, outputs=1, size=2**24, pad_lo=0, stride=1,
+                         lhs_dilate=1, rhs_dilate=1) == 2**24
+
+
+def test_valid_taps_equal_counting_every_tap():
+  rng = np.random.default_rng(0)
+  for _ in range(3000):
+    length, outputs, size, pad_lo, stride, lhs_dilate, rhs_dilate = (
+        int(v) for v in rng.integers([1, 1, 1, 0, 1, 1, 1], [9, 9, 9, 7, 4, 4, 4]))
+    span = (length - 1) * lhs_dilate + 1
+    every = sum(0 <= (x := o * stride + k * rhs_dilate - pad_lo) < span
+                and x % lhs_dilate == 0 for o in range(outputs) for k in range(size))
+    assert hlo._valid_taps(length, outputs, size, pad_lo, stride, lhs_dilate,
+                           rhs_dilate) == every
 
 
 def test_collectives_in_a_loop_on_cpu_devices():
