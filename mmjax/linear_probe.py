@@ -14,7 +14,8 @@ Classifiers (`classifier`), both in float64 NumPy/SciPy, deterministic, a bias c
 that is not penalised:
   * "logistic" (default; CLIP's probe): multinomial logistic regression, mean
     cross-entropy + lambda/2 * |W|^2, minimised by L-BFGS (scipy.optimize) with
-    scikit-learn's stopping rule, warm-started along the lambda grid.
+    a stopping rule that pins the unique optimum (see `logistic_fit`), warm-started along
+    the lambda grid.
   * "ridge": closed-form ridge regression onto one-hot targets (a least-squares
     classifier), W = (X^T X + lambda * n * I)^-1 X^T Y. Milliseconds, but with many
     classes and few dimensions least squares is a poor classifier (a class's score is
@@ -49,18 +50,34 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   return np.linalg.solve(xb.T @ xb + reg, xb.T @ targets)
 
 
+# Stopping rule of `logistic_fit`: the gradient's largest component must fall below
+# OPTIMUM_TOL * lambda (the distance bound to the optimum, see there); without a penalty
+# (lambda = 0, no strong convexity) a fixed tolerance is all there is.
+OPTIMUM_TOL = 1e-3
+UNREGULARISED_GTOL = 1e-7
+
+
 def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
-                 init: np.ndarray | None = None, max_iter: int = 1000,
-                 gtol: float = 1e-4) -> np.ndarray:
+                 init: np.ndarray | None = None, max_iter: int = 20_000,
+                 gtol: float | None = None) -> np.ndarray:
   """Multinomial logistic regression: x [n, d], y int [n] -> weights [d + 1, C] (last row =
   bias), minimising mean cross-entropy + l2/2 * |W without bias|^2 by L-BFGS from `init`
-  (weights [d + 1, C]; zero by default). The objective is strictly convex, so the start
-  only changes how many iterations it takes.
+  (weights [d + 1, C]; zero by default).
 
-  Stopping as scikit-learn's LogisticRegression (which CLIP's probes used): at most
-  `max_iter` iterations, or when no gradient component exceeds `gtol` (its tol=1e-4);
-  its ftol of 64 machine epsilons leaves the gradient test in charge.
+  The penalised weights returned are those of the unique optimum, not wherever the
+  optimiser happened to stop: the objective is l2-strongly convex in them, so their
+  distance to the optimum is at most |grad|_2 / l2, and L-BFGS stops only once no gradient
+  component exceeds `gtol` = OPTIMUM_TOL * l2 (by default). A fixed gtol (scikit-learn's
+  1e-4, used before) allowed a distance of 1e-4 / l2 = 10 per component at l2 = 1e-5: the
+  stopping point then depended on the start and on float rounding of the features, and a
+  checkpoint probed on 1 device scored differently from the same checkpoint probed by an
+  8-device trainer on an AVX-512 CPU. (The unpenalised biases are only determined up to a
+  common shift, which no prediction sees; a class without training examples has its bias
+  driven towards -inf, so it is never predicted.)
+  The ftol of 64 machine epsilons leaves the gradient test in charge.
   """
+  if gtol is None:
+    gtol = OPTIMUM_TOL * l2 if l2 > 0 else UNREGULARISED_GTOL
   import scipy.optimize
   n, d = x.shape
   xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
@@ -83,6 +100,11 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   result = scipy.optimize.minimize(
       objective, start, jac=True, method="L-BFGS-B",
       options={"maxiter": max_iter, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
+  if result.nit >= max_iter:
+    raise RuntimeError(f"linear probe: L-BFGS did not reach the optimum of lambda={l2} in "
+                       f"{max_iter} iterations (largest gradient component "
+                       f"{np.abs(result.jac).max():.3g} > {gtol:.3g}); raise the smallest "
+                       "config evals.linear_probe.l2_grid value")
   return result.x.reshape(d + 1, num_classes)
 
 
