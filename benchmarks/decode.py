@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import shapes  # noqa: E402
 
 from mmjax import decode, models  # noqa: E402
-from mmjax.tokenizer import EOS_ID  # noqa: E402
+from mmjax.vocabulary import EOS_ID  # noqa: E402
 
 
 def build(new_tokens: int, batch: int):

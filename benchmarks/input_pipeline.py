@@ -17,7 +17,7 @@ from absl import app, flags
 from PIL import Image
 
 from configs import shapes as shapes_config
-from mmjax import tokenizer as tokenizer_lib
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import build, pipeline
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Dataset dir ('' = a fresh temp dir).")

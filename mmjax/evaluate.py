@@ -25,10 +25,8 @@ from jax.sharding import Mesh
 
 from mmjax import cli, decode, linear_probe, sharding
 from mmjax.data import pipeline
-from mmjax.tokenizer import Tokenizer
-
-TEXT_TYPES = {"caption": 0, "label": 1}
-
+from mmjax import vocabulary
+from mmjax.data.tokenizer import Tokenizer
 
 class Embedder:
   """Embeds images / texts in fixed-size batches sharded over the mesh's batch axes."""
@@ -92,9 +90,9 @@ class ZeroShot:
     self.templates = tuple(config.data.label_templates)
     prompts = [t.format(name) for name in self.class_names for t in self.templates]
     self.tokens = tokenizer.encode(prompts, config.data.max_text_len)
-    if e.prefix not in TEXT_TYPES:
-      raise ValueError(f"config evals.zeroshot.prefix={e.prefix!r}: choose {list(TEXT_TYPES)}")
-    self.text_type = np.full(len(prompts), TEXT_TYPES[e.prefix], np.int32)
+    if e.prefix not in vocabulary.TEXT_TYPES:
+      raise ValueError(f"config evals.zeroshot.prefix={e.prefix!r}: choose {list(vocabulary.TEXT_TYPES)}")
+    self.text_type = np.full(len(prompts), vocabulary.TEXT_TYPES[e.prefix], np.int32)
 
   def class_embeddings(self, embedder: Embedder, params: Any) -> np.ndarray:
     """[C, E]: mean of each class's template embeddings, renormalised."""
@@ -304,7 +302,8 @@ def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> tuple[int, dict[str, float]]:
   """Restores params only onto the devices present and runs the configured evaluators."""
-  from mmjax import checkpoint, models, state as state_lib, tokenizer as tokenizer_lib
+  from mmjax import checkpoint, models, state as state_lib
+  from mmjax.data import tokenizer as tokenizer_lib
   from mmjax.optimizer import make_optimizer
   mesh = sharding.make_mesh(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)

@@ -48,8 +48,8 @@ import numpy as np
 
 from mmjax import losses
 from mmjax.models.flava import FlavaConfig
+from mmjax.vocabulary import FIRST_REGULAR_ID
 
-FIRST_REGULAR_ID = 4  # PAD 0, EOS 1, BOS 2, UNK 3 are never masked nor sampled
 LOSS_KEYS = ("mlm_loss", "mim_loss", "mmm_text_loss", "mmm_image_loss", "itm_loss",
              "contrastive_loss")
 Batch = dict[str, jax.Array]

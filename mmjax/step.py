@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import losses, sharding
-from mmjax.models.coca import PAD_ID
+from mmjax.vocabulary import PAD_ID
 from mmjax.state import TrainState
 
 Batch = dict[str, jax.Array]

@@ -33,9 +33,9 @@ from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
 from mmjax import summary
-from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
 from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.optimizer import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 42

@@ -8,7 +8,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import shapes as shapes_config
-from mmjax import tokenizer as tk
+from mmjax import vocabulary
+from mmjax.data import tokenizer as tk
 from mmjax.data import build, pipeline, shapes, sources
 
 
@@ -66,7 +67,7 @@ def test_batch_fields(data_dir, tokenizer):
   assert b["image"].shape == (16, 64, 64, 3) and b["image"].dtype == np.float32
   assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].std() > 0.05
   assert b["text"].shape == (16, 24) and b["text"].dtype == np.int32
-  assert (b["text"][:, 0] == tk.BOS_ID).all() and ((b["text"] == tk.EOS_ID).sum(1) == 1).all()
+  assert (b["text"][:, 0] == vocabulary.BOS_ID).all() and ((b["text"] == vocabulary.EOS_ID).sum(1) == 1).all()
   for k in ("label", "text_type", "source", "skipped"):
     assert b[k].shape == (16,) and b[k].dtype == np.int32
   # sorted keys: captions=0, labels=1

@@ -11,10 +11,10 @@ import pytest
 
 import helpers
 import openclip as openclip_configs  # configs/openclip.py (conftest puts configs/ on sys.path)
-from mmjax import decode, models
+from mmjax import decode, models, vocabulary
 from mmjax.models import layers
 
-EOS, PAD = decode.EOS_ID, decode.PAD_ID
+EOS, PAD = vocabulary.EOS_ID, vocabulary.PAD_ID
 MAX_NEW = 8
 
 

@@ -395,7 +395,8 @@ def test_linear_probe_reads_image_features_and_beats_chance():
 
 
 def test_pipeline_emits_modality_views(data_dir):
-  from mmjax import tokenizer as tokenizer_lib
+  from mmjax import vocabulary
+  from mmjax.data import tokenizer as tokenizer_lib
   from mmjax.data import pipeline
   config = tiny_config(data_dir=data_dir, batch_size=64)
   tokenizer = tokenizer_lib.get_tokenizer(config)
@@ -410,7 +411,7 @@ def test_pipeline_emits_modality_views(data_dir):
   np.testing.assert_array_equal(batch["has_text"], modality != "image")
   assert (batch["text"][modality == "image"] == 0).all()
   assert (batch["image"][modality == "text"] == 0).all()
-  assert (batch["text"][modality != "image", 0] == tokenizer_lib.BOS_ID).all()
+  assert (batch["text"][modality != "image", 0] == vocabulary.BOS_ID).all()
   assert np.abs(batch["image"][modality != "text"]).sum() > 0
   assert set(modality) == {"paired", "image", "text"}
 

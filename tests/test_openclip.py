@@ -17,6 +17,7 @@ import openclip as openclip_configs  # configs/openclip.py (conftest puts config
 from conftest import CACHE_DIR, REPO
 from mmjax import models
 from mmjax.convert import openclip as convert
+from mmjax.tokenizers import openclip as openclip_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random init only: never touch the network
 TOLERANCE = 1e-4  # max abs difference, float32 on both sides
@@ -53,9 +54,9 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
   size, length = config.data.image_size, config.data.max_text_len
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)  # pipeline range
-  text = convert.OpenClipTokenizer().encode(
+  text = openclip_tokenizer.OpenClipTokenizer().encode(
       [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], length)
-  text[-1] = convert.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row
+  text[-1] = openclip_tokenizer.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row
   out = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, np.zeros(batch, np.int32)))(
       params, images, text)
 
@@ -104,7 +105,7 @@ def test_model_configs_match_open_clip(oc):
 
 
 def test_tokenizer_matches_open_clip(oc):
-  ours = convert.OpenClipTokenizer()
+  ours = openclip_tokenizer.OpenClipTokenizer()
   theirs = oc.get_tokenizer("coca_ViT-B-32")  # context_length 76
   got = ours.encode(CAPTIONS, 76)
   np.testing.assert_array_equal(got, theirs(CAPTIONS).numpy())

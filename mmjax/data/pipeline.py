@@ -25,7 +25,7 @@ import numpy as np
 
 from mmjax.data import sources as sources_lib
 from mmjax.data import transforms
-from mmjax.tokenizer import Tokenizer
+from mmjax.data.tokenizer import Tokenizer
 
 label_texts = sources_lib.label_texts
 train_texts = sources_lib.train_texts

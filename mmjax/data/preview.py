@@ -15,7 +15,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from mmjax import tokenizer as tokenizer_lib
+from mmjax import vocabulary
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
       "num_examples": int(src.size),
       "fraction_per_source": {k: float((src == i).mean()) for i, k in enumerate(keys)},
       "weights_per_source": {k: float(w) for k, w in zip(keys, weights / weights.sum())},
-      "mean_tokens_per_text": float((text != tokenizer_lib.PAD_ID).sum(1).mean()),
+      "mean_tokens_per_text": float((text != vocabulary.PAD_ID).sum(1).mean()),
       "skipped": int(sum(int(b["skipped"].sum()) for b in batches)),
       "out": _OUT.value,
   }

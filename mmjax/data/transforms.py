@@ -13,10 +13,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mmjax.tokenizer import Tokenizer
+from mmjax import vocabulary
+from mmjax.data.tokenizer import Tokenizer
 
-TEXT_TYPE_CAPTION = 0
-TEXT_TYPE_LABEL = 1
 # A source's optional `modality` (FLAVA's unimodal data): which half of each record is kept.
 #   "paired": image and text (default); "image": the text is dropped (all PAD);
 #   "text": the image is dropped (zeros). `kind` still says how records are read.
@@ -98,7 +97,7 @@ class TrainTransform(grain.transforms.RandomMap):
         "image": np.ascontiguousarray(image, np.float32),
         "text": self.tokenizer.encode([text], self.max_len)[0],
         "label": np.int32(rec["label"]),
-        "text_type": np.int32(TEXT_TYPE_LABEL if is_label else TEXT_TYPE_CAPTION),
+        "text_type": np.int32(vocabulary.LABEL if is_label else vocabulary.CAPTION),
         "source": np.int32(rec["source"]),
         "skipped": np.int32(rec["skipped"]),
     }

@@ -19,8 +19,8 @@ import ml_collections
 
 from mmjax.models import config as model_config
 from mmjax.models import layers, text, vit
+from mmjax.vocabulary import PAD_ID
 
-PAD_ID = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,8 @@ import ml_collections
 
 from mmjax.models import config as model_config
 from mmjax.models import layers, vit
+from mmjax.vocabulary import PAD_ID
 
-PAD_ID = 0
 VOCAB_MULTIPLE = 128  # rows of the token table / text-head outputs, see the module docstring
 
 

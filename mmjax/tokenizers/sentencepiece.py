@@ -1,23 +1,20 @@
-"""SentencePiece tokenizer with fixed special ids, trained on the dataset texts if needed.
+"""SentencePiece tokenizer with mmjax's fixed special ids (`mmjax.vocabulary`), and training
+one in memory.
 
-Ids are fixed across the stack: ``pad_id=0, eos_id=1, bos_id=2, unk_id=3``. The model code
-(padding masks, captioning targets) relies on them, so a loaded model with other ids is
-rejected rather than silently remapped.
+A loaded model with other special ids is rejected rather than silently remapped: the model
+code (padding masks, captioning targets) relies on them.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 from collections.abc import Sequence
 
-import ml_collections
 import numpy as np
 import sentencepiece as spm
 from etils import epath
 
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+from mmjax.vocabulary import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
 
 
 class Tokenizer:
@@ -97,45 +94,3 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
       pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
       num_threads=2, minloglevel=2)
   return Tokenizer(buf.getvalue(), origin="<trained>")
-
-
-def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-  """The tokenizer for `config`.
-
-  `config.data.tokenizer.kind == "openclip"`: open_clip's CLIP BPE (merges from `path`, or
-  from the installed open_clip package when empty).
-  `config.data.tokenizer.path` set: load that SentencePiece model (its ids must be ours).
-  Otherwise train one (vocab `config.data.tokenizer.vocab_size`) on every text of the
-  configured train sources (label-template prompts and captions), cached as
-  `<data_dir>/tokenizers/<sha of texts + settings>.model` and built under a file lock so
-  concurrent processes train it once.
-  """
-  if config.data.tokenizer.get("kind", "sentencepiece") == "openclip":
-    # open_clip's BPE (ids pad 0, BOS 49406, EOS 49407), for converted open_clip models.
-    from mmjax.convert.openclip import OpenClipTokenizer
-    return OpenClipTokenizer(os.path.expanduser(config.data.tokenizer.path) or None)
-  path = config.data.tokenizer.path
-  if path:
-    path = os.path.expanduser(path)
-    if not epath.Path(path).exists():
-      raise FileNotFoundError(f"config.data.tokenizer.path={config.data.tokenizer.path!r}: "
-                              f"no such file {path}")
-    return Tokenizer.from_file(path)
-  # Imported here: the data package imports this module's ids.
-  from mmjax.data import sources
-  from mmjax.data.shapes import file_lock
-  texts = sources.train_texts(config)
-  vocab_size = int(config.data.tokenizer.vocab_size)
-  h = hashlib.sha256(json.dumps({"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}).encode())
-  cache_dir = os.path.join(os.path.expanduser(config.data_dir), "tokenizers")
-  cache = os.path.join(cache_dir, h.hexdigest()[:16] + ".model")
-  if not os.path.exists(cache):
-    with file_lock(cache + ".lock"):
-      if not os.path.exists(cache):
-        tok = train_tokenizer(texts, vocab_size)
-        tmp = cache + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-          f.write(tok.model_proto)
-        os.replace(tmp, cache)  # atomic: readers never see a partial model
-        return tok
-  return Tokenizer.from_file(cache)
