@@ -5,7 +5,8 @@ setuptools.setup(
     name="mmjax",
     version="0.1.0",
     description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
-    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    # configs: the config files and their schema, importable as `configs.<name>`.
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
@@ -20,6 +21,7 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "pillow>=10",
         "numpy>=1.26",
+        "scipy>=1.11",  # the linear probe's L-BFGS
         "tensorboardX>=2.6",
         "absl-py>=2.1",
         "pycocoevalcap>=1.2",

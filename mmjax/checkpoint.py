@@ -21,9 +21,10 @@ class CheckpointMismatchError(ValueError):
 
 # Config keys that may change between a checkpoint and its resumption without a notice:
 # they change neither the state's shapes nor the training trajectory.
-RESUMABLE_CHANGES = ("total_steps", "log_every_steps", "checkpoint_every_steps",
-                     "eval_every_steps", "evals", "checkpoint", "compilation_cache_dir",
-                     "data_dir", "data.num_workers", "data.prefetch_batches")
+RESUMABLE_CHANGES = ("name", "total_steps", "log_every_steps", "checkpoint_every_steps",
+                     "eval_every_steps", "eval_batch_size", "evals", "checkpoint",
+                     "compilation_cache_dir", "data_dir", "data.num_workers",
+                     "data.prefetch_batches")
 
 
 class Checkpointer:

@@ -24,19 +24,17 @@ import sys
 import time
 from typing import Any, Iterator
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import app
+from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
-from mmjax import summary
-from mmjax import writers
+from mmjax import checkpoint, cli, evaluators, runtime, summary, writers
 from mmjax.data import pipeline
 from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.optimizer import make_optimizer, make_schedule
+from mmjax.evaluators import grid
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -97,12 +95,12 @@ def poison_batches(batches: Iterator[dict[str, np.ndarray]], start_step: int,
     yield batch
 
 
-def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+def device_batches(batches: Iterator[dict[str, np.ndarray]], rt: runtime.Runtime,
                    size: int) -> Iterator[dict[str, jax.Array]]:
   """Keeps `size` batches in flight to the devices so the host never stalls the step."""
   queue = collections.deque()
   for local in batches:
-    queue.append(sharding.global_batch(local, mesh))
+    queue.append(rt.global_batch(local))
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
@@ -112,8 +110,10 @@ START_BARRIER_TIMEOUT_S = 900
 
 
 def _barrier(name: str, timeout_s: int) -> None:
-  """All processes wait here (coordination service; no device collective involved)."""
-  from jax._src import distributed  # the public multihost_utils barrier is a collective
+  """All processes wait here (coordination service; no device collective involved).
+
+  JAX has no public API for this: `multihost_utils.sync_global_devices` is a device
+  collective, bound by gloo's 30 s rendezvous on CPUs, the very limit this barrier avoids."""
   distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
 
 
@@ -125,17 +125,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
   Raises SystemExit(PREEMPTED_EXIT_CODE) after checkpointing on preemption,
-  NonFiniteLossError (loss.nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
+  NonFiniteLossError (nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
   """
   process0 = jax.process_index() == 0
-  # Mesh, data, model.
-  mesh = sharding.make_mesh(config)
+  # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
+  rt = runtime.build(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
                           f"model.text.vocab_size={config.model.text.vocab_size}")
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   preemption = Preemption()
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
@@ -143,13 +141,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer, train_iterator = None, None
 
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-      # Shard: abstract state first, then created or restored directly onto its shardings.
-      abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+    with rt.activate():
+      # Shard: the state is created or restored directly onto its shardings.
       latest = checkpointer.latest_step()
       start_step = latest or 0
       if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
-        state = checkpointer.restore(start_step, abstract)
+        state = checkpointer.restore(start_step, rt.abstract_state)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
@@ -157,17 +154,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
           writers.truncate_metrics(workdir, start_step)
       else:
-        state = state_lib.create_state(model, optimizer, config, shardings)
+        state = rt.init_state()
       writer = writers.MetricWriter(workdir, enabled=process0)
-      train_step = step_lib.jit_train_step(
-          step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-      evaluators = (evaluate.build_evaluators(config, tokenizer) if config.eval_every_steps
-                    else [])
-      embedder = evaluate.Embedder(model, mesh, config.evals.batch_size)
+      train_step = rt.jit_train_step()
+      evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
+               else [])
+      embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
+                                     config.eval_batch_size)
       train_iterator = pipeline.make_train_iterator(
           config, tokenizer, start_step=start_step, process_index=jax.process_index(),
           process_count=jax.process_count())
-      batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), mesh,
+      batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), rt,
                                config.data.prefetch_batches)
       if jax.process_count() > 1:
         # Gloo gives peers only 30 s to meet at their first collective, so a process that
@@ -209,16 +206,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
                   "command to resume", flush=True)
           raise SystemExit(PREEMPTED_EXIT_CODE)
-        if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
+        if evals and is_due(done, config.eval_every_steps, config.total_steps):
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
-          results = evaluate.run_evaluators(evaluators, embedder, state.params)
+          results = evaluators.run_evaluators(evals, embedder, state.params)
           writer.write(done, results)
-          grid = evaluate.sample_grid(evaluators, embedder, state.params)
-          if grid is not None:
-            writer.write_image(done, "samples", grid)
+          picture = grid.sample_grid(evals, embedder, state.params)
+          if picture is not None:
+            grid.write_sample_grid(writer, workdir, done, picture)
           if process0:
-            print(evaluate.format_table(results), flush=True)
+            print(evaluators.format_results(results), flush=True)
           timer = (time.time(), done)
       pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
   finally:
@@ -260,9 +257,9 @@ def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
                     writer: writers.MetricWriter, progress: writers.Progress,
                     throughput: Throughput, skipped_total: int, timer: tuple[float, int]):
   metrics = jax.device_get(metrics)
-  if not metrics["finite"] and config.loss.nonfinite_policy == "stop":
+  if not metrics["finite"] and config.nonfinite_policy == "stop":
     raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {step} (config loss.nonfinite_policy='stop'); "
+        f"non-finite loss or gradient at step {step} (config nonfinite_policy='stop'); "
         "the update was not applied and no checkpoint containing it was written")
   skipped_total += int(metrics.pop("skipped_records"))
   metrics.pop("finite")

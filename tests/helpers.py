@@ -1,9 +1,9 @@
 """Tiny configs and synthetic batches for tests (the code paths are the real ones)."""
-import flax.linen as nn
 import jax
 import numpy as np
 
-import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
+from configs import shapes
+from mmjax import runtime
 
 
 def override(config, **overrides):
@@ -37,20 +37,16 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     text[i, n - 1] = 1
   label = rng.integers(0, 4, size=b).astype(np.int32)
   label[: b // 2] = -1
+  ones, zeros = np.ones(b, np.int32), np.zeros(b, np.int32)
   return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
-              label=label, text_type=(label >= 0).astype(np.int32),
-              skipped=np.zeros(b, np.int32))
+              label=label, text_type=(label >= 0).astype(np.int32), source=zeros,
+              skipped=zeros, has_image=ones, has_text=ones, paired=ones)
 
 
 def step_setup(config, num_devices: int):
-  """The real train-step machinery for `config` on the first `num_devices` devices:
-  (mesh, StepFns, state shardings, sharded initial state)."""
-  from mmjax import models, sharding, state as state_lib, step as step_lib
-  from mmjax.optimizer import make_optimizer, make_schedule
-  mesh = sharding.make_mesh(config, jax.devices()[:num_devices])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
-  return mesh, fns, shardings, state
+  """The real runtime for `config` on the first `num_devices` devices, and a fresh sharded
+  train state: (runtime.Runtime, state)."""
+  rt = runtime.build(config, jax.devices()[:num_devices])
+  with rt.activate():
+    state = rt.init_state()
+  return rt, state

@@ -46,13 +46,36 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"data.sources.labels.weight": 0.0, "data.sources.captions.weight": 0.0}, 1,
      r"data.sources.\*.weight=.*sum to a positive number"),
     ({"data.sources.labels.weight": -1.0}, 1, r"data.sources.\*.weight="),
-    ({"loss.nonfinite_policy": "ignore"}, 1, r"loss.nonfinite_policy='ignore'"),
+    ({"model.remat_policy": "sometimes"}, 1, r"model.remat_policy='sometimes': choose one of"),
+    ({"optimizer.name": "sgd"}, 1, r"optimizer.name='sgd'"),
+    ({"model.pooler": "mean"}, 1, r"model.pooler='mean'"),
+    ({"loss.name": "siglip2"}, 1, r"loss.name='siglip2': choose one of"),
+    ({"evals.zeroshot.type": "zero_shot"}, 1, r"evals.zeroshot.type='zero_shot'"),
+    ({"evals.zeroshot.prefix": "title"}, 1, r"evals.zeroshot.prefix='title'"),
+    ({"evals.captioning.strategy": "nucleus"}, 1, r"evals.captioning.strategy='nucleus'"),
+    ({"data.sources.captions.modality": "text"}, 1,
+     r"data.sources.captions.modality='text': unimodal views need .*loss.name='flava'"),
+    ({"data.tokenizer.kind": "bpe"}, 1, r"data.tokenizer.kind='bpe'"),
+    ({"nonfinite_policy": "ignore"}, 1, r"nonfinite_policy='ignore'"),
     ({"checkpoint.max_to_keep": 0}, 1, r"checkpoint.max_to_keep=0"),
     ({"total_steps": 0}, 1, r"total_steps=0"),
 ])
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):
     cli.validate(helpers.tiny_config(**overrides), num_devices=devices)
+
+
+def test_every_problem_is_reported_one_line_each():
+  config = helpers.tiny_config(**{"total_steps": 0, "model.remat_policy": "x",
+                                  "evals.linear_probe.classifier": "svm"})
+  with pytest.raises(cli.ConfigError) as e:
+    cli.validate(config, num_devices=1)
+  lines = str(e.value).splitlines()
+  assert len(lines) == 3 and all(line.startswith("config ") for line in lines), lines
+
+
+def test_a_source_with_weight_zero_is_off():
+  cli.validate(helpers.tiny_config(**{"data.sources.labels.weight": 0.0}), num_devices=1)
 
 
 def test_valid_configs_pass():

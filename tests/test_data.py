@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import schema
 from configs import shapes as shapes_config
 from mmjax import vocabulary
 from mmjax.data import tokenizer as tk
@@ -129,6 +130,12 @@ def test_mix_fractions(data_dir, tokenizer):
   assert abs((src == 1).mean() - 0.75) < 0.05
 
 
+def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
+  c = make_config(data_dir, **{"data.sources.labels.weight": 0.0})
+  (b,) = take(c, tokenizer, 1)
+  assert (b["source"] == 0).all() and (b["text_type"] == 0).all() and (b["label"] == -1).all()
+
+
 def test_load_eval_split(data_dir):
   c = make_config(data_dir)
   e = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
@@ -146,9 +153,9 @@ def test_load_eval_split(data_dir):
 def test_mock_imagenet_and_cifar(tmp_path):
   c = make_config(str(tmp_path))
   c.data.sources = {
-      "cifar": shapes_config.source_config("cifar10", kind="label", label_key="label",
+      "cifar": schema.source("cifar10", kind="label", label_key="label",
                                            weight=0.5),
-      "imagenet": shapes_config.source_config("imagenet2012", kind="label",
+      "imagenet": schema.source("imagenet2012", kind="label",
                                               label_key="label", weight=0.5)}
   with tfds.testing.mock_data(num_examples=12):
     tok = tk.get_tokenizer(c)
@@ -181,7 +188,7 @@ def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
   assert len(src) == 12
   c = make_config(bad_folder, batch_size=12, **{"data.max_skip_fraction": 0.5})
   c.data.tokenizer.path = ""
-  c.data.sources = {"folder": shapes_config.source_config(
+  c.data.sources = {"folder": schema.source(
       "bad_folder", kind="label", label_key="label", weight=1.0)}
   # One global batch of 12 = one epoch (a permutation of the 12 records): exactly the two
   # bad ones are substituted, by their successors in storage order.

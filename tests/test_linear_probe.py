@@ -1,9 +1,9 @@
-"""The linear probe's classifiers (mmjax.linear_probe) on synthetic features, against their
-objectives written out in float64 NumPy here."""
+"""The linear probe's classifiers (mmjax.evaluators.linear_probe) on synthetic features,
+against their objectives written out in float64 NumPy here."""
 import numpy as np
 import pytest
 
-from mmjax import linear_probe
+from mmjax.evaluators import linear_probe
 
 
 def test_linear_probe_standardizes_features():

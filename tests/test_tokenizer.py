@@ -2,11 +2,11 @@
 import io
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
 
+from configs import schema
 from mmjax.data import tokenizer as tk
 from mmjax.tokenizers import sentencepiece as sp_tok
 
@@ -55,8 +55,9 @@ def test_wrong_ids_rejected():
 
 
 def test_missing_path_names_key(tmp_path):
-  c = ml_collections.ConfigDict({"data_dir": str(tmp_path), "data": {
-      "tokenizer": {"path": str(tmp_path / "nope.model"), "vocab_size": 64}}})
+  c = schema.base()
+  c.data_dir = str(tmp_path)
+  c.data.tokenizer.path = str(tmp_path / "nope.model")
   with pytest.raises(FileNotFoundError, match="config.data.tokenizer.path"):
     tk.get_tokenizer(c)
 

@@ -1,7 +1,8 @@
 """Convert open_clip CoCa checkpoints to mmjax checkpoints.
 
   python -m mmjax.convert.openclip --checkpoint open_clip_model.safetensors \
-      --variant coca_vit_b32 --out /tmp/coca_b32 [--config.optimizer.name=adafactor ...]
+      --config configs/openclip.py:coca_vit_b32 --out /tmp/coca_b32 \
+      [--config.optimizer.name=adafactor ...]
   python -m mmjax.evaluate --config configs/openclip.py:coca_vit_b32 --workdir /tmp/coca_b32
 
 Writes `<out>/checkpoints/0/{state,config,data}` (mmjax.checkpoint.Checkpointer) holding the
@@ -22,11 +23,14 @@ import re
 import time
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from configs import openclip as openclip_configs
+from mmjax import checkpoint, runtime, state as state_lib
+
 Array = np.ndarray
-REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "openclip.py")
 
 
 # --- state dict loading ---------------------------------------------------------------------
@@ -97,7 +101,6 @@ def _num_layers(sd: Mapping[str, Array], prefix: str) -> int:
 
 def _stack(per_layer: list[dict[str, Any]], scan: bool) -> dict[str, Any]:
   """Scanned: one tree under `layers` with a leading layer axis; else `layers_<i>`."""
-  import jax  # pylint: disable=import-outside-toplevel
   if scan:
     return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
   return {f"layers_{i}": layer for i, layer in enumerate(per_layer)}
@@ -112,7 +115,7 @@ def convert_state_dict(state_dict: Mapping[str, Array], config: Any) -> dict[str
   the model by `check_params`.
   """
   m = config.model
-  if m.pooler != "openclip" or m.text.get("multimodal_block") != "openclip":
+  if m.pooler != "openclip" or m.text.multimodal_block != "openclip":
     raise ValueError("convert_state_dict needs an open_clip-style config (model.pooler="
                      "'openclip', model.text.multimodal_block='openclip'): configs/openclip.py")
   scan = m.scan_layers
@@ -165,49 +168,27 @@ def convert_state_dict(state_dict: Mapping[str, Array], config: Any) -> dict[str
 
 
 # --- checking and writing -------------------------------------------------------------------
-def abstract_params(config: Any) -> Any:
-  """The model's parameter shapes/dtypes (unboxed ShapeDtypeStructs), no memory used."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mmjax import models, state as state_lib  # pylint: disable=import-outside-toplevel
-  model = models.build_model(config)
-  boxed = jax.eval_shape(lambda r: model.init(r, *state_lib.dummy_inputs(config)),
-                         jax.random.key(0))["params"]
-  return nn.unbox(boxed)
-
-
 def check_params(params: Any, config: Any) -> None:
   """Raises CheckpointMismatchError naming the first parameter whose shape is wrong."""
-  from mmjax import checkpoint  # pylint: disable=import-outside-toplevel
-  stored = __import__("jax").tree.map(lambda x: tuple(np.shape(x)), params)
-  checkpoint.check_shapes(stored, abstract_params(config), "<converted open_clip>", 0)
+  stored = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+  expected = runtime.build(config, jax.devices()[:1], params_only=True).abstract_state
+  checkpoint.check_shapes(stored, expected, "<converted open_clip>", 0)
 
 
 def write_checkpoint(params: Any, config: Any, out: str) -> str:
   """Saves `params` with a fresh optimizer state as step 0 of `<out>/checkpoints`, sharded
   exactly as `mmjax.train` restores it. Returns the checkpoint directory."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from mmjax import checkpoint, models, sharding  # pylint: disable=import-outside-toplevel
-  from mmjax import state as state_lib  # pylint: disable=import-outside-toplevel
-  from mmjax.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(config)
-  model, optimizer = models.build_model(config), make_optimizer(config)
+  rt = runtime.build(config)
   checkpointer = checkpoint.Checkpointer(out, config)
   if checkpointer.latest_step() is not None:
     raise FileExistsError(f"{checkpointer.directory} already holds step "
                           f"{checkpointer.latest_step()}; choose an empty --out")
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    placed = jax.device_put(params, shardings.params)
+  with rt.activate():
+    placed = jax.device_put(params, rt.shardings.params)
     make = jax.jit(lambda p: state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-        nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=shardings)
-    state = make(placed)
-    checkpointer.save(0, state, config)
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=rt.optimizer.init(p),
+        nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=rt.shardings)
+    checkpointer.save(0, make(placed), config)
   checkpointer.close()
   return checkpointer.directory
 
@@ -224,17 +205,6 @@ def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str,
   write_checkpoint(params, config, out)
   t3 = time.perf_counter()
   return {"load_s": t1 - t0, "convert_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
-
-
-def _repo_configs() -> Any:
-  """The configs/openclip.py module of this source tree."""
-  from mmjax import cli  # pylint: disable=import-outside-toplevel
-  return cli.load_config_module(REPO_CONFIG)
-
-
-def variant_config(variant: str) -> Any:
-  """configs/openclip.py:<variant> of this source tree."""
-  return _repo_configs().get_config(variant)
 
 
 def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
@@ -254,7 +224,7 @@ def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
   import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   name = f"mmjax_{variant}"
-  open_clip.factory._MODEL_CONFIGS[name] = _repo_configs().openclip_model_config(variant)  # pylint: disable=protected-access
+  open_clip.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config(variant)  # pylint: disable=protected-access
   torch.manual_seed(seed)
   model = open_clip.create_model(name, pretrained=None)
   if perturb:
@@ -273,11 +243,7 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  config = f.config if f.config is not None else variant_config(f.variant)
-  if f.config is None and any(a.startswith("--config.") for a in __import__("sys").argv):
-    raise flags.ValidationError("--config.KEY overrides need --config=configs/openclip.py:"
-                                "<variant>")
-  timings = convert_checkpoint(f.checkpoint, config, os.path.expanduser(f.out))
+  timings = convert_checkpoint(f.checkpoint, f.config, os.path.expanduser(f.out))
   print(f"wrote {os.path.join(f.out, 'checkpoints', '0')} ("
         + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
 
@@ -286,10 +252,9 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
   flags.DEFINE_string("checkpoint", None, "open_clip state dict (.safetensors, .pt, .bin).")
-  flags.DEFINE_string("variant", "coca_vit_b32", "configs/openclip.py variant.")
   flags.DEFINE_string("out", None, "Output workdir (gets checkpoints/0).")
   config_flags.DEFINE_config_file(
-      "config", None, "Instead of --variant: config file[:arg] with --config.KEY overrides "
-      "(the optimizer settings must match the later mmjax.train run).", lock_config=True)
-  flags.mark_flags_as_required(["checkpoint", "out"])
+      "config", None, "configs/openclip.py:<variant> with --config.KEY overrides (the "
+      "optimizer settings must match the later mmjax.train run).", lock_config=True)
+  flags.mark_flags_as_required(["checkpoint", "out", "config"])
   app.run(main)

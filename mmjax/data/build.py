@@ -7,7 +7,7 @@
   python -m mmjax.data.build --captions_file caps.csv --name my_captions --data_dir ~/data
 
 Read back with `tfds.data_source("my_labels", split="train", data_dir=...)` or from a config
-(`source_config("my_labels", kind="label", label_key="label", ...)`). Features: `image`
+(`schema.source("my_labels", kind="label", label_key="label", ...)` in configs/). Features: `image`
 (encoded bytes stored as-is: undecodable files are kept and skipped at read time, see
 mmjax.data.sources.CleanSource), and `label` (ClassLabel, sorted folder names) or
 `captions` (Sequence(Text)).

@@ -81,8 +81,9 @@ class TrainIterator:
     image float32 [b, H, W, 3] in [-1, 1]; text int32 [b, max_text_len];
     label int32 [b] (unified class id, -1 for captions); text_type int32 [b] (0 caption,
     1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
-    (records substituted to produce each example). When any source sets `modality`
-    (FLAVA): has_image, has_text, paired int32 [b] (see transforms.MODALITIES).
+    (records substituted to produce each example); has_image, has_text, paired int32 [b]
+    (the source's modality, see transforms.MODALITIES). `mmjax.runtime.batch_spec` lists
+    the same fields.
   Raises if the cumulative fraction of skipped records of a source exceeds
   `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
   a single early bad record does not stop a run).

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from mmjax import vocabulary
 from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.data import pipeline
+from mmjax.data import pipeline, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _OUT = flags.DEFINE_string("out", "batch.png", "Where to write the grid PNG.")
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   tok = tokenizer_lib.get_tokenizer(config)
-  keys = sorted(config.data.sources.keys())
+  keys = sources.active_source_keys(config)
   it = pipeline.make_train_iterator(config, tok, start_step=0, process_index=0, process_count=1)
   try:
     batches = [next(it) for _ in range(_NUM_BATCHES.value)]

@@ -1,8 +1,8 @@
 """Opening TFDS datasets for random access (TF-free) and the unified label space.
 
-A *source* is one entry of ``config.data.sources`` (see configs/shapes.py:source_config).
-Sources are always taken in sorted key order: that order defines the ``source`` id of an
-example and the offsets of the unified label space (class ids of the 2nd label source are
+A *source* is one entry of ``config.data.sources`` (see configs/schema.py:source).
+Sources with weight > 0 are taken in sorted key order: that order defines the ``source`` id
+of an example and the offsets of the unified label space (class ids of the 2nd label source are
 offset by the number of classes of the 1st, and so on).
 """
 from __future__ import annotations
@@ -172,16 +172,20 @@ def _source_dir(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict)
   return expand_dir(s.data_dir or config.data_dir)
 
 
+def active_source_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """The keys of `config.data.sources` with weight > 0, sorted: a source with weight 0 is off
+  (locked configs cannot drop keys: `--config.data.sources.labels.weight=0`)."""
+  return sorted(k for k, s in config.data.sources.items() if s.weight > 0)
+
+
 def open_train_sources(config: ml_collections.ConfigDict) -> TrainSources:
-  """Opens every `config.data.sources.*` (sorted by key) with unified label offsets."""
-  keys = sorted(config.data.sources.keys())
+  """Opens every active `config.data.sources.*` (sorted by key) with unified label offsets."""
+  keys = active_source_keys(config)
   if not keys:
-    raise ValueError("config.data.sources is empty")
+    raise ValueError("config data.sources: no source has a weight > 0")
   out, weights, names = [], [], []
   for i, key in enumerate(keys):
     s = config.data.sources[key]
-    if not s.weight > 0:
-      raise ValueError(f"config.data.sources.{key}.weight must be > 0, got {s.weight}")
     opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
                          label_key=s.label_key if s.kind == "label" else "")
     out.append(CleanSource(opened, key=key, source_index=i, kind=s.kind,
@@ -211,7 +215,7 @@ def train_texts(config: ml_collections.ConfigDict) -> list[str]:
   Used to train the tokenizer. Order is deterministic (sorted source keys, record order).
   """
   texts: list[str] = []
-  for key in sorted(config.data.sources.keys()):
+  for key in active_source_keys(config):
     s = config.data.sources[key]
     opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
                          label_key=s.label_key if s.kind == "label" else "",

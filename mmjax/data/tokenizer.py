@@ -30,7 +30,7 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   `<data_dir>/tokenizers/<sha of texts + settings>.model` and built under a file lock so
   concurrent processes train it once.
   """
-  if config.data.tokenizer.get("kind", "sentencepiece") == "openclip":
+  if config.data.tokenizer.kind == "openclip":
     # open_clip's BPE (ids pad 0, BOS 49406, EOS 49407), for converted open_clip models.
     return openclip.OpenClipTokenizer(os.path.expanduser(config.data.tokenizer.path) or None)
   path = config.data.tokenizer.path

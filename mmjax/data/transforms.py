@@ -16,19 +16,15 @@ from PIL import Image
 from mmjax import vocabulary
 from mmjax.data.tokenizer import Tokenizer
 
-# A source's optional `modality` (FLAVA's unimodal data): which half of each record is kept.
+# A source's `modality` (FLAVA's unimodal data): which half of each record is kept.
 #   "paired": image and text (default); "image": the text is dropped (all PAD);
 #   "text": the image is dropped (zeros). `kind` still says how records are read.
 MODALITIES = ("paired", "image", "text")
 
 
-def source_modalities(config: ml_collections.ConfigDict, keys: Sequence[str]) -> list[str] | None:
-  """Per-source modality in `keys` order, or None when no source sets one (then batches
-  carry no modality flags and are exactly as before)."""
-  sources = [config.data.sources[k] for k in keys]
-  if not any("modality" in s for s in sources):
-    return None
-  out = [s.get("modality", "paired") for s in sources]
+def source_modalities(config: ml_collections.ConfigDict, keys: Sequence[str]) -> list[str]:
+  """Per-source modality (`data.sources.<key>.modality`) in `keys` order."""
+  out = [config.data.sources[k].modality for k in keys]
   for key, m in zip(keys, out):
     if m not in MODALITIES:
       raise ValueError(f"config data.sources.{key}.modality={m!r}: choose one of {MODALITIES}")
@@ -71,7 +67,7 @@ class TrainTransform(grain.transforms.RandomMap):
   """Record from `CleanSource` -> model example (see pipeline.make_train_iterator)."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-               kinds: Sequence[str], modalities: Sequence[str] | None = None):
+               kinds: Sequence[str], modalities: Sequence[str]):
     d = config.data
     self.size, self.max_len = int(d.image_size), int(d.max_text_len)
     self.templates = tuple(d.label_templates)
@@ -79,7 +75,7 @@ class TrainTransform(grain.transforms.RandomMap):
     self.flip = bool(d.augment.flip)
     self.tokenizer = tokenizer
     self.kinds = tuple(kinds)  # per source index
-    self.modalities = None if modalities is None else tuple(modalities)  # per source index
+    self.modalities = tuple(modalities)  # per source index
 
   def random_map(self, rec: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     if self.rrc:
@@ -101,14 +97,13 @@ class TrainTransform(grain.transforms.RandomMap):
         "source": np.int32(rec["source"]),
         "skipped": np.int32(rec["skipped"]),
     }
-    if self.modalities is not None:
-      modality = self.modalities[int(rec["source"])]
-      if modality == "image":
-        out["text"] = np.zeros_like(out["text"])  # all PAD
-      elif modality == "text":
-        out["image"] = np.zeros_like(out["image"])
-      # Flags say which losses may use the example (see mmjax.flava_objectives).
-      out["has_image"] = np.int32(modality != "text")
-      out["has_text"] = np.int32(modality != "image")
-      out["paired"] = np.int32(modality == "paired")
+    modality = self.modalities[int(rec["source"])]
+    if modality == "image":
+      out["text"] = np.zeros_like(out["text"])  # all PAD
+    elif modality == "text":
+      out["image"] = np.zeros_like(out["image"])
+    # Flags say which losses may use the example (see mmjax.objectives.flava).
+    out["has_image"] = np.int32(modality != "text")
+    out["has_text"] = np.int32(modality != "image")
+    out["paired"] = np.int32(modality == "paired")
     return out

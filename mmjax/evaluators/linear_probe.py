@@ -1,6 +1,6 @@
 """Linear-probe evaluator: a linear classifier on frozen image features, for any model.
 
-Features are the model's `image_features(images)` (via `evaluate.Embedder.features`): the
+Features are the model's `image_features(images)` (via `Embedder.features`): the
 image representation before the projection to the contrastive embedding space, as CLIP's
 linear probes use (FLAVA: the image encoder's CLS output; CoCa: the contrastive pooler's
 output; each model's docstring says why). Not the L2-normalised contrastive embedding,
@@ -23,9 +23,10 @@ that is not penalised:
 lambda is picked from `l2_grid` by accuracy on a held-out `holdout_fraction` of the
 probe's training examples (the first ones), then the classifier is refit on all of them.
 
-Config (`config.evals.linear_probe`): dataset, train_split, split, image_key, label_key,
-num_train, num_examples, l2_grid, holdout_fraction, classifier. Reports
-`linear_probe/<dataset>/top1` and `.../lambda`.
+Config (`config.evals.<key>`, type "linear_probe"): dataset, train_split, split,
+image_key, label_key, num_train, num_examples, l2_grid, holdout_fraction, classifier.
+Reports `linear_probe/<dataset>/top1` and `.../lambda` (the entry's key instead of
+`linear_probe` when it is not the type's name).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.optimize
 
 from mmjax.data import pipeline
 
@@ -78,7 +80,6 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   """
   if gtol is None:
     gtol = OPTIMUM_TOL * l2 if l2 > 0 else UNREGULARISED_GTOL
-  import scipy.optimize
   n, d = x.shape
   xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
   rows = np.arange(n)
@@ -158,34 +159,38 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 
 class LinearProbe:
-  """Evaluator (same interface as evaluate.ZeroShot): __call__(embedder, params) -> metrics."""
+  """Evaluator: a linear classifier on the frozen image features (`evals.<key>`: dataset,
+  train_split, split, image_key, label_key, num_train, num_examples, l2_grid,
+  holdout_fraction, classifier)."""
+  METRIC_PREFIX = "linear_probe"
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
+  def __init__(self, prefix: str, e: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only
-    e = config.evals.linear_probe
     load = lambda split, n: pipeline.load_eval_split(
         config, dataset=e.dataset, split=split, image_key=e.image_key, label_key=e.label_key,
         num_examples=n)
     train, test = load(e.train_split, e.num_train), load(e.split, e.num_examples)
-    self._set(e.dataset, train["images"], train["labels"], test["images"], test["labels"],
-              len(train["class_names"]), e.l2_grid, e.holdout_fraction,
-              e.get("classifier", "logistic"))
+    self._set(f"{prefix}/{e.dataset.replace('/', '_')}", train["images"], train["labels"],
+              test["images"], test["labels"], len(train["class_names"]), e.l2_grid,
+              e.holdout_fraction, e.classifier)
 
   @classmethod
-  def from_arrays(cls, dataset: str, train_images: np.ndarray, train_labels: np.ndarray,
+  def from_arrays(cls, name: str, train_images: np.ndarray, train_labels: np.ndarray,
                   test_images: np.ndarray, test_labels: np.ndarray, num_classes: int,
                   l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
                   holdout_fraction: float = 0.2,
                   classifier: str = "logistic") -> "LinearProbe":
-    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int)."""
+    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int);
+    metrics are named `<name>/top1` and `<name>/lambda`."""
     probe = cls.__new__(cls)
-    probe._set(dataset, train_images, train_labels, test_images, test_labels, num_classes,
+    probe._set(name, train_images, train_labels, test_images, test_labels, num_classes,
                l2_grid, holdout_fraction, classifier)
     return probe
 
-  def _set(self, dataset, train_images, train_labels, test_images, test_labels, num_classes,
+  def _set(self, name, train_images, train_labels, test_images, test_labels, num_classes,
            l2_grid, holdout_fraction, classifier) -> None:
-    self.name = dataset.replace("/", "_")
+    self.name = name
     self.train_images, self.train_labels = train_images, np.asarray(train_labels)
     self.test_images, self.test_labels = test_images, np.asarray(test_labels)
     self.num_classes = int(num_classes)
@@ -199,4 +204,4 @@ class LinearProbe:
     top1, l2 = fit_and_score(train_x, self.train_labels, test_x, self.test_labels,
                              self.num_classes, self.l2_grid, self.holdout_fraction,
                              self.classifier)
-    return {f"linear_probe/{self.name}/top1": top1, f"linear_probe/{self.name}/lambda": l2}
+    return {f"{self.name}/top1": top1, f"{self.name}/lambda": l2}
