@@ -14,7 +14,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mmjax import sharding
+from mmjax import errors, sharding
 
 FLAGS = flags.FLAGS
 
@@ -78,8 +78,8 @@ def validated_config() -> ml_collections.ConfigDict:
   return FLAGS.config
 
 
-class ConfigError(ValueError):
-  pass
+class ConfigError(errors.UsageError):
+  """A config key's value is wrong: one line naming the key, exit status 2."""
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -7,7 +7,9 @@ Multi-process: auto-detected on TPU pods and SLURM; on one machine pass
 `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` (see launch/).
 
 Exit status: 0 done; 42 preempted (SIGTERM; the step reached was checkpointed, rerun to
-resume); 1 an error (message on stderr naming the config key, checkpoint or step).
+resume); 2 a usage error (one line on stderr naming the flag, config key, dataset or work
+directory and what to do); 1 an expected failure of the run (one line naming the config
+key, checkpoint, step or data source); anything else is a bug (traceback).
 
 Fault injection for tests (environment variables, deliberately not config keys: they never
 reach a checkpoint's config and cannot be set by accident in a real run):
@@ -28,10 +30,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
+from mmjax import checkpoint, cli, errors, evaluate, models, sharding, state as state_lib, step as step_lib
 from mmjax import summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
@@ -305,17 +306,15 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_libraries()
-  try:
-    initialize_distributed()
-    config = cli.validated_config()
-    cli.enable_compilation_cache(config)
-    train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
-  except (cli.ConfigError, checkpoint.CheckpointMismatchError, NonFiniteLossError) as e:
-    # Expected failures: one clear line, no traceback, exit status 1.
-    print(f"mmjax.train: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  initialize_distributed()
+  config = cli.validated_config()
+  cli.enable_compilation_cache(config)
+  train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
 
 
 if __name__ == "__main__":
   cli.define_flags(distributed=True)
-  app.run(main)
+  # One line on stderr, no traceback: exit 2 for a usage error (errors.UsageError), 1 for
+  # these expected failures.
+  errors.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
+                                            NonFiniteLossError))

@@ -161,7 +161,8 @@ def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: s
   per image). N = min(num_examples, split size). Bad records are substituted as in training.
   """
   opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
-                                   image_key=image_key, label_key=label_key)
+                                   image_key=image_key, label_key=label_key, text_key=text_key,
+                                   keys=eval_config_keys(config, dataset, split))
   kind = "label" if label_key else ("caption" if text_key else "image")
   src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
                                 image_key=image_key, label_key=label_key, text_key=text_key)
@@ -180,3 +181,20 @@ def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: s
   if text_key:
     out["texts"] = texts
   return out
+
+
+def eval_config_keys(config: ml_collections.ConfigDict, dataset: str,
+                     split: str) -> sources_lib.ConfigKeys:
+  """The `evals.<name>` keys naming `dataset`/`split`, for error messages (the evaluators
+  pass values, not keys)."""
+  for name in sorted(config.get("evals", {}).keys()):
+    entry = config.evals[name]
+    if not isinstance(entry, ml_collections.ConfigDict) or entry.get("dataset") != dataset:
+      continue
+    split_key = next((k for k in ("split", "train_split") if entry.get(k) == split), "split")
+    prefix = f"evals.{name}"
+    return sources_lib.ConfigKeys(name=f"{prefix}.dataset", split=f"{prefix}.{split_key}",
+                                  image_key=f"{prefix}.image_key",
+                                  label_key=f"{prefix}.label_key",
+                                  text_key=f"{prefix}.text_key")
+  return sources_lib.ConfigKeys()
