@@ -50,7 +50,7 @@ def measure(config_spec: str, batch: int, scan_layers: bool) -> dict:
     abstract_batch = dict(image=spec((batch, size, size, 3), np.float32),
                           text=spec((batch, length), np.int32),
                           label=spec((batch,), np.int32), text_type=spec((batch,), np.int32),
-                          skipped=spec((batch,), np.int32))
+                          source=spec((batch,), np.int32), skipped=spec((batch,), np.int32))
     train_step = step_lib.jit_train_step(
         step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
     start = time.perf_counter()

@@ -92,7 +92,8 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
       image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
       text=rng.integers(3, config.model.text.vocab_size, (b, length)).astype(np.int32),
       label=np.where(rng.random(b) < 0.5, rng.integers(0, 1000, b), -1).astype(np.int32),
-      text_type=np.zeros((b,), np.int32), skipped=np.zeros((b,), np.int32))
+      text_type=np.zeros((b,), np.int32), source=np.zeros((b,), np.int32),
+      skipped=np.zeros((b,), np.int32))
 
 
 def time_steps(run, warmup: int, steps: int, *args) -> list[float]:

@@ -69,7 +69,7 @@ def make_mmjax_step(variant: str, batch: int, seed: int):
       text=rng.integers(3, 49407, (batch, length)).astype(np.int32),
       label=np.full((batch,), -1, np.int32),  # CLIP targets, as open_clip
       text_type=np.zeros((batch,), np.int32),
-      skipped=np.zeros((batch,), np.int32))
+      source=np.zeros((batch,), np.int32), skipped=np.zeros((batch,), np.int32))
   return gpu.mmjax_runner(config, host_batch)
 
 

@@ -1,6 +1,7 @@
 """Orbax checkpoints: train state + the run's config + its data position.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data}`. Orbax commits a step atomically
+Layout: `<workdir>/checkpoints/<step>/{state,config,data}` (`data`: the data position,
+i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting). Orbax commits a step atomically
 (temporary directory renamed on success), so a step that was being written when the
 process died is invisible to `latest_step` and is never restored.
 """
@@ -46,14 +47,21 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> bool:
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
+           data: dict | None = None) -> bool:
     """Starts an asynchronous save of `step` (the trainer decides when: force=True also
-    keeps Orbax from polling the preemption sync point a second time for this step)."""
+    keeps Orbax from polling the preemption sync point a second time for this step).
+    `data`: JSON stored beside the data position (the trainer's skipped-record counts)."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config.to_dict()),
-        data=ocp.args.JsonSave({"step": int(step)}))
+        data=ocp.args.JsonSave({"step": int(step), **(data or {})}))
     return self.manager.save(step, args=args, force=True)
+
+  def restore_data(self, step: int) -> dict:
+    """The `data` item of `step`: {"step": step, ...what save() was given}."""
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+        "data"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -2,7 +2,8 @@
 
 Batch (global arrays, leading dim B sharded over data x fsdp):
   image float32 [B, H, W, 3]; text int32 [B, L]; label int32 [B] (-1: caption, no class);
-  text_type int32 [B] (0 caption, 1 label prompt); skipped int32 [B] (bad records replaced).
+  text_type int32 [B] (0 caption, 1 label prompt); source int32 [B] (sorted source-key
+  index); skipped int32 [B] (bad records replaced).
 """
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from mmjax import losses, sharding
+from mmjax.data import accounting
 from mmjax.models.coca import PAD_ID
 from mmjax.state import TrainState
 
@@ -148,7 +150,8 @@ class StepFns:
         nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
     metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
                    finite=finite, nonfinite_steps=new_state.nonfinite_steps,
-                   skipped_records=batch["skipped"].sum(), **aux)
+                   data_counts=accounting.batch_counts(batch, len(self.config.data.sources)),
+                   **aux)
     return new_state, metrics
 
 

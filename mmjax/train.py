@@ -36,7 +36,7 @@ from mmjax import checkpoint, cli, errors, evaluate, models, sharding, state as 
 from mmjax import summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
-from mmjax.data import pipeline
+from mmjax.data import accounting, pipeline
 from mmjax.optimizer import make_optimizer, make_schedule
 
 PREEMPTED_EXIT_CODE = 42
@@ -126,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
   Raises SystemExit(PREEMPTED_EXIT_CODE) after checkpointing on preemption,
-  NonFiniteLossError (loss.nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
+  NonFiniteLossError (loss.nonfinite_policy='stop'), checkpoint.CheckpointMismatchError,
+  accounting.TooManySkippedError (data.max_skip_fraction).
   """
   process0 = jax.process_index() == 0
   # Mesh, data, model.
@@ -149,8 +150,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
       latest = checkpointer.latest_step()
       start_step = latest or 0
+      data_position = None
       if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
         state = checkpointer.restore(start_step, abstract)
+        data_position = checkpointer.restore_data(start_step)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
@@ -184,26 +187,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # contains a non-finite step is saved (the save syncs on the state anyway).
       progress = writers.Progress(config.total_steps, start_step)
       throughput = Throughput.from_config(config)
+      skips = accounting.SkipAccount.from_config(config, data_position)
       pending, last, results = None, {}, {}
-      skipped_total, timer = 0, (time.time(), start_step)
+      timer = (time.time(), start_step)
 
-      def flush(pending, last, skipped_total, timer):
+      def flush(pending, last, timer):
         if pending is None:
-          return None, last, skipped_total, timer
-        return (None, *_handle_metrics(*pending, config, writer, progress, throughput,
-                                       skipped_total, timer))
+          return None, last, timer
+        return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
+                                       timer))
 
       for step in range(start_step, config.total_steps):
         state, metrics = train_step(state, next(batches))
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+        pending, last, timer = flush(pending, last, timer)
         pending = (done, metrics)
         preempted = preemption.reached(done)
         if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
-          checkpointer.save(done, state, config)
+          pending, last, timer = flush(pending, last, timer)
+          checkpointer.save(done, state, config, data=skips.state())
         if preempted:
           checkpointer.wait()
           if process0:
@@ -212,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise SystemExit(PREEMPTED_EXIT_CODE)
         if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
           # Log this step before evaluating, so evaluation time is not counted as training.
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+          pending, last, timer = flush(pending, last, timer)
           results = evaluate.run_evaluators(evaluators, embedder, state.params)
           writer.write(done, results)
           grid = evaluate.sample_grid(evaluators, embedder, state.params)
@@ -221,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if process0:
             print(evaluate.format_table(results), flush=True)
           timer = (time.time(), done)
-      pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+      pending, last, timer = flush(pending, last, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
     if train_iterator is not None:
@@ -259,26 +263,27 @@ class Throughput:
 
 def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
                     writer: writers.MetricWriter, progress: writers.Progress,
-                    throughput: Throughput, skipped_total: int, timer: tuple[float, int]):
+                    throughput: Throughput, skips: accounting.SkipAccount,
+                    timer: tuple[float, int]):
   metrics = jax.device_get(metrics)
   if not metrics["finite"] and config.loss.nonfinite_policy == "stop":
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {step} (config loss.nonfinite_policy='stop'); "
         "the update was not applied and no checkpoint containing it was written")
-  skipped_total += int(metrics.pop("skipped_records"))
+  skips.add(metrics.pop("data_counts"))  # raises past data.max_skip_fraction
   metrics.pop("finite")
   if not is_due(step, config.log_every_steps, config.total_steps):
-    return {}, skipped_total, timer
+    return {}, timer
   start_time, start_step = timer
   now = time.time()
   metrics["examples_per_sec"] = (step - start_step) * config.batch_size / max(now - start_time,
                                                                              1e-9)
   metrics.update(throughput.metrics(metrics["examples_per_sec"]))
-  metrics["data/skipped"] = skipped_total
+  metrics.update(skips.metrics())
   writer.write(step, metrics)
   if jax.process_index() == 0:
     progress.print(step, metrics)
-  return metrics, skipped_total, (now, step)
+  return metrics, (now, step)
 
 
 def initialize_distributed() -> None:
@@ -317,4 +322,5 @@ if __name__ == "__main__":
   # One line on stderr, no traceback: exit 2 for a usage error (errors.UsageError), 1 for
   # these expected failures.
   errors.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
-                                            NonFiniteLossError))
+                                            NonFiniteLossError,
+                                            accounting.TooManySkippedError))

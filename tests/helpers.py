@@ -39,6 +39,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   label[: b // 2] = -1
   return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
               label=label, text_type=(label >= 0).astype(np.int32),
+              source=(label >= 0).astype(np.int32),  # sorted source keys: captions, labels
               skipped=np.zeros(b, np.int32))
 
 

@@ -14,9 +14,6 @@ k (the data position of a checkpoint is the step).
 """
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -83,34 +80,18 @@ class TrainIterator:
     1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
     (records substituted to produce each example). When any source sets `modality`
     (FLAVA): has_image, has_text, paired int32 [b] (see transforms.MODALITIES).
-  Raises if the cumulative fraction of skipped records of a source exceeds
-  `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
-  a single early bad record does not stop a run).
+  The train step counts `source` and `skipped` over the global batch
+  (mmjax.data.accounting): the counts and the skip guard are the whole job's.
   """
 
-  def __init__(self, it: Any, keys: list[str], names: list[str], max_skip_fraction: float):
-    self._it, self._keys, self._names = it, keys, names
-    self._max = float(max_skip_fraction)
-    self.examples = np.zeros(len(keys), np.int64)
-    self.skipped = np.zeros(len(keys), np.int64)
+  def __init__(self, it: Any):
+    self._it = it
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    self.examples += np.bincount(batch["source"], minlength=len(self._keys))
-    self.skipped += np.bincount(batch["source"], weights=batch["skipped"],
-                                minlength=len(self._keys)).astype(np.int64)
-    reads = self.examples + self.skipped
-    for k in range(len(self._keys)):
-      if (self.skipped[k] and reads[k] * self._max >= 1
-          and self.skipped[k] > self._max * reads[k]):
-        raise RuntimeError(
-            f"source {self._keys[k]!r} ({self._names[k]}): {self.skipped[k]} of {reads[k]} "
-            "records read were undecodable images or had no non-blank caption "
-            f"({self.skipped[k] / reads[k]:.2%} > config.data.max_skip_fraction={self._max})")
-    return batch
+    return next(self._it)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
@@ -146,8 +127,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if config.data.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  names = [config.data.sources[k].name for k in ts.keys]
-  return TrainIterator(iter(it_ds), ts.keys, names, config.data.max_skip_fraction)
+  return TrainIterator(iter(it_ds))
 
 
 def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,

@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import io
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
