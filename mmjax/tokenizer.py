@@ -123,7 +123,7 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer.from_file(path)
   # Imported here: the data package imports this module's ids.
   from mmjax.data import sources
-  from mmjax.data.shapes import file_lock
+  from mmjax.locks import file_lock
   texts = sources.train_texts(config)
   vocab_size = int(config.data.tokenizer.vocab_size)
   h = hashlib.sha256(json.dumps({"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}).encode())

@@ -32,8 +32,8 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, errors, evaluate, models, sharding, state as state_lib, step as step_lib
-from mmjax import summary
+from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
+from mmjax import errors, locks, summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
 from mmjax.data import accounting, pipeline
@@ -314,7 +314,10 @@ def main(argv: list[str]) -> None:
   initialize_distributed()
   config = cli.validated_config()
   cli.enable_compilation_cache(config)
-  train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
+  workdir = os.path.expanduser(cli.FLAGS.workdir)
+  # One job per work directory: a second one is refused here, before any work.
+  with locks.hold_workdir(workdir, jax.process_index(), jax.process_count()):
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ Every example is a pure function of ``(config, split, index)`` through
 reproducible and independent of TFDS's write order.
 
 ``ensure_built(name, data_dir)`` builds on first use and is safe to call from several
-processes at once (an ``fcntl`` lock in ``data_dir``).
+processes at once (``mmjax.locks.file_lock`` in ``data_dir``).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import io
 import math
 import os
@@ -27,6 +25,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from mmjax.locks import file_lock
 
 IMAGE_SIZE = 64
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -216,18 +216,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
       else:
         png, captions = caption_example(rng)
         yield i, {"image": png, "captions": captions}
-
-
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-  """An exclusive inter-process lock on `path` (created if missing)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_built(name: str, data_dir: str) -> None:
