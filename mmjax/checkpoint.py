@@ -15,6 +15,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmjax import errors
+
 
 class CheckpointMismatchError(ValueError):
   pass
@@ -100,6 +102,22 @@ class Checkpointer:
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: tuple(m.shape), tree,
                         is_leaf=lambda m: hasattr(m, "shape"))
+
+
+def existing_step(workdir: str, step: int | None = None) -> int:
+  """The checkpoint step to read from `workdir`: `step`, or the latest. Creates nothing;
+  raises errors.UsageError naming the work directory, or listing the steps there are."""
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+  if not steps:
+    raise errors.UsageError(f"no checkpoint in {directory} (--workdir {workdir}): is the path "
+                            "right? mmjax.train writes its checkpoints there")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise errors.UsageError(f"--step {step}: no such checkpoint in {directory}; it has steps "
+                            f"{', '.join(map(str, steps))}")
+  return step
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

@@ -6,7 +6,7 @@ Restores parameters only (no optimizer state) onto whatever devices exist, runs 
 evaluators the config lists, writes `<workdir>/eval/step_<N>.json`, a picture grid of
 sample captions and zero-shot classes `<workdir>/eval/samples_<N>.png` (also to
 TensorBoard) and prints a table. The trainer runs the same evaluators every
-`eval_every_steps` and logs the same grid to TensorBoard.
+`eval_every_steps` and writes the same grid.
 """
 import json
 import os
@@ -19,11 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import cli, decode, linear_probe, sharding
+from mmjax import cli, decode, errors, linear_probe, sharding
 from mmjax.data import pipeline
 from mmjax.tokenizer import Tokenizer
 
@@ -268,8 +267,9 @@ def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]
   return np.asarray(canvas)
 
 
-def write_sample_grid(workdir: str, step: int, grid: np.ndarray) -> str:
-  """Writes `<workdir>/eval/samples_<step>.png` and the TensorBoard image `samples`."""
+def write_sample_grid(workdir: str, step: int, grid: np.ndarray, writer: Any = None) -> str:
+  """Writes `<workdir>/eval/samples_<step>.png` and the TensorBoard image `samples` (with
+  `writer`, a writers.MetricWriter of the run, or a new one)."""
   from etils import epath  # local or gs://
   from PIL import Image
   from mmjax import writers
@@ -277,9 +277,12 @@ def write_sample_grid(workdir: str, step: int, grid: np.ndarray) -> str:
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open("wb") as f:
     Image.fromarray(grid).save(f, format="PNG")
-  writer = writers.MetricWriter(workdir)
-  writer.write_image(step, "samples", grid)
-  writer.close()
+  if writer is not None:
+    writer.write_image(step, "samples", grid)
+  else:
+    writer = writers.MetricWriter(workdir)
+    writer.write_image(step, "samples", grid)
+    writer.close()
   return os.fspath(path)
 
 
@@ -306,13 +309,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """Restores params only onto the devices present and runs the configured evaluators."""
   from mmjax import checkpoint, models, state as state_lib, tokenizer as tokenizer_lib
   from mmjax.optimizer import make_optimizer
+  step = checkpoint.existing_step(workdir, step)  # before anything is created in workdir
   mesh = sharding.make_mesh(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   model = models.build_model(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
     abstract, _ = state_lib.abstract_state(model, make_optimizer(config), config, mesh)
     params = checkpointer.restore_params(step, abstract.params)
@@ -342,4 +343,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   cli.define_flags(step=True)
-  app.run(main)
+  errors.run(main, "mmjax.evaluate")  # a usage error is one line, exit status 2

@@ -6,16 +6,20 @@ rejected rather than silently remapped.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
 import sentencepiece as spm
 from etils import epath
+
+from mmjax import errors
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 
@@ -88,14 +92,28 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
   if not texts:
     raise ValueError("cannot train a tokenizer on an empty text list")
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-      model_type="bpe", character_coverage=1.0,
-      # BPE reaches the requested size on tiny corpora by merging whole words (unigram stops
-      # far short); hard_vocab_limit=False still accepts a smaller vocab if merges run out.
-      hard_vocab_limit=False,
-      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-      num_threads=2, minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0,
+        # BPE reaches the requested size on tiny corpora by merging whole words (unigram
+        # stops far short); hard_vocab_limit=False still accepts a smaller vocab if merges
+        # run out.
+        hard_vocab_limit=False,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        num_threads=2, minloglevel=2)
+  except RuntimeError as e:
+    # "Vocabulary size is smaller than required_chars. 64 vs 99.": every distinct character
+    # of the texts (character_coverage=1) plus the special pieces needs an id.
+    needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+    if needed is None:
+      raise
+    raise errors.UsageError(
+        f"the training texts use {int(needed.group(1)) - 4} distinct characters, so the "
+        f"tokenizer needs at least {needed.group(1)} ids with its 4 special ones, but config "
+        f"data.tokenizer.vocab_size={vocab_size}: raise data.tokenizer.vocab_size (and "
+        "model.text.vocab_size where it does not follow it), or set data.tokenizer.path to "
+        "a SentencePiece model") from None
   return Tokenizer(buf.getvalue(), origin="<trained>")
 
 
@@ -118,7 +136,7 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   if path:
     path = os.path.expanduser(path)
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f"config.data.tokenizer.path={config.data.tokenizer.path!r}: "
+      raise errors.UsageError(f"config data.tokenizer.path={config.data.tokenizer.path!r}: "
                               f"no such file {path}")
     return Tokenizer.from_file(path)
   # Imported here: the data package imports this module's ids.
@@ -130,12 +148,28 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   cache_dir = os.path.join(os.path.expanduser(config.data_dir), "tokenizers")
   cache = os.path.join(cache_dir, h.hexdigest()[:16] + ".model")
   if not os.path.exists(cache):
-    with file_lock(cache + ".lock"):
-      if not os.path.exists(cache):
-        tok = train_tokenizer(texts, vocab_size)
-        tmp = cache + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-          f.write(tok.model_proto)
-        os.replace(tmp, cache)  # atomic: readers never see a partial model
-        return tok
+    try:
+      with file_lock(cache + ".lock"):
+        if not os.path.exists(cache):
+          tok = train_tokenizer(texts, vocab_size)
+          tmp = cache + f".tmp{os.getpid()}"
+          with open(tmp, "wb") as f:
+            f.write(tok.model_proto)
+          os.replace(tmp, cache)  # atomic: readers never see a partial model
+          return tok
+    except PermissionError as e:
+      raise _read_only(config, cache_dir, e) from None
+    except OSError as e:
+      if e.errno != errno.EROFS:
+        raise
+      raise _read_only(config, cache_dir, e) from None
   return Tokenizer.from_file(cache)
+
+
+def _read_only(config: ml_collections.ConfigDict, cache_dir: str,
+               error: OSError) -> "errors.UsageError":
+  return errors.UsageError(
+      f"cannot cache the trained tokenizer in {cache_dir} ({error.strerror}; config "
+      f"data_dir={config.data_dir} is read-only): set data.tokenizer.path to a SentencePiece "
+      "model (e.g. one trained by a run whose data_dir was writable, from its "
+      "<data_dir>/tokenizers/), or point data_dir at a writable folder")

@@ -220,8 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           results = evaluate.run_evaluators(evaluators, embedder, state.params)
           writer.write(done, results)
           grid = evaluate.sample_grid(evaluators, embedder, state.params)
-          if grid is not None:
-            writer.write_image(done, "samples", grid)
+          if grid is not None and process0:
+            evaluate.write_sample_grid(workdir, done, grid, writer)
           if process0:
             print(evaluate.format_table(results), flush=True)
           timer = (time.time(), done)

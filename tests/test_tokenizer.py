@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from mmjax import tokenizer as tk
+from mmjax import errors, tokenizer as tk
 
 TEXTS = [f"a {s} {c} {h}" for s in ("small", "large") for c in ("red", "blue", "green")
          for h in ("star", "circle", "square")] * 3
@@ -56,7 +56,7 @@ def test_wrong_ids_rejected():
 def test_missing_path_names_key(tmp_path):
   c = ml_collections.ConfigDict({"data_dir": str(tmp_path), "data": {
       "tokenizer": {"path": str(tmp_path / "nope.model"), "vocab_size": 64}}})
-  with pytest.raises(FileNotFoundError, match="config.data.tokenizer.path"):
+  with pytest.raises(errors.UsageError, match="config data.tokenizer.path"):
     tk.get_tokenizer(c)
 
 

@@ -56,6 +56,7 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   assert "zeroshot/shapes_labels/top1" in evals[0]
   assert 0 <= evals[0]["linear_probe/shapes_labels/top1"] <= 1  # the probe runs on CoCa too
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+  assert os.listdir(os.path.join(workdir, "eval")) == ["samples_10.png"]  # as mmjax.evaluate
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
   out = run("mmjax.train", workdir, data_dir, "--config.total_steps=15",

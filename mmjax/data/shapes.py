@@ -17,6 +17,7 @@ processes at once (``mmjax.locks.file_lock`` in ``data_dir``).
 """
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from mmjax import errors
 from mmjax.locks import file_lock
 
 IMAGE_SIZE = 64
@@ -228,7 +230,14 @@ def ensure_built(name: str, data_dir: str) -> None:
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return
-  with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")):
-    builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
-    if not builder.is_prepared():
-      builder.download_and_prepare(file_format="array_record")
+  try:
+    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")):
+      builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
+      if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+  except OSError as e:
+    if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+      raise
+    raise errors.UsageError(f"cannot build {name} into data_dir {data_dir} ({e.strerror}): "
+                            "point config data_dir at a writable folder, or at one where "
+                            "it is built") from None
