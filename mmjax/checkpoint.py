@@ -1,9 +1,9 @@
 """Orbax checkpoints: train state + the run's config + its data position.
 
 Layout: `<workdir>/checkpoints/<step>/{state,config,data}` (`data`: the data position,
-i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting). Orbax commits a step atomically
-(temporary directory renamed on success), so a step that was being written when the
-process died is invisible to `latest_step` and is never restored.
+i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting). Orbax
+commits a step atomically (temporary directory renamed on success), so a step that was
+being written when the process died is invisible to `latest_step` and is never restored.
 """
 import json
 import os
