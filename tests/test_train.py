@@ -110,3 +110,21 @@ def test_skipped_records_are_counted_exactly_across_resumes(tmp_path, data_dir):
   assert last["step"] == 12 and last["data/skipped"] == last["data/skipped/labels"] == 16
   assert last["data/skipped/captions"] == 0
   assert last["data/read/labels"] == 96 + 16 and last["data/read/captions"] == 96
+
+
+def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir):
+  """1 in 6 draws of the label source is bad; against a 5% limit the evidence is in after
+  about 54 draws (7 steps of 8): the run stops naming the source, its counts and the key."""
+  from test_data import write_bad_folder
+  folder_dir = str(tmp_path / "datasets")
+  write_bad_folder("pets", folder_dir)
+  proc = run("mmjax.train", str(tmp_path / "run"), data_dir, "--config.total_steps=40",
+             "--config.eval_every_steps=0", "--config.data.sources.labels.name=pets",
+             f"--config.data.sources.labels.data_dir={folder_dir}",
+             "--config.data.max_skip_fraction=0.05", expect=1)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("mmjax.train: error: source 'labels' (pets): ")
+  assert "examples drew an undecodable image" in lines[0]
+  assert "above config data.max_skip_fraction=0.05 with 99.99% confidence" in lines[0]
+  assert "step 40/40" not in proc.stdout
