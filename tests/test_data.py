@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import shapes as shapes_config
-from mmjax import tokenizer as tk
+from mmjax import errors, tokenizer as tk
 from mmjax.data import build, pipeline, shapes, sources
 
 
@@ -261,3 +261,20 @@ def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir)
   for name, weight in stats["weights_per_source"].items():
     assert abs(stats["fraction_per_source"][name] - weight) <= 0.05
   assert (tmp_path / "batch.png").exists()
+
+
+def test_missing_split_and_feature_name_the_config_key(tmp_path):
+  write_bad_folder("no_validation", str(tmp_path))
+  c = make_config(str(tmp_path))
+  c.evals.zeroshot.dataset = "no_validation"
+  with pytest.raises(errors.UsageError, match=r"dataset 'no_validation' has no split "
+                     r"'validation' \(config evals.zeroshot.split\); it has train \(.*"
+                     r"--val_fraction\)"):
+    pipeline.load_eval_split(c, dataset="no_validation", split="validation", image_key="image",
+                             label_key="label", num_examples=4)
+  c.data.sources.captions = shapes_config.source_config(
+      "no_validation", kind="caption", text_key="caption", weight=0.5)
+  with pytest.raises(errors.UsageError, match=r"has no text feature 'caption' \(config "
+                     r"data.sources.captions.text_key\); its features are \['file_name', "
+                     r"'image', 'label'\]"):
+    sources.open_train_sources(c)

@@ -165,9 +165,10 @@ def _open_error(builder: Any, name: str, split: str, data_dir: str, keys: Config
         f"{', '.join(splits)} (datasets made by `python -m mmjax.data.build` get a "
         "'validation' split with --val_fraction)")
   first = errors.one_line(str(error)).split(". ")[0]
+  hint = (" (mmjax reads array_record datasets: prepare it with --file_format=array_record)"
+          if isinstance(error, NotImplementedError) else "")
   return errors.UsageError(f"cannot read dataset {name!r} split {split!r} in {data_dir}: "
-                           f"{first} (mmjax reads array_record datasets: prepare it with "
-                           "--file_format=array_record)")
+                           f"{first}{hint}")
 
 
 def _feature(features: Any, key: str) -> Any:
