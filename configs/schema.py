@@ -63,7 +63,11 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d.max_text_len = max_text_len  # tokens incl. BOS and EOS; longer texts are truncated, EOS kept
   d.num_workers = 0  # Grain multiprocessing workers per process (0 = in-process)
   d.prefetch_batches = 2  # batches kept in flight on the device
-  d.max_skip_fraction = 0.01  # undecodable images tolerated before the run stops
+  # Bad records (undecodable image, blank caption) are replaced and counted; a source stops
+  # the run only when its bad fraction is above max_skip_fraction with skip_guard_confidence
+  # (mmjax/data/accounting.py). Web corpora normally have 1-5% bad records.
+  d.max_skip_fraction = 0.1
+  d.skip_guard_confidence = 0.9999
   d.tokenizer = ConfigDict()
   d.tokenizer.kind = "sentencepiece"  # sentencepiece | openclip (open_clip's CLIP BPE)
   # sentencepiece: a .model with mmjax's ids; "" trains one on the dataset texts, cached in

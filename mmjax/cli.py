@@ -89,7 +89,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   for check in (_check_run, _check_data, _check_parts):
     problems += check(config, jax.device_count() if num_devices is None else num_devices)
   if problems:
-    raise ConfigError("\n".join(problems))
+    raise ConfigError(*problems)
 
 
 def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:

@@ -11,10 +11,9 @@ import json
 
 import jax
 import ml_collections
-from absl import app
 from etils import epath  # local or gs://
 
-from mmjax import checkpoint, cli, evaluators, runtime, writers
+from mmjax import checkpoint, cli, errors, evaluators, runtime, writers
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
 
@@ -22,12 +21,10 @@ from mmjax.evaluators import grid
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int | None = None) -> tuple[int, dict[str, float]]:
   """Restores params only onto the devices present and runs the configured evaluators."""
+  step = checkpoint.existing_step(workdir, step)  # before anything is created in workdir
   rt = runtime.build(config, params_only=True)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}")
   with rt.activate():
     params = checkpointer.restore_params(step, rt.abstract_state)
     evals = evaluators.build_evaluators(config, tokenizer)
@@ -58,4 +55,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   cli.define_flags(step=True)
-  app.run(main)
+  errors.run(main, "mmjax.evaluate")  # a usage error is one line, exit status 2

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from mmjax import models, objectives, optimizer as optimizer_lib, sharding, state as state_lib
 from mmjax import step as step_lib
+from mmjax.data import sources
 
 # Batch fields: name -> (dtype, trailing shape given the config). Every pipeline batch has
 # all of them (`mmjax.data.pipeline.TrainIterator`): image, text, label, text_type (the
@@ -83,6 +84,7 @@ class Runtime:
 
   def jit_train_step(self) -> step_lib.TrainStep:
     return step_lib.jit_train_step(self.objective, self.optimizer, self.schedule,
+                                   len(sources.active_source_keys(self.config)),
                                    self.shardings, self.batch_sharding,
                                    sharding.replicated(self.mesh))
 

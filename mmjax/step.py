@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Sharding
 
+from mmjax.data import accounting
 from mmjax.objectives import Objective
 from mmjax.state import TrainState
 
@@ -21,10 +22,11 @@ TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]
 
 
 def train_step(state: TrainState, batch: Batch, *, objective: Objective,
-               optimizer: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               num_sources: int) -> tuple[TrainState, dict[str, jax.Array]]:
   """One update. Metrics: loss, grad_norm, learning_rate, finite, nonfinite_steps,
-  skipped_records (records substituted in this batch) and the objective's own."""
+  data_counts (int32 [3, num_sources]: this global batch's examples, bad draws and skipped
+  records per source, `mmjax.data.accounting`) and the objective's own."""
   loss, aux, grads = objective.grads(state.params, batch, state.step)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -38,15 +40,15 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective,
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                  finite=finite, nonfinite_steps=new_state.nonfinite_steps,
-                 skipped_records=batch["skipped"].sum(), **aux)
+                 data_counts=accounting.batch_counts(batch, num_sources), **aux)
   return new_state, metrics
 
 
 def jit_train_step(objective: Objective, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, state_shardings: Any, batch_shardings: Any,
-                   metrics_sharding: Sharding) -> TrainStep:
+                   schedule: optax.Schedule, num_sources: int, state_shardings: Any,
+                   batch_shardings: Any, metrics_sharding: Sharding) -> TrainStep:
   """`train_step` jitted with explicit shardings; the old state is donated."""
   step = functools.partial(train_step, objective=objective, optimizer=optimizer,
-                           schedule=schedule)
+                           schedule=schedule, num_sources=num_sources)
   return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                  out_shardings=(state_shardings, metrics_sharding), donate_argnums=0)

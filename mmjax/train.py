@@ -7,7 +7,9 @@ Multi-process: auto-detected on TPU pods and SLURM; on one machine pass
 `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` (see launch/).
 
 Exit status: 0 done; 42 preempted (SIGTERM; the step reached was checkpointed, rerun to
-resume); 1 an error (message on stderr naming the config key, checkpoint or step).
+resume); 2 a usage error (one line on stderr naming the flag, config key, dataset or work
+directory and what to do); 1 an expected failure of the run (one line naming the config
+key, checkpoint, step or data source); anything else is a bug (traceback).
 
 Fault injection for tests (environment variables, deliberately not config keys: they never
 reach a checkpoint's config and cannot be set by accident in a real run):
@@ -27,12 +29,11 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 import numpy as np
-from absl import app
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, evaluators, runtime, summary, writers
-from mmjax.data import pipeline
+from mmjax import checkpoint, cli, errors, evaluators, locks, runtime, summary, writers
+from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
 
@@ -125,7 +126,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
   Raises SystemExit(PREEMPTED_EXIT_CODE) after checkpointing on preemption,
-  NonFiniteLossError (nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
+  NonFiniteLossError (nonfinite_policy='stop'), checkpoint.CheckpointMismatchError,
+  accounting.TooManySkippedError (data.max_skip_fraction).
   """
   process0 = jax.process_index() == 0
   # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
@@ -145,8 +147,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # Shard: the state is created or restored directly onto its shardings.
       latest = checkpointer.latest_step()
       start_step = latest or 0
+      data_position = None
       if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
         state = checkpointer.restore(start_step, rt.abstract_state)
+        data_position = checkpointer.restore_data(start_step)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
@@ -180,26 +184,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # contains a non-finite step is saved (the save syncs on the state anyway).
       progress = writers.Progress(config.total_steps, start_step)
       throughput = Throughput.from_config(config)
+      skips = accounting.SkipAccount.from_config(config, data_position)
       pending, last, results = None, {}, {}
-      skipped_total, timer = 0, (time.time(), start_step)
+      timer = (time.time(), start_step)
 
-      def flush(pending, last, skipped_total, timer):
+      def flush(pending, last, timer):
         if pending is None:
-          return None, last, skipped_total, timer
-        return (None, *_handle_metrics(*pending, config, writer, progress, throughput,
-                                       skipped_total, timer))
+          return None, last, timer
+        return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
+                                       timer))
 
       for step in range(start_step, config.total_steps):
         state, metrics = train_step(state, next(batches))
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+        pending, last, timer = flush(pending, last, timer)
         pending = (done, metrics)
         preempted = preemption.reached(done)
         if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
-          checkpointer.save(done, state, config)
+          pending, last, timer = flush(pending, last, timer)
+          checkpointer.save(done, state, config, data=skips.state())
         if preempted:
           checkpointer.wait()
           if process0:
@@ -208,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           raise SystemExit(PREEMPTED_EXIT_CODE)
         if evals and is_due(done, config.eval_every_steps, config.total_steps):
           # Log this step before evaluating, so evaluation time is not counted as training.
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+          pending, last, timer = flush(pending, last, timer)
           results = evaluators.run_evaluators(evals, embedder, state.params)
           writer.write(done, results)
           picture = grid.sample_grid(evals, embedder, state.params)
@@ -217,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           if process0:
             print(evaluators.format_results(results), flush=True)
           timer = (time.time(), done)
-      pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+      pending, last, timer = flush(pending, last, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
     if train_iterator is not None:
@@ -255,26 +260,27 @@ class Throughput:
 
 def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
                     writer: writers.MetricWriter, progress: writers.Progress,
-                    throughput: Throughput, skipped_total: int, timer: tuple[float, int]):
+                    throughput: Throughput, skips: accounting.SkipAccount,
+                    timer: tuple[float, int]):
   metrics = jax.device_get(metrics)
   if not metrics["finite"] and config.nonfinite_policy == "stop":
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {step} (config nonfinite_policy='stop'); "
         "the update was not applied and no checkpoint containing it was written")
-  skipped_total += int(metrics.pop("skipped_records"))
+  skips.add(metrics.pop("data_counts"))  # raises past data.max_skip_fraction
   metrics.pop("finite")
   if not is_due(step, config.log_every_steps, config.total_steps):
-    return {}, skipped_total, timer
+    return {}, timer
   start_time, start_step = timer
   now = time.time()
   metrics["examples_per_sec"] = (step - start_step) * config.batch_size / max(now - start_time,
                                                                              1e-9)
   metrics.update(throughput.metrics(metrics["examples_per_sec"]))
-  metrics["data/skipped"] = skipped_total
+  metrics.update(skips.metrics())
   writer.write(step, metrics)
   if jax.process_index() == 0:
     progress.print(step, metrics)
-  return metrics, skipped_total, (now, step)
+  return metrics, (now, step)
 
 
 def initialize_distributed() -> None:
@@ -302,17 +308,19 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_libraries()
-  try:
-    initialize_distributed()
-    config = cli.validated_config()
-    cli.enable_compilation_cache(config)
-    train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
-  except (cli.ConfigError, checkpoint.CheckpointMismatchError, NonFiniteLossError) as e:
-    # Expected failures: one clear line, no traceback, exit status 1.
-    print(f"mmjax.train: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  initialize_distributed()
+  config = cli.validated_config()
+  cli.enable_compilation_cache(config)
+  workdir = os.path.expanduser(cli.FLAGS.workdir)
+  # One job per work directory: a second one is refused here, before any work.
+  with locks.hold_workdir(workdir, jax.process_index(), jax.process_count()):
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
   cli.define_flags(distributed=True)
-  app.run(main)
+  # One line on stderr, no traceback: exit 2 for a usage error (errors.UsageError), 1 for
+  # these expected failures.
+  errors.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
+                                            NonFiniteLossError,
+                                            accounting.TooManySkippedError))

@@ -39,7 +39,8 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   label[: b // 2] = -1
   ones, zeros = np.ones(b, np.int32), np.zeros(b, np.int32)
   return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
-              label=label, text_type=(label >= 0).astype(np.int32), source=zeros,
+              label=label, text_type=(label >= 0).astype(np.int32),
+              source=(label >= 0).astype(np.int32),  # sorted source keys: captions, labels
               skipped=zeros, has_image=ones, has_text=ones, paired=ones)
 
 

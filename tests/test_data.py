@@ -1,4 +1,5 @@
 """Shapes build, TF-free reading, Grain pipeline determinism/topology, mocks, bad records."""
+import io
 import os
 import sys
 
@@ -9,7 +10,7 @@ from PIL import Image
 
 from configs import schema
 from configs import shapes as shapes_config
-from mmjax import vocabulary
+from mmjax import errors, vocabulary
 from mmjax.data import tokenizer as tk
 from mmjax.data import build, pipeline, shapes, sources
 
@@ -150,14 +151,39 @@ def test_load_eval_split(data_dir):
   assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
 
 
+class EncodedFakeSource:
+  """TFDS's mock data source makes decoded random images (encoding them needs TensorFlow);
+  mmjax reads images encoded, so this stand-in encodes its random images with Pillow."""
+
+  def __init__(self, info, num_examples):
+    self.dataset_info, self.num_examples = info, num_examples
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, i):
+    rng = np.random.default_rng(i)
+    h, w = rng.integers(16, 48, size=2)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buf, format="PNG")
+    return {"image": buf.getvalue(),
+            "label": int(rng.integers(self.dataset_info.features["label"].num_classes))}
+
+
+def encoded_mock_data_source(builder, split, decoders=None, **kwargs):
+  assert isinstance(decoders["image"], tfds.decode.SkipDecoding)  # mmjax decodes itself
+  return EncodedFakeSource(builder.info, 12)
+
+
 def test_mock_imagenet_and_cifar(tmp_path):
+  """Catalog datasets (their real TFDS builders and class lists) under tfds' mock."""
   c = make_config(str(tmp_path))
   c.data.sources = {
       "cifar": schema.source("cifar10", kind="label", label_key="label",
                                            weight=0.5),
       "imagenet": schema.source("imagenet2012", kind="label",
                                               label_key="label", weight=0.5)}
-  with tfds.testing.mock_data(num_examples=12):
+  with tfds.testing.mock_data(num_examples=12, as_data_source_fn=encoded_mock_data_source):
     tok = tk.get_tokenizer(c)
     names = pipeline.label_texts(c)
     assert len(names) == 1010  # sorted keys: cifar's 10 classes, then imagenet's 1000
@@ -169,24 +195,35 @@ def test_mock_imagenet_and_cifar(tmp_path):
   assert (b["label"] < 1010).all() and (b["text_type"] == 1).all()
 
 
+def write_bad_folder(name, data_dir, size=(30, 40)):
+  """A label dataset of 12 records, 2 of them undecodable (corrupt, zero bytes), as a
+  builder that stores bytes unchecked (e.g. a web-scale one) writes it."""
+  rng = np.random.default_rng(0)
+  examples = []
+  for label, cls in enumerate(("cat", "dog")):
+    for i in range(5):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(buf, format="JPEG")
+      examples.append({"image": buf.getvalue(), "file_name": f"{cls}/{i}.jpg", "label": label})
+  examples.append({"image": b"\xff\xd8\xff\xe0 not really a jpeg", "file_name": "cat/corrupt.jpg",
+                   "label": 0})
+  examples.append({"image": b"", "file_name": "dog/empty.jpg", "label": 1})
+  features = {"image": tfds.features.Image(shape=(None, None, 3)),
+              "file_name": tfds.features.Text(),
+              "label": tfds.features.ClassLabel(names=["cat", "dog"])}
+  build.write_dataset(name, data_dir, features, {"train": examples})
+
+
 @pytest.fixture
 def bad_folder(tmp_path):
-  root = tmp_path / "imgs"
-  rng = np.random.default_rng(0)
-  for c in ("cat", "dog"):
-    (root / c).mkdir(parents=True)
-    for i in range(5):
-      Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(root / c / f"{i}.jpg")
-  (root / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-  (root / "dog" / "empty.jpg").write_bytes(b"")
-  build.build_from_images_dir(str(root), "bad_folder", str(tmp_path / "data"))
+  write_bad_folder("bad_folder", str(tmp_path / "data"))
   return str(tmp_path / "data")
 
 
 def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
   src = tfds.data_source("bad_folder", split="train", data_dir=bad_folder)
   assert len(src) == 12
-  c = make_config(bad_folder, batch_size=12, **{"data.max_skip_fraction": 0.5})
+  c = make_config(bad_folder, batch_size=12)
   c.data.tokenizer.path = ""
   c.data.sources = {"folder": schema.source(
       "bad_folder", kind="label", label_key="label", weight=1.0)}
@@ -194,10 +231,6 @@ def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
   # bad ones are substituted, by their successors in storage order.
   (b,) = take(c, tokenizer, 1)
   assert b["image"].shape[0] == 12 and int((b["skipped"] > 0).sum()) == 2
-  # Over a 1% budget the run stops, naming the source.
-  c.data.max_skip_fraction = 0.01
-  with pytest.raises(RuntimeError, match="'folder'.*max_skip_fraction"):
-    take(c, tokenizer, 12)
 
 
 def test_label_out_of_range_raises(data_dir):
@@ -236,3 +269,20 @@ def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir)
   for name, weight in stats["weights_per_source"].items():
     assert abs(stats["fraction_per_source"][name] - weight) <= 0.05
   assert (tmp_path / "batch.png").exists()
+
+
+def test_missing_split_and_feature_name_the_config_key(tmp_path):
+  write_bad_folder("no_validation", str(tmp_path))
+  c = make_config(str(tmp_path))
+  c.evals.zeroshot.dataset = "no_validation"
+  with pytest.raises(errors.UsageError, match=r"dataset 'no_validation' has no split "
+                     r"'validation' \(config evals.zeroshot.split\); it has train \(.*"
+                     r"--val_fraction\)"):
+    pipeline.load_eval_split(c, dataset="no_validation", split="validation", image_key="image",
+                             label_key="label", num_examples=4)
+  c.data.sources.captions = schema.source(
+      "no_validation", kind="caption", text_key="caption", weight=0.5)
+  with pytest.raises(errors.UsageError, match=r"has no text feature 'caption' \(config "
+                     r"data.sources.captions.text_key\); its features are \['file_name', "
+                     r"'image', 'label'\]"):
+    sources.open_train_sources(c)

@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from configs import schema
+from mmjax import errors
 from mmjax.data import tokenizer as tk
 from mmjax.tokenizers import sentencepiece as sp_tok
 
@@ -58,7 +59,7 @@ def test_missing_path_names_key(tmp_path):
   c = schema.base()
   c.data_dir = str(tmp_path)
   c.data.tokenizer.path = str(tmp_path / "nope.model")
-  with pytest.raises(FileNotFoundError, match="config.data.tokenizer.path"):
+  with pytest.raises(errors.UsageError, match="config data.tokenizer.path"):
     tk.get_tokenizer(c)
 
 

@@ -14,9 +14,6 @@ k (the data position of a checkpoint is the step).
 """
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -84,34 +81,18 @@ class TrainIterator:
     (records substituted to produce each example); has_image, has_text, paired int32 [b]
     (the source's modality, see transforms.MODALITIES). `mmjax.runtime.batch_spec` lists
     the same fields.
-  Raises if the cumulative fraction of skipped records of a source exceeds
-  `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
-  a single early bad record does not stop a run).
+  The train step counts `source` and `skipped` over the global batch
+  (mmjax.data.accounting): the counts and the skip guard are the whole job's.
   """
 
-  def __init__(self, it: Any, keys: list[str], names: list[str], max_skip_fraction: float):
-    self._it, self._keys, self._names = it, keys, names
-    self._max = float(max_skip_fraction)
-    self.examples = np.zeros(len(keys), np.int64)
-    self.skipped = np.zeros(len(keys), np.int64)
+  def __init__(self, it: Any):
+    self._it = it
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    self.examples += np.bincount(batch["source"], minlength=len(self._keys))
-    self.skipped += np.bincount(batch["source"], weights=batch["skipped"],
-                                minlength=len(self._keys)).astype(np.int64)
-    reads = self.examples + self.skipped
-    for k in range(len(self._keys)):
-      if (self.skipped[k] and reads[k] * self._max >= 1
-          and self.skipped[k] > self._max * reads[k]):
-        raise RuntimeError(
-            f"source {self._keys[k]!r} ({self._names[k]}): {self.skipped[k]} of {reads[k]} "
-            "records read were undecodable images or had no non-blank caption "
-            f"({self.skipped[k] / reads[k]:.2%} > config.data.max_skip_fraction={self._max})")
-    return batch
+    return next(self._it)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
@@ -147,8 +128,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if config.data.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  names = [config.data.sources[k].name for k in ts.keys]
-  return TrainIterator(iter(it_ds), ts.keys, names, config.data.max_skip_fraction)
+  return TrainIterator(iter(it_ds))
 
 
 def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,
@@ -162,7 +142,8 @@ def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: s
   per image). N = min(num_examples, split size). Bad records are substituted as in training.
   """
   opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
-                                   image_key=image_key, label_key=label_key)
+                                   image_key=image_key, label_key=label_key, text_key=text_key,
+                                   keys=eval_config_keys(config, dataset, split))
   kind = "label" if label_key else ("caption" if text_key else "image")
   src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
                                 image_key=image_key, label_key=label_key, text_key=text_key)
@@ -181,3 +162,20 @@ def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: s
   if text_key:
     out["texts"] = texts
   return out
+
+
+def eval_config_keys(config: ml_collections.ConfigDict, dataset: str,
+                     split: str) -> sources_lib.ConfigKeys:
+  """The `evals.<name>` keys naming `dataset`/`split`, for error messages (the evaluators
+  pass values, not keys)."""
+  for name in sorted(config.get("evals", {}).keys()):
+    entry = config.evals[name]
+    if not isinstance(entry, ml_collections.ConfigDict) or entry.get("dataset") != dataset:
+      continue
+    split_key = next((k for k in ("split", "train_split") if entry.get(k) == split), "split")
+    prefix = f"evals.{name}"
+    return sources_lib.ConfigKeys(name=f"{prefix}.dataset", split=f"{prefix}.{split_key}",
+                                  image_key=f"{prefix}.image_key",
+                                  label_key=f"{prefix}.label_key",
+                                  text_key=f"{prefix}.text_key")
+  return sources_lib.ConfigKeys()

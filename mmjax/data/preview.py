@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from mmjax import vocabulary
+from mmjax import errors, vocabulary
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import pipeline, sources
 
@@ -82,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main, "mmjax.data.preview")  # a usage error is one line, exit status 2

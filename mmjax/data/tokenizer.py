@@ -5,6 +5,7 @@ and is cached under `<data_dir>/tokenizers/`, keyed by a hash of the texts and s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import os
 import ml_collections
 from etils import epath
 
-from mmjax import locks
+from mmjax import errors, locks
 from mmjax.data import sources
 from mmjax.tokenizers import openclip, sentencepiece
 
@@ -37,7 +38,7 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   if path:
     path = os.path.expanduser(path)
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f"config.data.tokenizer.path={config.data.tokenizer.path!r}: "
+      raise errors.UsageError(f"config data.tokenizer.path={config.data.tokenizer.path!r}: "
                               f"no such file {path}")
     return sentencepiece.Tokenizer.from_file(path)
   texts = sources.train_texts(config)
@@ -46,12 +47,28 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   cache_dir = os.path.join(os.path.expanduser(config.data_dir), "tokenizers")
   cache = os.path.join(cache_dir, h.hexdigest()[:16] + ".model")
   if not os.path.exists(cache):
-    with locks.file_lock(cache + ".lock"):
-      if not os.path.exists(cache):
-        tok = sentencepiece.train_tokenizer(texts, vocab_size)
-        tmp = cache + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-          f.write(tok.model_proto)
-        os.replace(tmp, cache)  # atomic: readers never see a partial model
-        return tok
+    try:
+      with locks.file_lock(cache + ".lock"):
+        if not os.path.exists(cache):
+          tok = sentencepiece.train_tokenizer(texts, vocab_size)
+          tmp = cache + f".tmp{os.getpid()}"
+          with open(tmp, "wb") as f:
+            f.write(tok.model_proto)
+          os.replace(tmp, cache)  # atomic: readers never see a partial model
+          return tok
+    except PermissionError as e:
+      raise _read_only(config, cache_dir, e) from None
+    except OSError as e:
+      if e.errno != errno.EROFS:
+        raise
+      raise _read_only(config, cache_dir, e) from None
   return sentencepiece.Tokenizer.from_file(cache)
+
+
+def _read_only(config: ml_collections.ConfigDict, cache_dir: str,
+               error: OSError) -> errors.UsageError:
+  return errors.UsageError(
+      f"cannot cache the trained tokenizer in {cache_dir} ({error.strerror}; config "
+      f"data_dir={config.data_dir} is read-only): set data.tokenizer.path to a SentencePiece "
+      "model (e.g. one trained by a run whose data_dir was writable, from its "
+      "<data_dir>/tokenizers/), or point data_dir at a writable folder")

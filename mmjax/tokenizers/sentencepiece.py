@@ -7,12 +7,14 @@ code (padding masks, captioning targets) relies on them.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from mmjax import errors
 from mmjax.vocabulary import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -85,12 +87,26 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
   if not texts:
     raise ValueError("cannot train a tokenizer on an empty text list")
   buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-      model_type="bpe", character_coverage=1.0,
-      # BPE reaches the requested size on tiny corpora by merging whole words (unigram stops
-      # far short); hard_vocab_limit=False still accepts a smaller vocab if merges run out.
-      hard_vocab_limit=False,
-      pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-      num_threads=2, minloglevel=2)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", character_coverage=1.0,
+        # BPE reaches the requested size on tiny corpora by merging whole words (unigram
+        # stops far short); hard_vocab_limit=False still accepts a smaller vocab if merges
+        # run out.
+        hard_vocab_limit=False,
+        pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+        num_threads=2, minloglevel=2)
+  except RuntimeError as e:
+    # "Vocabulary size is smaller than required_chars. 64 vs 99.": every distinct character
+    # of the texts (character_coverage=1) plus the special pieces needs an id.
+    needed = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+    if needed is None:
+      raise
+    raise errors.UsageError(
+        f"the training texts use {int(needed.group(1)) - 4} distinct characters, so the "
+        f"tokenizer needs at least {needed.group(1)} ids with its 4 special ones, but config "
+        f"data.tokenizer.vocab_size={vocab_size}: raise data.tokenizer.vocab_size (and "
+        "model.text.vocab_size where it does not follow it), or set data.tokenizer.path to "
+        "a SentencePiece model") from None
   return Tokenizer(buf.getvalue(), origin="<trained>")
