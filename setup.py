@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    # Class names and prompt templates (mmjax/data/label_text/PROVENANCE.md).
+    package_data={"mmjax.data": ["label_text/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",

@@ -37,6 +37,12 @@ Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from
 set `imagenet2012` (texts from class-name templates) and half from the caption set
 `coco_captions` (Karpathy splits); override with e.g.
   --config.data.sources.labels.name=imagenet21k --config.data.sources.captions.name=...
+Class names: CLIP's cleaned ImageNet names, chosen automatically for TFDS imagenet2012, whose
+own names are WordNet ids (mmjax/data/classnames.py); prompts from WordNet ids are refused,
+so a label set without a built-in name list needs
+  --config.data.sources.labels.class_names=/path/names.txt  (one name per line, label order)
+Templates: CLIP's 80 ImageNet prompts for training prompts and the zero-shot ensemble (our
+choice: the paper says only that labels are treated as text).
 Evaluation: zero-shot ImageNet (validation) and COCO 5K retrieval (Karpathy `test`).
 
 Objective: the paper's CoCa (contrastive 1.0 + captioning 2.0, CLIP-style targets, no text
@@ -112,6 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.augment.flip = False  # captions may say "left"/"right"
   c.data.sources.labels = shapes.source_config("imagenet2012", kind="label",
                                                label_key="label", weight=0.5)
+  c.data.label_template_set = "openai_imagenet_80"  # our choice (see the docstring)
   # tfds coco_captions: captions = Sequence({"text": str, "id": int64}), decoded as a dict of
   # lists, so the texts are at the nested path captions/text.
   c.data.sources.captions = shapes.source_config("coco_captions", kind="caption",

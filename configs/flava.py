@@ -168,7 +168,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                           weight_decay=0.1)  # our choice, not verified
     c.evals.retrieval.update(dataset="coco_captions", split="test", text_key="captions/text",
                              num_examples=5000)
-    c.evals.zeroshot.update(dataset="imagenet2012", split="validation", num_examples=50_000)
+    # CLIP's names (automatic for imagenet2012) and its 80-prompt ensemble.
+    c.evals.zeroshot.update(dataset="imagenet2012", split="validation", num_examples=50_000,
+                            templates="openai_imagenet_80")
     # Off during pretraining, as configs/coca.py's (the fit runs on the host); on a
     # checkpoint: mmjax.evaluate ... --config.evals.linear_probe.num_examples=10000
     probe_train, probe_eval = 50_000, 0

@@ -99,6 +99,10 @@ def data_config(image_size: int, max_text_len: int) -> ml_collections.ConfigDict
   d.tokenizer.path = ""  # a SentencePiece .model; "" trains one on the dataset texts, cached in data_dir
   d.tokenizer.vocab_size = 128  # only used when training the tokenizer
   d.label_templates = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+  # Replaces label_templates: "openai_imagenet_80" (CLIP's 80), "simple" (CLIP's 7) or a file
+  # with one template per line ("" = label_templates). See mmjax/data/classnames.py.
+  d.label_template_set = ""
+  d.allow_wordnet_ids = False  # True: allow prompts from class names like "n01440764"
   d.augment = ml_collections.ConfigDict()
   d.augment.random_resized_crop = False  # off for shapes: a crop can cut a shape out of its caption
   d.augment.min_crop_area = 0.6
@@ -112,8 +116,12 @@ def data_config(image_size: int, max_text_len: int) -> ml_collections.ConfigDict
 
 def source_config(name: str, *, kind: str, weight: float, split: str = "train",
                   image_key: str = "image", label_key: str = "", text_key: str = "",
-                  data_dir: str = "") -> ml_collections.ConfigDict:
-  """One TFDS dataset. kind="label": text from class-name templates; kind="caption": text_key."""
+                  data_dir: str = "", class_names: str = "") -> ml_collections.ConfigDict:
+  """One TFDS dataset. kind="label": text from class-name templates; kind="caption": text_key.
+
+  class_names (kind="label"): "" = automatic (ImageNet WordNet ids -> CLIP's names, other
+  datasets their own), "dataset", a built-in set ("imagenet1k") or a file with one name per
+  line in label order (mmjax/data/classnames.py)."""
   s = ml_collections.ConfigDict()
   s.name = name
   s.split = split
@@ -123,6 +131,7 @@ def source_config(name: str, *, kind: str, weight: float, split: str = "train",
   s.label_key = label_key
   s.text_key = text_key
   s.data_dir = data_dir  # "" = the top-level data_dir
+  s.class_names = class_names
   return s
 
 
@@ -206,7 +215,9 @@ def evals_config() -> ml_collections.ConfigDict:
       num_examples=512))
   e.zeroshot = ml_collections.ConfigDict(dict(
       dataset="shapes/labels", split="validation", image_key="image", label_key="label",
-      num_examples=512, prefix="caption"))
+      num_examples=512, prefix="caption",
+      class_names="",  # as data.sources.*.class_names
+      templates=""))  # "" = the training templates; else as data.label_template_set
   e.captioning = ml_collections.ConfigDict(dict(
       dataset="shapes/captions", split="validation", image_key="image", text_key="captions",
       num_examples=512,
@@ -227,7 +238,8 @@ def linear_probe_config(zeroshot: ml_collections.ConfigDict, num_train: int,
   probe key must not move the zero-shot evaluator."""
   return ml_collections.ConfigDict(dict(
       dataset=zeroshot.dataset, train_split="train", split=zeroshot.split,
-      image_key=zeroshot.image_key, label_key=zeroshot.label_key, num_train=num_train,
+      image_key=zeroshot.image_key, label_key=zeroshot.label_key,
+      class_names=zeroshot.class_names, num_train=num_train,
       num_examples=num_examples,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mmjax import cli, decode, linear_probe, sharding
-from mmjax.data import pipeline
+from mmjax.data import classnames, pipeline
 from mmjax.tokenizer import Tokenizer
 
 TEXT_TYPES = {"caption": 0, "label": 1}
@@ -86,15 +86,17 @@ class ZeroShot:
     self.name = e.dataset.replace("/", "_")
     split = pipeline.load_eval_split(config, dataset=e.dataset, split=e.split,
                                      image_key=e.image_key, label_key=e.label_key,
-                                     num_examples=e.num_examples)
+                                     num_examples=e.num_examples, class_names=e.class_names,
+                                     class_names_key="evals.zeroshot.class_names",
+                                     for_prompts=True)
     self.images, self.labels = split["images"], split["labels"]
     self.class_names = split["class_names"]
-    self.templates = tuple(config.data.label_templates)
-    prompts = [t.format(name) for name in self.class_names for t in self.templates]
-    self.tokens = tokenizer.encode(prompts, config.data.max_text_len)
+    self.templates = classnames.label_templates(config, e.templates, "evals.zeroshot.templates")
+    self.prompts = [t.format(name) for name in self.class_names for t in self.templates]
+    self.tokens = tokenizer.encode(self.prompts, config.data.max_text_len)
     if e.prefix not in TEXT_TYPES:
       raise ValueError(f"config evals.zeroshot.prefix={e.prefix!r}: choose {list(TEXT_TYPES)}")
-    self.text_type = np.full(len(prompts), TEXT_TYPES[e.prefix], np.int32)
+    self.text_type = np.full(len(self.prompts), TEXT_TYPES[e.prefix], np.int32)
 
   def class_embeddings(self, embedder: Embedder, params: Any) -> np.ndarray:
     """[C, E]: mean of each class's template embeddings, renormalised."""

@@ -143,7 +143,8 @@ class LinearProbe:
     e = config.evals.linear_probe
     load = lambda split, n: pipeline.load_eval_split(
         config, dataset=e.dataset, split=split, image_key=e.image_key, label_key=e.label_key,
-        num_examples=n)
+        num_examples=n, class_names=e.class_names,
+        class_names_key="evals.linear_probe.class_names")
     train, test = load(e.train_split, e.num_train), load(e.split, e.num_examples)
     self._set(e.dataset, train["images"], train["labels"], test["images"], test["labels"],
               len(train["class_names"]), e.l2_grid, e.holdout_fraction,

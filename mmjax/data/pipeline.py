@@ -152,16 +152,22 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
 
 def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,
                     image_key: str, num_examples: int, label_key: str = "",
-                    text_key: str = "", data_dir: str = "") -> dict[str, Any]:
+                    text_key: str = "", data_dir: str = "", class_names: str = "",
+                    class_names_key: str = "class_names",
+                    for_prompts: bool = False) -> dict[str, Any]:
   """The first `num_examples` examples of `dataset`/`split`, deterministically.
 
   Returns images float32 [N, H, W, 3] in [-1, 1] (resize + centre crop to
   config.data.image_size); with `label_key`: labels int32 [N] (the dataset's own class ids)
-  and class_names list[str]; with `text_key`: texts list[list[str]] (all non-blank captions
+  and class_names list[str] (the config value `class_names` at `class_names_key` resolved
+  by `classnames.resolve_class_names`; WordNet ids refused `for_prompts` unless
+  data.allow_wordnet_ids); with `text_key`: texts list[list[str]] (all non-blank captions
   per image). N = min(num_examples, split size). Bad records are substituted as in training.
   """
-  opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
-                                   image_key=image_key, label_key=label_key)
+  opened = sources_lib.open_source(
+      dataset, split, data_dir or config.data_dir, image_key=image_key, label_key=label_key,
+      class_names=class_names, class_names_key=class_names_key,
+      refuse_wordnet_ids=for_prompts and not config.data.allow_wordnet_ids)
   kind = "label" if label_key else ("caption" if text_key else "image")
   src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
                                 image_key=image_key, label_key=label_key, text_key=text_key)

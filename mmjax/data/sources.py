@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mmjax.data import classnames
 from mmjax.data import shapes  # registers the `shapes` builder with TFDS
 
 KINDS = ("label", "caption")
@@ -36,7 +37,8 @@ class OpenedSource:
     split: TFDS split, e.g. "train" or "validation[:100]".
     data_source: `tfds.data_source` result; `data_source[i]` is a dict (image decoded to
       uint8 [H, W, C] unless opened with decode_images=False: then encoded bytes).
-    class_names: names of the ClassLabel feature `label_key`, or None.
+    class_names: the names prompts use for the ClassLabel `label_key` (see
+      `classnames.resolve_class_names`), or None.
   """
   name: str
   split: str
@@ -48,13 +50,17 @@ class OpenedSource:
 
 
 def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image",
-                label_key: str = "", decode_images: bool = True) -> OpenedSource:
+                label_key: str = "", decode_images: bool = True, class_names: str = "",
+                class_names_key: str = "class_names",
+                refuse_wordnet_ids: bool = False) -> OpenedSource:
   """Opens TFDS `name`/`split` from `data_dir` through `tfds.data_source` (no TensorFlow).
 
   `shapes/*` datasets are built on first use. With `label_key`, the feature must be a
-  ClassLabel and its names are returned as `class_names`. `decode_images=False` leaves the
-  image as encoded bytes (fast text scans); it does not work under
-  `tfds.testing.mock_data`, whose encoder needs TensorFlow.
+  ClassLabel; `class_names` is then the names prompts use, resolved from its names by
+  `classnames.resolve_class_names(..., class_names, key=class_names_key,
+  refuse_wordnet_ids=...)`. `decode_images=False` leaves the image as encoded bytes (fast
+  text scans); it does not work under `tfds.testing.mock_data`, whose encoder needs
+  TensorFlow.
   """
   data_dir = expand_dir(data_dir)
   if name.split("/")[0] == "shapes":
@@ -65,14 +71,15 @@ def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image
   if image_key not in features:
     raise KeyError(f"dataset {name!r} has no image feature {image_key!r}; features are "
                    f"{sorted(features.keys())}")
-  class_names = None
+  names = None
   if label_key:
     feat = features[label_key] if label_key in features else None
     if not isinstance(feat, tfds.features.ClassLabel):
       raise KeyError(f"dataset {name!r}: label_key {label_key!r} is not a ClassLabel feature "
                      f"(features: {sorted(features.keys())})")
-    class_names = list(feat.names)
-  return OpenedSource(name=name, split=split, data_source=src, class_names=class_names)
+    names = classnames.resolve_class_names(feat.names, class_names, key=class_names_key,
+                                           dataset=name, refuse_wordnet_ids=refuse_wordnet_ids)
+  return OpenedSource(name=name, split=split, data_source=src, class_names=names)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -172,6 +179,17 @@ def _source_dir(config: ml_collections.ConfigDict, s: ml_collections.ConfigDict)
   return expand_dir(s.data_dir or config.data_dir)
 
 
+def open_configured_source(config: ml_collections.ConfigDict, key: str, *,
+                           decode_images: bool = True) -> OpenedSource:
+  """`config.data.sources[key]`, opened; a label source's names are the prompt names."""
+  s = config.data.sources[key]
+  is_label = s.kind == "label"
+  return open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
+                     label_key=s.label_key if is_label else "", decode_images=decode_images,
+                     class_names=s.class_names, class_names_key=f"data.sources.{key}.class_names",
+                     refuse_wordnet_ids=is_label and not config.data.allow_wordnet_ids)
+
+
 def open_train_sources(config: ml_collections.ConfigDict) -> TrainSources:
   """Opens every `config.data.sources.*` (sorted by key) with unified label offsets."""
   keys = sorted(config.data.sources.keys())
@@ -182,8 +200,7 @@ def open_train_sources(config: ml_collections.ConfigDict) -> TrainSources:
     s = config.data.sources[key]
     if not s.weight > 0:
       raise ValueError(f"config.data.sources.{key}.weight must be > 0, got {s.weight}")
-    opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
-                         label_key=s.label_key if s.kind == "label" else "")
+    opened = open_configured_source(config, key)
     out.append(CleanSource(opened, key=key, source_index=i, kind=s.kind,
                            image_key=s.image_key, label_key=s.label_key, text_key=s.text_key,
                            label_offset=len(names)))
@@ -211,13 +228,12 @@ def train_texts(config: ml_collections.ConfigDict) -> list[str]:
   Used to train the tokenizer. Order is deterministic (sorted source keys, record order).
   """
   texts: list[str] = []
+  templates = classnames.label_templates(config)
   for key in sorted(config.data.sources.keys()):
     s = config.data.sources[key]
-    opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
-                         label_key=s.label_key if s.kind == "label" else "",
-                         decode_images=False)
+    opened = open_configured_source(config, key, decode_images=False)
     if s.kind == "label":
-      texts += [t.format(n) for n in opened.class_names for t in config.data.label_templates]
+      texts += [t.format(n) for n in opened.class_names for t in templates]
     else:
       for i in range(len(opened)):
         raw = field(opened.data_source[i], s.text_key)

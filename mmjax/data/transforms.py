@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from mmjax.data import classnames
 from mmjax.tokenizer import Tokenizer
 
 TEXT_TYPE_CAPTION = 0
@@ -75,7 +76,7 @@ class TrainTransform(grain.transforms.RandomMap):
                kinds: Sequence[str], modalities: Sequence[str] | None = None):
     d = config.data
     self.size, self.max_len = int(d.image_size), int(d.max_text_len)
-    self.templates = tuple(d.label_templates)
+    self.templates = classnames.label_templates(config)
     self.rrc, self.min_area = bool(d.augment.random_resized_crop), float(d.augment.min_crop_area)
     self.flip = bool(d.augment.flip)
     self.tokenizer = tokenizer
