@@ -12,7 +12,7 @@ setuptools.setup(
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
-        "optax>=0.2.5",
+        "optax>=0.2.6",  # add_decayed_weights takes a schedule
         "orbax-checkpoint>=0.11",
         "etils[epath]>=1.7",  # imported directly: workdir files, local or gs://
         "grain>=0.2.12",

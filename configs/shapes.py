@@ -179,8 +179,12 @@ def optimizer_config(learning_rate: float, warmup_steps: int,
   o.end_learning_rate_fraction = 0.0
   o.b1 = 0.9
   o.b2 = 0.999
-  o.weight_decay = weight_decay
-  o.grad_clip_norm = 1.0
+  o.weight_decay = weight_decay  # decoupled: each update subtracts weight_decay * lr * p
+  o.grad_clip_norm = 1.0  # global gradient norm; 0 = off
+  # adafactor only (mmjax.optimizer.adafactor): per-parameter update RMS clipping (0 = off)
+  # and the smallest two axes its second moments are factored over.
+  o.update_clip_threshold = 1.0
+  o.min_dim_size_to_factor = 128
   return o
 
 
