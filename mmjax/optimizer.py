@@ -1,4 +1,8 @@
-"""Optimisers and learning-rate schedules (optax): AdamW and the CoCa paper's Adafactor."""
+"""Optimisers and learning-rate schedules (optax): AdamW and the CoCa paper's Adafactor.
+
+Every optimizer ends by projecting the logit-scale parameter back under log(max): the model
+cannot push it past the cap and freeze there (see `project_logit_scale`).
+"""
 import math
 
 import flax
@@ -10,6 +14,7 @@ import optax
 # Parameters that are never weight-decayed: biases, norms, position embeddings, learned
 # queries/prefix/CLS and the logit scale (matched on the last path element).
 NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "queries", "prefix", "cls")
+LOGIT_SCALE_NAME = "logit_scale"  # the models' learned log of the contrastive logit scale
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -75,6 +80,30 @@ def adafactor(config: ml_collections.ConfigDict,
       optax.scale(-1.0))
 
 
+def project_logit_scale(max_scale: float) -> optax.GradientTransformation:
+  """Updates that leave every `logit_scale` parameter (a log-scale) at most log(max_scale).
+
+  Why: capping exp(log_scale) in the forward pass has a zero gradient past the cap, so a
+  parameter that crosses it never comes back. Projecting the parameter itself after each
+  update, as open_clip clamps `logit_scale` after each optimizer step, keeps it where the
+  gradient acts. Must be the last transformation (it sees the final update).
+  """
+  bound = math.log(max_scale)
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+
+    def project(path, update, param):
+      if getattr(path[-1], "key", None) != LOGIT_SCALE_NAME:
+        return update
+      return jnp.minimum(param + update, bound) - param
+
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optimizer
   schedule = make_schedule(config)
@@ -86,4 +115,4 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     core = adafactor(config, schedule)
   else:
     raise ValueError(f"config optimizer.name={o.name!r}: choose 'adamw' or 'adafactor'")
-  return optax.chain(clip, core)
+  return optax.chain(clip, core, project_logit_scale(config.model.logit_scale_max))

@@ -1,14 +1,18 @@
 """Optimizers: the CoCa paper's Adafactor against a float64 NumPy implementation of its
-update rule written here."""
+update rule written here, and a logit scale that cannot freeze past its cap."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import coca  # configs/coca.py (conftest puts configs/ on sys.path)
+import flava  # configs/flava.py
 import helpers
+from mmjax import models, state as state_lib
 from mmjax.optimizer import NO_DECAY_NAMES, make_optimizer
 
 LR, WARMUP, TOTAL = 0.05, 2, 8
@@ -18,7 +22,7 @@ SHAPES = {  # factored when the two largest axes are both >= 128
     ("dense", "bias"): (160,),  # 1-D: unfactored, not decayed
     ("stack", "kernel"): (2, 160, 128),  # scanned layers: factored over the last two axes
     ("small", "kernel"): (8, 4),  # 2-D but small: unfactored, decayed
-    ("logit_scale",): (),  # not decayed
+    ("logit_scale",): (),  # not decayed; projected under log(100)
 }
 
 
@@ -102,7 +106,7 @@ class ReferenceAdafactor:
       self.m[k] = B1 * self.m[k] + (1 - B1) * lr * u
       decay = WD * lr * p if k[-1] not in NO_DECAY_NAMES else 0.0
       new = p - self.m[k] - decay
-      out[k] = new
+      out[k] = np.minimum(new, math.log(100.0)) if k[-1] == "logit_scale" else new
     return out
 
 
@@ -112,6 +116,7 @@ def test_adafactor_matches_the_update_rule(grad_clip_norm):
   # float32 values: both implementations start every update from the same parameters.
   params = {k: rng.normal(0, 1, s).astype(np.float32).astype(np.float64)
             for k, s in SHAPES.items()}
+  params[("logit_scale",)] = np.array(np.float32(math.log(100.0) - 0.01), np.float64)
   optimizer = make_optimizer(adafactor_config(grad_clip_norm))
   state = optimizer.init(as_tree(params))
   is_factored = lambda x: isinstance(x, optax.FactoredState)
@@ -126,13 +131,62 @@ def test_adafactor_matches_the_update_rule(grad_clip_norm):
     scale = 10.0 ** rng.uniform(-3, 1)
     grads = {k: scale * rng.normal(0, 1, s) * rng.choice([1.0, 20.0], s) for k, s in
              SHAPES.items()}
+    grads[("logit_scale",)] = np.array(-scale)  # pushes the logit scale up, past the cap
     expected = reference.step(params, grads)
     updates, state = update(as_tree(grads), state, as_tree(params))
     got = {k: np.asarray(leaf(updates, k), np.float64) for k in SHAPES}
     for k in SHAPES:
       want = expected[k] - params[k]
       atol = 2e-6 * max(np.abs(want).max(), 1e-30)
+      if k == ("logit_scale",):  # projected as min(p + u, bound) - p: float32 rounding of p
+        atol += 2 * np.spacing(np.float32(params[k]))
       np.testing.assert_allclose(got[k], want, rtol=0, atol=atol,
                                  err_msg=f"{k} at update {step + 1}")
     params = {k: (params[k] + got[k]).astype(np.float32).astype(np.float64) for k in SHAPES}
   assert reference.clipped_updates > 0  # update clipping was exercised
+  assert params[("logit_scale",)] <= np.float32(math.log(100.0))
+
+
+def logit_scale_setup(name: str):
+  """(config, model, zero parameters): shapes,tiny (AdamW), coca tiny (Adafactor) or FLAVA
+  tiny. The parameters other than the log-scale do not matter here, so they are zeros of the
+  traced shapes (no init compute)."""
+  if name == "shapes":
+    config = helpers.tiny_config()
+  else:
+    config = {"coca": coca, "flava": flava}[name].get_config("tiny")
+  model = models.build_model(config)
+  init = lambda: model.init(jax.random.key(0), *state_lib.dummy_inputs(config))["params"]
+  shapes = jax.eval_shape(lambda: nn.unbox(init()))
+  return config, model, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+
+@pytest.mark.parametrize("name", ["shapes", "coca", "flava"])
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_logit_scale_cannot_freeze_above_its_cap(name, direction):
+  """A log-scale above log(100), e.g. from a checkpoint or a large step: the effective scale
+  is 100 at most, the loss's gradient still reaches the parameter, and the optimizer brings
+  the parameter under the cap, from where it moves wherever the gradient says (a plain
+  min(exp(p), 100) has no gradient there and would hold it above the cap for good)."""
+  config, model, params = logit_scale_setup(name)
+  cap = math.log(config.model.logit_scale_max)
+  params["logit_scale"] = jnp.float32(cap + 0.5)
+  scale = lambda p: model.apply({"params": p}, method="logit_scale")
+  loss = lambda p: direction * scale(p)  # direction 1: wants the scale lower
+  optimizer = make_optimizer(config)
+  state = optimizer.init(params)
+  assert float(scale(params)) == pytest.approx(100.0, rel=1e-6)
+  assert float(jax.grad(loss)(params)["logit_scale"]) == pytest.approx(100.0 * direction,
+                                                                      rel=1e-5)
+  step = jax.jit(lambda p, s: optimizer.update(jax.grad(loss)(p), s, p))
+  trajectory = []
+  for _ in range(4):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+    trajectory.append(float(params["logit_scale"]))
+    assert float(scale(params)) <= 100.0 * (1 + 1e-6)
+  assert all(p <= cap + 1e-6 for p in trajectory)
+  if direction > 0:  # it came back under the cap and keeps going down
+    assert trajectory[-1] < trajectory[-2] < cap - 1e-6
+  else:  # held at the cap
+    assert trajectory[-1] == pytest.approx(cap, abs=1e-6)
