@@ -7,11 +7,13 @@ setuptools.setup(
     description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
     # configs: the config files and their schema, importable as `configs.<name>`.
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
+    # Class names and prompt templates (mmjax/data/label_text/PROVENANCE.md).
+    package_data={"mmjax.data": ["label_text/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
-        "optax>=0.2.5",
+        "optax>=0.2.6",  # add_decayed_weights takes a schedule
         "orbax-checkpoint>=0.11",
         "etils[epath]>=1.7",  # imported directly: workdir files, local or gs://
         "grain>=0.2.12",

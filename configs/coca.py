@@ -37,13 +37,38 @@ Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from
 set `imagenet2012` (texts from class-name templates) and half from the caption set
 `coco_captions` (Karpathy splits); override with e.g.
   --config.data.sources.labels.name=imagenet21k --config.data.sources.captions.name=...
+Class names: CLIP's cleaned ImageNet names, chosen automatically for TFDS imagenet2012, whose
+own names are WordNet ids (mmjax/data/classnames.py); prompts from WordNet ids are refused,
+so a label set without a built-in name list needs
+  --config.data.sources.labels.class_names=/path/names.txt  (one name per line, label order)
+Templates: CLIP's 80 ImageNet prompts for training prompts and the zero-shot ensemble (our
+choice: the paper says only that labels are treated as text).
 Evaluation: zero-shot ImageNet (validation) and COCO 5K retrieval (Karpathy `test`).
 
 Objective: the paper's CoCa (contrastive 1.0 + captioning 2.0, CLIP-style targets, no text
 prefix). The mmjax extensions are one override away:
   --config.loss.label_aware=True --config.model.prefix_length=1
-Optimizer: the paper's Adafactor (b1 0.9, b2 0.999, decoupled weight decay 0.01), linear
-warmup over 2% of the steps to 8e-4, then linear decay to 0; batch 65,536, 500k steps.
+Optimizer (mmjax.optimizer.adafactor, which writes out the update rule). The paper states:
+Adafactor with beta1 0.9, beta2 0.999 and decoupled weight decay 0.01; linear warmup over 2%
+of the steps to 8e-4, then linear decay; batch 65,536, 500k steps. Where it is silent we
+follow praxis ShardedAdafactor (the JAX port of lingvo's, the paper's codebase lineage) and
+optax.adafactor:
+  - beta1 0.9 is an EMA of the (learning-rate-scaled) updates, m = 0.9 m + 0.1 lr u, without
+    bias correction; not heavy-ball momentum (optax.trace), whose steady update is 10x.
+  - beta2 0.999 with Adam's bias correction folded into the decay (praxis decay_method
+    "adam"): the second moment is Adam's bias-corrected average of g^2. A constant 0.999
+    would scale the first updates by up to 1/sqrt(1 - 0.999) ~ 32x.
+  - decoupled weight decay: each update subtracts 0.01 * lr_t * p (lr_t the scheduled rate,
+    8e-4 at the peak), as praxis and AdamW do; biases, norm scales, position embeddings,
+    learned queries / prefix / CLS and the logit scale are not decayed (our mask,
+    optimizer.NO_DECAY_NAMES; praxis decays every variable).
+  - Adafactor's own choices kept: epsilon 1e-30 added to g^2, update clipping at RMS 1.0
+    (optimizer.update_clip_threshold), second moments factored over the two largest axes
+    when both are >= 128 (optimizer.min_dim_size_to_factor; optax's rule), no relative step
+    size or parameter scaling (the paper gives an absolute learning rate).
+  - no global gradient clipping (optimizer.grad_clip_norm=0): the paper mentions none and
+    Adafactor's update clipping bounds every step; --config.optimizer.grad_clip_norm=1.0
+    restores it.
 """
 import ml_collections
 
@@ -96,6 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.augment.flip = False  # captions may say "left"/"right"
   d.sources.labels = schema.source("imagenet2012", kind="label", label_key="label",
                                    weight=0.5)
+  d.label_template_set = "openai_imagenet_80"  # our choice (see the docstring)
   # tfds coco_captions: captions = Sequence({"text": str, "id": int64}), decoded as a dict of
   # lists, so the texts are at the nested path captions/text.
   d.sources.captions = schema.source("coco_captions", kind="caption",
@@ -130,6 +156,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   o.weight_decay = 0.01
   o.b1 = 0.9
   o.b2 = 0.999
+  o.grad_clip_norm = 0.0  # the paper mentions no gradient clipping
 
   c.checkpoint.keep_period = 50_000
   c.evals.retrieval = schema.retrieval_eval("coco_captions", split="test",

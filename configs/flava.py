@@ -118,6 +118,7 @@ def full(c: ml_collections.ConfigDict) -> None:
   c.evals.retrieval = schema.retrieval_eval("coco_captions", split="test", num_examples=5000)
   c.evals.retrieval.text_key = "captions/text"
   c.evals.zeroshot = schema.zeroshot_eval("imagenet2012", num_examples=50_000)
+  c.evals.zeroshot.templates = "openai_imagenet_80"  # CLIP's 80 (names: automatic)
   # Off during pretraining, as configs/coca.py's (the fit runs on the host); on a
   # checkpoint: mmjax.evaluate ... --config.evals.linear_probe.num_examples=10000
   c.evals.linear_probe = schema.linear_probe_eval("imagenet2012", num_train=50_000,

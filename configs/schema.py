@@ -75,6 +75,10 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d.tokenizer.path = ""
   d.tokenizer.vocab_size = 128  # ids the model embeds; sentencepiece trains this many
   d.label_templates = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+  # Replaces label_templates: "openai_imagenet_80" (CLIP's 80), "simple" (CLIP's 7) or a file
+  # with one template per line ("" = label_templates). See mmjax/data/classnames.py.
+  d.label_template_set = ""
+  d.allow_wordnet_ids = False  # True: allow prompts from class names like "n01440764"
   d.augment = ConfigDict()
   d.augment.random_resized_crop = False  # off for shapes: a crop can cut a shape out of its caption
   d.augment.min_crop_area = 0.6
@@ -88,13 +92,17 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
 
 def source(name: str, *, kind: str, weight: float, split: str = "train",
            image_key: str = "image", label_key: str = "", text_key: str = "",
-           data_dir: str = "", modality: str = "paired") -> ConfigDict:
+           data_dir: str = "", modality: str = "paired", class_names: str = "") -> ConfigDict:
   """One TFDS dataset of the training mixture (`data.sources.<key>`).
 
   kind="label": texts are `data.label_templates` filled with the ClassLabel `label_key`'s
   class names; kind="caption": texts from `text_key` (a Text or Sequence(Text) feature; a
   nested feature as "captions/text"). `modality` (FLAVA's unimodal data) keeps the image and
-  the text ("paired"), only the image ("image") or only the text ("text")."""
+  the text ("paired"), only the image ("image") or only the text ("text").
+
+  class_names (kind="label"): "" = automatic (ImageNet WordNet ids -> CLIP's names, other
+  datasets their own), "dataset", a built-in set ("imagenet1k") or a file with one name per
+  line in label order (mmjax/data/classnames.py)."""
   s = ConfigDict()
   s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels"
   s.split = split  # TFDS split, slicing allowed ("train[:90%]")
@@ -105,6 +113,7 @@ def source(name: str, *, kind: str, weight: float, split: str = "train",
   s.text_key = text_key
   s.data_dir = data_dir  # "" = the top-level data_dir
   s.modality = modality
+  s.class_names = class_names
   return s
 
 
@@ -215,8 +224,13 @@ def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
   o.end_learning_rate_fraction = 0.0
   o.b1 = 0.9
   o.b2 = 0.999
-  o.weight_decay = weight_decay  # decoupled; never on biases, norms, embeddings of positions
-  o.grad_clip_norm = 1.0  # global norm; 0 = off
+  o.weight_decay = weight_decay  # decoupled: each update subtracts weight_decay * lr * p;
+  # never on biases, norms, position embeddings, learned queries/prefix/CLS, logit scale
+  o.grad_clip_norm = 1.0  # global gradient norm; 0 = off
+  # adafactor only (mmjax.optimizer.adafactor): per-parameter update RMS clipping (0 = off)
+  # and the smallest two axes its second moments are factored over.
+  o.update_clip_threshold = 1.0
+  o.min_dim_size_to_factor = 128
   return o
 
 
@@ -251,7 +265,9 @@ def zeroshot_eval(dataset: str = "shapes/labels", split: str = "validation",
   return ConfigDict(dict(
       type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
       num_examples=num_examples,  # 0 = off
-      prefix="caption"))  # text-type prefix of the prompts: caption (paper) | label
+      prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
+      class_names="",  # as data.sources.*.class_names
+      templates=""))  # "" = the training templates; else as data.label_template_set
 
 
 def retrieval_eval(dataset: str = "shapes/captions", split: str = "validation",
@@ -281,6 +297,7 @@ def linear_probe_eval(dataset: str = "shapes/labels", split: str = "validation",
   `holdout_fraction` of them, scored on `num_examples` images of `split`."""
   return ConfigDict(dict(
       type="linear_probe", dataset=dataset, train_split="train", split=split,
-      image_key="image", label_key="label", num_train=num_train, num_examples=num_examples,
+      image_key="image", label_key="label", class_names="",  # as data.sources.*.class_names
+      num_train=num_train, num_examples=num_examples,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

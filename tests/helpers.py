@@ -1,6 +1,11 @@
-"""Tiny configs and synthetic batches for tests (the code paths are the real ones)."""
+"""Tiny configs, synthetic batches and stand-in TFDS data for tests (the code paths are the
+real ones)."""
+import io
+
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
 
 from configs import shapes
 from mmjax import runtime
@@ -51,3 +56,32 @@ def step_setup(config, num_devices: int):
   with rt.activate():
     state = rt.init_state()
   return rt, state
+
+
+class EncodedFakeSource:
+  """TFDS's mock data source makes decoded random images (encoding them needs TensorFlow);
+  mmjax reads images encoded, so this stand-in encodes its random images with Pillow."""
+
+  def __init__(self, info, num_examples):
+    self.dataset_info, self.num_examples = info, num_examples
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, i):
+    rng = np.random.default_rng(i)
+    h, w = rng.integers(16, 48, size=2)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buf, format="PNG")
+    return {"image": buf.getvalue(),
+            "label": int(rng.integers(self.dataset_info.features["label"].num_classes))}
+
+
+def mock_tfds(num_examples: int):
+  """`tfds.testing.mock_data` for catalog label datasets (imagenet2012, cifar10: their real
+  builders and class lists), their images encoded as mmjax reads them."""
+  def data_source(builder, split, decoders=None, **kwargs):
+    del split, kwargs
+    assert isinstance(decoders["image"], tfds.decode.SkipDecoding)  # mmjax decodes itself
+    return EncodedFakeSource(builder.info, num_examples)
+  return tfds.testing.mock_data(num_examples=num_examples, as_data_source_fn=data_source)

@@ -67,6 +67,7 @@ def test_paper_recipe():
   o = c.optimizer
   assert (o.name, o.schedule, o.learning_rate, o.b1, o.b2, o.weight_decay) == (
       "adafactor", "linear", 8e-4, 0.9, 0.999, 0.01)
+  assert (o.grad_clip_norm, o.update_clip_threshold) == (0.0, 1.0)  # see the docstring
   assert (c.loss.contrastive_weight, c.loss.caption_weight) == (1.0, 2.0)
   assert c.data.sources.labels.name == "imagenet2012"
   assert c.data.sources.captions.text_key == "captions/text"

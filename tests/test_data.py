@@ -8,6 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import helpers
 from configs import schema
 from configs import shapes as shapes_config
 from mmjax import errors, vocabulary
@@ -151,39 +152,13 @@ def test_load_eval_split(data_dir):
   assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
 
 
-class EncodedFakeSource:
-  """TFDS's mock data source makes decoded random images (encoding them needs TensorFlow);
-  mmjax reads images encoded, so this stand-in encodes its random images with Pillow."""
-
-  def __init__(self, info, num_examples):
-    self.dataset_info, self.num_examples = info, num_examples
-
-  def __len__(self):
-    return self.num_examples
-
-  def __getitem__(self, i):
-    rng = np.random.default_rng(i)
-    h, w = rng.integers(16, 48, size=2)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buf, format="PNG")
-    return {"image": buf.getvalue(),
-            "label": int(rng.integers(self.dataset_info.features["label"].num_classes))}
-
-
-def encoded_mock_data_source(builder, split, decoders=None, **kwargs):
-  assert isinstance(decoders["image"], tfds.decode.SkipDecoding)  # mmjax decodes itself
-  return EncodedFakeSource(builder.info, 12)
-
-
 def test_mock_imagenet_and_cifar(tmp_path):
   """Catalog datasets (their real TFDS builders and class lists) under tfds' mock."""
   c = make_config(str(tmp_path))
   c.data.sources = {
-      "cifar": schema.source("cifar10", kind="label", label_key="label",
-                                           weight=0.5),
-      "imagenet": schema.source("imagenet2012", kind="label",
-                                              label_key="label", weight=0.5)}
-  with tfds.testing.mock_data(num_examples=12, as_data_source_fn=encoded_mock_data_source):
+      "cifar": schema.source("cifar10", kind="label", label_key="label", weight=0.5),
+      "imagenet": schema.source("imagenet2012", kind="label", label_key="label", weight=0.5)}
+  with helpers.mock_tfds(num_examples=12):
     tok = tk.get_tokenizer(c)
     names = pipeline.label_texts(c)
     assert len(names) == 1010  # sorted keys: cifar's 10 classes, then imagenet's 1000

@@ -12,10 +12,13 @@ def test_format_results_keeps_small_values_readable():
 
 
 class _Fake:
-  """Records how the registry built it."""
+  """Records how the registry built it: (metric prefix, type, dataset), as the evaluators
+  derive their metric names."""
 
-  def __init__(self, prefix, entry, config, tokenizer):
-    del config, tokenizer
+  def __init__(self, key, config, tokenizer):
+    del tokenizer
+    entry = config.evals[key]
+    prefix = self.METRIC_PREFIX if key == entry.type else key
     self.built = (prefix, entry.type, entry.dataset)
 
 

@@ -101,7 +101,8 @@ def test_adafactor_state_is_sharded_like_its_parameters():
   rt, state = helpers.step_setup(config, 8)
   shardings = rt.shardings
   get = lambda tree: tree["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]["kernel"]
-  factored, factored_shardings = state.opt_state[1], shardings.opt_state[1]
+  # chain(gradient clipping, adafactor chain(factored RMS, ...), logit-scale projection)
+  factored, factored_shardings = state.opt_state[1][0], shardings.opt_state[1][0]
   layers, embed, mlp = get(state.params).shape  # [layers, embed, mlp]
   assert get(factored.v_row).shape == (layers, embed)  # the mlp axis is factored out
   assert get(factored.v_col).shape == (layers, mlp)

@@ -131,22 +131,35 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return TrainIterator(iter(it_ds))
 
 
-def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,
-                    image_key: str, num_examples: int, label_key: str = "",
-                    text_key: str = "", data_dir: str = "") -> dict[str, Any]:
-  """The first `num_examples` examples of `dataset`/`split`, deterministically.
+def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples: int,
+                    split_key: str = "split", for_prompts: bool = False) -> dict[str, Any]:
+  """The first `num_examples` examples of the dataset that evaluator `config.evals[key]`
+  names (its dataset, `split_key` split, image_key and, if it has them, label_key,
+  class_names and text_key), deterministically.
 
   Returns images float32 [N, H, W, 3] in [-1, 1] (resize + centre crop to
-  config.data.image_size); with `label_key`: labels int32 [N] (the dataset's own class ids)
-  and class_names list[str]; with `text_key`: texts list[list[str]] (all non-blank captions
-  per image). N = min(num_examples, split size). Bad records are substituted as in training.
+  config.data.image_size); with a label_key: labels int32 [N] (the dataset's own class ids)
+  and class_names list[str] (resolved by `classnames.resolve_class_names`; WordNet ids are
+  refused `for_prompts` unless data.allow_wordnet_ids); with a text_key: texts
+  list[list[str]] (all non-blank captions per image). N = min(num_examples, split size).
+  Bad records are substituted as in training.
   """
-  opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
-                                   image_key=image_key, label_key=label_key, text_key=text_key,
-                                   keys=eval_config_keys(config, dataset, split))
+  e = config.evals[key]
+  label_key = e.label_key if "label_key" in e else ""
+  text_key = e.text_key if "text_key" in e else ""
+  prefix = f"evals.{key}"
+  keys = sources_lib.ConfigKeys(
+      name=f"{prefix}.dataset", split=f"{prefix}.{split_key}", image_key=f"{prefix}.image_key",
+      label_key=f"{prefix}.label_key", text_key=f"{prefix}.text_key",
+      class_names=f"{prefix}.class_names")
+  opened = sources_lib.open_source(
+      e.dataset, e[split_key], config.data_dir, image_key=e.image_key, label_key=label_key,
+      text_key=text_key, class_names=e.class_names if label_key else "",
+      refuse_wordnet_ids=for_prompts and not config.data.allow_wordnet_ids, keys=keys)
   kind = "label" if label_key else ("caption" if text_key else "image")
-  src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
-                                image_key=image_key, label_key=label_key, text_key=text_key)
+  src = sources_lib.CleanSource(opened, key=f"{e.dataset}:{e[split_key]}", source_index=0,
+                                kind=kind, image_key=e.image_key, label_key=label_key,
+                                text_key=text_key)
   n = min(int(num_examples), len(src))
   size = int(config.data.image_size)
   images = np.empty((n, size, size, 3), np.float32)
@@ -162,20 +175,3 @@ def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: s
   if text_key:
     out["texts"] = texts
   return out
-
-
-def eval_config_keys(config: ml_collections.ConfigDict, dataset: str,
-                     split: str) -> sources_lib.ConfigKeys:
-  """The `evals.<name>` keys naming `dataset`/`split`, for error messages (the evaluators
-  pass values, not keys)."""
-  for name in sorted(config.get("evals", {}).keys()):
-    entry = config.evals[name]
-    if not isinstance(entry, ml_collections.ConfigDict) or entry.get("dataset") != dataset:
-      continue
-    split_key = next((k for k in ("split", "train_split") if entry.get(k) == split), "split")
-    prefix = f"evals.{name}"
-    return sources_lib.ConfigKeys(name=f"{prefix}.dataset", split=f"{prefix}.{split_key}",
-                                  image_key=f"{prefix}.image_key",
-                                  label_key=f"{prefix}.label_key",
-                                  text_key=f"{prefix}.text_key")
-  return sources_lib.ConfigKeys()

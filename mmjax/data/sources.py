@@ -20,6 +20,7 @@ from absl import logging
 from tensorflow_datasets.core import read_only_builder
 
 from mmjax import errors
+from mmjax.data import classnames
 from mmjax.data import shapes  # registers the `shapes` builder with TFDS
 from mmjax.data.images import decode_image
 
@@ -39,7 +40,8 @@ class OpenedSource:
     split: TFDS split, e.g. "train" or "validation[:100]".
     data_source: `tfds.data_source`-like; `data_source[i]` is a dict whose image feature is
       the encoded bytes (decode with mmjax.data.decode_image).
-    class_names: names of the ClassLabel feature `label_key`, or None.
+    class_names: the names prompts use for the ClassLabel `label_key` (see
+      `classnames.resolve_class_names`), or None.
   """
   name: str
   split: str
@@ -59,6 +61,7 @@ class ConfigKeys:
   image_key: str = ""
   label_key: str = ""
   text_key: str = ""
+  class_names: str = "class_names"
 
   @classmethod
   def of_source(cls, config: ml_collections.ConfigDict, key: str) -> "ConfigKeys":
@@ -67,18 +70,20 @@ class ConfigKeys:
     return cls(name=f"{prefix}.name", split=f"{prefix}.split",
                data_dir=f"{prefix}.data_dir" if own_dir else "data_dir",
                image_key=f"{prefix}.image_key", label_key=f"{prefix}.label_key",
-               text_key=f"{prefix}.text_key")
+               text_key=f"{prefix}.text_key", class_names=f"{prefix}.class_names")
 
 
 def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image",
-                label_key: str = "", text_key: str = "",
+                label_key: str = "", text_key: str = "", class_names: str = "",
+                refuse_wordnet_ids: bool = False,
                 keys: ConfigKeys = ConfigKeys()) -> OpenedSource:
   """Opens TFDS `name`/`split` from `data_dir` for random access (no TensorFlow), with the
   image left encoded: every read path decodes with mmjax.data.decode_image.
 
   `shapes/*` datasets are built on first use. With `label_key`, the feature must be a
-  ClassLabel and its names are returned as `class_names`; with `text_key`, that feature
-  must exist. A dataset that is not in `data_dir`, a missing split or feature raise
+  ClassLabel; `class_names` is then the names prompts use, resolved from its names by
+  `classnames.resolve_class_names` (the config value `class_names`; WordNet ids refused
+  with `refuse_wordnet_ids`); with `text_key`, that feature must exist. A dataset that is not in `data_dir`, a missing split or feature raise
   errors.UsageError naming the config `keys`.
   """
   data_dir = expand_dir(data_dir)
@@ -91,14 +96,15 @@ def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image
     raise errors.UsageError(
         f"dataset {name!r} has no image feature {image_key!r}{_config(keys.image_key)}; its "
         f"features are {sorted(features.keys())}")
-  class_names = None
+  names = None
   if label_key:
     feat = _feature(features, label_key)
     if not isinstance(feat, tfds.features.ClassLabel):
       raise errors.UsageError(
           f"dataset {name!r}: label_key {label_key!r}{_config(keys.label_key)} is not a "
           f"ClassLabel feature; its features are {sorted(features.keys())}")
-    class_names = list(feat.names)
+    names = classnames.resolve_class_names(feat.names, class_names, key=keys.class_names,
+                                           dataset=name, refuse_wordnet_ids=refuse_wordnet_ids)
   if text_key and _feature(features, text_key) is None:
     raise errors.UsageError(
         f"dataset {name!r} has no text feature {text_key!r}{_config(keys.text_key)}; its "
@@ -108,7 +114,7 @@ def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image
     src = builder.as_data_source(split=split, decoders=decoders)
   except Exception as e:  # not prepared, no such split, a format random access cannot read
     raise _open_error(builder, name, split, data_dir, keys, e) from None
-  return OpenedSource(name=name, split=split, data_source=src, class_names=class_names)
+  return OpenedSource(name=name, split=split, data_source=src, class_names=names)
 
 
 def _config(key: str) -> str:
@@ -284,6 +290,18 @@ def active_source_keys(config: ml_collections.ConfigDict) -> list[str]:
   return sorted(k for k, s in config.data.sources.items() if s.weight > 0)
 
 
+def open_configured_source(config: ml_collections.ConfigDict, key: str) -> OpenedSource:
+  """`config.data.sources[key]`, opened; a label source's names are the prompt names."""
+  s = config.data.sources[key]
+  is_label = s.kind == "label"
+  return open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
+                     label_key=s.label_key if is_label else "",
+                     text_key=s.text_key if s.kind == "caption" else "",
+                     class_names=s.class_names,
+                     refuse_wordnet_ids=is_label and not config.data.allow_wordnet_ids,
+                     keys=ConfigKeys.of_source(config, key))
+
+
 def open_train_sources(config: ml_collections.ConfigDict) -> TrainSources:
   """Opens every active `config.data.sources.*` (sorted by key) with unified label offsets."""
   keys = active_source_keys(config)
@@ -292,10 +310,7 @@ def open_train_sources(config: ml_collections.ConfigDict) -> TrainSources:
   out, weights, names = [], [], []
   for i, key in enumerate(keys):
     s = config.data.sources[key]
-    opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
-                         label_key=s.label_key if s.kind == "label" else "",
-                         text_key=s.text_key if s.kind == "caption" else "",
-                         keys=ConfigKeys.of_source(config, key))
+    opened = open_configured_source(config, key)
     out.append(CleanSource(opened, key=key, source_index=i, kind=s.kind,
                            image_key=s.image_key, label_key=s.label_key, text_key=s.text_key,
                            label_offset=len(names)))
@@ -323,14 +338,12 @@ def train_texts(config: ml_collections.ConfigDict) -> list[str]:
   Used to train the tokenizer. Order is deterministic (sorted source keys, record order).
   """
   texts: list[str] = []
+  templates = classnames.label_templates(config)
   for key in active_source_keys(config):
     s = config.data.sources[key]
-    opened = open_source(s.name, s.split, _source_dir(config, s), image_key=s.image_key,
-                         label_key=s.label_key if s.kind == "label" else "",
-                         text_key=s.text_key if s.kind == "caption" else "",
-                         keys=ConfigKeys.of_source(config, key))
+    opened = open_configured_source(config, key)
     if s.kind == "label":
-      texts += [t.format(n) for n in opened.class_names for t in config.data.label_templates]
+      texts += [t.format(n) for n in opened.class_names for t in templates]
     else:
       for i in range(len(opened)):
         raw = field(opened.data_source[i], s.text_key)

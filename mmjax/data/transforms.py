@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from mmjax import vocabulary
+from mmjax.data import classnames
 from mmjax.data.tokenizer import Tokenizer
 
 # A source's `modality` (FLAVA's unimodal data): which half of each record is kept.
@@ -70,7 +71,7 @@ class TrainTransform(grain.transforms.RandomMap):
                kinds: Sequence[str], modalities: Sequence[str]):
     d = config.data
     self.size, self.max_len = int(d.image_size), int(d.max_text_len)
-    self.templates = tuple(d.label_templates)
+    self.templates = classnames.label_templates(config)
     self.rrc, self.min_area = bool(d.augment.random_resized_crop), float(d.augment.min_crop_area)
     self.flip = bool(d.augment.flip)
     self.tokenizer = tokenizer

@@ -31,13 +31,8 @@ EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captio
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[Evaluator]:
   """One evaluator per enabled `config.evals` entry, in key order."""
-  out = []
-  for key, entry in config.evals.items():
-    if entry.num_examples > 0:
-      cls = EVALUATORS[entry.type]
-      out.append(cls(cls.METRIC_PREFIX if key == entry.type else key, entry, config,
-                     tokenizer))
-  return out
+  return [EVALUATORS[entry.type](key, config, tokenizer)
+          for key, entry in config.evals.items() if entry.num_examples > 0]
 
 
 def run_evaluators(evaluators: list[Evaluator], embedder: Embedder,

@@ -38,12 +38,11 @@ class Captioning:
   length_penalty, max_new_tokens, num_samples, sample_scale)."""
   METRIC_PREFIX = "caption"
 
-  def __init__(self, prefix: str, e: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    e = config.evals[key]
+    prefix = self.METRIC_PREFIX if key == e.type else key
     self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
-    split = pipeline.load_eval_split(config, dataset=e.dataset, split=e.split,
-                                     image_key=e.image_key, text_key=e.text_key,
-                                     num_examples=e.num_examples)
+    split = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
     self.images, self.references = split["images"], split["texts"]
     self.tokenizer = tokenizer
     self.decode_config = decode.DecodeConfig(

@@ -160,17 +160,17 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 class LinearProbe:
   """Evaluator: a linear classifier on the frozen image features (`evals.<key>`: dataset,
-  train_split, split, image_key, label_key, num_train, num_examples, l2_grid,
+  train_split, split, image_key, label_key, class_names, num_train, num_examples, l2_grid,
   holdout_fraction, classifier)."""
   METRIC_PREFIX = "linear_probe"
 
-  def __init__(self, prefix: str, e: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, tokenizer: Any = None):
+  def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only
-    load = lambda split, n: pipeline.load_eval_split(
-        config, dataset=e.dataset, split=split, image_key=e.image_key, label_key=e.label_key,
-        num_examples=n)
-    train, test = load(e.train_split, e.num_train), load(e.split, e.num_examples)
+    e = config.evals[key]
+    prefix = self.METRIC_PREFIX if key == e.type else key
+    train = pipeline.load_eval_split(config, key, num_examples=e.num_train,
+                                     split_key="train_split")
+    test = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
     self._set(f"{prefix}/{e.dataset.replace('/', '_')}", train["images"], train["labels"],
               test["images"], test["labels"], len(train["class_names"]), e.l2_grid,
               e.holdout_fraction, e.classifier)

@@ -15,12 +15,11 @@ class Retrieval:
   (`evals.<key>`: dataset, split, image_key, text_key, num_examples)."""
   METRIC_PREFIX = "retrieval"
 
-  def __init__(self, prefix: str, e: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    e = config.evals[key]
+    prefix = self.METRIC_PREFIX if key == e.type else key
     self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
-    split = pipeline.load_eval_split(config, dataset=e.dataset, split=e.split,
-                                     image_key=e.image_key, text_key=e.text_key,
-                                     num_examples=e.num_examples)
+    split = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
     self.images = split["images"]
     texts = [(i, t) for i, captions in enumerate(split["texts"]) for t in captions]
     self.text_image = np.array([i for i, _ in texts])

@@ -5,29 +5,29 @@ import ml_collections
 import numpy as np
 
 from mmjax import vocabulary
-from mmjax.data import pipeline
+from mmjax.data import classnames, pipeline
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.evaluators.embedder import Embedder
 
 
 class ZeroShot:
   """Top-1/top-5 accuracy of classifying images by their class prompts (`evals.<key>`:
-  dataset, split, image_key, label_key, num_examples, prefix; prompts from
-  `data.label_templates`)."""
+  dataset, split, image_key, label_key, class_names, num_examples, prefix, templates;
+  class names and templates through `mmjax.data.classnames`)."""
   METRIC_PREFIX = "zeroshot"
 
-  def __init__(self, prefix: str, e: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
+    e = config.evals[key]
+    prefix = self.METRIC_PREFIX if key == e.type else key
     self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
-    split = pipeline.load_eval_split(config, dataset=e.dataset, split=e.split,
-                                     image_key=e.image_key, label_key=e.label_key,
-                                     num_examples=e.num_examples)
+    split = pipeline.load_eval_split(config, key, num_examples=e.num_examples,
+                                     for_prompts=True)
     self.images, self.labels = split["images"], split["labels"]
     self.class_names = split["class_names"]
-    self.templates = tuple(config.data.label_templates)
-    prompts = [t.format(name) for name in self.class_names for t in self.templates]
-    self.tokens = tokenizer.encode(prompts, config.data.max_text_len)
-    self.text_type = np.full(len(prompts), vocabulary.TEXT_TYPES[e.prefix], np.int32)
+    self.templates = classnames.label_templates(config, e.templates, f"evals.{key}.templates")
+    self.prompts = [t.format(name) for name in self.class_names for t in self.templates]
+    self.tokens = tokenizer.encode(self.prompts, config.data.max_text_len)
+    self.text_type = np.full(len(self.prompts), vocabulary.TEXT_TYPES[e.prefix], np.int32)
     self.last_class_embeddings: np.ndarray | None = None  # for the picture grid
 
   def class_embeddings(self, embedder: Embedder, params: Any) -> np.ndarray:

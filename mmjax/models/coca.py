@@ -228,8 +228,8 @@ class CoCa(nn.Module):
     return self._lm_head(self.multimodal(features, None))
 
   def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
-    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
+    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
 
   def logit_bias(self) -> jax.Array:
     """The learned logit bias (model.logit_bias), else the constant 0."""

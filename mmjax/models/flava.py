@@ -234,8 +234,8 @@ class Flava(nn.Module):
     return head(x)[..., :self.config.vocab_size]
 
   def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
-    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
+    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
 
   # --- pretraining forward ------------------------------------------------------------------
   def pretrain(self, images: jax.Array, patch_mask: jax.Array, text_ids: jax.Array,
