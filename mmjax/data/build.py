@@ -5,6 +5,9 @@
   # caption dataset from a .csv (header: image,caption) or .jsonl ({"image":..,"caption":..});
   # relative image paths are resolved against the file's folder; rows of one image are merged:
   python -m mmjax.data.build --captions_file caps.csv --name my_captions --data_dir ~/data
+  # caption (or, with --label, label) dataset from WebDataset shards, built with Apache Beam
+  # on all local cores or a cluster (pip install -e '.[beam]'; see mmjax/data/webdataset_build.py):
+  python -m mmjax.data.build --webdataset 'shards/{00000..00099}.tar' --name my_web --data_dir ~/data
 
 Read back with `tfds.data_source("my_labels", split="train", data_dir=...)` or from a config
 (`source_config("my_labels", kind="label", label_key="label", ...)`). Features: `image`
@@ -17,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
@@ -121,11 +125,24 @@ def _define_flags() -> None:
   flags.DEFINE_string("captions_file", "", ".csv/.jsonl of (image, caption).")
   flags.DEFINE_string("name", "", "TFDS dataset name to write.")
   flags.DEFINE_string("data_dir", "~/.cache/mmjax/datasets", "TFDS data_dir.")
+  try:
+    from mmjax.data import webdataset_build  # needs the `beam` extra
+  except ImportError:
+    flags.DEFINE_string("webdataset", "", "WebDataset shards; needs pip install -e '.[beam]'.")
+  else:
+    webdataset_build.define_flags()
 
 
 def main(argv: list[str]) -> None:
-  del argv
   f = flags.FLAGS
+  if f.webdataset:
+    try:
+      from mmjax.data import webdataset_build
+    except ImportError as e:
+      print(f"error: --webdataset needs Apache Beam: pip install -e '.[beam]' ({e})",
+            file=sys.stderr)
+      sys.exit(2)
+    return webdataset_build.main(argv)
   if not f.name or bool(f.images_dir) == bool(f.captions_file):
     raise app.UsageError("give --name and exactly one of --images_dir / --captions_file")
   if f.images_dir:
