@@ -45,14 +45,28 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
-from apache_beam.options.pipeline_options import PipelineOptions
+
+
+def _import_beam_quietly():
+  """apache_beam's import logs "apitools not found..." on the root logger (which also
+  installs a root handler) unless apache-beam[gcp] is installed; only Dataflow needs it."""
+  root, handler = logging.getLogger(), logging.NullHandler()
+  root.addHandler(handler)
+  try:
+    import apache_beam  # pylint: disable=import-outside-toplevel
+    from apache_beam.options import pipeline_options  # pylint: disable=import-outside-toplevel
+  finally:
+    root.removeHandler(handler)
+  return apache_beam, pipeline_options.PipelineOptions
+
+
+beam, PipelineOptions = _import_beam_quietly()
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
-from tensorflow_datasets.core import naming
+from tensorflow_datasets.core import example_serializer, naming
 
 from mmjax.data import webdataset
 
@@ -62,18 +76,12 @@ REPORT_FILE = "build_report.json"
 # Random access needs one record per chunk (TFDS's setting). JPEG/PNG/WebP bytes do not
 # compress: ArrayRecord's default brotli cost ~0.5 ms per 40 kB image for a 0.5% gain.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
-_ERROR_MARK = "[mmjax webdataset build] "
+FAILED_MARK = "FAILED"  # in the temporary directory: a --fail_on_skip stop; other shards stop
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class BuildError(Exception):
   """A user-facing problem (bad flag, no shard, a fatal skip): reported as one line."""
-
-
-def _raise_in_pipeline(message: str) -> None:
-  # Runners wrap worker exceptions in their own (multi-line) messages; the mark lets the
-  # launcher find this line again (see `_pipeline_error`).
-  raise BuildError(_ERROR_MARK + message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,30 +166,45 @@ class _Target:
 
 
 def _empty_stats(shard: webdataset.Shard) -> dict[str, Any]:
-  return {"index": shard.index, "shard": shard.name, "status": "ok", "error": "",
+  return {"index": shard.index, "shard": shard.name, "status": "ok", "error": "", "fatal": "",
           "read": 0, "written": 0, "bytes": 0,
           "skipped": collections.Counter(), "filtered": collections.Counter()}
 
 
-def _count(stats: dict[str, Any], cause: str, shard: webdataset.Shard, key: str,
-           fail_on_skip: bool) -> None:
-  kind = "skipped" if cause in webdataset.SKIP_CAUSES else "filtered"
-  stats[kind][cause] += 1
-  if fail_on_skip and kind == "skipped":
-    _raise_in_pipeline(f"{shard.path}: sample {key!r} skipped ({cause}); --fail_on_skip is set")
+def _stop_all(target: _Target, stats: dict[str, Any], message: str) -> None:
+  """--fail_on_skip: records why in this shard's stats and tells the other shards to stop
+  (a file, not an exception: a worker's exception prints its traceback on every runner)."""
+  stats["fatal"] = f"{message}; --fail_on_skip is set"
+  (epath.Path(target.tmp_dir) / FAILED_MARK).write_text(stats["fatal"])
 
 
-def _scan(shard: webdataset.Shard, options: BuildOptions, classes: dict[str, int] | None,
+def _stopped(target: _Target, stats: dict[str, Any]) -> bool:
+  """True (and the shard marked not_read) when another shard stopped the build."""
+  if target.options.fail_on_skip and (epath.Path(target.tmp_dir) / FAILED_MARK).exists():
+    stats["status"] = "not_read"
+    return True
+  return False
+
+
+def _scan(shard: webdataset.Shard, target: _Target, classes: dict[str, int] | None,
           stats: dict[str, Any]) -> Iterator[tuple[int, webdataset.CheckedSample]]:
-  """Kept samples of `shard` as (tar position, sample); everything else counted in stats."""
+  """Kept samples of `shard` as (tar position, sample); everything else counted in stats.
+  With --fail_on_skip, stops at the first skipped sample or bad shard."""
+  options = target.options
+  if _stopped(target, stats):
+    return
   try:
     for sample in webdataset.iter_samples(shard.path):
       stats["read"] += 1
       outcome = webdataset.check_sample(sample, shard.name, options.rules, classes)
-      if isinstance(outcome, str):
-        _count(stats, outcome, shard, sample.key, options.fail_on_skip)
-      else:
+      if not isinstance(outcome, str):
         yield sample.index, outcome
+        continue
+      kind = "skipped" if outcome in webdataset.SKIP_CAUSES else "filtered"
+      stats[kind][outcome] += 1
+      if options.fail_on_skip and kind == "skipped":
+        _stop_all(target, stats, f"{shard.path}: sample {sample.key!r} skipped ({outcome})")
+        return
   except webdataset.UnreadableShard as e:
     stats.update(status="unreadable", error=str(e))
   except webdataset.TruncatedShard as e:
@@ -190,8 +213,7 @@ def _scan(shard: webdataset.Shard, options: BuildOptions, classes: dict[str, int
       stats["read"] += 1
       stats["skipped"][webdataset.TRUNCATED_SHARD] += 1
   if options.fail_on_skip and stats["status"] != "ok":
-    _raise_in_pipeline(f"{shard.path}: {stats['status']} shard ({stats['error']}); "
-                       "--fail_on_skip is set")
+    _stop_all(target, stats, f"{shard.path}: {stats['status']} shard ({stats['error']})")
 
 
 class _RecordFile:
@@ -235,8 +257,17 @@ class _ShardDoFn(beam.DoFn):
     names = list(class_names) if class_names is not None else None
     if self._prepared_for != [names]:
       self._features = features(self.target.options.layout, names)
+      self._serializer = example_serializer.ExampleSerializer(
+          self._features.get_serialized_info())
       self._classes = webdataset.class_index(names) if names is not None else None
       self._prepared_for = [names]
+
+  def _serialize(self, example: dict[str, Any]) -> bytes:
+    """TFDS's tf.train.Example bytes (what features.serialize_example makes) with map
+    entries in key order: protobuf's default map order differs between processes, which
+    made equal records differ byte for byte between workers."""
+    proto = self._serializer.get_tf_example(self._features.encode_example(example))
+    return proto.SerializeToString(deterministic=True)
 
 
 class WriteShard(_ShardDoFn):
@@ -247,8 +278,8 @@ class WriteShard(_ShardDoFn):
     self._prepare(class_names)
     stats = _empty_stats(shard)
     out = _RecordFile(self.target.shard_path(shard.index))
-    for _, checked in _scan(shard, self.target.options, self._classes, stats):
-      out.write(self._features.serialize_example(checked.example))
+    for _, checked in _scan(shard, self.target, self._classes, stats):
+      out.write(self._serialize(checked.example))
       stats["written"] += 1
     out.close()
     stats["bytes"] = out.bytes
@@ -265,7 +296,7 @@ class PlanShard(_ShardDoFn):
     self._prepare(class_names)
     stats = _empty_stats(shard)
     kept = {}
-    for position, checked in _scan(shard, self.target.options, self._classes, stats):
+    for position, checked in _scan(shard, self.target, self._classes, stats):
       example = dict(checked.example)
       del example["image"]
       kept[position] = (example, checked.image_sha256)
@@ -300,7 +331,7 @@ class WritePlannedShard(_ShardDoFn):
     if wanted:
       for sample in _samples_at(plan["shard"], wanted):
         example = dict(keep[sample.index][0], image=webdataset.image_member(sample.members))
-        out.write(self._features.serialize_example(example))
+        out.write(self._serialize(example))
         stats["written"] += 1
     out.close()
     stats["bytes"] = out.bytes
@@ -318,7 +349,7 @@ def _samples_at(shard: webdataset.Shard, positions: list[int]) -> Iterator[webda
         return
   except webdataset.TruncatedShard:
     pass  # pass 1 planned only samples before the break
-  _raise_in_pipeline(f"{shard.path} changed during the build (sample {last} is gone)")
+  raise RuntimeError(f"{shard.path} changed during the build (sample {last} is gone)")
 
 
 def _shard_labels(shard: webdataset.Shard, label: str) -> Iterator[str]:
@@ -350,13 +381,17 @@ def _totals(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
                   "skipped": skipped, "filtered": filtered}}
 
 
+def _nonzero(counts: dict[str, int]) -> dict[str, int]:
+  return {cause: n for cause, n in sorted(counts.items()) if n}
+
+
 def make_report(options: BuildOptions, per_shard: list[dict[str, Any]],
                 class_names: Sequence[str] | None) -> dict[str, Any]:
   """The build report: options, totals, and every shard's counts (non-zero causes only).
   Deterministic: no times or paths of temporary files."""
   shards = [{"shard": s["shard"], "status": s["status"], "error": s["error"], "read": s["read"],
-             "written": s["written"], "skipped": dict(sorted(s["skipped"].items())),
-             "filtered": dict(sorted(s["filtered"].items()))}
+             "written": s["written"], "skipped": _nonzero(s["skipped"]),
+             "filtered": _nonzero(s["filtered"])}
             for s in sorted(per_shard, key=lambda s: s["index"])]
   rules = dataclasses.asdict(options.rules)
   report = {"dataset": options.name, "version": VERSION, "layout": options.layout,
@@ -379,28 +414,41 @@ def _outcome_line(totals: dict[str, Any]) -> str:
           + (f" ({', '.join(parts)})" if parts else ""))
 
 
+def _failure(report: dict[str, Any], per_shard: list[dict[str, Any]], options: BuildOptions,
+             final: epath.Path) -> str:
+  """Why the build must not be published ("" if it may be)."""
+  fatal = [s["fatal"] for s in sorted(per_shard, key=lambda s: s["index"]) if s["fatal"]]
+  if fatal:
+    return fatal[0]
+  if report["shards"]["unreadable"] == len(per_shard):
+    first = report["per_shard"][0]
+    return (f"no readable shard among the {len(per_shard)} matching {options.pattern!r} "
+            f"(first: {first['shard']}: {first['error']})")
+  if report["samples"]["written"] == 0:
+    return f"no sample survived: {_outcome_line(report)}"
+  if final.exists():
+    return f"{final} appeared during the build; remove one of the two"
+  return ""
+
+
 def finalize(per_shard: list[dict[str, Any]], class_names: Sequence[str] | None,
              target: _Target) -> None:
-  """Writes the report and the TFDS metadata into the temporary directory, then renames it
-  to the final one. Raises (failing the pipeline) when nothing usable was built."""
+  """Writes the report into the temporary directory, then, unless the build failed (the
+  report's "error" says why; the launcher reports it), the TFDS metadata, and renames the
+  directory to the final one."""
   options, tmp, final = target.options, epath.Path(target.tmp_dir), epath.Path(target.final_dir)
+  if not tmp.exists() and (final / REPORT_FILE).exists():
+    return  # a retried last step: the rename already happened
   report = make_report(options, per_shard, class_names)
   samples = report["samples"]
   lost = sum(samples["skipped"].values()) + sum(samples["filtered"].values())
-  if samples["read"] != samples["written"] + lost:  # every sample has exactly one outcome
-    _raise_in_pipeline(f"internal error: {samples['read']} read != {samples['written']} "
-                       f"written + {lost} skipped or filtered")
-  if report["shards"]["unreadable"] == len(per_shard):
-    first = next(s for s in report["per_shard"])
-    _raise_in_pipeline(f"no readable shard among {len(per_shard)} matching "
-                       f"{options.pattern!r} (first: {first['shard']}: {first['error']})")
-  if samples["written"] == 0:
-    _raise_in_pipeline(f"no sample survived: {_outcome_line(report)}")
-  if final.exists():
-    if (final / REPORT_FILE).exists() and not tmp.exists():
-      return  # a retried last step: the rename already happened
-    _raise_in_pipeline(f"{final} appeared during the build; remove one of the two")
+  if not any(s["fatal"] for s in per_shard) and samples["read"] != samples["written"] + lost:
+    raise AssertionError(f"{samples['read']} samples read != {samples['written']} written + "
+                         f"{lost} skipped or filtered")  # every sample has one outcome
+  report["error"] = _failure(report, per_shard, options, final)
   (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+  if report["error"]:
+    return
   template = naming.ShardedFileTemplate(data_dir=tmp, dataset_name=options.name, split=SPLIT,
                                         filetype_suffix="array_record")
   ordered = sorted(per_shard, key=lambda s: s["index"])
@@ -469,16 +517,6 @@ def default_beam_args(runner: str, beam_args: Sequence[str]) -> list[str]:
   return args + list(beam_args)
 
 
-def _pipeline_error(error: BaseException) -> str | None:
-  """Our one-line message inside a runner's wrapped exception, if it is one of ours."""
-  text = str(error)
-  at = text.find(_ERROR_MARK)
-  if at < 0:
-    return None
-  line = text[at + len(_ERROR_MARK):].splitlines()[0]
-  return line.rstrip(" '\"\\")
-
-
 class _Progress(threading.Thread):
   """Prints shards written / total, rate and ETA every `every` seconds (any runner: it
   watches the output directory)."""
@@ -535,16 +573,13 @@ def run_build(options: BuildOptions, runner: str = "DirectRunner",
   try:
     with beam.Pipeline(options=PipelineOptions(default_beam_args(runner, beam_args))) as p:
       build_pipeline(p, target, shards, class_names)
-  except Exception as e:
-    message = _pipeline_error(e)
-    if message is None:
-      raise
-    raise BuildError(message) from None
+    if (tmp / REPORT_FILE).exists():  # not renamed: the report says why
+      raise BuildError(json.loads((tmp / REPORT_FILE).read_text())["error"])
+    return json.loads((final / REPORT_FILE).read_text())
   finally:
     progress.stop()
     if tmp.exists():
       tmp.rmtree(missing_ok=True)
-  return json.loads((final / REPORT_FILE).read_text())
 
 
 # ---------------------------------------------------------------------------------------
