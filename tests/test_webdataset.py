@@ -6,16 +6,20 @@ tiny training run on the result through the normal pipeline.
 Every expectation comes from the generator's own plan of what it wrote (`Planned.outcome`),
 never from the code under test.
 """
+import contextlib
 import dataclasses
+import fcntl
 import gzip
 import importlib
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import fsspec
 import numpy as np
@@ -223,12 +227,31 @@ def label_corpus(root, rng):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-  root = str(tmp_path_factory.mktemp("webdataset"))
-  rng = np.random.default_rng(0)
-  cap_pattern, cap_plan = caption_corpus(root, rng)
-  lab_pattern, lab_plan = label_corpus(root, rng)
-  return dict(root=root, cap_pattern=cap_pattern, cap_plan=cap_plan, lab_pattern=lab_pattern,
-              lab_plan=lab_plan)
+  """The shards (written once for all xdist workers) and each worker's plan of them (the
+  generator is seeded: every worker's plan describes the same bytes)."""
+  shared = tmp_path_factory.getbasetemp().parent / "webdataset_shared"
+  with once(shared, "corpus") as todo:
+    root = str(shared / "corpus") if todo else str(tmp_path_factory.mktemp("plan_only"))
+    rng = np.random.default_rng(0)
+    _, cap_plan = caption_corpus(root, rng)
+    _, lab_plan = label_corpus(root, rng)
+  root = str(shared / "corpus")
+  return dict(root=root, shared=str(shared), cap_pattern=f"{root}/cap/{{00000..00007}}.tar",
+              cap_plan=cap_plan, lab_pattern=f"{root}/lab/*.tar", lab_plan=lab_plan)
+
+
+@contextlib.contextmanager
+def once(shared, name):
+  """Yields True to the first process (of pytest-xdist's workers) to get here with `name`,
+  holding a lock until it is done; False to the others, after that."""
+  shared.mkdir(parents=True, exist_ok=True)
+  with open(shared / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = shared / f"{name}.done"
+    todo = not done.exists()
+    yield todo
+    if todo:
+      done.touch()
 
 
 def expected_report(plan, shards_total, unreadable, filters=False):
@@ -316,14 +339,18 @@ def dataset_files(directory):
 
 @pytest.fixture(scope="module")
 def two_worker_counts(corpus):
-  """The caption corpus built by the command line with 1 and with 2 worker processes."""
-  out = {}
-  for workers in (1, 2):
-    data_dir = f"{corpus['root']}/out_w{workers}"
-    proc = build_cli(corpus["cap_pattern"], "web_captions", data_dir,
-                     beam=[f"--direct_num_workers={workers}",
-                           "--direct_running_mode=multi_processing"])
-    out[workers] = (data_dir, proc.stdout)
+  """The caption corpus built by the command line with 1 and with 2 worker processes
+  (once for all xdist workers): {workers: (data_dir, the command's stdout)}."""
+  out, shared = {}, epath.Path(corpus["shared"])
+  with once(shared, "builds") as todo:
+    for workers in (1, 2):
+      data_dir = f"{shared}/out_w{workers}"
+      if todo:
+        proc = build_cli(corpus["cap_pattern"], "web_captions", data_dir,
+                         beam=[f"--direct_num_workers={workers}",
+                               "--direct_running_mode=multi_processing"])
+        (shared / f"stdout_w{workers}.txt").write_text(proc.stdout)
+      out[workers] = (data_dir, (shared / f"stdout_w{workers}.txt").read_text())
   return out
 
 
@@ -482,8 +509,8 @@ def test_dry_run_prints_the_dataflow_invocation_and_reads_nothing(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = proc.stdout
   assert "1243 after brace expansion" in out and "gs://b/tfds/cc12m/1.0.0" in out
-  assert ("beam:      --runner=DataflowRunner --default_sdk_harness_log_level=WARNING "
-          "--project=p --region=us-central1 --temp_location=gs://b/tmp") in out
+  assert ("beam:      --runner=DataflowRunner --project=p --region=us-central1 "
+          "--temp_location=gs://b/tmp") in out
   assert ("command:   python -m mmjax.data.build --webdataset='gs://b/cc/{00000..01242}.tar' "
           "--name=cc12m --data_dir=gs://b/tfds --runner=DataflowRunner --min_image_side=64 -- "
           "--project=p") in out
@@ -575,3 +602,35 @@ def test_check_order_and_causes():
   assert webdataset.check_sample(raw, "c.tar", rules) == "image_too_small"
   kept = webdataset.check_sample(raw, "c.tar", webdataset.SampleRules(verify_images=False))
   assert kept.example["captions"] == ["cat"] and (kept.example["width"], kept.example["height"]) == (10, 10)
+
+
+@pytest.mark.slow
+def test_a_killed_build_leaves_nothing_readable_and_a_rerun_completes(corpus, tmp_path):
+  """SIGKILL (launcher and workers) once the first output shard exists: no dataset under
+  the final name; the same command then builds it, noting the leftover directory."""
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  for i in range(40):  # 40 shards (links to the 4 plain tars), ~2000 samples
+    os.symlink(f"{corpus['root']}/cap/{i % 4:05d}.tar", shards / f"{i:05d}.tar")
+  data_dir = tmp_path / "data"
+  cmd = [sys.executable, "-m", "mmjax.data.build", f"--webdataset={shards}/*.tar", "--name=killed",
+         f"--data_dir={data_dir}", "--", "--direct_num_workers=2"]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not list(data_dir.glob("killed/incomplete.*/killed-train.array_record-*-of-00040")):
+    assert proc.poll() is None and time.time() < deadline, "the build ended before the kill"
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (data_dir / "killed" / "1.0.0").exists()
+  assert [p.name.startswith("incomplete.") for p in (data_dir / "killed").iterdir()] == [True]
+  with pytest.raises(Exception):
+    tfds.data_source("killed", split="train", data_dir=str(data_dir))
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "leftover directories of killed builds" in rerun.stdout
+  plan = corpus["cap_plan"]
+  kept = sum(s.outcome == "kept" for i in range(40) for s in plan[f"{i % 4:05d}.tar"])
+  assert len(tfds.data_source("killed", split="train", data_dir=str(data_dir))) == kept

@@ -265,9 +265,11 @@ class SampleRules:
 
 @dataclasses.dataclass
 class CheckedSample:
-  """A kept sample: `example` matches the dataset features; `image_sha256` for dedup."""
+  """A kept sample: `example` matches the dataset features."""
   example: dict[str, Any]
-  image_sha256: bytes
+
+  def image_sha256(self) -> bytes:
+    return hashlib.sha256(self.example["image"]).digest()
 
 
 def image_member(members: dict[str, bytes]) -> bytes | None:
@@ -394,7 +396,7 @@ def check_sample(sample: RawSample, shard_name: str, rules: SampleRules,
   if cause:
     return cause
   example.update(width=width, height=height)
-  return CheckedSample(example, hashlib.sha256(encoded).digest())
+  return CheckedSample(example)
 
 
 def _filter_cause(rules: SampleRules, height: int, width: int, caption: str) -> str:

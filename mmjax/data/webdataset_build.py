@@ -48,6 +48,11 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
+from tensorflow_datasets.core import example_serializer, naming
+
+from mmjax.data import webdataset
 
 
 def _import_beam_quietly():
@@ -64,17 +69,13 @@ def _import_beam_quietly():
 
 
 beam, PipelineOptions = _import_beam_quietly()
-from array_record.python.array_record_module import ArrayRecordWriter
-from etils import epath
-from tensorflow_datasets.core import example_serializer, naming
-
-from mmjax.data import webdataset
 
 VERSION = "1.0.0"
 SPLIT = "train"
 REPORT_FILE = "build_report.json"
 # Random access needs one record per chunk (TFDS's setting). JPEG/PNG/WebP bytes do not
-# compress: ArrayRecord's default brotli cost ~0.5 ms per 40 kB image for a 0.5% gain.
+# compress: ArrayRecord's default compression took 0.10 ms of CPU per 35 kB JPEG here for
+# the same file size, uncompressed 0.02 ms.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 FAILED_MARK = "FAILED"  # in the temporary directory: a --fail_on_skip stop; other shards stop
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -299,7 +300,7 @@ class PlanShard(_ShardDoFn):
     for position, checked in _scan(shard, self.target, self._classes, stats):
       example = dict(checked.example)
       del example["image"]
-      kept[position] = (example, checked.image_sha256)
+      kept[position] = (example, checked.image_sha256())
     yield shard.index, {"shard": shard, "stats": stats, "kept": kept}
 
 
@@ -503,8 +504,8 @@ def build_pipeline(pipeline: beam.Pipeline, target: _Target, shards: list[webdat
 
 
 def default_beam_args(runner: str, beam_args: Sequence[str]) -> list[str]:
-  """Beam's arguments: --runner, then (DirectRunner) one worker process per core unless
-  `beam_args` say otherwise, then `beam_args` as given."""
+  """Beam's arguments: --runner, then (DirectRunner) one worker process per core and
+  warnings only from them unless `beam_args` say otherwise, then `beam_args` as given."""
   args = [f"--runner={runner}"]
   if runner == "DirectRunner":
     given = " ".join(beam_args)
@@ -512,8 +513,8 @@ def default_beam_args(runner: str, beam_args: Sequence[str]) -> list[str]:
       args.append(f"--direct_num_workers={len(os.sched_getaffinity(0))}")
     if "direct_running_mode" not in given:
       args.append("--direct_running_mode=multi_processing")
-  if "sdk_harness_log_level" not in " ".join(beam_args):
-    args.append("--default_sdk_harness_log_level=WARNING")  # not every bundle's INFO lines
+    if "sdk_harness_log_level" not in given:  # local workers print every bundle's INFO lines
+      args.append("--default_sdk_harness_log_level=WARNING")
   return args + list(beam_args)
 
 
