@@ -1,7 +1,7 @@
 """Dataset build throughput: the WebDataset Beam build vs the single-process folder/CSV builder.
 
   python benchmarks/build_webdataset.py [--shards 16] [--per_shard 200] [--side 384]
-      [--workers 1,2] [--no_tfds_writer]
+      [--workers 1,2] [--repeats 3] [--no_tfds_writer]
 
 Data: real photos (scikit-image's astronaut, coffee, chelsea, rocket, ...) cropped,
 flipped and resized to side x side JPEGs (quality 90), written once as WebDataset shards
@@ -22,7 +22,8 @@ every process it started). Every variant also runs on two shards of 4 samples, w
 all start-up (Python imports, Beam's worker processes): `startup_s`. The marginal figures
 discount it: records/s = (N - 8) / (t - t_small), per worker, and CPU ms per record =
 (cpu - cpu_small) / (N - 8), the per-core cost that does not depend on how busy the
-machine is (wall figures do, on a shared machine). `decode_ms` is
+machine is (wall figures do, on a shared machine). All variants run in turn, --repeats
+times; figures are medians over the rounds. `decode_ms` is
 the CPU time of mmjax.data.decode_image alone on these JPEGs (the verify variants' extra
 work). The
 datasets of the beam variants are compared file by file across worker counts. The last
@@ -37,6 +38,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -193,6 +195,8 @@ def main() -> None:
   parser.add_argument("--side", type=int, default=384)
   parser.add_argument("--workers", default="1,2")
   parser.add_argument("--no_tfds_writer", action="store_true")
+  parser.add_argument("--repeats", type=int, default=3, help="rounds over all variants "
+                      "(medians reported); TFDS's writer runs in the first only")
   args = parser.parse_args()
   root = tempfile.mkdtemp(prefix="mmjax_build_bench_")
   n = args.shards * args.per_shard
@@ -208,25 +212,40 @@ def main() -> None:
   workers = [int(w) for w in args.workers.split(",")]
   variants = [("folder_csv", 1)] + [(v, w) for v in ("beam_verify", "beam_header")
                                     for w in workers]
-  if not args.no_tfds_writer:
-    variants += [("tfds_beam_writer", w) for w in workers]
-  results, digests = {}, {}
-  for variant, w in variants:
-    label = variant if variant == "folder_csv" else f"{variant}_w{w}"
-    name = variant  # one name per variant, one data_dir per run: outputs comparable by bytes
-    small_wall, small_cpu = timed(command(variant, w, small_pattern, small_csv,
-                                          f"{root}/small_{label}", name))
-    wall, cpu = timed(command(variant, w, pattern, csv_path, f"{root}/{label}", name))
-    marginal_rate = (n - 8) / max(wall - small_wall, 1e-9)
+  runs, digests = {}, {}
+  for repeat in range(args.repeats):  # interleaved, so load changes hit every variant
+    todo = variants + ([("tfds_beam_writer", w) for w in workers]
+                       if repeat == 0 and not args.no_tfds_writer else [])
+    for variant, w in todo:
+      label = variant if variant == "folder_csv" else f"{variant}_w{w}"
+      name = variant  # one name per variant, one data_dir per run: outputs comparable by bytes
+      out = f"{root}/r{repeat}_{label}"
+      small_wall, small_cpu = timed(command(variant, w, small_pattern, small_csv,
+                                            f"{out}_small", name))
+      wall, cpu = timed(command(variant, w, pattern, csv_path, out, name))
+      runs.setdefault(label, []).append({
+          "workers": w, "wall_s": wall, "startup_s": small_wall, "cpu_s": cpu,
+          "marginal_records_per_s": (n - 8) / max(wall - small_wall, 1e-9),
+          "marginal_cpu_ms_per_record": (cpu - small_cpu) / (n - 8) * 1e3})
+      print(label, {k: round(v, 3) for k, v in runs[label][-1].items()}, flush=True)
+      if variant.startswith("beam"):
+        digests[f"{label}_r{repeat}"] = dataset_digest(f"{out}/{name}/1.0.0")
+      shutil.rmtree(out, ignore_errors=True)
+      shutil.rmtree(f"{out}_small", ignore_errors=True)
+  results = {}
+  for label, rs in runs.items():  # medians over the repeats
+    med = {k: float(np.median([r[k] for r in rs])) for k in rs[0]}
     results[label] = {
-        "workers": w, "records": n, "wall_s": round(wall, 2), "records_per_s": round(n / wall, 1),
-        "marginal_records_per_s": round(marginal_rate, 1),
-        "marginal_records_per_s_per_worker": round(marginal_rate / w, 1),
-        "startup_s": round(small_wall, 2), "cpu_s": round(cpu, 2),
-        "marginal_cpu_ms_per_record": round((cpu - small_cpu) / (n - 8) * 1e3, 3)}
-    print(label, results[label], flush=True)
-    if variant.startswith("beam"):
-      digests[label] = dataset_digest(f"{root}/{label}/{name}/1.0.0")
+        "workers": rs[0]["workers"], "records": n, "repeats": len(rs),
+        "wall_s": round(med["wall_s"], 2), "startup_s": round(med["startup_s"], 2),
+        "records_per_s": round(n / med["wall_s"], 1),
+        "marginal_records_per_s": round(med["marginal_records_per_s"], 1),
+        "marginal_records_per_s_per_worker": round(
+            med["marginal_records_per_s"] / rs[0]["workers"], 1),
+        "cpu_s": round(med["cpu_s"], 2),
+        "marginal_cpu_ms_per_record": round(med["marginal_cpu_ms_per_record"], 3),
+        "marginal_cpu_ms_per_record_runs": [round(r["marginal_cpu_ms_per_record"], 3)
+                                            for r in rs]}
 
   same = {v: len({d for k, d in digests.items() if k.startswith(v)}) == 1
           for v in ("beam_verify", "beam_header")}
@@ -235,14 +254,23 @@ def main() -> None:
       "cpu": cpu_model(), "records": n, "image_side": args.side,
       "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "decode_ms": round(decode_ms, 3),
       "variants": results, "identical_across_workers": same,
-      # Per core: CPU per record of each build over the folder builder's (< 1: cheaper);
-      # beam_header does the folder builder's work (no decode), beam_verify adds a decode.
+      # Per core: CPU per record of each build over the folder builder's (< 1: cheaper).
+      # beam_header, like the folder builder, decodes no image; beam_verify decodes each
+      # (compare it with folder_plus_decode).
       "cpu_per_record_over_folder": {
           k: round(v["marginal_cpu_ms_per_record"] / folder["marginal_cpu_ms_per_record"], 3)
           for k, v in results.items() if k != "folder_csv"},
       "folder_plus_decode_cpu_ms_per_record": round(
           folder["marginal_cpu_ms_per_record"] + decode_ms, 3),
-      "work_dir": root}
+      "records_per_s_per_worker_over_folder": {
+          k: round(v["marginal_records_per_s_per_worker"] / folder["marginal_records_per_s"], 3)
+          for k, v in results.items() if k != "folder_csv"},
+      "scaling_w2_over_w1": {
+          v: round(results[f"{v}_w2"]["marginal_records_per_s"]
+                   / results[f"{v}_w1"]["marginal_records_per_s"], 3)
+          for v in ("beam_verify", "beam_header", "tfds_beam_writer")
+          if f"{v}_w1" in results and f"{v}_w2" in results}}
+  shutil.rmtree(root, ignore_errors=True)
   print(json.dumps(summary))
 
 

@@ -50,7 +50,7 @@ def test_compile_time_benchmark_scanned_and_unrolled():
 @pytest.mark.slow
 def test_webdataset_build_benchmark_reduced():
   out = run_script("benchmarks/build_webdataset.py", "--shards", "2", "--per_shard", "6",
-                   "--side", "64", "--workers", "1,2", "--no_tfds_writer")
+                   "--side", "64", "--workers", "1,2", "--no_tfds_writer", "--repeats", "1")
   assert set(out["variants"]) == {"folder_csv", "beam_verify_w1", "beam_verify_w2",
                                   "beam_header_w1", "beam_header_w2"}
   assert out["identical_across_workers"] == {"beam_verify": True, "beam_header": True}

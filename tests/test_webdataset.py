@@ -634,3 +634,23 @@ def test_a_killed_build_leaves_nothing_readable_and_a_rerun_completes(corpus, tm
   plan = corpus["cap_plan"]
   kept = sum(s.outcome == "kept" for i in range(40) for s in plan[f"{i % 4:05d}.tar"])
   assert len(tfds.data_source("killed", split="train", data_dir=str(data_dir))) == kept
+
+
+def test_records_are_tfds_own_serialization(corpus):
+  """webdataset_build.serialize_example writes exactly the bytes TFDS's serializer writes
+  for the dataset's features (map entries in key order), for both layouts."""
+  from tensorflow_datasets.core import example_serializer
+  rules = webdataset.SampleRules(verify_images=False)
+  examples = [webdataset.check_sample(webdataset.RawSample(s.position, s.key, {
+      n.split(".", 1)[1].lower(): d for n, d in s.members}), s.shard, rules).example
+      for s in kept_in_order(corpus["cap_plan"])[:40]]
+  examples.append(dict(examples[0], captions=["two", "captions ü"], url=""))
+  labels = [dict({k: v for k, v in e.items() if k != "captions"}, label=i % 3)
+            for i, e in enumerate(examples)]
+  for layout, batch, names in (("caption", examples, None), ("label", labels, ["a", "b", "c"])):
+    features = webdataset_build.features(layout, names)
+    reference = example_serializer.ExampleSerializer(features.get_serialized_info())
+    for example in batch:
+      want = reference.get_tf_example(features.encode_example(example))
+      assert webdataset_build.serialize_example(example) == want.SerializeToString(
+          deterministic=True)

@@ -183,6 +183,18 @@ def _open_tar(fileobj: BinaryIO) -> tuple[tarfile.TarFile, _LastRead]:
     raise UnreadableShard(f"not a readable tar ({e})") from e
 
 
+def _member_data(tar: tarfile.TarFile, fileobj: _LastRead, info: tarfile.TarInfo) -> bytes:
+  """A member's bytes, read straight from the file: tarfile's extractfile wraps every member
+  in two file objects, which took a third of the time spent reading a shard here."""
+  if info.issparse():
+    return tar.extractfile(info).read()
+  fileobj.seek(info.offset_data)
+  data = fileobj.read(info.size)
+  if len(data) != info.size:
+    raise tarfile.ReadError("unexpected end of data")
+  return data
+
+
 def _iter_tar(fileobj: BinaryIO) -> Iterator[RawSample]:
   tar, watcher = _open_tar(fileobj)
   index, key, members = 0, None, {}
@@ -195,8 +207,8 @@ def _iter_tar(fileobj: BinaryIO) -> Iterator[RawSample]:
         yield RawSample(index, key, members)
         index, members = index + 1, {}
       key = member_key
-      data = tar.extractfile(info).read()
-      members.setdefault(ext, data)  # a repeated extension keeps its first member
+      if ext not in members:  # a repeated extension keeps its first member
+        members[ext] = _member_data(tar, watcher, info)
   except Exception as e:  # cut member data, corrupt gzip stream, I/O error
     raise TruncatedShard(f"ends early after {index} samples ({e})", key is not None) from e
   if watcher.last != _END_OF_ARCHIVE:
