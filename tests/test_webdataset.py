@@ -477,6 +477,8 @@ def test_a_skip_is_fatal_with_the_flag_and_leaves_no_dataset(corpus, tmp_path):
     (("--webdataset=/x/{0..3}.tar", "--name=My-Pets"), "--name='My-Pets'"),
     (("--webdataset=/x/a.tar", "--name=x", "--label=class"), "--label='class'"),
     (("--webdataset=/x/a.tar", "--name=x", "--class_names=c.txt"), "label datasets"),
+    (("--webdataset=/x/a.tar", "--name=x", "--runner=NoSuchRunner"), "--runner=NoSuchRunner"),
+    (("--webdataset=/x/a.tar", "--name=x", "--captions_file=c.csv"), "exactly one of"),
 ])
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
   proc = subprocess.run([sys.executable, "-m", "mmjax.data.build", *args,

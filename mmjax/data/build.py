@@ -136,6 +136,10 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
   f = flags.FLAGS
   if f.webdataset:
+    if f.images_dir or f.captions_file:
+      print("error: give exactly one of --images_dir / --captions_file / --webdataset",
+            file=sys.stderr)
+      sys.exit(2)
     try:
       from mmjax.data import webdataset_build
     except ImportError as e:

@@ -19,11 +19,15 @@ Layout and determinism. Input shard i (in name order) becomes output shard i, it
 in tar order: the dataset is the same, byte for byte, for any runner and number of
 workers. Each worker writes its shards' ArrayRecord files itself; only per-shard summaries
 (and, with --dedupe_images, image hashes) travel through Beam, so memory stays at one shard
-per worker even on the DirectRunner, which keeps every PCollection in memory. (TFDS's own
-Beam writer, a GeneratorBasedBuilder whose _generate_examples returns a PTransform, works
+per worker even on the DirectRunner, which keeps every PCollection in memory. TFDS's own
+Beam writer (a GeneratorBasedBuilder whose _generate_examples returns a PTransform) works
 without TensorFlow too, but shuffles every serialized example through a GroupByKey: on the
-DirectRunner that held ~7x the data in the runner process and ran 3-9x slower per core
-than the single-process folder builder; see benchmarks/build_webdataset.py.)
+DirectRunner its runner process held ~8x the shards' size and it cost ~11x the folder
+builder's CPU per record (benchmarks/RESULTS.md); on Dataflow its ArrayRecord writer cannot
+open gs:// paths (tensorflow/datasets#10981). array_record's Beam sink (WriteToArrayRecord)
+writes local disks only, in bundle order, without TFDS metadata; its
+ConvertToArrayRecordGCS writes a file per element locally and uploads it, which is what
+the workers here do (through etils.epath, as TFDS does).
 Everything is written into `<data_dir>/<name>/incomplete.<id>_1.0.0` and renamed to
 `<data_dir>/<name>/1.0.0` by the pipeline's last step, after the TFDS metadata and the
 report, so a failed or killed build never leaves a readable dataset under the final name.
@@ -584,6 +588,15 @@ class _Progress(threading.Thread):
     self._stop_event.set()
 
 
+def _make_pipeline(runner: str, beam_args: Sequence[str]) -> beam.Pipeline:
+  """The Beam pipeline (nothing runs yet); an unknown runner, or one whose extra is not
+  installed (DataflowRunner needs apache-beam[gcp]), is a BuildError."""
+  try:
+    return beam.Pipeline(options=PipelineOptions(default_beam_args(runner, beam_args)))
+  except (ImportError, ValueError) as e:
+    raise BuildError(f"--runner={runner}: {str(e).splitlines()[0]}") from e
+
+
 def run_build(options: BuildOptions, runner: str = "DirectRunner",
               beam_args: Sequence[str] = (), progress_every: float = 15.0) -> dict[str, Any]:
   """Builds the dataset and returns its report (see `make_report`). Raises BuildError."""
@@ -597,6 +610,7 @@ def run_build(options: BuildOptions, runner: str = "DirectRunner",
         f"{final} holds an unfinished build (interrupted while copied into place, no "
         "dataset_info.json): remove it and build again")
   class_names = read_class_names(options.class_names_file) if options.class_names_file else None
+  pipeline = _make_pipeline(runner, beam_args)
   shards = webdataset.list_shards(options.pattern)
   if not shards:
     raise BuildError(f"--webdataset={options.pattern!r} matches no file")
@@ -614,7 +628,7 @@ def run_build(options: BuildOptions, runner: str = "DirectRunner",
   progress = _Progress(target, progress_every)
   progress.start()
   try:
-    with beam.Pipeline(options=PipelineOptions(default_beam_args(runner, beam_args))) as p:
+    with pipeline as p:
       build_pipeline(p, target, shards, class_names)
     if (tmp / REPORT_FILE).exists():  # not renamed: the report says why
       raise BuildError(json.loads((tmp / REPORT_FILE).read_text())["error"])
