@@ -128,7 +128,8 @@ def bad(rng, shard, position, kind):
   }[kind]
   outcome = {"no_caption_field": "no_caption", "blank_caption": "no_caption",
              "caption_from_json": "kept", "cut_jpeg": "undecodable_image",
-             "empty_image": "undecodable_image", "not_an_image": "undecodable_image"}.get(kind, kind)
+             "empty_image": "undecodable_image",
+             "not_an_image": "undecodable_image"}.get(kind, kind)
   s.members, s.outcome = members, outcome
   if kind == "caption_from_json":
     s.caption = "the caption lives in the json"
@@ -256,7 +257,7 @@ def once(shared, name):
 
 def expected_report(plan, shards_total, unreadable, filters=False):
   """Per-shard (read, written, skipped, filtered) from the plan."""
-  per_shard, first_copies = {}, set()
+  per_shard = {}
   for shard in sorted(plan):
     read, written, skipped, filtered = 0, 0, {}, {}
     for s in plan[shard]:
@@ -492,7 +493,9 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
 def test_no_readable_shard_and_an_existing_dataset_are_errors(corpus, tmp_path, two_worker_counts):
   options = webdataset_build.BuildOptions(
       pattern=f"{corpus['root']}/cap/{{00006..00007}}.tar", name="none", data_dir=str(tmp_path))
-  with pytest.raises(webdataset_build.BuildError, match=r"no readable shard among the 2 matching .* \(first: 00006.tar: missing\)"):
+  with pytest.raises(webdataset_build.BuildError,
+                     match=r"no readable shard among the 2 matching .* "
+                           r"\(first: 00006.tar: missing\)"):
     webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
   assert os.listdir(tmp_path / "none") == []
   options = webdataset_build.BuildOptions(pattern=corpus["cap_pattern"], name="web_captions",
@@ -527,7 +530,8 @@ def test_tiny_training_run_reads_the_built_datasets(corpus, two_worker_counts, t
       rules=webdataset.SampleRules(label="cls")), beam_args=BEAM_1_PROCESS)
   workdir, caption_dir = str(tmp_path / "run"), two_worker_counts[1][0]
   proc = subprocess.run(
-      [sys.executable, "-m", "mmjax.train", f"--config={REPO}/configs/shapes.py:coca_unicl_prefix,tiny",
+      [sys.executable, "-m", "mmjax.train",
+       f"--config={REPO}/configs/shapes.py:coca_unicl_prefix,tiny",
        f"--workdir={workdir}", f"--config.data_dir={tmp_path}/tokenizer_cache",
        f"--config.compilation_cache_dir={CACHE_DIR}", "--config.total_steps=2",
        "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
@@ -603,7 +607,8 @@ def test_check_order_and_causes():
   raw = webdataset.RawSample(1, s.key, {n.split(".", 1)[1]: d for n, d in s.members})
   assert webdataset.check_sample(raw, "c.tar", rules) == "image_too_small"
   kept = webdataset.check_sample(raw, "c.tar", webdataset.SampleRules(verify_images=False))
-  assert kept.example["captions"] == ["cat"] and (kept.example["width"], kept.example["height"]) == (10, 10)
+  assert kept.example["captions"] == ["cat"]
+  assert (kept.example["width"], kept.example["height"]) == (10, 10)
 
 
 @pytest.mark.slow

@@ -270,7 +270,8 @@ class SampleRules:
       if getattr(self, name) < 0:
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
     if 0 < self.max_aspect_ratio < 1:
-      raise ValueError(f"--max_aspect_ratio is longer/shorter side, >= 1; got {self.max_aspect_ratio}")
+      raise ValueError("--max_aspect_ratio is longer/shorter side, >= 1; got "
+                       f"{self.max_aspect_ratio}")
     if self.max_caption_chars and self.min_caption_chars > self.max_caption_chars:
       raise ValueError("--min_caption_chars exceeds --max_caption_chars")
 

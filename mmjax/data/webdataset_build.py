@@ -120,7 +120,8 @@ class BuildOptions:
       raise BuildError(f"--name={self.name!r}: use lower case letters, digits and _, starting "
                        "with a letter (TFDS dataset names)")
     if not self.pattern.strip():
-      raise BuildError("--webdataset is empty: give a shard pattern, e.g. 'shards/{00000..00099}.tar'")
+      raise BuildError("--webdataset is empty: give a shard pattern, e.g. "
+                       "'shards/{00000..00099}.tar'")
     try:
       self.rules.validate()
     except ValueError as e:
