@@ -716,6 +716,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   beam_args = list(argv[1:])
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  # The DirectRunner relays its worker processes' start-up warnings, which they print too.
+  logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
   options = options_from_flags()
   try:
     options.validate()
