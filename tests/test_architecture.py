@@ -39,9 +39,12 @@ def _rank(module: str) -> int:
 
 
 def _imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
-  """(mmjax modules imported at module level, ones imported inside functions)."""
+  """(mmjax modules imported at module level, ones imported inside functions). A top-level
+  `try: import ... except ImportError` (a module of an optional extra) is module level."""
   top, nested = set(), set()
   tree = ast.parse(path.read_text())
+  module_level = {id(n) for n in tree.body}
+  module_level |= {id(n) for t in tree.body if isinstance(t, ast.Try) for n in t.body}
   for node in ast.walk(tree):
     names = []
     if isinstance(node, ast.Import):
@@ -50,7 +53,7 @@ def _imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
       names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES
                else node.module for a in node.names]
     names = {n for n in names if n in MODULES}
-    (top if node in tree.body else nested).update(names)
+    (top if id(node) in module_level else nested).update(names)
   return top, nested
 
 

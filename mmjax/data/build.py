@@ -6,6 +6,10 @@
   # caption dataset from a .csv (header with columns image and caption; Excel's "CSV UTF-8"
   # is fine) or a .jsonl ({"image": ..., "caption": ...} per line; a caption may be a list):
   python -m mmjax.data.build --captions_file caps.csv --name my_captions --data_dir ~/datasets
+  # caption (or, with --label, label) dataset from WebDataset shards, built with Apache Beam
+  # on all local cores or a cluster (pip install -e '.[beam]'; mmjax/data/webdataset_build.py):
+  python -m mmjax.data.build --webdataset 'shards/{00000..00099}.tar' --name my_web \
+      --data_dir ~/datasets
 
 Relative image paths in a captions file are resolved against the file's folder; rows of one
 image are merged into one record with several captions. Every image is read and decoded
@@ -46,6 +50,11 @@ from absl import flags, logging
 
 from mmjax import errors
 from mmjax.data.images import decode_image
+
+try:  # the `beam` extra
+  from mmjax.data import webdataset_build
+except ImportError:
+  webdataset_build = None
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
               ".avif")
@@ -484,14 +493,22 @@ def _define_flags() -> None:
   flags.DEFINE_string("caption_column", "caption", "Captions file: the caption column/field.")
   flags.DEFINE_bool("strict", False, "Fail on images that cannot be read or decoded (and "
                     "caption rows without a caption) instead of leaving them out.")
+  if webdataset_build is None:
+    flags.DEFINE_string("webdataset", "", "WebDataset shards; needs pip install -e '.[beam]'.")
+  else:
+    webdataset_build.define_flags()
 
 
 def main(argv: list[str]) -> None:
-  del argv
   f = flags.FLAGS
-  inputs = {"--images_dir": f.images_dir, "--captions_file": f.captions_file}
+  inputs = {"--images_dir": f.images_dir, "--captions_file": f.captions_file,
+            "--webdataset": f.webdataset}
   if sum(bool(v) for v in inputs.values()) != 1 or not f.name:
     raise errors.UsageError(f"give --name and exactly one of {' / '.join(inputs)}")
+  if f.webdataset:
+    if webdataset_build is None:
+      raise errors.UsageError("--webdataset needs Apache Beam: pip install -e '.[beam]'")
+    return webdataset_build.main(argv)
   tfds.disable_progress_bar()
   if not f["verbosity"].present:  # TFDS's INFO/WARNING lines would bury the summary
     logging.set_verbosity(logging.ERROR)
