@@ -11,15 +11,13 @@ def test_format_results_keeps_small_values_readable():
                                 "r1            0.0000"]
 
 
-class _Fake:
-  """Records how the registry built it: (metric prefix, type, dataset), as the evaluators
-  derive their metric names."""
+class _Fake(evaluators.Evaluator):
+  """The evaluators' base (config entry, metric names) without loading any data."""
 
   def __init__(self, key, config, tokenizer):
     del tokenizer
-    entry = config.evals[key]
-    prefix = self.METRIC_PREFIX if key == entry.type else key
-    self.built = (prefix, entry.type, entry.dataset)
+    super().__init__(key, config)
+    self.built = (self.name.split("/")[0], self.entry.type, self.entry.dataset)
 
 
 def _fakes(monkeypatch):

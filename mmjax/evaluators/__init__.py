@@ -4,25 +4,20 @@ An evaluator is built once from its entry (loading its images and texts) and cal
 (embedder, params) -> {metric name: value}; metric names start with the type's prefix
 (`zeroshot/`, `retrieval/`, `caption/`, `linear_probe/`) or, when the entry's key is not
 the type's name, with the key, so one config can run several evaluators of one type
-(e.g. `evals.zeroshot` and `evals.zeroshot_unseen`). An entry with num_examples=0 is off
+(e.g. `evals.zeroshot` and `evals.zeroshot_unseen`; `mmjax.evaluators.base`). An entry with num_examples=0 is off
 (locked configs cannot drop keys: `--config.evals.captioning.num_examples=0`).
 """
-from typing import Any, Protocol
+from typing import Any
 
 import ml_collections
 
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.captioning import Captioning
 from mmjax.evaluators.embedder import Embedder
 from mmjax.evaluators.linear_probe import LinearProbe
 from mmjax.evaluators.retrieval import Retrieval
 from mmjax.evaluators.zeroshot import ZeroShot
-
-
-class Evaluator(Protocol):
-  METRIC_PREFIX: str
-
-  def __call__(self, embedder: Embedder, params: Any) -> dict[str, float]: ...
 
 
 EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captioning,

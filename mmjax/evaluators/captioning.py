@@ -11,6 +11,7 @@ from pycocoevalcap.cider.cider import Cider
 from mmjax import decode
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.embedder import Embedder
 
 
@@ -32,16 +33,15 @@ def caption_scores(hypotheses: list[str], references: list[list[str]]) -> dict[s
   return {"cider": float(cider), "bleu4": float(bleu[3])}
 
 
-class Captioning:
+class Captioning(Evaluator):
   """Generated captions scored against all reference captions of each image
   (`evals.<key>`: dataset, split, image_key, text_key, num_examples, strategy, beam_size,
   length_penalty, max_new_tokens, num_samples, sample_scale)."""
   METRIC_PREFIX = "caption"
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    e = config.evals[key]
-    prefix = self.METRIC_PREFIX if key == e.type else key
-    self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
+    super().__init__(key, config)
+    e = self.entry
     split = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
     self.images, self.references = split["images"], split["texts"]
     self.tokenizer = tokenizer

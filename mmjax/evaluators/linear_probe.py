@@ -37,6 +37,7 @@ import numpy as np
 import scipy.optimize
 
 from mmjax.data import pipeline
+from mmjax.evaluators.base import Evaluator
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
@@ -158,7 +159,7 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   return float((predict(w, test_x) == test_y).mean()), float(best)
 
 
-class LinearProbe:
+class LinearProbe(Evaluator):
   """Evaluator: a linear classifier on the frozen image features (`evals.<key>`: dataset,
   train_split, split, image_key, label_key, class_names, num_train, num_examples, l2_grid,
   holdout_fraction, classifier)."""
@@ -166,14 +167,13 @@ class LinearProbe:
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only
-    e = config.evals[key]
-    prefix = self.METRIC_PREFIX if key == e.type else key
+    super().__init__(key, config)
+    e = self.entry
     train = pipeline.load_eval_split(config, key, num_examples=e.num_train,
                                      split_key="train_split")
     test = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
-    self._set(f"{prefix}/{e.dataset.replace('/', '_')}", train["images"], train["labels"],
-              test["images"], test["labels"], len(train["class_names"]), e.l2_grid,
-              e.holdout_fraction, e.classifier)
+    self._set(self.name, train["images"], train["labels"], test["images"], test["labels"],
+              len(train["class_names"]), e.l2_grid, e.holdout_fraction, e.classifier)
 
   @classmethod
   def from_arrays(cls, name: str, train_images: np.ndarray, train_labels: np.ndarray,

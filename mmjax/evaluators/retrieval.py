@@ -7,18 +7,18 @@ import numpy as np
 from mmjax import vocabulary
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.embedder import Embedder
 
 
-class Retrieval:
+class Retrieval(Evaluator):
   """Image->text and text->image recall@{1,5,10}; an image may have several captions
   (`evals.<key>`: dataset, split, image_key, text_key, num_examples)."""
   METRIC_PREFIX = "retrieval"
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    e = config.evals[key]
-    prefix = self.METRIC_PREFIX if key == e.type else key
-    self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
+    super().__init__(key, config)
+    e = self.entry
     split = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
     self.images = split["images"]
     texts = [(i, t) for i, captions in enumerate(split["texts"]) for t in captions]

@@ -7,19 +7,19 @@ import numpy as np
 from mmjax import vocabulary
 from mmjax.data import classnames, pipeline
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.embedder import Embedder
 
 
-class ZeroShot:
+class ZeroShot(Evaluator):
   """Top-1/top-5 accuracy of classifying images by their class prompts (`evals.<key>`:
   dataset, split, image_key, label_key, class_names, num_examples, prefix, templates;
   class names and templates through `mmjax.data.classnames`)."""
   METRIC_PREFIX = "zeroshot"
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
-    e = config.evals[key]
-    prefix = self.METRIC_PREFIX if key == e.type else key
-    self.name = f"{prefix}/{e.dataset.replace('/', '_')}"
+    super().__init__(key, config)
+    e = self.entry
     split = pipeline.load_eval_split(config, key, num_examples=e.num_examples,
                                      for_prompts=True)
     self.images, self.labels = split["images"], split["labels"]
