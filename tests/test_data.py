@@ -139,16 +139,17 @@ def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
 
 
 def test_load_eval_split(data_dir):
+  """An evaluator's split, read from its config entry (evals.zeroshot: shapes/labels,
+  evals.retrieval: shapes/captions; the probe's train_split by split_key)."""
   c = make_config(data_dir)
-  e = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
-                               image_key="image", label_key="label", num_examples=20)
+  e = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
   assert e["images"].shape == (20, 64, 64, 3) and e["labels"].shape == (20,)
   assert len(e["class_names"]) == 64
-  e2 = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
-                                image_key="image", label_key="label", num_examples=20)
+  e2 = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
   np.testing.assert_array_equal(e["images"], e2["images"])
-  r = pipeline.load_eval_split(c, dataset="shapes/captions", split="validation",
-                               image_key="image", text_key="captions", num_examples=8)
+  train = pipeline.load_eval_split(c, "linear_probe", num_examples=20, split_key="train_split")
+  assert not np.array_equal(train["images"], e["images"])
+  r = pipeline.load_eval_split(c, "retrieval", num_examples=8)
   assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
 
 
@@ -253,8 +254,7 @@ def test_missing_split_and_feature_name_the_config_key(tmp_path):
   with pytest.raises(errors.UsageError, match=r"dataset 'no_validation' has no split "
                      r"'validation' \(config evals.zeroshot.split\); it has train \(.*"
                      r"--val_fraction\)"):
-    pipeline.load_eval_split(c, dataset="no_validation", split="validation", image_key="image",
-                             label_key="label", num_examples=4)
+    pipeline.load_eval_split(c, "zeroshot", num_examples=4)
   c.data.sources.captions = schema.source(
       "no_validation", kind="caption", text_key="caption", weight=0.5)
   with pytest.raises(errors.UsageError, match=r"has no text feature 'caption' \(config "
