@@ -11,12 +11,14 @@ Install the compilers once: `pip install -e '.[tpu-aot]'` (libtpu) and/or `'.[gp
 (the CUDA plugin); both live in one environment. The host backend is forced to the CPU.
 Topology names: see `mmjax.topologies` (v4-32, v5e-16, v5p-128, v6e-8, h100x8, h100x8x4...).
 
-What is compiled is the real thing: the train step `mmjax.train` runs (same function,
-shardings, donation, micro-batching by grad_accum_steps, mesh incl. the DCN axis of
-multislice), from abstract state only (`jax.eval_shape`; no array is ever created), for the
-target's abstract devices, by the target's own compiler (libtpu / XLA:GPU). `--what eval`
-adds the evaluators' embedding programs (`evaluate.Embedder`, at evals.batch_size),
-`--what decode` the K/V-cached captioning decoder (`decode.make_captioner`).
+What is compiled is the real thing: the train step `mmjax.train` runs, set up by the same
+`runtime.build(config, devices)` over the target's abstract devices and lowered by the same
+`Runtime.lower_train_step` (same function, shardings, donation, micro-batching by
+grad_accum_steps, mesh incl. the DCN axis of multislice), from abstract state only
+(`jax.eval_shape`; no array is ever created), by the target's own compiler (libtpu /
+XLA:GPU). `--what eval` adds the evaluators' embedding programs (`evaluators.Embedder`, at
+eval_batch_size), `--what decode` the K/V-cached captioning decoder
+(`decode.make_captioner`).
 
 Per device, the report gives:
   memory   arguments split into parameters, optimizer state, other state and the batch
@@ -28,8 +30,8 @@ Per device, the report gives:
            compiler checks against its available HBM (an over-budget program fails to
            compile with RESOURCE_EXHAUSTED; the report then quotes the compiler's figures).
   fits     total <= device memory, and the headroom (capacity - total) / capacity.
-  FLOPs    compiled FLOPs (`cost_analysis`, TPU only: XLA:GPU gives none ahead of time)
-           against the model FLOPs of `mmjax.summary` (training, matmuls only) per device:
+  FLOPs    compiled matmul FLOPs (`mmjax.hlo` over the compiled HLO; XLA's cost_analysis
+           counts a while loop's body once and gives nothing for GPUs ahead of time) against the model FLOPs of `mmjax.summary` (training, matmuls only) per device:
            the ratio is the recompute overhead (remat, the extra embedding pass of gradient
            caching, the contrastive loss's recomputed logits) plus non-matmul work.
   estimate TPU only: the compiler's cost-model step time (`optimal_seconds`) and the MFU it
@@ -50,17 +52,17 @@ import re
 import sys
 import tempfile
 import time
+from importlib import metadata
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+from absl import flags, logging
+from ml_collections import config_flags
 
-from mmjax import cli, models, sharding, state as state_lib, step as step_lib, summary
-from mmjax import hlo, topologies
-from mmjax.optimizer import make_optimizer, make_schedule
+from mmjax import cli, decode, errors, evaluators, hlo, models, runtime, sharding, summary
+from mmjax import topologies
 
 GiB = 2**30
 # Without a GPU to autotune on, XLA:GPU can fail to tile a Triton GEMM fusion ("Couldn't
@@ -71,73 +73,34 @@ PROGRAMS = ("train", "eval", "decode")
 
 
 # --- the programs ---------------------------------------------------------------------------
-def _lowered_train_step(config: ml_collections.ConfigDict, devices: list[Any]):
-  """The train step exactly as `mmjax.train` sets it up, lowered from abstract inputs.
-
-  Returns (lowered, mesh, model, abstract_state, abstract_batch). The only place mmjax.aot
-  touches the setup sequence: replace its body with the runtime's setup call when there is one.
-  """
-  mesh = sharding.make_mesh(config, devices)
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-    batch = abstract_batch(config, mesh)
-    lowered = train_step.lower(abstract, batch)
-  return lowered, mesh, model, abstract, batch
+def _eval_programs(rt: runtime.Runtime) -> dict[str, tuple]:
+  """The evaluators' image and text embedding programs (`evaluators.Embedder`) at
+  eval_batch_size: name -> (lowered, abstract inputs besides the parameters)."""
+  config = rt.config
+  embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules, config.eval_batch_size)
+  spec = {k: v for k, v in rt.abstract_batch(embedder.batch_size).items()
+          if k in ("image", "text", "text_type")}
+  params = rt.abstract_state.params
+  with rt.activate():
+    return {"eval_image": (embedder._image.lower(params, spec["image"]), spec["image"]),
+            "eval_text": (embedder._text.lower(params, spec["text"], spec["text_type"]),
+                          (spec["text"], spec["text_type"]))}
 
 
-def abstract_batch(config: ml_collections.ConfigDict,
-                   mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global training batch of `data.pipeline.TrainIterator` (its docstring lists the
-  fields: image float32 [B, H, W, 3], text int32 [B, L], int32 [B] flags), as shapes
-  sharded over the batch axes."""
-  from mmjax.data import transforms
-  b = config.batch_size
-  size, length = config.model.image_size, config.data.max_text_len
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                   sharding=sharding.batch_sharding(mesh))
-  batch = dict(image=spec((b, size, size, 3), jnp.float32), text=spec((b, length), jnp.int32))
-  flags = ["label", "text_type", "source", "skipped"]
-  if transforms.source_modalities(config, list(config.data.sources)) is not None:
-    flags += ["has_image", "has_text", "paired"]
-  batch.update({k: spec((b,), jnp.int32) for k in flags})
-  return batch
-
-
-def _lowered_eval(config, mesh, model, params) -> dict[str, tuple]:
-  """The evaluators' image and text embedding programs at evals.batch_size:
-  name -> (lowered, abstract inputs besides the parameters)."""
-  from mmjax import evaluate
-  embedder = evaluate.Embedder(model, mesh, config.evals.batch_size)
-  b, batch_sharding = embedder.batch_size, sharding.batch_sharding(mesh)
-  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-  size = config.model.image_size
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    images = spec((b, size, size, 3), jnp.float32)
-    texts = (spec((b, config.data.max_text_len), jnp.int32), spec((b,), jnp.int32))
-    return {"eval_image": (embedder._image.lower(params, images), images),
-            "eval_text": (embedder._text.lower(params, *texts), texts)}
-
-
-def _lowered_decode(config, mesh, model, params) -> dict[str, tuple]:
-  """The K/V-cached captioning decoder of the captioning evaluator, at evals.batch_size:
-  name -> (lowered, abstract images)."""
-  from mmjax import decode, evaluate
-  e = config.evals.captioning
-  captioner = decode.make_captioner(model, decode.DecodeConfig(
-      strategy=e.strategy, max_new_tokens=e.max_new_tokens, beam_size=e.beam_size,
-      length_penalty=e.length_penalty))
-  b = evaluate.Embedder(model, mesh, config.evals.batch_size).batch_size
-  size = config.model.image_size
-  images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
-                                sharding=sharding.batch_sharding(mesh))
+def _decode_programs(rt: runtime.Runtime, entry: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """The K/V-cached captioning decoder of the captioning evaluator `entry`, at
+  eval_batch_size: name -> (lowered, abstract images)."""
+  config = rt.config
+  captioner = decode.make_captioner(rt.model, decode.DecodeConfig(
+      strategy=entry.strategy, max_new_tokens=entry.max_new_tokens,
+      beam_size=entry.beam_size, length_penalty=entry.length_penalty))
+  batch_size = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
+                                   config.eval_batch_size).batch_size
+  images = rt.abstract_batch(batch_size)["image"]
   key = jax.eval_shape(lambda: jax.random.key(0))
-  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    return {"decode": (captioner.lower(params, images, rng), images)}
+  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(rt.mesh))
+  with rt.activate():
+    return {"decode": (captioner.lower(rt.abstract_state.params, images, rng), images)}
 
 
 # --- compiling ------------------------------------------------------------------------------
@@ -365,42 +328,44 @@ def check(config: ml_collections.ConfigDict, target: topologies.Target,
           capacity: tuple[int, str] | None = None) -> dict[str, Any]:
   """Compiles `what` of `config` for `target`; the full report (JSON-ready).
 
-  Top-level figures are the first program's (the train step by default); `fits` holds only
-  if every program fits. Raises cli.ConfigError for a config that cannot run on the target.
+  Everything is set up by `runtime.build` over the target's abstract devices, the same
+  call `mmjax.train` makes over its real ones. Top-level figures are the first program's
+  (the train step by default); `fits` holds only if every program fits. Raises
+  errors.ConfigError for a config that cannot run on the target.
   """
   devices = target.devices() if devices is None else devices
   cli.validate(config, num_devices=len(devices))
   capacity_bytes, capacity_source = capacity or target.device_memory_bytes()
   device_kind = devices[0].device_kind
   start = time.perf_counter()
-  try:
-    lowered, mesh, model, abstract, batch = _lowered_train_step(config, devices)
-  except ValueError as e:  # mesh / dcn_shape / grad_accum_steps vs the devices
-    raise cli.ConfigError(str(e)) from None
+  rt = runtime.build(config, devices)
+  lowered = rt.lower_train_step() if "train" in what else None
   lower_s = time.perf_counter() - start
   programs = {}
-  if "train" in what:
+  if lowered is not None:
     result = compile_lowered("train", lowered, lower_s, target.platform)
-    per_example = summary.model_flops_per_example(config)
-    model_flops = per_example * config.batch_size / len(devices) if per_example else None
+    model_flops = summary.model_flops_per_example(config) * config.batch_size / len(devices)
+    state = rt.abstract_state
     programs["train"] = program_report(
-        result, dict(params=abstract.params, optimizer_state=abstract.opt_state,
-                     other_state=(abstract.step, abstract.nonfinite_steps), batch=batch),
+        result, dict(params=state.params, optimizer_state=state.opt_state,
+                     other_state=(state.step, state.nonfinite_steps),
+                     batch=rt.abstract_batch()),
         capacity_bytes, device_kind, model_flops)
-  extra = {}
+  extra, skipped = {}, {}
   if "eval" in what:
-    extra.update(_timed(_lowered_eval, config, mesh, model, abstract.params))
-  skipped = {}
+    extra.update(_timed(_eval_programs, rt))
   if "decode" in what:
-    if config.model.name == "coca" and "captioning" in config.evals:
-      extra.update(_timed(_lowered_decode, config, mesh, model, abstract.params))
+    entry = _captioning_entry(config)
+    if entry is not None:
+      extra.update(_timed(lambda rt: _decode_programs(rt, entry), rt))
     else:
-      skipped["decode"] = f"model {config.model.name!r} has no captioning decoder"
+      skipped["decode"] = (f"model {config.model.name!r} has no captioning decoder or the "
+                           "config no captioning evaluator")
   for name, (lowered_program, seconds, inputs) in extra.items():
     result = compile_lowered(name, lowered_program, seconds, target.platform)
     programs[name] = program_report(result, inputs, capacity_bytes, device_kind, None)
   if not programs:
-    raise cli.ConfigError("nothing to compile: " + "; ".join(
+    raise errors.ConfigError("nothing to compile: " + "; ".join(
         f"--what={k}: {v}" for k, v in skipped.items()))
   first = next(iter(programs.values()))
   return dict(
@@ -408,11 +373,18 @@ def check(config: ml_collections.ConfigDict, target: topologies.Target,
       program=first["program"], topology=target.name,
       platform=target.platform, num_devices=len(devices), num_slices=target.num_slices,
       device_kind=device_kind, device_memory_source=capacity_source,
-      mesh=dict(mesh.shape), batch_size=config.batch_size,
+      mesh=dict(rt.mesh.shape), batch_size=config.batch_size,
       grad_accum_steps=config.grad_accum_steps,
-      micro_batch_per_device=_micro_batch_per_device(config, mesh),
+      micro_batch_per_device=_micro_batch_per_device(config, rt.mesh),
       remat_policy=config.model.remat_policy, programs=programs, skipped=skipped,
       versions=versions())
+
+
+def _captioning_entry(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The first captioning evaluator of the config, if its model decodes captions."""
+  if not models.MODELS[config.model.name].captions:
+    return None
+  return next((e for e in config.evals.values() if e.type == "captioning"), None)
 
 
 SUMMARY_KEYS = ("memory_per_device_bytes", "device_memory_bytes", "headroom_fraction",
@@ -421,21 +393,22 @@ SUMMARY_KEYS = ("memory_per_device_bytes", "device_memory_bytes", "headroom_frac
 
 
 def _micro_batch_per_device(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> float:
-  """Examples per device in one micro-batch (batch axes: data x fsdp)."""
-  return config.batch_size / (config.grad_accum_steps * sharding.batch_parallel_size(mesh))
+  """Examples per device in one micro-batch (over the mesh axes of the `batch` rule)."""
+  return config.batch_size / (config.grad_accum_steps
+                              * sharding.batch_parallel_size(mesh, config.mesh.rules))
 
 
-def _timed(lower_fn: Callable, config, mesh, model, params) -> dict[str, tuple]:
+def _timed(lower_fn: Callable[[runtime.Runtime], dict[str, tuple]],
+           rt: runtime.Runtime) -> dict[str, tuple]:
   """name -> (lowered, lowering seconds, argument groups for the memory split)."""
   start = time.perf_counter()
-  lowered = lower_fn(config, mesh, model, params)
+  lowered = lower_fn(rt)
   seconds = (time.perf_counter() - start) / len(lowered)
-  return {name: (program, seconds, dict(params=params, batch=inputs))
+  return {name: (program, seconds, dict(params=rt.abstract_state.params, batch=inputs))
           for name, (program, inputs) in lowered.items()}
 
 
 def versions() -> dict[str, str]:
-  from importlib import metadata
   out = {"jax": jax.__version__}
   for package in ("jaxlib", "libtpu", "jax-cuda12-plugin", "flax"):
     try:
@@ -516,7 +489,7 @@ def suggest(config: ml_collections.ConfigDict, target: topologies.Target,
     log(f"suggest: compiling with {flags} ...")
     try:
       trial = check(with_overrides(config, overrides), target, ("train",), devices, capacity)
-    except cli.ConfigError as e:
+    except errors.ConfigError as e:
       log(f"suggest: {flags}: {e}")
       continue
     log(f"suggest: {flags}: {_memory_summary(trial)}")
@@ -649,7 +622,6 @@ def memory_line(compiled: Any, device: Any) -> str:
 # --- command line ---------------------------------------------------------------------------
 def config_spec(flag: Any) -> str:
   """`FILE:ARG --config.KEY=VALUE ...` as given on the command line."""
-  from ml_collections import config_flags
   overrides = config_flags.get_override_values(flag)
   return " ".join([config_flags.get_config_filename(flag)]
                   + [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()])
@@ -665,9 +637,9 @@ def run(config: ml_collections.ConfigDict, spec: str, topology: str, num_slices:
     devices = target.devices()
   except Exception as e:  # the compiler plugin is missing or rejects the topology
     package = "tpu-aot" if target.platform == "tpu" else "gpu-aot"
-    raise cli.ConfigError(f"cannot create the abstract devices of {target.name} "
-                          f"({str(e).strip().splitlines()[0][:200]}); install the compiler "
-                          f"with: pip install -e '.[{package}]'") from None
+    raise errors.ConfigError(f"cannot create the abstract devices of {target.name} "
+                             f"({str(e).strip().splitlines()[0][:200]}); install the "
+                             f"compiler with: pip install -e '.[{package}]'") from None
   log(f"mmjax.aot: compiling {', '.join(what)} of {spec} for {target.name} "
       f"({len(devices)} x {devices[0].device_kind}) ...")
   report = check(config, target, what, devices)
@@ -693,25 +665,17 @@ def run(config: ml_collections.ConfigDict, spec: str, topology: str, num_slices:
 
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags, logging
   f = flags.FLAGS
   if not f["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # optax/orbax INFO lines drown the report
   what = tuple(w.strip() for w in f.what.split(",") if w.strip())
-  try:
-    if not what or set(what) - set(PROGRAMS):
-      raise cli.ConfigError(f"--what={f.what!r}: choose from {','.join(PROGRAMS)}")
-    status = run(f.config, config_spec(f["config"]), f.topology, f.num_slices, what,
-                 f.suggest_trials if f.suggest else 0, f.json)
-  except (topologies.UnknownTopologyError, cli.ConfigError) as e:
-    print(f"mmjax.aot: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
-  sys.exit(status)
+  if not what or set(what) - set(PROGRAMS):
+    raise errors.UsageError(f"--what={f.what!r}: choose from {','.join(PROGRAMS)}")
+  sys.exit(run(f.config, config_spec(f["config"]), f.topology, f.num_slices, what,
+               f.suggest_trials if f.suggest else 0, f.json))
 
 
 def define_flags() -> None:
-  from absl import flags
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. "
                                   "configs/coca.py:base,v4_32", lock_config=True)
   flags.DEFINE_string("topology", None, "Target: v4-32, v5e-16, v5p-128, v6e-8, h100x8, "
@@ -726,8 +690,8 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   # Compile-only: the host backend is the CPU, whatever accelerator plugin is installed.
   jax.config.update("jax_platforms", "cpu")
   define_flags()
-  app.run(main)
+  # A usage or config error (unknown topology, mesh vs devices) is one line, exit status 2.
+  errors.run(main, "mmjax.aot")

@@ -194,20 +194,23 @@ def _valid_taps(length: int, outputs: int, size: int, pad_lo: int, stride: int,
                 lhs_dilate: int, rhs_dilate: int) -> int:
   """Window taps, summed over output positions, that land on an input element (input
   position x = o * stride + k * rhs_dilate - pad_lo, a real element when 0 <= x < span and
-  x is a multiple of lhs_dilate). O(outputs) when lhs_dilate is 1: weight gradients are
-  convolutions with windows as long as the batch."""
+  x is a multiple of lhs_dilate). O(outputs), whatever the window: weight gradients are
+  convolutions with windows as long as the batch, some of them input-dilated."""
   span = (length - 1) * lhs_dilate + 1
+  # x = start + k * rhs_dilate is a multiple of lhs_dilate exactly for k = k0 (mod period)
+  # when g = gcd(rhs_dilate, lhs_dilate) divides start, for no k otherwise.
+  g = math.gcd(rhs_dilate, lhs_dilate)
+  period = lhs_dilate // g
+  inverse = pow(rhs_dilate // g, -1, period)
   taps = 0
   for o in range(outputs):
     start = o * stride - pad_lo  # x at k = 0
     k_lo = max(0, -(start // rhs_dilate) if start < 0 else 0)  # first k with x >= 0
     k_hi = min(size - 1, (span - 1 - start) // rhs_dilate)  # last k with x < span
-    if k_hi < k_lo:
+    if k_hi < k_lo or start % g:
       continue
-    if lhs_dilate == 1:
-      taps += k_hi - k_lo + 1
-    else:
-      taps += sum((start + k * rhs_dilate) % lhs_dilate == 0 for k in range(k_lo, k_hi + 1))
+    k0 = (-start // g) * inverse % period
+    taps += (k_hi - k0) // period - (k_lo - 1 - k0) // period
   return taps
 
 

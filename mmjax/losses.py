@@ -1,4 +1,6 @@
-"""Losses: UniCL (label-aware contrastive, CLIP as a special case) and captioning.
+"""Loss building blocks: UniCL (label-aware contrastive, CLIP as a special case), token
+cross-entropy (captioning, MLM), patch regression, binary matching. The objectives
+(`mmjax.objectives`) weigh and combine them.
 
 `unicl_loss` has two paths:
   * mesh=None: a dense reference-style implementation (B x B logits), differentiated by JAX.
@@ -20,14 +22,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-__all__ = ["unicl_loss", "unicl_loss_dense", "caption_loss", "positive_mask"]
-
 # Logit blocks are processed in [m, c] pieces with at most this many elements (16 MiB f32)
 # when chunk_size is None: keeps the per-device temporaries bounded independently of B.
 _AUTO_CHUNK_ELEMS = 1 << 22
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
   """Row-wise L2 normalisation in float32. x: [B, D] -> [B, D] float32."""
   x = x.astype(jnp.float32)
   # rsqrt of a clamped squared norm: an all-zero row gives zeros instead of NaNs.
@@ -52,8 +52,8 @@ def positive_mask(row_labels: jax.Array, col_labels: jax.Array,
 def unicl_loss_dense(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
                      logit_scale: jax.Array | float) -> jax.Array:
   """Dense UniCL loss (materialises [B, B] logits). Inputs as in `unicl_loss`."""
-  u = _l2_normalize(image_emb)
-  v = _l2_normalize(text_emb)
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
   logits = jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)  # [B, B]
   b = logits.shape[0]
   pos = positive_mask(labels, labels, jnp.eye(b, dtype=bool)).astype(jnp.float32)
@@ -109,8 +109,8 @@ def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
   if m % chunk_size:
     raise ValueError(f"chunk_size {chunk_size} must divide the per-device batch {m}")
 
-  u = _l2_normalize(image_emb)
-  v = _l2_normalize(text_emb)
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
   scale = jnp.asarray(logit_scale, jnp.float32)
   ring = _make_ring_loss(mesh, axes, n, chunk_size, b)
   return ring(u, v, labels.astype(jnp.int32), scale)
@@ -266,21 +266,67 @@ def _add_slice(acc: jax.Array, val: jax.Array, start) -> jax.Array:
   return jax.lax.dynamic_update_slice_in_dim(acc, old + val, start, axis=0)
 
 
-def caption_loss(logits: jax.Array, targets: jax.Array,
-                 mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Token cross-entropy averaged over the tokens where mask == 1 (padding ignored).
+# --- per-token / per-example losses (means over weighted positions) ------------------------
+def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """sum(w * v) / max(sum(w), 1) with where() so NaN/inf at weight 0 cannot leak in."""
+  weights = weights.astype(jnp.float32)
+  total = jnp.where(weights > 0, values * weights, 0.0).sum()
+  count = weights.sum()
+  return total / jnp.maximum(count, 1.0), count
 
-  Args:
-    logits: [B, T, V] (any float dtype; computed in float32).
-    targets: int [B, T].
-    mask: [B, T], 1 for real tokens, 0 for padding.
-  Returns:
-    (loss, num_tokens): float32 scalars; loss = sum(mask * nll) / max(num_tokens, 1).
+
+def token_ce(logits: jax.Array, targets: jax.Array,
+             weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy averaged over positions with weight 1.
+
+  logits float [..., V], targets int [...], weights [...] (0/1). Returns (mean, count).
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = mask.astype(jnp.float32)
-  # where() rather than a product: a NaN/inf logit at a padded position must not leak in.
-  total = jnp.where(mask > 0, nll, 0.0).sum()
-  num_tokens = mask.sum()
-  return total / jnp.maximum(num_tokens, 1.0), num_tokens
+  return _weighted_mean(nll, weights)
+
+
+def patch_mse(pred: jax.Array, target: jax.Array,
+              weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-patch mean squared error (over the P values) averaged over weighted patches.
+  pred, target [B, N, P]; weights [B, N]. Returns (mean, count)."""
+  err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)).mean(-1)
+  return _weighted_mean(err, weights)
+
+
+def itm_bce(logit: jax.Array, match: jax.Array,
+            weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Binary cross-entropy of match (1) / mismatch (0). logit [B], match [B], weights [B]."""
+  logit = logit.astype(jnp.float32)
+  y = match.astype(jnp.float32)
+  nll = -(y * jax.nn.log_sigmoid(logit) + (1 - y) * jax.nn.log_sigmoid(-logit))
+  return _weighted_mean(nll, weights)
+
+
+def masked_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                            valid: jax.Array, logit_scale: jax.Array | float) -> jax.Array:
+  """UniCL loss over the rows where `valid` (image-only / text-only rows take no part).
+
+  image_emb, text_emb [B, D]; labels int [B] (-1 = own pair only); valid bool [B].
+  Positives as `positive_mask`, both restricted to valid rows and columns; each
+  direction is the mean over valid rows of logsumexp over valid columns minus the mean
+  logit of the positives; the loss is the mean of both directions (0 with no valid row).
+  """
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
+  logits = jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)
+  b = logits.shape[0]
+  pair = valid[:, None] & valid[None, :]
+  pos = (positive_mask(labels, labels, jnp.eye(b, dtype=bool)) & pair).astype(
+      jnp.float32)
+  # A large finite negative, not -inf: a row with no valid column (all-unpaired batch) must
+  # keep a finite logsumexp, else its zero cotangent times a NaN gradient poisons the step.
+  masked = jnp.where(pair, logits, -1e9)
+  pos_logit = jnp.where(pos > 0, logits, 0.0)
+  row = jax.nn.logsumexp(masked, axis=1) - pos_logit.sum(1) / jnp.maximum(pos.sum(1), 1.0)
+  col = jax.nn.logsumexp(masked, axis=0) - pos_logit.sum(0) / jnp.maximum(pos.sum(0), 1.0)
+  w = valid.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  row = jnp.where(valid, row, 0.0).sum() / n
+  col = jnp.where(valid, col, 0.0).sum() / n
+  return 0.5 * (row + col)

@@ -13,8 +13,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mmjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXIS = "batch"  # the logical axis of every batch dimension
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -48,7 +50,7 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(config.mesh.shape, len(devices))
-  dcn = resolve_dcn_shape(config.mesh.get("dcn_shape", (-1, 1, 1)), shape,
+  dcn = resolve_dcn_shape(config.mesh.dcn_shape, shape,
                           len({getattr(d, "slice_index", 0) for d in devices}))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if math.prod(dcn) > 1:
@@ -64,34 +66,47 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
 def resolve_dcn_shape(dcn_shape: Sequence[int], shape: Sequence[int],
                       num_slices: int) -> tuple[int, ...]:
   """`config.mesh.dcn_shape` for `num_slices` slices: one -1 takes the remaining slices;
-  each entry must divide the global mesh.shape entry (the rest of the axis is in-slice)."""
+  each entry must divide the global mesh.shape entry (the rest of the axis is in-slice).
+  ConfigError (one line naming the key): the slices are known only with the devices, so
+  this is checked when the mesh is made, not by `cli.validate`."""
   dcn = tuple(int(d) for d in dcn_shape)
   if len(dcn) != len(MESH_AXES) or dcn.count(-1) > 1 or any(d == 0 or d < -1 for d in dcn):
-    raise ValueError(f"config mesh.dcn_shape={dcn}: {len(MESH_AXES)} entries {MESH_AXES}, "
-                     "positive sizes and at most one -1")
+    raise ConfigError(f"config mesh.dcn_shape={dcn}: {len(MESH_AXES)} entries {MESH_AXES}, "
+                      "positive sizes and at most one -1")
   known = math.prod(d for d in dcn if d != -1)
   if -1 in dcn:
     if num_slices % known:
-      raise ValueError(f"config mesh.dcn_shape={dcn}: {num_slices} slices are not divisible "
-                       f"by {known}")
+      raise ConfigError(f"config mesh.dcn_shape={dcn}: {num_slices} slices are not divisible "
+                        f"by {known}")
     dcn = tuple(num_slices // known if d == -1 else d for d in dcn)
   if math.prod(dcn) != num_slices:
-    raise ValueError(f"config mesh.dcn_shape={dcn} spans {math.prod(dcn)} slices but the "
-                     f"devices form {num_slices}")
+    raise ConfigError(f"config mesh.dcn_shape={dcn} spans {math.prod(dcn)} slices but the "
+                      f"devices form {num_slices}")
   for axis, s, d in zip(MESH_AXES, shape, dcn):
     if s % d:
-      raise ValueError(f"config mesh.dcn_shape={dcn}: the {axis} axis has {s} devices, not "
-                       f"divisible over {d} slices (mesh.shape resolves to {tuple(shape)})")
+      raise ConfigError(f"config mesh.dcn_shape={dcn}: the {axis} axis has {s} devices, not "
+                        f"divisible over {d} slices (mesh.shape resolves to {tuple(shape)})")
   return dcn
 
 
-def batch_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(rules: Sequence) -> tuple[str, ...]:
+  """The mesh axes the logical `batch` axis maps to in `config.mesh.rules` (inputs, the
+  contrastive ring and every batch-sharded activation use the same ones)."""
+  for logical, mesh_axes in rules:
+    if logical == BATCH_AXIS:
+      if mesh_axes is None:
+        return ()
+      return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+  raise ValueError(f"config mesh.rules has no {BATCH_AXIS!r} rule")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data x fsdp; other dimensions replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_parallel_size(mesh: Mesh, rules: Sequence) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes; other dimensions replicated."""
+  return NamedSharding(mesh, P(batch_axes(rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -104,8 +119,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 rules: Sequence) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays sharded over the batch."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}

@@ -30,6 +30,14 @@ import os
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies as jax_topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmjax.errors import UsageError
+
 GiB = 2**30
 
 
@@ -71,8 +79,8 @@ GPU_KINDS = {
 GPU_MEM_FRACTION_DEFAULT = 0.90  # what launch/gpu.sh and launch/slurm.sbatch set
 
 
-class UnknownTopologyError(ValueError):
-  pass
+class UnknownTopologyError(UsageError, ValueError):
+  """A topology name or slice count mmjax does not know; the message lists the known ones."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +97,6 @@ class Target:
 
   def devices(self) -> list[Any]:
     """The target's abstract devices (compile-only: no array can live on them)."""
-    from jax.experimental import topologies
     if self.platform == "tpu":
       # libtpu looks for a local TPU when it loads and prints screens of warnings without
       # these; the compile-only topology below is explicit, so they change nothing else.
@@ -98,10 +105,10 @@ class Target:
       # libtpu takes /tmp/libtpu_lockfile (one process per TPU host); compiling needs no
       # TPU, so several compiles (tests in parallel, a benchmark) may run at once.
       os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-      return list(topologies.get_topology_desc(
+      return list(jax_topologies.get_topology_desc(
           platform="tpu", topology_name=self.topology, chip_config_name=self.chip_config,
           chips_per_host_bounds=self.host_bounds, num_slices=self.num_slices).devices)
-    return list(topologies.get_topology_desc(
+    return list(jax_topologies.get_topology_desc(
         self.gpu_kind, "cuda", target_config=gpu_target_config(self.gpu_kind),
         topology=self.topology).devices)
 
@@ -189,10 +196,6 @@ def parse_gib_figure(value: str, unit: str) -> int:
 def tpu_available_hbm(target: Target) -> int:
   """Bytes of HBM per device the TPU compiler lets a program use, from the RESOURCE_EXHAUSTED
   message of a one-device probe program needing ~1 TiB (compiles in about a second)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
   device = target.devices()[0]
   sharding = NamedSharding(Mesh(np.array([device]), ("d",)), PartitionSpec())
   n = 2**38  # float32 elements: 1 TiB

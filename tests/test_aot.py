@@ -15,7 +15,9 @@ import ml_collections
 import pytest
 
 from conftest import REPO
-from mmjax import aot, cli, sharding, summary, topologies
+from mmjax import aot, cli, runtime, sharding, summary, topologies
+from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
 
 TINY = os.path.join(REPO, "configs/coca.py") + ":tiny"
 REQUIRED = ("fits", "memory_per_device_bytes", "device_memory_bytes", "topology", "num_devices",
@@ -59,10 +61,11 @@ def test_tiny_on_v4_report_is_consistent(tiny_report):
   assert report["fits"] == (report["memory_per_device_bytes"] <= capacity)
   assert report["headroom_fraction"] == pytest.approx(
       (capacity - report["memory_per_device_bytes"]) / capacity)
-  # The shard sizes: 16 examples over 4 devices, parameters replicated (mesh 4x1x1).
+  # The shard sizes: 16 examples over 4 devices, parameters replicated (mesh 4x1x1); a row
+  # is an f32 image, int32 tokens and 7 int32 flags (label ... paired).
   config = cli.load_config(TINY)
-  size = config.model.image_size
-  per_device = 4 * (size * size * 3 * 4 + config.data.max_text_len * 4 + 4 * 4)
+  size = config.data.image_size
+  per_device = 4 * (size * size * 3 * 4 + config.data.max_text_len * 4 + 7 * 4)
   assert memory["batch"] == per_device
   # remat none, one micro-batch: the compiled matmuls are exactly the model's FLOPs (the
   # formula's contrastive-loss term aside, < 0.1%).
@@ -118,17 +121,15 @@ def test_config_that_cannot_run_on_the_target_is_one_line_and_exit_2():
 @pytest.mark.parametrize("spec", ["configs/shapes.py:coca_unicl_prefix,tiny",
                                   "configs/flava.py:tiny"])
 def test_abstract_batch_is_the_pipelines_batch(spec, data_dir):
-  """What is compiled takes exactly the batch the input pipeline yields (FLAVA's has
-  modality flags)."""
-  from mmjax import tokenizer as tokenizer_lib
-  from mmjax.data import pipeline
+  """What is compiled (`Runtime.abstract_batch`, lowered by mmjax.train and mmjax.aot alike)
+  takes exactly the batch the input pipeline yields."""
   config = aot.with_overrides(cli.load_config(os.path.join(REPO, spec)),
                               {"data_dir": data_dir, "data.num_workers": 0})
   iterator = pipeline.make_train_iterator(config, tokenizer_lib.get_tokenizer(config),
                                           start_step=0, process_index=0, process_count=1)
   batch = next(iterator)
   iterator.close()
-  abstract = aot.abstract_batch(config, sharding.make_mesh(config, jax.devices()[:1]))
+  abstract = runtime.build(config, jax.devices()[:1]).abstract_batch()
   assert ({k: (v.shape, v.dtype) for k, v in abstract.items()}
           == {k: (v.shape, v.dtype) for k, v in batch.items()})
 

@@ -114,13 +114,17 @@ def test_padded_window_counts_only_real_inputs():
   # Weight gradients window over the whole batch: O(outputs), not outputs x window.
   assert hlo._valid_taps(length=2**24, outputs=1, size=2**24, pad_lo=0, stride=1,
                          lhs_dilate=1, rhs_dilate=1) == 2**24
+  # ... also input-dilated ones (the 32768-example step of tests/test_aot.py): every
+  # second of 2**24 taps lands between two inputs.
+  assert hlo._valid_taps(length=2**23, outputs=1, size=2**24, pad_lo=0, stride=1,
+                         lhs_dilate=2, rhs_dilate=1) == 2**23
 
 
 def test_valid_taps_equal_counting_every_tap():
   rng = np.random.default_rng(0)
   for _ in range(3000):
     length, outputs, size, pad_lo, stride, lhs_dilate, rhs_dilate = (
-        int(v) for v in rng.integers([1, 1, 1, 0, 1, 1, 1], [9, 9, 9, 7, 4, 4, 4]))
+        int(v) for v in rng.integers([1, 1, 1, 0, 1, 1, 1], [9, 9, 9, 7, 4, 7, 7]))
     span = (length - 1) * lhs_dilate + 1
     every = sum(0 <= (x := o * stride + k * rhs_dilate - pad_lo) < span
                 and x % lhs_dilate == 0 for o in range(outputs) for k in range(size))
