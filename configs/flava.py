@@ -102,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss.caption_weight = 0.0  # no captioning head in FLAVA
   c.mesh = shapes.mesh_config()
   c.checkpoint = shapes.checkpoint_config()
+  c.profile = shapes.profile_config()
   c.evals = shapes.evals_config()
   del c.evals["captioning"]  # FLAVA has no captioning decoder
 

@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer = optimizer_config(learning_rate=2e-3, warmup_steps=50, weight_decay=0.01)
   c.mesh = mesh_config()
   c.checkpoint = checkpoint_config()
+  c.profile = profile_config()
   c.evals = evals_config()
   # As many tokens as training targets hold (text minus BOS), tracking data.max_text_len.
   c.evals.captioning.max_new_tokens = c.data.get_ref("max_text_len") - 1
@@ -145,7 +146,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
   m.param_dtype = "float32"
   m.scan_layers = True
-  m.remat_policy = "none"  # none | full | dots_with_no_batch_dims | dots
+  m.remat_policy = "none"  # none, or a policy in mmjax.models.layers.REMAT_POLICIES
   return m
 
 
@@ -155,6 +156,9 @@ def loss_config() -> ml_collections.ConfigDict:
   l.caption_weight = 2.0  # CoCa: 2 x captioning
   l.label_aware = True  # UniCL targets from labels; False = CLIP (every pair its own class)
   l.caption_loss_on_labels = True  # CoCa applies captioning to label prompts too
+  # Token positions per chunk of the captioning head fused with its cross-entropy
+  # (mmjax.fused_xent): at most [micro-batch, chunk, vocab] logits exist. 0 = plain logits.
+  l.caption_chunk_size = 0
   l.sharded = True  # memory-linear shard_map loss over the batch axes of the mesh
   l.nonfinite_policy = "skip"  # skip | stop
   return l
@@ -196,6 +200,15 @@ def checkpoint_config() -> ml_collections.ConfigDict:
   k.max_to_keep = 3
   k.keep_period = 0  # also keep every K-th step's checkpoint; 0 = off
   return k
+
+
+def profile_config() -> ml_collections.ConfigDict:
+  """A jax.profiler trace of train steps start_step .. start_step + num_steps - 1 under
+  <workdir>/profile (mmjax.profiling; TensorBoard's Profile tab opens it)."""
+  p = ml_collections.ConfigDict()
+  p.start_step = 10  # past the first step's compilation
+  p.num_steps = 0  # 0 = off
+  return p
 
 
 def evals_config() -> ml_collections.ConfigDict:

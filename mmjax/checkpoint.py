@@ -23,7 +23,7 @@ class CheckpointMismatchError(ValueError):
 # they change neither the state's shapes nor the training trajectory.
 RESUMABLE_CHANGES = ("total_steps", "log_every_steps", "checkpoint_every_steps",
                      "eval_every_steps", "evals", "checkpoint", "compilation_cache_dir",
-                     "data_dir", "data.num_workers", "data.prefetch_batches")
+                     "data_dir", "data.num_workers", "data.prefetch_batches", "profile")
 
 
 class Checkpointer:

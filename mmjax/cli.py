@@ -15,6 +15,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mmjax import sharding
+from mmjax.models import layers
 
 FLAGS = flags.FLAGS
 
@@ -129,6 +130,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _require(config.loss.nonfinite_policy in ("skip", "stop"),
            f"config loss.nonfinite_policy={config.loss.nonfinite_policy!r}: "
            "choose 'skip' or 'stop'")
+  _require(config.loss.caption_chunk_size >= 0,
+           f"config loss.caption_chunk_size={config.loss.caption_chunk_size} must be >= 0 "
+           "(0 = plain logits)")
+  policies = ("none", *layers.REMAT_POLICIES)
+  _require(config.model.remat_policy in policies,
+           f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
+           f"{', '.join(policies)}")
+  for key in ("start_step", "num_steps"):
+    _require(config.profile[key] >= 0,
+             f"config profile.{key}={config.profile[key]} must be >= 0")
 
 
 def _require(condition: bool, message: str) -> None:

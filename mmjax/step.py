@@ -13,7 +13,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from mmjax import losses, sharding
+from mmjax import fused_xent, losses, sharding
 from mmjax.models.coca import PAD_ID
 from mmjax.state import TrainState
 
@@ -54,15 +54,25 @@ class StepFns:
       mask &= (batch["text_type"] == 0)[:, None]
     return mask.astype(jnp.float32)
 
-  def caption_sum(self, logits: jax.Array, batch: Batch) -> jax.Array:
-    """Summed token cross-entropy over the caption mask (normalised by the caller)."""
-    mask = self.caption_mask(batch)
-    mean, count = losses.caption_loss(logits, batch["text"][:, 1:], mask)
+  def caption_sum(self, out: dict[str, jax.Array], batch: Batch) -> jax.Array:
+    """Summed token cross-entropy over the caption mask (normalised by the caller); from
+    the logits, or fused with the head in chunks (loss.caption_chunk_size > 0)."""
+    mask, targets = self.caption_mask(batch), batch["text"][:, 1:]
+    if "caption_logits" in out:
+      mean, count = losses.caption_loss(out["caption_logits"], targets, mask)
+    else:
+      embed_axes, vocab_axis = nn.logical_to_mesh_axes(("embed", "vocab"),
+                                                       self.config.mesh.rules)
+      mean, count = fused_xent.fused_caption_loss(
+          out["caption_features"], out["caption_kernel"], targets, mask,
+          chunk_size=self.config.loss.caption_chunk_size, mesh=self.mesh,
+          batch_axes=sharding.BATCH_AXES, vocab_axis=vocab_axis, embed_axes=embed_axes)
     return mean * count
 
   def forward(self, params: Any, batch: Batch, with_captions: bool) -> dict[str, jax.Array]:
     return self.model.apply({"params": params}, batch["image"], batch["text"],
-                            batch["text_type"], with_captions=with_captions)
+                            batch["text_type"], with_captions=with_captions,
+                            fused_head=self.config.loss.caption_chunk_size > 0)
 
   def loss(self, params: Any, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted CoCa/UniCL objective over the whole batch."""
@@ -71,7 +81,7 @@ class StepFns:
     contrastive = self.contrastive(out["image_emb"], out["text_emb"],
                                    self.contrastive_labels(batch), out["logit_scale"])
     num_tokens = self.caption_mask(batch).sum()
-    caption = (self.caption_sum(out["caption_logits"], batch) / jnp.maximum(num_tokens, 1.0)
+    caption = (self.caption_sum(out, batch) / jnp.maximum(num_tokens, 1.0)
                if self.with_captions else jnp.zeros(()))
     loss = c.contrastive_weight * contrastive + c.caption_weight * caption
     return loss, dict(contrastive_loss=contrastive, caption_loss=caption,
@@ -113,7 +123,7 @@ class StepFns:
       value = c.contrastive_weight * (jnp.vdot(out["image_emb"], d_img)
                                       + jnp.vdot(out["text_emb"], d_txt)
                                       + out["logit_scale"] * d_scale / k)
-      caption = (self.caption_sum(out["caption_logits"], mb) if self.with_captions
+      caption = (self.caption_sum(out, mb) if self.with_captions
                  else jnp.zeros(()))
       return value + c.caption_weight * caption / num_tokens, caption
 
