@@ -32,7 +32,7 @@ from absl import app
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
-from mmjax import summary
+from mmjax import profiling, summary
 from mmjax import tokenizer as tokenizer_lib
 from mmjax import writers
 from mmjax.data import pipeline
@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = Preemption()
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
-  writer, train_iterator = None, None
+  writer, train_iterator, profiler = None, None, None
 
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
@@ -192,8 +192,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return (None, *_handle_metrics(*pending, config, writer, progress, throughput,
                                        skipped_total, timer))
 
+      profiler = profiling.StepProfiler(config, workdir)
       for step in range(start_step, config.total_steps):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = profiler.run(step, train_step, state, next(batches))
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
@@ -223,6 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
+    if profiler is not None:
+      profiler.stop()
     if train_iterator is not None:
       train_iterator.close()
     checkpointer.close()

@@ -105,3 +105,22 @@ def test_corrupt_images_are_skipped_and_the_exact_count_logged(tmp_path, data_di
       "--config.data.max_skip_fraction=0.5")
   (last,) = [m for m in metrics(workdir) if "loss" in m]
   assert last["step"] == 12 and last["data/skipped"] == 16
+
+
+def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):
+  """--config.profile.* writes a jax.profiler trace (the files TensorBoard's profile plugin
+  reads) whose step markers are exactly the requested steps."""
+  from jax.profiler import ProfileData
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.total_steps=5", "--config.eval_every_steps=0",
+      "--config.profile.start_step=2", "--config.profile.num_steps=2")
+  runs = os.listdir(os.path.join(workdir, "profile", "plugins", "profile"))
+  assert len(runs) == 1
+  files = os.listdir(os.path.join(workdir, "profile", "plugins", "profile", runs[0]))
+  xplanes = [f for f in files if f.endswith(".xplane.pb")]
+  assert len(xplanes) == 1 and any(f.endswith(".trace.json.gz") for f in files), files
+  trace = ProfileData.from_file(
+      os.path.join(workdir, "profile", "plugins", "profile", runs[0], xplanes[0]))
+  steps = sorted(dict(event.stats)["step_num"] for plane in trace.planes
+                 for line in plane.lines for event in line.events if event.name == "train")
+  assert steps == [2, 3]
