@@ -29,7 +29,9 @@ def apply(model, params, batch):
   return jax.device_get(_APPLY[model](params, batch))
 
 
-def test_scanned_and_unrolled_layouts_give_equal_outputs():
+def test_scanned_and_unrolled_layouts_give_equal_outputs_and_gradients():
+  """Also the gradients: scanned, remat_policy "none" keeps matmul outputs and recomputes
+  the elementwise rest (layers.SCANNED_NONE_POLICY); unrolled recomputes nothing."""
   config = helpers.tiny_config()
   batch = helpers.synthetic_batch(config)
   model, params = init(config, batch)
@@ -39,6 +41,19 @@ def test_scanned_and_unrolled_layouts_give_equal_outputs():
   out_unrolled = apply(unrolled, layers.unstack_layer_params(params), batch)
   for key in out_scan:
     np.testing.assert_allclose(out_scan[key], out_unrolled[key], rtol=1e-5, atol=1e-5)
+
+  def grads(m, p):
+    loss = lambda p: (m.apply({"params": p}, batch["image"], batch["text"],
+                              batch["text_type"])["caption_logits"] ** 2).mean()
+    return jax.device_get(jax.jit(jax.grad(loss))(p))
+
+  scanned = layers.unstack_layer_params(grads(model, params))
+  reference = grads(unrolled, layers.unstack_layer_params(params))
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(reference))
+  for (path, g), ref in zip(jax.tree_util.tree_leaves_with_path(scanned),
+                            jax.tree.leaves(reference)):
+    np.testing.assert_allclose(g, ref, rtol=0, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("policy", sorted(layers.REMAT_POLICIES))
@@ -90,10 +105,18 @@ def test_named_remat_policies_keep_what_they_name():
   the saved activations live in host memory instead."""
   temp = {p: _stack_temp_bytes(p) for p in ("full", "save_qkv_proj",
                                             "save_attention_recompute_mlp",
-                                            "offload_attention_recompute_mlp", "none")}
+                                            "offload_attention_recompute_mlp", "dots")}
   assert (temp["full"] < temp["save_qkv_proj"] < temp["save_attention_recompute_mlp"]
-          < temp["none"]), temp
+          < temp["dots"]), temp
   assert temp["offload_attention_recompute_mlp"] == temp["save_attention_recompute_mlp"]
+
+
+def test_scanned_none_stacks_only_matmul_outputs(monkeypatch):
+  """Scanned "none" is the "dots" policy; saving every residual (no remat, as before)
+  stacks far more per layer."""
+  assert _stack_temp_bytes("none") == _stack_temp_bytes("dots")
+  monkeypatch.setattr(layers, "SCANNED_NONE_POLICY", "none")
+  assert _stack_temp_bytes("none") > 1.5 * _stack_temp_bytes("dots")
 
 
 def test_captioning_is_causal():

@@ -33,15 +33,16 @@ def _offload(*names: str) -> Callable:
 
 
 # `model.remat_policy`: what each layer keeps for the backward pass ("none": everything,
-# no rematerialisation). Memory is per token and layer besides the layer's input, which
-# every policy keeps; recompute is the backward's extra forward work, of the layer's
-# matmul FLOPs (at F = 4 D the attention projections are 1/3, the MLP 2/3 of them) plus the
-# attention's own T x T work.
+# no rematerialisation; scanned: SCANNED_NONE_POLICY below). Memory is per token and layer
+# besides the layer's input, which every policy keeps; recompute is the backward's extra
+# forward work, of the layer's matmul FLOPs (at F = 4 D the attention projections are 1/3,
+# the MLP 2/3 of them) plus the attention's own T x T work.
 REMAT_POLICIES: dict[str, Callable | None] = {
     # Save nothing: least memory, the whole layer runs twice (+1 forward, ~ +33% FLOPs).
     "full": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # the same as "full"
-    # Every matmul output, also attention's batched q k^T and probs x v (T x T per head).
+    # Every matmul output, also attention's batched q k^T (T x T per head) and probs x v:
+    # no matmul is recomputed, only the elementwise work (norms, activation, softmax).
     "dots": jax.checkpoint_policies.checkpoint_dots,
     # Every weight matmul's output (q, k, v, out, fc1, fc2: 6 D + F); recomputes only the
     # norms, activation and attention softmax. Little recompute, the most memory of these.
@@ -59,6 +60,16 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "offload_qkv_proj": _offload(QKV_PROJ),
     "offload_attention_recompute_mlp": _offload(*_ATTENTION),
 }
+
+
+# `remat_policy="none"` on scanned layers. A scanned stack's backward gets every residual of
+# its layers through the loop boundary, where XLA stacks each into a [layers, ...] buffer
+# (zero-filled, written by dynamic-update-slice each layer, read back by dynamic-slice): on
+# a CPU these copies cost more than the work they save. Unrolled, XLA keeps only matmul
+# outputs and fuses the cheap elementwise work (norms, activations, softmax, masks) into
+# the backward. Scanned "none" does the same explicitly: keep every matmul output (none is
+# recomputed), recompute the elementwise rest (benchmarks/scan_overhead.py measures it).
+SCANNED_NONE_POLICY = "dots"
 
 
 def partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
@@ -306,13 +317,15 @@ class TransformerStack(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
     block = self.block or TransformerBlock
+    policy = self.remat_policy
+    if policy == "none" and self.scan:
+      policy = SCANNED_NONE_POLICY
     # Decoding keeps no activations for a backward pass: remat would only add lifting.
-    if self.remat_policy != "none" and not self.decode:
-      if self.remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"config model.remat_policy={self.remat_policy!r}: choose one of "
+    if policy != "none" and not self.decode:
+      if policy not in REMAT_POLICIES:
+        raise ValueError(f"config model.remat_policy={policy!r}: choose one of "
                          f"{['none', *REMAT_POLICIES]}")
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy],
-                       prevent_cse=not self.scan)
+      block = nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
               cross_attention=self.cross_attention, activation=self.activation,
               dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)
