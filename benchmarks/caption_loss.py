@@ -1,9 +1,9 @@
-"""Captioning head + loss, plain logits vs fused in token chunks (`mmjax.fused_xent`).
+"""Captioning head + loss, plain logits vs fused in token chunks (`losses.fused_caption_loss`).
 
   PYTHONPATH=. python benchmarks/caption_loss.py [--steps 7] [--chunks 8,16]
 
 Two parts, each the gradient of the loss with respect to the hidden states and the kernel
-(what the train step differentiates), plain = `losses.caption_loss(h @ W)` as the model's
+(what the train step differentiates), plain = `losses.token_ce(h @ W)` as the model's
 `lm_head` computes it (logits in the compute dtype, then float32):
   memory  compiled temporary bytes (XLA memory analysis, nothing executed) at CoCa-Base's
           per-device micro-batch: 256 examples x 63 tokens x 768 width x 64,000 vocabulary,
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import fused_xent, losses
+from mmjax import losses
 
 MEMORY_SHAPE = (256, 63, 768, 64_000)
 TIME_SHAPE = (8, 76, 512, 49_408)
@@ -34,8 +34,8 @@ def grad_fn(chunk: int):
   """(hidden, kernel, targets, mask) -> (d hidden, d kernel), plain (chunk 0) or fused."""
   def loss(h, w, y, m):
     if chunk == 0:
-      return losses.caption_loss(jnp.dot(h, w.astype(h.dtype)).astype(jnp.float32), y, m)[0]
-    return fused_xent.fused_caption_loss(h, w, y, m, chunk_size=chunk)[0]
+      return losses.token_ce(jnp.dot(h, w.astype(h.dtype)).astype(jnp.float32), y, m)[0]
+    return losses.fused_caption_loss(h, w, y, m, chunk_size=chunk)[0]
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 

@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/compile_time.py [--config configs/coca.py:large]
       [--batch 8] [--variants scanned,unrolled]
 
-Each variant is the real train step (`step.jit_train_step`: forward, backward, optimizer,
+Each variant is the real train step (`mmjax.runtime`: forward, backward, optimizer,
 shardings, donation) of the config with only `model.scan_layers` changed, lowered and
 compiled from abstract shapes (`jax.eval_shape` state: no parameter memory, so CoCa-Large's
 ~800M parameters cost nothing here). Every variant runs in a fresh subprocess with the
@@ -24,13 +24,9 @@ VARIANTS = {"scanned": True, "unrolled": False}
 
 def measure(config_spec: str, batch: int, scan_layers: bool) -> dict:
   """Lowers and compiles the train step in this process; returns its figures."""
-  import flax.linen as nn
-  import jax
+  import jax  # in the child only: the parent must not initialise a backend
   import numpy as np
-  from mmjax import cli, models, sharding
-  from mmjax import state as state_lib
-  from mmjax import step as step_lib
-  from mmjax.optimizer import make_optimizer, make_schedule
+  from mmjax import cli, runtime
 
   jax.config.update("jax_enable_compilation_cache", False)
   config = cli.load_config(config_spec)
@@ -39,29 +35,18 @@ def measure(config_spec: str, batch: int, scan_layers: bool) -> dict:
   config.mesh.shape = (1, 1, 1)
   config.model.scan_layers = scan_layers
   config.lock()
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    size, length = config.model.image_size, config.data.max_text_len
-    batch_sharding = sharding.batch_sharding(mesh)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-    abstract_batch = dict(image=spec((batch, size, size, 3), np.float32),
-                          text=spec((batch, length), np.int32),
-                          label=spec((batch,), np.int32), text_type=spec((batch,), np.int32),
-                          skipped=spec((batch,), np.int32))
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
+  rt = runtime.build(config, jax.devices()[:1])
+  with rt.activate():
+    train_step = rt.jit_train_step()
     start = time.perf_counter()
-    lowered = train_step.lower(abstract, abstract_batch)
+    lowered = train_step.lower(rt.abstract_state, rt.abstract_batch())
     lower_s = time.perf_counter() - start
     hlo_chars = len(lowered.as_text())
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(rt.abstract_state.params))
   return {"lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
           "total_s": round(lower_s + compile_s, 2), "stablehlo_chars": hlo_chars,
           "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,

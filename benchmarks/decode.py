@@ -18,8 +18,6 @@ object with all figures.
 """
 import argparse
 import json
-import os
-import sys
 import time
 
 import flax
@@ -27,12 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs"))
-import shapes  # noqa: E402
-
-from mmjax import decode, models  # noqa: E402
-from mmjax.tokenizer import EOS_ID  # noqa: E402
+from configs import shapes
+from mmjax import decode, models
+from mmjax.vocabulary import EOS_ID
 
 
 def build(new_tokens: int, batch: int):

@@ -27,20 +27,15 @@ open_clip 3.3.0's `generate` needs `transformers<4.50` (later releases removed
 """
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import openclip as openclip_configs  # noqa: E402  (configs/openclip.py)
-
-from mmjax import decode, models  # noqa: E402
-from mmjax.convert import openclip as convert  # noqa: E402
+from configs import openclip as openclip_configs
+from mmjax import decode, models
+from mmjax.convert import openclip as convert
 
 VARIANT = "coca_vit_b32"
 SOT, EOT, PAD = 49406, 49407, 0

@@ -10,7 +10,7 @@ parameters, the paper's Adafactor) at 224 px (patch 16, 196 image tokens) and 28
 settings in VARIANTS below. Each variant runs the real train step (`step.jit_train_step`,
 shardings, donated state) on one device. It is timed twice with the same compiled program:
 on a device-resident random batch (the step itself), then copying the host batch to the
-device every step as training does (`sharding.global_batch`): their difference is the
+device every step as training does (`runtime.Runtime.global_batch`): their difference is the
 host-to-device transfer the training loop's prefetch has to hide.
 
 Per variant: compile seconds, median step time of `--steps` timed steps after `--warmup`,
@@ -33,22 +33,13 @@ taken only where the GPU image has them.
 """
 import argparse
 import json
-import os
 import statistics
-import sys
-import time
 import traceback
 
-import flax.linen as nn
 import jax
-import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from mmjax import cli, models, sharding, summary  # noqa: E402
-from mmjax import state as state_lib  # noqa: E402
-from mmjax import step as step_lib  # noqa: E402
-from mmjax.optimizer import make_optimizer, make_schedule  # noqa: E402
+import common  # benchmarks/common.py
+from mmjax import cli, summary
 
 # name -> (image_size, patch_size, per-device batch, model overrides). The first four run by
 # default; the rest only when named in --variants (an unrolled CoCa-Base compiles for minutes).
@@ -71,7 +62,7 @@ REDUCED_VARIANTS = {
 
 def variant_config(base: str, image_size: int, patch_size: int, batch: int, overrides: dict,
                    text_len: int | None):
-  config = cli.load_config(os.path.join(REPO, base))
+  config = cli.load_config(base)
   config.unlock()
   config.batch_size = batch
   config.grad_accum_steps = 1
@@ -85,66 +76,14 @@ def variant_config(base: str, image_size: int, patch_size: int, batch: int, over
   return config
 
 
-def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  b, size, length = config.batch_size, config.model.image_size, config.data.max_text_len
-  return dict(
-      image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
-      text=rng.integers(3, config.model.text.vocab_size, (b, length)).astype(np.int32),
-      label=np.where(rng.random(b) < 0.5, rng.integers(0, 1000, b), -1).astype(np.int32),
-      text_type=np.zeros((b,), np.int32), skipped=np.zeros((b,), np.int32))
-
-
-def time_steps(run, warmup: int, steps: int, *args) -> list[float]:
-  for _ in range(warmup):
-    run(*args)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run(*args)
-    times.append(time.perf_counter() - start)
-  return times
-
-
-def mmjax_runner(config, host_batch: dict[str, np.ndarray] | None = None):
-  """(run(feed) -> the loss of one step, waited for; compile seconds): the real jitted train
-  step of `config` on one device, its state carried between calls. feed: "device" reuses a
-  device-resident batch, "host" copies `host_batch` (default `random_batch`) every step."""
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
-  host_batch = random_batch(config) if host_batch is None else host_batch
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-    device_batch = sharding.global_batch(host_batch, mesh)
-    start = time.perf_counter()
-    compiled = train_step.lower(state, device_batch).compile()
-    compile_s = time.perf_counter() - start
-  holder = {"state": state}
-
-  def run(feed: str = "device") -> float:
-    batch = sharding.global_batch(host_batch, mesh) if feed == "host" else device_batch
-    holder["state"], metrics = compiled(holder["state"], batch)
-    loss = float(jax.block_until_ready(metrics["loss"]))
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"non-finite loss {loss}")
-    return loss
-
-  run.compiled = compiled  # for callers that inspect the program (benchmarks/scan_overhead.py)
-  return run, compile_s
-
-
 def bench_variant(name, base, image_size, patch_size, batch, overrides, args, peak) -> dict:
   config = variant_config(base, image_size, patch_size, batch, overrides, args.text_len)
   flops_per_example = summary.model_flops_per_example(config)
   out = {"image_size": image_size, "patch_size": patch_size, "batch": batch, **overrides}
   try:
-    run, compile_s = mmjax_runner(config)
-    times = time_steps(run, args.warmup, args.steps, "device")
-    host_times = time_steps(run, 1, args.steps, "host")
+    run, compile_s = common.mmjax_runner(config)
+    times = common.time_steps(run, args.warmup, args.steps, "device")
+    host_times = common.time_steps(run, 1, args.steps, "host")
   except Exception as e:  # noqa: BLE001  (an OOM variant is a result, not the end)
     kind = "out_of_memory" if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower() \
         else type(e).__name__
@@ -172,18 +111,14 @@ def bench_openclip(batch: int, args) -> dict:
     import torch
   except ImportError as e:
     return {"skipped": f"open_clip/torch not importable here ({e})"}
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import vs_openclip
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  run_oc, _ = vs_openclip.make_openclip_step(batch, seed=0, device=device,
-                                             amp_bf16=device == "cuda")
-  oc_times = time_steps(run_oc, args.warmup, args.steps)
-  config = vs_openclip.mmjax_config("default", batch)
-  config.unlock()
-  config.model.dtype = "bfloat16" if device == "cuda" else "float32"
-  config.lock()
-  run_mm, compile_s = mmjax_runner(config)
-  mm_times = time_steps(run_mm, args.warmup, args.steps)
+  run_oc, _ = common.make_openclip_step(batch, seed=0, device=device,
+                                        amp_bf16=device == "cuda")
+  oc_times = common.time_steps(run_oc, args.warmup, args.steps)
+  config = common.openclip_b32_config(
+      batch, dtype="bfloat16" if device == "cuda" else "float32")
+  run_mm, compile_s = common.mmjax_runner(config)
+  mm_times = common.time_steps(run_mm, args.warmup, args.steps)
   oc, mm = statistics.median(oc_times), statistics.median(mm_times)
   print(f"coca_ViT-B-32 batch {batch} on {device}: open_clip {oc * 1e3:.1f} ms, "
         f"mmjax {mm * 1e3:.1f} ms ({oc / mm:.2f}x)", flush=True)
@@ -229,7 +164,7 @@ def main() -> None:
                        "model_tflops_per_s": ok[best]["model_tflops_per_s"]}
     if args.profile_dir:
       config = variant_config(base, *table[best], args.text_len)
-      run, _ = mmjax_runner(config)
+      run, _ = common.mmjax_runner(config)
       run()
       with jax.profiler.trace(args.profile_dir):
         for _ in range(3):

@@ -16,8 +16,9 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from configs import schema
 from configs import shapes as shapes_config
-from mmjax import tokenizer as tokenizer_lib
+from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import build, pipeline
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Dataset dir ('' = a fresh temp dir).")
@@ -70,8 +71,8 @@ def main(argv: list[str]) -> None:
   j.unlock()
   j.data_dir = data_dir
   j.data.image_size = 224
-  j.data.sources = {"jpegs": shapes_config.source_config(name, kind="label", label_key="label",
-                                                         weight=1.0)}
+  j.data.sources = {"jpegs": schema.source(name, kind="label", label_key="label",
+                                           weight=1.0)}
   jtok = tokenizer_lib.get_tokenizer(j)
   for w in (0, 1, 2):
     j.data.num_workers = w

@@ -6,7 +6,8 @@
 Model: configs/openclip.py:coca_vit_b32 (CoCa-B/32: ViT-B/32 at 224 px, 512-wide text
 decoders, 49,408 vocabulary, float32) with `--depth` layers in each of its three stacks
 (vision, unimodal, multimodal; 12 = the real B/32), batch `--batch`, one CPU device, the
-real train step (`step.jit_train_step`: forward, backward, AdamW, donated state). Variants:
+real train step (`runtime.build(...).jit_train_step()`: forward, backward, AdamW,
+donated state). Variants:
   unrolled          model.scan_layers=False
   scanned_before    scan_layers=True, remat_policy=none as it was: no remat, so every
                     residual of the backward is stacked per layer by the scan
@@ -29,25 +30,15 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "configs"))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import gpu  # noqa: E402  (benchmarks/gpu.py: the one-device train-step runner)
-import openclip as openclip_configs  # noqa: E402  (configs/openclip.py)
-
-from mmjax import models, sharding  # noqa: E402
-from mmjax import state as state_lib  # noqa: E402
-from mmjax import step as step_lib  # noqa: E402
-from mmjax.models import layers  # noqa: E402
-from mmjax.optimizer import make_optimizer, make_schedule  # noqa: E402
+import common  # benchmarks/common.py: the one-device train-step runner
+from configs import openclip as openclip_configs
+from mmjax import runtime
+from mmjax.models import layers
 
 VARIANTS = {  # name -> (scan_layers, layers.SCANNED_NONE_POLICY while building it)
     "unrolled": (False, layers.SCANNED_NONE_POLICY),
@@ -76,7 +67,7 @@ def build(variant: str, depth: int, batch: int):
   scan, policy = VARIANTS[variant]
   saved, layers.SCANNED_NONE_POLICY = layers.SCANNED_NONE_POLICY, policy
   try:
-    run, compile_s = gpu.mmjax_runner(config(depth, batch, scan))
+    run, compile_s = common.mmjax_runner(config(depth, batch, scan))
   finally:
     layers.SCANNED_NONE_POLICY = saved
   return run, compile_s, run.compiled.as_text()
@@ -168,18 +159,11 @@ def data_movement(hlo: str) -> dict[str, float]:
 
 def compile_seconds(depth: int, batch: int) -> float:
   """Lower + compile the scanned step from abstract state (nothing runs), cache off."""
-  c = config(depth, batch, scan=True)
-  mesh = sharding.make_mesh(c, jax.devices()[:1])
-  model, optimizer = models.build_model(c), make_optimizer(c)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(c.mesh.rules):
-    abstract, shardings = state_lib.abstract_state(model, optimizer, c, mesh)
-    host = gpu.random_batch(c)
-    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                          sharding=sharding.batch_sharding(mesh))
-    train_step = step_lib.jit_train_step(
-        step_lib.StepFns(model, optimizer, make_schedule(c), c, mesh), shardings, mesh)
+  rt = runtime.build(config(depth, batch, scan=True), jax.devices()[:1])
+  with rt.activate():
+    train_step = rt.jit_train_step()
     start = time.perf_counter()
-    train_step.lower(abstract, {k: spec(v) for k, v in host.items()}).compile()
+    train_step.lower(rt.abstract_state, rt.abstract_batch()).compile()
   return time.perf_counter() - start
 
 

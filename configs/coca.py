@@ -37,18 +37,42 @@ Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from
 set `imagenet2012` (texts from class-name templates) and half from the caption set
 `coco_captions` (Karpathy splits); override with e.g.
   --config.data.sources.labels.name=imagenet21k --config.data.sources.captions.name=...
+Class names: CLIP's cleaned ImageNet names, chosen automatically for TFDS imagenet2012, whose
+own names are WordNet ids (mmjax/data/classnames.py); prompts from WordNet ids are refused,
+so a label set without a built-in name list needs
+  --config.data.sources.labels.class_names=/path/names.txt  (one name per line, label order)
+Templates: CLIP's 80 ImageNet prompts for training prompts and the zero-shot ensemble (our
+choice: the paper says only that labels are treated as text).
 Evaluation: zero-shot ImageNet (validation) and COCO 5K retrieval (Karpathy `test`).
 
 Objective: the paper's CoCa (contrastive 1.0 + captioning 2.0, CLIP-style targets, no text
 prefix). The mmjax extensions are one override away:
   --config.loss.label_aware=True --config.model.prefix_length=1
-Optimizer: the paper's Adafactor (b1 0.9, b2 0.999, decoupled weight decay 0.01), linear
-warmup over 2% of the steps to 8e-4, then linear decay to 0; batch 65,536, 500k steps.
+Optimizer (mmjax.optimizer.adafactor, which writes out the update rule). The paper states:
+Adafactor with beta1 0.9, beta2 0.999 and decoupled weight decay 0.01; linear warmup over 2%
+of the steps to 8e-4, then linear decay; batch 65,536, 500k steps. Where it is silent we
+follow praxis ShardedAdafactor (the JAX port of lingvo's, the paper's codebase lineage) and
+optax.adafactor:
+  - beta1 0.9 is an EMA of the (learning-rate-scaled) updates, m = 0.9 m + 0.1 lr u, without
+    bias correction; not heavy-ball momentum (optax.trace), whose steady update is 10x.
+  - beta2 0.999 with Adam's bias correction folded into the decay (praxis decay_method
+    "adam"): the second moment is Adam's bias-corrected average of g^2. A constant 0.999
+    would scale the first updates by up to 1/sqrt(1 - 0.999) ~ 32x.
+  - decoupled weight decay: each update subtracts 0.01 * lr_t * p (lr_t the scheduled rate,
+    8e-4 at the peak), as praxis and AdamW do; biases, norm scales, position embeddings,
+    learned queries / prefix / CLS and the logit scale are not decayed (our mask,
+    optimizer.NO_DECAY_NAMES; praxis decays every variable).
+  - Adafactor's own choices kept: epsilon 1e-30 added to g^2, update clipping at RMS 1.0
+    (optimizer.update_clip_threshold), second moments factored over the two largest axes
+    when both are >= 128 (optimizer.min_dim_size_to_factor; optax's rule), no relative step
+    size or parameter scaling (the paper gives an absolute learning rate).
+  - no global gradient clipping (optimizer.grad_clip_norm=0): the paper mentions none and
+    Adafactor's update clipping bounds every step; --config.optimizer.grad_clip_norm=1.0
+    restores it.
 """
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import schema
 
 VARIANTS = ("tiny", "base", "large", "giant")
 MESHES = ("v4_32", "v5p_128", "h100x8")
@@ -69,110 +93,89 @@ MESH_PRESETS = {
 MICRO_BATCH_PER_DEVICE = 256
 
 
-def _load_shapes():
-  """configs/ is not a package and config_flags loads this file by path: import the sibling
-  configs/shapes.py by path too, so both configs share one key structure."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("mmjax_configs_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant, *modifiers = (arg or "base").split(",")
   if variant not in VARIANTS or len(modifiers) > 1 or set(modifiers) - set(MESHES):
     raise ValueError(f"configs/coca.py:{arg}: choose a variant {VARIANTS}, optionally "
                      f"followed by one mesh preset ',{{{'|'.join(MESHES)}}}'")
-  shapes = _load_shapes()
-  c = ml_collections.ConfigDict()
-  c.preset = "coca"
-  c.variant = variant
-  c.seed = 0
+  c = schema.base(model="coca", objective="coca")
+  c.name = f"coca:{arg or variant}"
   c.batch_size = 65536  # global, over all processes (paper)
   c.total_steps = 500_000  # paper
-  c.grad_accum_steps = 1
   c.log_every_steps = 100
   c.checkpoint_every_steps = 5000
   c.eval_every_steps = 10_000
+  c.eval_batch_size = 1024
   c.data_dir = "~/tensorflow_datasets"
-  c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"
-  # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
-  # A100, TPU v4/v5e/v5p/v6e), no MFU metric on unknown devices such as CPUs.
-  c.peak_tflops_per_device = 0.0
 
   # 64 text tokens incl. BOS/EOS: the paper does not state its text length; 64 holds COCO
   # captions and most alt-texts. It only sizes the 64-row text position table and the FLOPs.
-  c.data = shapes.data_config(image_size=288, max_text_len=64)
-  c.data.num_workers = 8
-  c.data.tokenizer.path = ""  # set to a 64k SentencePiece .model (see the docstring)
-  c.data.tokenizer.vocab_size = 64_000
-  c.data.augment.random_resized_crop = True  # real photos: the shapes caveats do not apply
-  c.data.augment.min_crop_area = 0.5
-  c.data.augment.flip = False  # captions may say "left"/"right"
-  c.data.sources.labels = shapes.source_config("imagenet2012", kind="label",
-                                               label_key="label", weight=0.5)
+  d = c.data
+  d.image_size = 288
+  d.max_text_len = 64
+  d.num_workers = 8
+  d.tokenizer.path = ""  # set to a 64k SentencePiece .model (see the docstring)
+  d.tokenizer.vocab_size = 64_000
+  d.augment.random_resized_crop = True  # real photos: the shapes caveats do not apply
+  d.augment.min_crop_area = 0.5
+  d.augment.flip = False  # captions may say "left"/"right"
+  d.sources.labels = schema.source("imagenet2012", kind="label", label_key="label",
+                                   weight=0.5)
+  d.label_template_set = "openai_imagenet_80"  # our choice (see the docstring)
   # tfds coco_captions: captions = Sequence({"text": str, "id": int64}), decoded as a dict of
   # lists, so the texts are at the nested path captions/text.
-  c.data.sources.captions = shapes.source_config("coco_captions", kind="caption",
-                                                 text_key="captions/text", weight=0.5)
+  d.sources.captions = schema.source("coco_captions", kind="caption",
+                                     text_key="captions/text", weight=0.5)
 
-  c.model = shapes.model_config()
-  c.model.image_size = c.data.get_ref("image_size")
-  c.model.patch_size = 18  # 288 / 18 = 16 x 16 = 256 image tokens (paper)
+  m = c.model
+  m.patch_size = 18  # 288 / 18 = 16 x 16 = 256 image tokens (paper)
   (vw, vd, vm, vh), (tw, nu, nm, tm, th) = SIZES[variant]
-  c.model.vision.update(width=vw, depth=vd, mlp_dim=vm, num_heads=vh)
-  c.model.text.update(width=tw, num_uni_layers=nu, num_multi_layers=nm, mlp_dim=tm,
-                      num_heads=th)
-  c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
+  m.vision.update(width=vw, depth=vd, mlp_dim=vm, num_heads=vh)
+  m.text.update(width=tw, num_uni_layers=nu, num_multi_layers=nm, mlp_dim=tm, num_heads=th)
   # The paper does not give the embedding width; the text width keeps the projections square.
-  c.model.embed_dim = tw
-  c.model.pooler = "cascade"  # paper default (ablation: cascade > parallel)
-  c.model.num_caption_queries = 256  # paper
-  c.model.tie_embeddings = False  # the paper's decoder counts include two vocab tables
-  c.model.prefix_length = 0  # paper: no prefix conditioning
-  c.model.dtype = "bfloat16"
-  c.model.param_dtype = "float32"
-  c.model.scan_layers = True  # one compiled layer per stack: compile time flat in depth
+  m.embed_dim = tw
+  m.pooler = "cascade"  # paper default (ablation: cascade > parallel)
+  m.num_caption_queries = 256  # paper
+  m.tie_embeddings = False  # the paper's decoder counts include two vocab tables
+  m.prefix_length = 0  # paper: no prefix conditioning
+  m.dtype = "bfloat16"
+  m.param_dtype = "float32"
+  m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
   # Save the outputs of weight matmuls (projections, MLP) and recompute the rest (norms,
   # GELU, attention probabilities): ~1/3 of the backward recompute of "full" at a fraction
   # of the memory of "none". Use "full" if a large variant runs out of memory.
-  c.model.remat_policy = "dots_with_no_batch_dims"
+  m.remat_policy = "dots_with_no_batch_dims"
 
-  c.loss = shapes.loss_config()
   c.loss.label_aware = False  # paper: CLIP-style targets (every pair its own class)
   # Captioning head fused with its loss, 8 of the 63 token positions at a time: at 256
   # examples per device the gradient's temporaries are 1.1 GiB instead of 7.9 GiB
   # (benchmarks/caption_loss.py); equal to the plain logits' loss and gradients.
   c.loss.caption_chunk_size = 8
 
-  c.optimizer = shapes.optimizer_config(learning_rate=8e-4, warmup_steps=10_000,
-                                        weight_decay=0.01)
-  c.optimizer.name = "adafactor"
-  c.optimizer.schedule = "linear"
-  # 2% warmup, following --config.total_steps overrides.
-  c.optimizer.warmup_steps = c.get_ref("total_steps") // 50
-  c.optimizer.b1 = 0.9
-  c.optimizer.b2 = 0.999
+  o = c.optimizer
+  o.name = "adafactor"
+  o.learning_rate = 8e-4
+  o.schedule = "linear"
+  o.warmup_steps = c.get_ref("total_steps") // 50  # 2% warmup, following total_steps
+  o.weight_decay = 0.01
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.grad_clip_norm = 0.0  # the paper mentions no gradient clipping
 
-  c.mesh = shapes.mesh_config()
-  c.checkpoint = shapes.checkpoint_config()
-  c.profile = shapes.profile_config()
   c.checkpoint.keep_period = 50_000
-  c.evals = shapes.evals_config()
-  c.evals.batch_size = 1024
-  c.evals.retrieval.update(dataset="coco_captions", split="test", text_key="captions/text",
-                           num_examples=5000)  # Karpathy 5K test
-  c.evals.zeroshot.update(dataset="imagenet2012", split="validation", label_key="label",
-                          num_examples=50_000)
-  c.evals.captioning.update(dataset="coco_captions", split="test", text_key="captions/text",
-                            num_examples=5000, strategy="beam", beam_size=3,
-                            max_new_tokens=c.data.get_ref("max_text_len") - 1)
+  c.evals.retrieval = schema.retrieval_eval("coco_captions", split="test",
+                                            num_examples=5000)  # Karpathy 5K test
+  c.evals.retrieval.text_key = "captions/text"
+  c.evals.zeroshot = schema.zeroshot_eval("imagenet2012", num_examples=50_000)
+  c.evals.captioning = schema.captioning_eval("coco_captions", split="test",
+                                              num_examples=5000)
+  c.evals.captioning.update(text_key="captions/text", strategy="beam", beam_size=3)
+  c.evals.captioning.max_new_tokens = c.data.get_ref("max_text_len") - 1
   # ImageNet linear probe, off (num_examples=0) during pretraining: the logistic fit runs on
   # the host in float64 NumPy, ~120 GFLOP per L-BFGS step at 40k x 768 features x 1000
   # classes. On a checkpoint: mmjax.evaluate ... --config.evals.linear_probe.num_examples=N
-  c.evals.linear_probe = shapes.linear_probe_config(c.evals.zeroshot, num_train=50_000,
-                                                    num_examples=0)
+  c.evals.linear_probe = schema.linear_probe_eval("imagenet2012", num_train=50_000,
+                                                  num_examples=0)
 
   if variant == "tiny":
     shrink_to_tiny(c)
@@ -193,6 +196,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.log_every_steps = 5
   c.checkpoint_every_steps = 5
   c.eval_every_steps = 10
+  c.eval_batch_size = 32
   c.data.image_size = 64
   c.model.patch_size = 16  # 16 image tokens
   c.data.max_text_len = 16
@@ -202,7 +206,6 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.model.embed_dim = 64
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
-  c.evals.batch_size = 32
   c.evals.retrieval.num_examples = 64
   c.evals.zeroshot.num_examples = 64
   c.evals.captioning.num_examples = 16

@@ -1,7 +1,7 @@
 """open_clip's CoCa architectures in mmjax, for converted checkpoints (`mmjax.convert.openclip`).
 
   python -m mmjax.convert.openclip --checkpoint open_clip_model.safetensors \
-      --variant coca_vit_b32 --out /tmp/coca_b32
+      --config configs/openclip.py:coca_vit_b32 --out /tmp/coca_b32
   python -m mmjax.evaluate --config configs/openclip.py:coca_vit_b32 --workdir /tmp/coca_b32
   python -m mmjax.train --config configs/openclip.py:coca_vit_b32 --workdir /tmp/coca_b32 \
       --config.total_steps=100 --config.loss.contrastive_weight=0   # caption fine-tuning
@@ -9,26 +9,13 @@
 Variants (open_clip model config in brackets): coca_vit_b32 [coca_ViT-B-32],
 coca_vit_l14 [coca_ViT-L-14], coca_tiny [`openclip_model_config("coca_tiny")`, for tests]. Append ",legacy_mask=0" for weights trained with open_clip's
 corrected CLS mask (`text_cfg.correct_cls_mask=true`); the shipped weights use the legacy one.
-The key structure is configs/shapes.py's (its helpers are reused), so every mmjax command
+It starts from configs/shapes.py's default (the schema's keys), so every mmjax command
 and override works; data stays the `shapes` datasets for fine-tuning demos, tokenised with
 open_clip's BPE (read from the installed open_clip package) at 224 px.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _load_shapes():
-  # configs/ is not a package; load the sibling file so both configs share one structure.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
-  spec = importlib.util.spec_from_file_location("_mmjax_configs_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-shapes = _load_shapes()
+from configs import shapes
 
 # open_clip model_configs/*.json (`openclip_model_config` rebuilds them; a test checks them
 # against the installed open_clip). Both towers' MLPs are 4x wide, the multimodal decoder
@@ -83,12 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   opts = dict(o.split("=", 1) for o in options)
   if set(opts) - {"legacy_mask"}:
     raise ValueError(f"configs/openclip.py:{arg}: the only option is legacy_mask=0|1")
-  legacy_mask = opts.get("legacy_mask", "1") == "1"
+  legacy_mask = opts.get("legacy_mask", "1") == "1"  # an argument string, not a config key
   v = VARIANTS[variant]
 
   c = shapes.get_config("coca_unicl_prefix")
   c.unlock()
-  c.preset = variant
+  c.name = f"openclip:{arg or variant}"
   c.batch_size = 32
   c.total_steps = 200
   c.log_every_steps = 10
@@ -101,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_text_len = v["context_length"] + 1
   c.data.tokenizer.kind = "openclip"  # BPE of the installed open_clip package
   c.data.tokenizer.vocab_size = OPENCLIP_VOCAB_SIZE
-  c.evals.batch_size = 64
+  c.eval_batch_size = 64
 
   m = c.model
   m.patch_size = v["patch_size"]
@@ -138,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.total_steps = 4
     c.log_every_steps = c.checkpoint_every_steps = c.eval_every_steps = 2
-    c.evals.batch_size = 16
+    c.eval_batch_size = 16
     c.evals.retrieval.num_examples = c.evals.zeroshot.num_examples = 32
     c.evals.linear_probe.update(num_train=128, num_examples=32)
   c.lock()

@@ -1,8 +1,9 @@
 """Orbax checkpoints: train state + the run's config + its data position.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data}`. Orbax commits a step atomically
-(temporary directory renamed on success), so a step that was being written when the
-process died is invisible to `latest_step` and is never restored.
+Layout: `<workdir>/checkpoints/<step>/{state,config,data}` (`data`: the data position,
+i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting). Orbax
+commits a step atomically (temporary directory renamed on success), so a step that was
+being written when the process died is invisible to `latest_step` and is never restored.
 """
 import json
 import os
@@ -14,6 +15,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmjax import errors
+
 
 class CheckpointMismatchError(ValueError):
   pass
@@ -21,9 +24,10 @@ class CheckpointMismatchError(ValueError):
 
 # Config keys that may change between a checkpoint and its resumption without a notice:
 # they change neither the state's shapes nor the training trajectory.
-RESUMABLE_CHANGES = ("total_steps", "log_every_steps", "checkpoint_every_steps",
-                     "eval_every_steps", "evals", "checkpoint", "compilation_cache_dir",
-                     "data_dir", "data.num_workers", "data.prefetch_batches", "profile")
+RESUMABLE_CHANGES = ("name", "total_steps", "log_every_steps", "checkpoint_every_steps",
+                     "eval_every_steps", "eval_batch_size", "evals", "checkpoint",
+                     "compilation_cache_dir", "data_dir", "data.num_workers",
+                     "data.prefetch_batches", "profile")
 
 
 class Checkpointer:
@@ -46,14 +50,21 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> bool:
+  def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
+           data: dict | None = None) -> bool:
     """Starts an asynchronous save of `step` (the trainer decides when: force=True also
-    keeps Orbax from polling the preemption sync point a second time for this step)."""
+    keeps Orbax from polling the preemption sync point a second time for this step).
+    `data`: JSON stored beside the data position (the trainer's skipped-record counts)."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config.to_dict()),
-        data=ocp.args.JsonSave({"step": int(step)}))
+        data=ocp.args.JsonSave({"step": int(step), **(data or {})}))
     return self.manager.save(step, args=args, force=True)
+
+  def restore_data(self, step: int) -> dict:
+    """The `data` item of `step`: {"step": step, ...what save() was given}."""
+    return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+        "data"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -92,6 +103,22 @@ class Checkpointer:
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: tuple(m.shape), tree,
                         is_leaf=lambda m: hasattr(m, "shape"))
+
+
+def existing_step(workdir: str, step: int | None = None) -> int:
+  """The checkpoint step to read from `workdir`: `step`, or the latest. Creates nothing;
+  raises errors.UsageError naming the work directory, or listing the steps there are."""
+  directory = epath.Path(workdir) / "checkpoints"
+  steps = sorted(ocp.utils.checkpoint_steps(directory)) if directory.exists() else []
+  if not steps:
+    raise errors.UsageError(f"no checkpoint in {directory} (--workdir {workdir}): is the path "
+                            "right? mmjax.train writes its checkpoints there")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise errors.UsageError(f"--step {step}: no such checkpoint in {directory}; it has steps "
+                            f"{', '.join(map(str, steps))}")
+  return step
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> list[str]:

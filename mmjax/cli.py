@@ -4,17 +4,19 @@ Every command takes `--config FILE[:ARG]` with `--config.KEY=VALUE` overrides (m
 config_flags: unknown keys fail with a "did you mean" suggestion, values are type-checked).
 `validate` then checks what config_flags cannot, before any device memory is allocated.
 """
-import importlib.util
+import importlib
 import math
 import os
-from typing import Any
 
 import jax
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from mmjax import sharding
+from mmjax import decode, evaluators, models, objectives, optimizer, sharding, vocabulary
+from mmjax.data import transforms
+from mmjax.errors import ConfigError
+from mmjax.evaluators import linear_probe
 from mmjax.models import layers
 
 FLAGS = flags.FLAGS
@@ -52,24 +54,23 @@ def quiet_libraries() -> None:
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`FILE[:ARG]` -> FILE's `get_config(ARG)`, for scripts without absl flags (benchmarks)."""
+  """`configs/NAME.py[:ARG]` (the `--config` format) -> `configs.NAME.get_config(ARG)`, for
+  scripts that take a config without absl flags (benchmarks). Files outside the `configs`
+  package: use a command's `--config`, which loads any file."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
-  return load_config_module(path).get_config(arg or None)
-
-
-def load_config_module(path: str) -> Any:
-  """A config file as a module (configs/ is not a package), e.g. for its helper functions."""
-  module_spec = importlib.util.spec_from_file_location("_mmjax_loaded_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
+  folder, name = os.path.split(os.path.normpath(path))
+  if os.path.basename(folder) != "configs" or not name.endswith(".py"):
+    raise ConfigError(f"config {spec!r}: expected configs/NAME.py[:ARG]")
+  try:
+    module = importlib.import_module(f"configs.{name[:-3]}")
+  except ModuleNotFoundError as e:
+    raise ConfigError(f"config {spec!r}: no such config module ({e})") from None
+  return module.get_config(arg or None)
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
   """XLA compiles are slow on CPU; a persistent cache makes restarts and reruns start fast."""
-  if config.get("compilation_cache_dir"):
+  if config.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser(config.compilation_cache_dir))
 
@@ -79,69 +80,136 @@ def validated_config() -> ml_collections.ConfigDict:
   return FLAGS.config
 
 
-class ConfigError(ValueError):
-  pass
-
-
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Raises ConfigError naming the offending key. Touches no device memory."""
-  num_devices = jax.device_count() if num_devices is None else num_devices
+  """Checks everything knowable from the config alone, before any tokenizer, data or device
+  work: run length and cadence, mesh and batch split, the data mixture, and that the model,
+  the optimizer, the objective and every evaluator entry can be built from it. Raises one
+  ConfigError listing every problem, one line each, naming the key."""
+  problems = []
+  for check in (_check_run, _check_data, _check_parts):
+    problems += check(config, jax.device_count() if num_devices is None else num_devices)
+  if problems:
+    raise ConfigError(*problems)
+
+
+def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
   try:
     shape = sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
-  batch_parallel = shape[0] * shape[1]
-  _require(config.batch_size > 0, f"config batch_size={config.batch_size} must be positive")
-  _require(config.batch_size % batch_parallel == 0,
-           f"config batch_size={config.batch_size} is not divisible by the data-parallel size "
-           f"{batch_parallel} (mesh.shape data x fsdp = {shape[0]} x {shape[1]})")
-  _require(config.batch_size % jax.process_count() == 0,
-           f"config batch_size={config.batch_size} is not divisible by the "
-           f"{jax.process_count()} processes")
+    return [str(e)]
+  axes = sharding.batch_axes(config.mesh.rules)
+  batch_parallel = math.prod(size for axis, size in zip(sharding.MESH_AXES, shape)
+                             if axis in axes)
   accum = config.grad_accum_steps
-  _require(accum >= 1 and config.batch_size % (accum * batch_parallel) == 0,
-           f"config grad_accum_steps={accum}: batch_size={config.batch_size} must split into "
-           f"{accum} micro-batches divisible by the data-parallel size {batch_parallel}")
-  _require(config.total_steps > 0, f"config total_steps={config.total_steps} must be positive")
-  for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps"):
-    _require(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
-  _require(config.peak_tflops_per_device >= 0,
-           f"config peak_tflops_per_device={config.peak_tflops_per_device} must be >= 0 "
-           "(0 = look up the device kind)")
-  weights = {name: s.weight for name, s in config.data.sources.items()}
-  _require(all(w >= 0 for w in weights.values()) and math.fsum(weights.values()) > 0,
-           f"config data.sources.*.weight={weights} must be >= 0 and sum to a positive number")
-  for name, source in config.data.sources.items():
-    _require(source.kind in ("label", "caption"),
-             f"config data.sources.{name}.kind={source.kind!r}: choose 'label' or 'caption'")
+  checks = [
+      (config.batch_size > 0, f"config batch_size={config.batch_size} must be positive"),
+      (config.batch_size % batch_parallel == 0,
+       f"config batch_size={config.batch_size} is not divisible by the data-parallel size "
+       f"{batch_parallel} (mesh.shape {shape} over the batch axes {axes})"),
+      (config.batch_size % jax.process_count() == 0,
+       f"config batch_size={config.batch_size} is not divisible by the "
+       f"{jax.process_count()} processes"),
+      (accum >= 1 and config.batch_size % (accum * batch_parallel) == 0,
+       f"config grad_accum_steps={accum}: batch_size={config.batch_size} must split into "
+       f"{accum} micro-batches divisible by the data-parallel size {batch_parallel}"),
+      (config.total_steps > 0, f"config total_steps={config.total_steps} must be positive"),
+      (config.peak_tflops_per_device >= 0,
+       f"config peak_tflops_per_device={config.peak_tflops_per_device} must be >= 0 "
+       "(0 = look up the device kind)"),
+      (config.checkpoint.max_to_keep >= 1,
+       f"config checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1"),
+      (config.checkpoint.keep_period >= 0,
+       f"config checkpoint.keep_period={config.checkpoint.keep_period} must be >= 0 (0 = off)"),
+      (config.nonfinite_policy in ("skip", "stop"),
+       f"config nonfinite_policy={config.nonfinite_policy!r}: choose 'skip' or 'stop'"),
+      (config.eval_batch_size > 0,
+       f"config eval_batch_size={config.eval_batch_size} must be positive"),
+  ]
+  checks += [(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
+             for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps")]
+  checks += [(config.profile[key] >= 0,
+              f"config profile.{key}={config.profile[key]} must be >= 0")
+             for key in ("start_step", "num_steps")]
+  return [message for ok, message in checks if not ok]
+
+
+def _check_data(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+  del num_devices
+  d = config.data
+  problems = []
+  weights = {name: s.weight for name, s in d.sources.items()}
+  if not (all(w >= 0 for w in weights.values()) and math.fsum(weights.values()) > 0):
+    problems.append(f"config data.sources.*.weight={weights} must be >= 0 (0 = off) and "
+                    "sum to a positive number")
+  for name, source in d.sources.items():
+    if source.kind not in ("label", "caption"):
+      problems.append(f"config data.sources.{name}.kind={source.kind!r}: choose 'label' or "
+                      "'caption'")
+      continue
     key = "label_key" if source.kind == "label" else "text_key"
-    _require(bool(source[key]), f"config data.sources.{name}.{key} must be set for "
-                                f"kind={source.kind!r}")
-  _require(config.data.max_text_len >= 3,
-           f"config data.max_text_len={config.data.max_text_len} must hold BOS, a token, EOS")
-  _require(config.model.image_size % config.model.patch_size == 0,
-           f"config model.image_size={config.model.image_size} is not divisible by "
-           f"model.patch_size={config.model.patch_size}")
-  _require(config.checkpoint.max_to_keep >= 1,
-           f"config checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1")
-  _require(config.checkpoint.keep_period >= 0,
-           f"config checkpoint.keep_period={config.checkpoint.keep_period} must be >= 0 "
-           "(0 = off)")
-  _require(config.loss.nonfinite_policy in ("skip", "stop"),
-           f"config loss.nonfinite_policy={config.loss.nonfinite_policy!r}: "
-           "choose 'skip' or 'stop'")
-  _require(config.loss.caption_chunk_size >= 0,
-           f"config loss.caption_chunk_size={config.loss.caption_chunk_size} must be >= 0 "
-           "(0 = plain logits)")
-  policies = ("none", *layers.REMAT_POLICIES)
-  _require(config.model.remat_policy in policies,
-           f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
-           f"{', '.join(policies)}")
-  for key in ("start_step", "num_steps"):
-    _require(config.profile[key] >= 0,
-             f"config profile.{key}={config.profile[key]} must be >= 0")
+    if not source[key]:
+      problems.append(f"config data.sources.{name}.{key} must be set for "
+                      f"kind={source.kind!r}")
+    if source.modality not in transforms.MODALITIES:
+      problems.append(f"config data.sources.{name}.modality={source.modality!r}: choose one "
+                      f"of {transforms.MODALITIES}")
+    elif source.modality != "paired" and config.loss.name != "flava":
+      problems.append(f"config data.sources.{name}.modality={source.modality!r}: unimodal "
+                      f"views need an objective that uses them (loss.name='flava'), not "
+                      f"{config.loss.name!r}")
+  if d.max_text_len < 3:
+    problems.append(f"config data.max_text_len={d.max_text_len} must hold BOS, a token, EOS")
+  if d.tokenizer.kind not in ("sentencepiece", "openclip"):
+    problems.append(f"config data.tokenizer.kind={d.tokenizer.kind!r}: choose "
+                    "'sentencepiece' or 'openclip'")
+  if config.model.image_size % config.model.patch_size:
+    problems.append(f"config model.image_size={config.model.image_size} is not divisible by "
+                    f"model.patch_size={config.model.patch_size}")
+  return problems
 
 
-def _require(condition: bool, message: str) -> None:
-  if not condition:
-    raise ConfigError(message)
+def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
+  """Builds what the config names (model, optimizer, objective, evaluators) abstractly."""
+  del num_devices
+  problems = []
+  if config.model.name not in models.MODELS:
+    return [f"config model.name={config.model.name!r}: choose one of {list(models.MODELS)}"]
+  if config.loss.name not in objectives.OBJECTIVES:
+    problems.append(f"config loss.name={config.loss.name!r}: choose one of "
+                    f"{list(objectives.OBJECTIVES)}")
+  if config.model.remat_policy not in ("none", *layers.REMAT_POLICIES):
+    problems.append(f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
+                    f"{['none', *layers.REMAT_POLICIES]}")
+  builders = (models.build_model, optimizer.make_optimizer,
+              lambda c: objectives.build(c, models.build_model(c), mesh=None))
+  for build in builders[:2] if problems else builders:
+    try:
+      build(config)
+    except ValueError as e:  # the builders name the key
+      problems.append(str(e))
+  for key, entry in config.evals.items():
+    if entry.type not in evaluators.EVALUATORS:
+      problems.append(f"config evals.{key}.type={entry.type!r}: choose one of "
+                      f"{list(evaluators.EVALUATORS)}")
+    elif entry.type == "captioning" and not models.MODELS[config.model.name].captions:
+      if entry.num_examples:
+        problems.append(f"config evals.{key}: model.name={config.model.name!r} has no "
+                        f"captioning decoder; set evals.{key}.num_examples=0")
+    else:
+      problems += _check_evaluator(key, entry)
+  return problems
+
+
+def _check_evaluator(key: str, e: ml_collections.ConfigDict) -> list[str]:
+  choices = {"zeroshot": ("prefix", tuple(vocabulary.TEXT_TYPES)),
+             "captioning": ("strategy", decode.STRATEGIES),
+             "linear_probe": ("classifier", tuple(linear_probe.CLASSIFIERS))}
+  problems = []
+  if e.num_examples < 0:
+    problems.append(f"config evals.{key}.num_examples={e.num_examples} must be >= 0 (0 = off)")
+  if e.type in choices:
+    field, allowed = choices[e.type]
+    if e[field] not in allowed:
+      problems.append(f"config evals.{key}.{field}={e[field]!r}: choose one of "
+                      f"{list(allowed)}")
+  return problems

@@ -20,14 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.models import layers
-from mmjax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from mmjax.vocabulary import BOS_ID, CAPTION, EOS_ID, PAD_ID
 
 Cache = Any  # a pytree of arrays; see `reorder_cache` for the layout beam search assumes
 # tokens int32 [N] (the last chosen token per row), cache -> (logits float32 [N, V], cache)
 StepFn = Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]
 SelectFn = Callable[[jax.Array, jax.Array], jax.Array]  # logits [N, V], rng -> tokens [N]
 STRATEGIES = ("greedy", "beam", "sample")
-CAPTION_TEXT_TYPE = 0  # the caption prefix (prefix conditioning)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +247,7 @@ def init_cache(decoder: nn.Module, params: Any, caption_tokens: jax.Array,
 
   def shapes(params, caption_tokens):
     tokens = jnp.full((n, max_new_tokens), bos_id, jnp.int32)
-    text_type = jnp.full((n,), CAPTION_TEXT_TYPE, jnp.int32)
+    text_type = jnp.full((n,), CAPTION, jnp.int32)
     _, variables = decoder.apply({"params": params}, caption_tokens, tokens, text_type,
                                  method="decode_prefill", mutable=["cache"])
     return variables["cache"]
@@ -271,7 +270,7 @@ def decode_from_image_tokens(model: nn.Module, params: Any, caption_tokens: jax.
   n = caption_tokens.shape[0]
   cache = init_cache(decoder, params, caption_tokens, config.max_new_tokens, config.bos_id)
   bos = jnp.full((n, 1), config.bos_id, jnp.int32)
-  text_type = jnp.full((n,), CAPTION_TEXT_TYPE, jnp.int32)
+  text_type = jnp.full((n,), CAPTION, jnp.int32)
   logits, variables = decoder.apply({"params": params, "cache": cache}, caption_tokens, bos,
                                     text_type, method="decode_prefill", mutable=["cache"])
 
@@ -327,7 +326,7 @@ def uncached_greedy(model: nn.Module, params: Any, images: jax.Array, max_new_to
     raise ValueError(f"max_new_tokens={max_new_tokens} > data.max_text_len - 1")
   _, caption_tokens = model.apply({"params": params}, images, method="encode_image")
   n = images.shape[0]
-  text_type = jnp.full((n,), CAPTION_TEXT_TYPE, jnp.int32)
+  text_type = jnp.full((n,), CAPTION, jnp.int32)
 
   def last_logits(text_ids: jax.Array, step: jax.Array) -> jax.Array:
     def full(module, text_ids, text_type):

@@ -1,4 +1,10 @@
-"""Optimisers and learning-rate schedules (optax): AdamW and the CoCa paper's Adafactor."""
+"""Optimisers and learning-rate schedules (optax): AdamW and the CoCa paper's Adafactor.
+
+Every optimizer ends by projecting the logit-scale parameter back under log(max): the model
+cannot push it past the cap and freeze there (see `project_logit_scale`).
+"""
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -8,6 +14,7 @@ import optax
 # Parameters that are never weight-decayed: biases, norms, position embeddings, learned
 # queries/prefix/CLS and the logit scale (matched on the last path element).
 NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "queries", "prefix", "cls")
+LOGIT_SCALE_NAME = "logit_scale"  # the models' learned log of the contrastive logit scale
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -31,19 +38,81 @@ def decay_mask(params) -> dict:
       {path: path[-1] not in NO_DECAY_NAMES for path in flat})
 
 
+def adam_beta2(step: jax.Array, beta2: float) -> jax.Array:
+  """Adafactor's second-moment decay for Adam's beta2, bias correction folded in.
+
+  With beta2_hat(t) = beta2 (1 - beta2^(t-1)) / (1 - beta2^t) at update t = step + 1, the
+  running average v_t = beta2_hat v_(t-1) + (1 - beta2_hat) g_t^2 equals Adam's
+  bias-corrected second moment (1 - beta2) sum_k beta2^(t-k) g_k^2 / (1 - beta2^t).
+  praxis ShardedAdafactor's decay_method="adam" (lingvo's Adafactor lineage).
+  1 - beta2^t is computed as -expm1(t log beta2), log in float64: in float32, 1 - 0.999^t
+  by subtraction loses ~4 of 7 digits for small t.
+  """
+  log_beta2 = math.log(float(beta2))
+  t = step.astype(jnp.float32) + 1.0
+  return beta2 * jnp.expm1((t - 1.0) * log_beta2) / jnp.expm1(t * log_beta2)
+
+
+def adafactor(config: ml_collections.ConfigDict,
+              schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The CoCa paper's Adafactor (b1, b2 and decoupled weight decay from `config.optimizer`).
+
+  optax.adafactor's chain, with the paper's Adam-style beta2 and a weight decay that follows
+  the learning rate. For each parameter p with gradient g, at update t (lr_t = schedule):
+    v_t   = beta2_hat(t) v_(t-1) + (1 - beta2_hat(t)) (g^2 + 1e-30)  (factored: row / column
+            means of g^2 for the two largest axes when both have >= min_dim_size_to_factor,
+            v_hat = row x col / mean(row); otherwise elementwise); beta2_hat = `adam_beta2`
+    u_t   = g / sqrt(v_t), divided by max(1, rms(u_t) / update_clip_threshold)
+    m_t   = b1 m_(t-1) + (1 - b1) lr_t u_t                       (EMA, no bias correction)
+    p    <- p - m_t - weight_decay lr_t p                         (decay: masked by decay_mask)
+  lr inside the momentum and weight decay times lr_t follow praxis ShardedAdafactor (the
+  paper's codebase lineage); configs/coca.py says what the paper states and what is ours.
+  """
+  o = config.optimizer
+  return optax.chain(
+      optax.scale_by_factored_rms(decay_rate=o.b2, decay_rate_fn=adam_beta2,
+                                  min_dim_size_to_factor=o.min_dim_size_to_factor),
+      optax.clip_by_block_rms(o.update_clip_threshold) if o.update_clip_threshold
+      else optax.identity(),
+      optax.scale_by_learning_rate(schedule, flip_sign=False),
+      optax.ema(o.b1, debias=False),
+      optax.add_decayed_weights(lambda step: o.weight_decay * schedule(step), mask=decay_mask),
+      optax.scale(-1.0))
+
+
+def project_logit_scale(max_scale: float) -> optax.GradientTransformation:
+  """Updates that leave every `logit_scale` parameter (a log-scale) at most log(max_scale).
+
+  Why: capping exp(log_scale) in the forward pass has a zero gradient past the cap, so a
+  parameter that crosses it never comes back. Projecting the parameter itself after each
+  update, as open_clip clamps `logit_scale` after each optimizer step, keeps it where the
+  gradient acts. Must be the last transformation (it sees the final update).
+  """
+  bound = math.log(max_scale)
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError(optax.NO_PARAMS_MSG)
+
+    def project(path, update, param):
+      if getattr(path[-1], "key", None) != LOGIT_SCALE_NAME:
+        return update
+      return jnp.minimum(param + update, bound) - param
+
+    return jax.tree_util.tree_map_with_path(project, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optimizer
   schedule = make_schedule(config)
   clip = optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm else optax.identity()
   if o.name == "adamw":
-    return optax.chain(clip, optax.adamw(schedule, b1=o.b1, b2=o.b2,
-                                         weight_decay=o.weight_decay, mask=decay_mask))
-  if o.name == "adafactor":
-    # The paper's Adafactor: factored second moments with beta2 capped at b2, momentum b1,
-    # decoupled weight decay (added after the preconditioner, scaled by the schedule).
-    beta2 = lambda step, exponent: jnp.minimum(1.0 - (step + 1.0) ** (-exponent), o.b2)
-    return optax.chain(
-        clip, optax.scale_by_factored_rms(decay_rate=0.8, decay_rate_fn=beta2),
-        optax.trace(decay=o.b1), optax.add_decayed_weights(o.weight_decay, mask=decay_mask),
-        optax.scale_by_learning_rate(schedule))
-  raise ValueError(f"config optimizer.name={o.name!r}: choose 'adamw' or 'adafactor'")
+    core = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                       mask=decay_mask)
+  elif o.name == "adafactor":
+    core = adafactor(config, schedule)
+  else:
+    raise ValueError(f"config optimizer.name={o.name!r}: choose 'adamw' or 'adafactor'")
+  return optax.chain(clip, core, project_logit_scale(config.model.logit_scale_max))

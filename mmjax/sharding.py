@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXIS = "batch"  # the logical axis of every batch dimension
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -45,13 +45,24 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None =
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def batch_parallel_size(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+def batch_axes(rules: Sequence) -> tuple[str, ...]:
+  """The mesh axes the logical `batch` axis maps to in `config.mesh.rules` (inputs, the
+  contrastive ring and every batch-sharded activation use the same ones)."""
+  for logical, mesh_axes in rules:
+    if logical == BATCH_AXIS:
+      if mesh_axes is None:
+        return ()
+      return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+  raise ValueError(f"config mesh.rules has no {BATCH_AXIS!r} rule")
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over data x fsdp; other dimensions replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_parallel_size(mesh: Mesh, rules: Sequence) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes; other dimensions replicated."""
+  return NamedSharding(mesh, P(batch_axes(rules)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -64,8 +75,9 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(r) for r in rules))
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+                 rules: Sequence) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays sharded over the batch."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}

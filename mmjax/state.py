@@ -80,12 +80,25 @@ def _is_boxed(x: Any) -> bool:
 
 def abstract_state(model: nn.Module, optimizer: optax.GradientTransformation,
                    config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Any, Any]:
-  """(abstract unboxed state with shardings attached, shardings). No device memory used."""
-  boxed = jax.eval_shape(make_init_fn(model, optimizer, config), jax.random.key(0))
+  """(abstract unboxed state with shardings attached, shardings). Nothing concrete is
+  created, not even the rng key: this also runs over a mesh of abstract (ahead-of-time)
+  devices."""
+  init = make_init_fn(model, optimizer, config)
+  return _with_shardings(jax.eval_shape(lambda: init(jax.random.key(0))), mesh, config)
+
+
+def abstract_params(model: nn.Module, config: ml_collections.ConfigDict,
+                    mesh: Mesh) -> tuple[Any, Any]:
+  """(abstract unboxed parameters with shardings attached, shardings): what evaluation and
+  conversion restore, without an optimizer."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
+  return _with_shardings(boxed["params"], mesh, config)
+
+
+def _with_shardings(boxed: Any, mesh: Mesh, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   shardings = sharding.logical_shardings(boxed, mesh, config.mesh.rules)
-  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(
-      x, nn.Partitioned) else x, boxed,
-                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  unboxed = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_boxed(x) else x,
+                         boxed, is_leaf=_is_boxed)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           unboxed, shardings)
   return abstract, shardings

@@ -7,7 +7,9 @@ Multi-process: auto-detected on TPU pods and SLURM; on one machine pass
 `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` (see launch/).
 
 Exit status: 0 done; 42 preempted (SIGTERM; the step reached was checkpointed, rerun to
-resume); 1 an error (message on stderr naming the config key, checkpoint or step).
+resume); 2 a usage error (one line on stderr naming the flag, config key, dataset or work
+directory and what to do); 1 an expected failure of the run (one line naming the config
+key, checkpoint, step or data source); anything else is a bug (traceback).
 
 Fault injection for tests (environment variables, deliberately not config keys: they never
 reach a checkpoint's config and cannot be set by accident in a real run):
@@ -24,19 +26,16 @@ import sys
 import time
 from typing import Any, Iterator
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-from absl import app
+from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, evaluate, models, sharding, state as state_lib, step as step_lib
-from mmjax import profiling, summary
-from mmjax import tokenizer as tokenizer_lib
-from mmjax import writers
-from mmjax.data import pipeline
-from mmjax.optimizer import make_optimizer, make_schedule
+from mmjax import checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary, writers
+from mmjax.data import accounting, pipeline
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.evaluators import grid
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -97,12 +96,12 @@ def poison_batches(batches: Iterator[dict[str, np.ndarray]], start_step: int,
     yield batch
 
 
-def device_batches(batches: Iterator[dict[str, np.ndarray]], mesh: jax.sharding.Mesh,
+def device_batches(batches: Iterator[dict[str, np.ndarray]], rt: runtime.Runtime,
                    size: int) -> Iterator[dict[str, jax.Array]]:
   """Keeps `size` batches in flight to the devices so the host never stalls the step."""
   queue = collections.deque()
   for local in batches:
-    queue.append(sharding.global_batch(local, mesh))
+    queue.append(rt.global_batch(local))
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
@@ -112,8 +111,10 @@ START_BARRIER_TIMEOUT_S = 900
 
 
 def _barrier(name: str, timeout_s: int) -> None:
-  """All processes wait here (coordination service; no device collective involved)."""
-  from jax._src import distributed  # the public multihost_utils barrier is a collective
+  """All processes wait here (coordination service; no device collective involved).
+
+  JAX has no public API for this: `multihost_utils.sync_global_devices` is a device
+  collective, bound by gloo's 30 s rendezvous on CPUs, the very limit this barrier avoids."""
   distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
 
 
@@ -125,17 +126,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
   Raises SystemExit(PREEMPTED_EXIT_CODE) after checkpointing on preemption,
-  NonFiniteLossError (loss.nonfinite_policy='stop'), checkpoint.CheckpointMismatchError.
+  NonFiniteLossError (nonfinite_policy='stop'), checkpoint.CheckpointMismatchError,
+  accounting.TooManySkippedError (data.max_skip_fraction).
   """
   process0 = jax.process_index() == 0
-  # Mesh, data, model.
-  mesh = sharding.make_mesh(config)
+  # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
+  rt = runtime.build(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
                           f"model.text.vocab_size={config.model.text.vocab_size}")
-  model = models.build_model(config)
-  optimizer, schedule = make_optimizer(config), make_schedule(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   preemption = Preemption()
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
@@ -143,13 +143,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer, train_iterator, profiler = None, None, None
 
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-      # Shard: abstract state first, then created or restored directly onto its shardings.
-      abstract, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
+    with rt.activate():
+      # Shard: the state is created or restored directly onto its shardings.
       latest = checkpointer.latest_step()
       start_step = latest or 0
+      data_position = None
       if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
-        state = checkpointer.restore(start_step, abstract)
+        state = checkpointer.restore(start_step, rt.abstract_state)
+        data_position = checkpointer.restore_data(start_step)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
@@ -157,17 +158,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
           writers.truncate_metrics(workdir, start_step)
       else:
-        state = state_lib.create_state(model, optimizer, config, shardings)
+        state = rt.init_state()
       writer = writers.MetricWriter(workdir, enabled=process0)
-      train_step = step_lib.jit_train_step(
-          step_lib.StepFns(model, optimizer, schedule, config, mesh), shardings, mesh)
-      evaluators = (evaluate.build_evaluators(config, tokenizer) if config.eval_every_steps
-                    else [])
-      embedder = evaluate.Embedder(model, mesh, config.evals.batch_size)
+      train_step = rt.jit_train_step()
+      evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
+               else [])
+      embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
+                                     config.eval_batch_size)
       train_iterator = pipeline.make_train_iterator(
           config, tokenizer, start_step=start_step, process_index=jax.process_index(),
           process_count=jax.process_count())
-      batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), mesh,
+      batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), rt,
                                config.data.prefetch_batches)
       if jax.process_count() > 1:
         # Gloo gives peers only 30 s to meet at their first collective, so a process that
@@ -183,14 +184,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       # contains a non-finite step is saved (the save syncs on the state anyway).
       progress = writers.Progress(config.total_steps, start_step)
       throughput = Throughput.from_config(config)
+      skips = accounting.SkipAccount.from_config(config, data_position)
       pending, last, results = None, {}, {}
-      skipped_total, timer = 0, (time.time(), start_step)
+      timer = (time.time(), start_step)
 
-      def flush(pending, last, skipped_total, timer):
+      def flush(pending, last, timer):
         if pending is None:
-          return None, last, skipped_total, timer
-        return (None, *_handle_metrics(*pending, config, writer, progress, throughput,
-                                       skipped_total, timer))
+          return None, last, timer
+        return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
+                                       timer))
 
       profiler = profiling.StepProfiler(config, workdir)
       for step in range(start_step, config.total_steps):
@@ -198,30 +200,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
-        pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+        pending, last, timer = flush(pending, last, timer)
         pending = (done, metrics)
         preempted = preemption.reached(done)
         if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
-          checkpointer.save(done, state, config)
+          pending, last, timer = flush(pending, last, timer)
+          checkpointer.save(done, state, config, data=skips.state())
         if preempted:
           checkpointer.wait()
           if process0:
             print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
                   "command to resume", flush=True)
           raise SystemExit(PREEMPTED_EXIT_CODE)
-        if evaluators and is_due(done, config.eval_every_steps, config.total_steps):
+        if evals and is_due(done, config.eval_every_steps, config.total_steps):
           # Log this step before evaluating, so evaluation time is not counted as training.
-          pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
-          results = evaluate.run_evaluators(evaluators, embedder, state.params)
+          pending, last, timer = flush(pending, last, timer)
+          results = evaluators.run_evaluators(evals, embedder, state.params)
           writer.write(done, results)
-          grid = evaluate.sample_grid(evaluators, embedder, state.params)
-          if grid is not None:
-            writer.write_image(done, "samples", grid)
+          picture = grid.sample_grid(evals, embedder, state.params)
+          if picture is not None:
+            grid.write_sample_grid(writer, workdir, done, picture)
           if process0:
-            print(evaluate.format_table(results), flush=True)
+            print(evaluators.format_results(results), flush=True)
           timer = (time.time(), done)
-      pending, last, skipped_total, timer = flush(pending, last, skipped_total, timer)
+      pending, last, timer = flush(pending, last, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
     if profiler is not None:
@@ -261,26 +263,27 @@ class Throughput:
 
 def _handle_metrics(step: int, metrics: dict, config: ml_collections.ConfigDict,
                     writer: writers.MetricWriter, progress: writers.Progress,
-                    throughput: Throughput, skipped_total: int, timer: tuple[float, int]):
+                    throughput: Throughput, skips: accounting.SkipAccount,
+                    timer: tuple[float, int]):
   metrics = jax.device_get(metrics)
-  if not metrics["finite"] and config.loss.nonfinite_policy == "stop":
+  if not metrics["finite"] and config.nonfinite_policy == "stop":
     raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {step} (config loss.nonfinite_policy='stop'); "
+        f"non-finite loss or gradient at step {step} (config nonfinite_policy='stop'); "
         "the update was not applied and no checkpoint containing it was written")
-  skipped_total += int(metrics.pop("skipped_records"))
+  skips.add(metrics.pop("data_counts"))  # raises past data.max_skip_fraction
   metrics.pop("finite")
   if not is_due(step, config.log_every_steps, config.total_steps):
-    return {}, skipped_total, timer
+    return {}, timer
   start_time, start_step = timer
   now = time.time()
   metrics["examples_per_sec"] = (step - start_step) * config.batch_size / max(now - start_time,
                                                                              1e-9)
   metrics.update(throughput.metrics(metrics["examples_per_sec"]))
-  metrics["data/skipped"] = skipped_total
+  metrics.update(skips.metrics())
   writer.write(step, metrics)
   if jax.process_index() == 0:
     progress.print(step, metrics)
-  return metrics, skipped_total, (now, step)
+  return metrics, (now, step)
 
 
 def initialize_distributed() -> None:
@@ -308,17 +311,19 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_libraries()
-  try:
-    initialize_distributed()
-    config = cli.validated_config()
-    cli.enable_compilation_cache(config)
-    train_and_evaluate(config, os.path.expanduser(cli.FLAGS.workdir))
-  except (cli.ConfigError, checkpoint.CheckpointMismatchError, NonFiniteLossError) as e:
-    # Expected failures: one clear line, no traceback, exit status 1.
-    print(f"mmjax.train: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+  initialize_distributed()
+  config = cli.validated_config()
+  cli.enable_compilation_cache(config)
+  workdir = os.path.expanduser(cli.FLAGS.workdir)
+  # One job per work directory: a second one is refused here, before any work.
+  with locks.hold_workdir(workdir, jax.process_index(), jax.process_count()):
+    train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
   cli.define_flags(distributed=True)
-  app.run(main)
+  # One line on stderr, no traceback: exit 2 for a usage error (errors.UsageError), 1 for
+  # these expected failures.
+  errors.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
+                                            NonFiniteLossError,
+                                            accounting.TooManySkippedError))

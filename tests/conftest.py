@@ -1,7 +1,6 @@
 """Shared test setup: 8 fake CPU devices (sharding tests use sub-meshes of them), a shared
 persistent XLA cache (CPU compiles dominate test time), and the shapes data built once."""
 import os
-import sys
 import tempfile
 
 import jax
@@ -11,7 +10,6 @@ jax.config.update("jax_num_cpu_devices", 8)
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
 
 
 @pytest.fixture(scope="session")

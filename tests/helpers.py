@@ -1,9 +1,14 @@
-"""Tiny configs and synthetic batches for tests (the code paths are the real ones)."""
-import flax.linen as nn
+"""Tiny configs, synthetic batches and stand-in TFDS data for tests (the code paths are the
+real ones)."""
+import io
+
 import jax
 import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
 
-import shapes  # configs/shapes.py (conftest puts configs/ on sys.path)
+from configs import shapes
+from mmjax import runtime
 
 
 def override(config, **overrides):
@@ -37,20 +42,46 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
     text[i, n - 1] = 1
   label = rng.integers(0, 4, size=b).astype(np.int32)
   label[: b // 2] = -1
+  ones, zeros = np.ones(b, np.int32), np.zeros(b, np.int32)
   return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
               label=label, text_type=(label >= 0).astype(np.int32),
-              skipped=np.zeros(b, np.int32))
+              source=(label >= 0).astype(np.int32),  # sorted source keys: captions, labels
+              skipped=zeros, has_image=ones, has_text=ones, paired=ones)
 
 
 def step_setup(config, num_devices: int):
-  """The real train-step machinery for `config` on the first `num_devices` devices:
-  (mesh, StepFns, state shardings, sharded initial state)."""
-  from mmjax import models, sharding, state as state_lib, step as step_lib
-  from mmjax.optimizer import make_optimizer, make_schedule
-  mesh = sharding.make_mesh(config, jax.devices()[:num_devices])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  fns = step_lib.StepFns(model, optimizer, make_schedule(config), config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
-  return mesh, fns, shardings, state
+  """The real runtime for `config` on the first `num_devices` devices, and a fresh sharded
+  train state: (runtime.Runtime, state)."""
+  rt = runtime.build(config, jax.devices()[:num_devices])
+  with rt.activate():
+    state = rt.init_state()
+  return rt, state
+
+
+class EncodedFakeSource:
+  """TFDS's mock data source makes decoded random images (encoding them needs TensorFlow);
+  mmjax reads images encoded, so this stand-in encodes its random images with Pillow."""
+
+  def __init__(self, info, num_examples):
+    self.dataset_info, self.num_examples = info, num_examples
+
+  def __len__(self):
+    return self.num_examples
+
+  def __getitem__(self, i):
+    rng = np.random.default_rng(i)
+    h, w = rng.integers(16, 48, size=2)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buf, format="PNG")
+    return {"image": buf.getvalue(),
+            "label": int(rng.integers(self.dataset_info.features["label"].num_classes))}
+
+
+def mock_tfds(num_examples: int):
+  """`tfds.testing.mock_data` for catalog label datasets (imagenet2012, cifar10: their real
+  builders and class lists), their images encoded as mmjax reads them."""
+  def data_source(builder, split, decoders=None, **kwargs):
+    del split, kwargs
+    assert isinstance(decoders["image"], tfds.decode.SkipDecoding)  # mmjax decodes itself
+    return EncodedFakeSource(builder.info, num_examples)
+  return tfds.testing.mock_data(num_examples=num_examples, as_data_source_fn=data_source)

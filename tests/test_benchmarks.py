@@ -45,3 +45,15 @@ def test_compile_time_benchmark_scanned_and_unrolled():
     assert out[f"{variant}_compile_s"] > 0 and out[f"{variant}_stablehlo_chars"] > 0
   assert out["unrolled_over_scanned_total"] == pytest.approx(
       out["unrolled_total_s"] / out["scanned_total_s"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_webdataset_build_benchmark_reduced():
+  out = run_script("benchmarks/build_webdataset.py", "--shards", "2", "--per_shard", "6",
+                   "--side", "64", "--workers", "1,2", "--no_tfds_writer", "--repeats", "1")
+  assert set(out["variants"]) == {"folder_csv", "beam_verify_w1", "beam_verify_w2",
+                                  "beam_header_w1", "beam_header_w2"}
+  assert out["identical_across_workers"] == {"beam_verify": True, "beam_header": True}
+  for v in out["variants"].values():
+    assert v["records"] == 12 and v["wall_s"] > 0 and v["cpu_s"] > 0
+  assert "AMD" in out["cpu"] or "Intel" in out["cpu"] or out["cpu"]

@@ -84,6 +84,6 @@ def test_check_shapes_names_the_first_mismatching_path_and_both_shapes():
 def test_config_changes_ignores_schedule_and_eval_keys():
   saved = helpers.tiny_config().to_dict()
   changed = helpers.tiny_config(total_steps=99, log_every_steps=1, eval_every_steps=0,
-                                **{"evals.batch_size": 8, "model.text.width": 48, "seed": 3})
+                                **{"eval_batch_size": 8, "model.text.width": 48, "seed": 3})
   assert checkpoint.config_changes(saved, changed) == ["model.text.width", "seed"]
   assert checkpoint.config_changes(saved, helpers.tiny_config()) == []

@@ -1,4 +1,5 @@
-"""configs/coca.py: every variant and mesh preset loads, locks, validates, overrides."""
+"""configs/: every config follows the schema; coca.py's variants and mesh presets load, lock,
+validate and override."""
 import os
 
 import ml_collections
@@ -6,8 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-import coca  # configs/coca.py
-import shapes  # configs/shapes.py
+from configs import coca, flava, openclip, schema, shapes
 from mmjax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +34,27 @@ def test_variants_and_meshes_load_lock_and_validate(variant, mesh):
   if mesh is not None and variant != "tiny":  # one micro-batch = 256 examples per device
     assert config.batch_size // (config.grad_accum_steps * num_devices) == 256
   # Same key structure as configs/shapes.py, so every command reads either file.
-  assert _keys(config) - {"variant"} == _keys(shapes.get_config())
+  assert _keys(config) == _keys(shapes.get_config())
+
+
+EVAL_SECTIONS = {"zeroshot": schema.zeroshot_eval, "retrieval": schema.retrieval_eval,
+                 "captioning": schema.captioning_eval, "linear_probe": schema.linear_probe_eval}
+
+
+@pytest.mark.parametrize("config", [
+    shapes.get_config(), shapes.get_config("clip,tiny"), coca.get_config("giant,v5p_128"),
+    flava.get_config("tiny"), flava.get_config("full"), openclip.get_config("coca_tiny")],
+    ids=lambda c: c.name)
+def test_every_config_has_exactly_the_schema_keys(config):
+  """Configs change values, never the key structure: the schema's sections for the config's
+  model and objective, sources and evaluators shaped like the schema's."""
+  expected = schema.base(model=config.model.name, objective=config.loss.name)
+  outside = lambda keys: {k for k in keys if not k.startswith(("data.sources.", "evals."))}
+  assert outside(_keys(config)) == outside(_keys(expected))
+  for source in config.data.sources.values():
+    assert _keys(source) == _keys(schema.source("x", kind="label", weight=1.0))
+  for entry in config.evals.values():
+    assert _keys(entry) == _keys(EVAL_SECTIONS[entry.type]())
 
 
 def test_paper_recipe():
@@ -47,6 +67,7 @@ def test_paper_recipe():
   o = c.optimizer
   assert (o.name, o.schedule, o.learning_rate, o.b1, o.b2, o.weight_decay) == (
       "adafactor", "linear", 8e-4, 0.9, 0.999, 0.01)
+  assert (o.grad_clip_norm, o.update_clip_threshold) == (0.0, 1.0)  # see the docstring
   assert (c.loss.contrastive_weight, c.loss.caption_weight) == (1.0, 2.0)
   assert c.data.sources.labels.name == "imagenet2012"
   assert c.data.sources.captions.text_key == "captions/text"
@@ -84,7 +105,6 @@ def _parse(args: list[str]) -> ml_collections.ConfigDict:
 def test_linear_probe_keys_do_not_move_the_zero_shot_evaluator():
   """The probe copies the zero-shot dataset's names and sizes; overriding either leaves the
   other alone (a shared FieldReference would silently change both)."""
-  import flava  # configs/flava.py
   full = flava.get_config("full")
   assert (full.evals.zeroshot.num_examples, full.evals.linear_probe.num_examples) == (50_000, 0)
   c = _parse([f"--config={CONFIG_FILE}:base", "--config.evals.linear_probe.num_examples=10000",

@@ -1,4 +1,5 @@
 """Shapes build, TF-free reading, Grain pipeline determinism/topology, mocks, bad records."""
+import io
 import os
 import sys
 
@@ -7,8 +8,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import helpers
+from configs import schema
 from configs import shapes as shapes_config
-from mmjax import tokenizer as tk
+from mmjax import errors, vocabulary
+from mmjax.data import tokenizer as tk
 from mmjax.data import build, pipeline, shapes, sources
 
 
@@ -66,7 +70,7 @@ def test_batch_fields(data_dir, tokenizer):
   assert b["image"].shape == (16, 64, 64, 3) and b["image"].dtype == np.float32
   assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].std() > 0.05
   assert b["text"].shape == (16, 24) and b["text"].dtype == np.int32
-  assert (b["text"][:, 0] == tk.BOS_ID).all() and ((b["text"] == tk.EOS_ID).sum(1) == 1).all()
+  assert (b["text"][:, 0] == vocabulary.BOS_ID).all() and ((b["text"] == vocabulary.EOS_ID).sum(1) == 1).all()
   for k in ("label", "text_type", "source", "skipped"):
     assert b[k].shape == (16,) and b[k].dtype == np.int32
   # sorted keys: captions=0, labels=1
@@ -128,28 +132,34 @@ def test_mix_fractions(data_dir, tokenizer):
   assert abs((src == 1).mean() - 0.75) < 0.05
 
 
+def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
+  c = make_config(data_dir, **{"data.sources.labels.weight": 0.0})
+  (b,) = take(c, tokenizer, 1)
+  assert (b["source"] == 0).all() and (b["text_type"] == 0).all() and (b["label"] == -1).all()
+
+
 def test_load_eval_split(data_dir):
+  """An evaluator's split, read from its config entry (evals.zeroshot: shapes/labels,
+  evals.retrieval: shapes/captions; the probe's train_split by split_key)."""
   c = make_config(data_dir)
-  e = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
-                               image_key="image", label_key="label", num_examples=20)
+  e = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
   assert e["images"].shape == (20, 64, 64, 3) and e["labels"].shape == (20,)
   assert len(e["class_names"]) == 64
-  e2 = pipeline.load_eval_split(c, dataset="shapes/labels", split="validation",
-                                image_key="image", label_key="label", num_examples=20)
+  e2 = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
   np.testing.assert_array_equal(e["images"], e2["images"])
-  r = pipeline.load_eval_split(c, dataset="shapes/captions", split="validation",
-                               image_key="image", text_key="captions", num_examples=8)
+  train = pipeline.load_eval_split(c, "linear_probe", num_examples=20, split_key="train_split")
+  assert not np.array_equal(train["images"], e["images"])
+  r = pipeline.load_eval_split(c, "retrieval", num_examples=8)
   assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
 
 
 def test_mock_imagenet_and_cifar(tmp_path):
+  """Catalog datasets (their real TFDS builders and class lists) under tfds' mock."""
   c = make_config(str(tmp_path))
   c.data.sources = {
-      "cifar": shapes_config.source_config("cifar10", kind="label", label_key="label",
-                                           weight=0.5),
-      "imagenet": shapes_config.source_config("imagenet2012", kind="label",
-                                              label_key="label", weight=0.5)}
-  with tfds.testing.mock_data(num_examples=12):
+      "cifar": schema.source("cifar10", kind="label", label_key="label", weight=0.5),
+      "imagenet": schema.source("imagenet2012", kind="label", label_key="label", weight=0.5)}
+  with helpers.mock_tfds(num_examples=12):
     tok = tk.get_tokenizer(c)
     names = pipeline.label_texts(c)
     assert len(names) == 1010  # sorted keys: cifar's 10 classes, then imagenet's 1000
@@ -161,35 +171,42 @@ def test_mock_imagenet_and_cifar(tmp_path):
   assert (b["label"] < 1010).all() and (b["text_type"] == 1).all()
 
 
+def write_bad_folder(name, data_dir, size=(30, 40)):
+  """A label dataset of 12 records, 2 of them undecodable (corrupt, zero bytes), as a
+  builder that stores bytes unchecked (e.g. a web-scale one) writes it."""
+  rng = np.random.default_rng(0)
+  examples = []
+  for label, cls in enumerate(("cat", "dog")):
+    for i in range(5):
+      buf = io.BytesIO()
+      Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(buf, format="JPEG")
+      examples.append({"image": buf.getvalue(), "file_name": f"{cls}/{i}.jpg", "label": label})
+  examples.append({"image": b"\xff\xd8\xff\xe0 not really a jpeg", "file_name": "cat/corrupt.jpg",
+                   "label": 0})
+  examples.append({"image": b"", "file_name": "dog/empty.jpg", "label": 1})
+  features = {"image": tfds.features.Image(shape=(None, None, 3)),
+              "file_name": tfds.features.Text(),
+              "label": tfds.features.ClassLabel(names=["cat", "dog"])}
+  build.write_dataset(name, data_dir, features, {"train": examples})
+
+
 @pytest.fixture
 def bad_folder(tmp_path):
-  root = tmp_path / "imgs"
-  rng = np.random.default_rng(0)
-  for c in ("cat", "dog"):
-    (root / c).mkdir(parents=True)
-    for i in range(5):
-      Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(root / c / f"{i}.jpg")
-  (root / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-  (root / "dog" / "empty.jpg").write_bytes(b"")
-  build.build_from_images_dir(str(root), "bad_folder", str(tmp_path / "data"))
+  write_bad_folder("bad_folder", str(tmp_path / "data"))
   return str(tmp_path / "data")
 
 
 def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
   src = tfds.data_source("bad_folder", split="train", data_dir=bad_folder)
   assert len(src) == 12
-  c = make_config(bad_folder, batch_size=12, **{"data.max_skip_fraction": 0.5})
+  c = make_config(bad_folder, batch_size=12)
   c.data.tokenizer.path = ""
-  c.data.sources = {"folder": shapes_config.source_config(
+  c.data.sources = {"folder": schema.source(
       "bad_folder", kind="label", label_key="label", weight=1.0)}
   # One global batch of 12 = one epoch (a permutation of the 12 records): exactly the two
   # bad ones are substituted, by their successors in storage order.
   (b,) = take(c, tokenizer, 1)
   assert b["image"].shape[0] == 12 and int((b["skipped"] > 0).sum()) == 2
-  # Over a 1% budget the run stops, naming the source.
-  c.data.max_skip_fraction = 0.01
-  with pytest.raises(RuntimeError, match="'folder'.*max_skip_fraction"):
-    take(c, tokenizer, 12)
 
 
 def test_label_out_of_range_raises(data_dir):
@@ -228,3 +245,19 @@ def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir)
   for name, weight in stats["weights_per_source"].items():
     assert abs(stats["fraction_per_source"][name] - weight) <= 0.05
   assert (tmp_path / "batch.png").exists()
+
+
+def test_missing_split_and_feature_name_the_config_key(tmp_path):
+  write_bad_folder("no_validation", str(tmp_path))
+  c = make_config(str(tmp_path))
+  c.evals.zeroshot.dataset = "no_validation"
+  with pytest.raises(errors.UsageError, match=r"dataset 'no_validation' has no split "
+                     r"'validation' \(config evals.zeroshot.split\); it has train \(.*"
+                     r"--val_fraction\)"):
+    pipeline.load_eval_split(c, "zeroshot", num_examples=4)
+  c.data.sources.captions = schema.source(
+      "no_validation", kind="caption", text_key="caption", weight=0.5)
+  with pytest.raises(errors.UsageError, match=r"has no text feature 'caption' \(config "
+                     r"data.sources.captions.text_key\); its features are \['file_name', "
+                     r"'image', 'label'\]"):
+    sources.open_train_sources(c)

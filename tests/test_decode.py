@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 import helpers
-import openclip as openclip_configs  # configs/openclip.py (conftest puts configs/ on sys.path)
-from mmjax import decode, models
+from configs import openclip as openclip_configs
+from mmjax import decode, models, vocabulary
+from mmjax.evaluators import captioning, grid as grid_lib
 from mmjax.models import layers
 
-EOS, PAD = decode.EOS_ID, decode.PAD_ID
+EOS, PAD = vocabulary.EOS_ID, vocabulary.PAD_ID
 MAX_NEW = 8
 
 
@@ -190,22 +191,20 @@ def test_sampling_respects_top_k_top_p_and_temperature():
 
 # --- captioning metrics and the sample grid (pure Python / PIL) ------------------------------
 def test_caption_scores_use_pycocoevalcap_on_python_tokenised_text():
-  from mmjax import evaluate
   refs = [["A red circle above a blue square.", "a red circle is above a blue square"],
           ["Two small yellow stars, left of a ring!", "a yellow star left of a ring"]]
-  assert evaluate.caption_words("A red circle, ABOVE it's") == "a red circle above it's"
-  perfect = evaluate.caption_scores(["a red circle above a blue square",
+  assert captioning.caption_words("A red circle, ABOVE it's") == "a red circle above it's"
+  perfect = captioning.caption_scores(["a red circle above a blue square",
                                      "a yellow star left of a ring"], refs)
-  wrong = evaluate.caption_scores(["green", "purple hexagon"], refs)
+  wrong = captioning.caption_scores(["green", "purple hexagon"], refs)
   assert perfect["bleu4"] > 0.9 and perfect["cider"] > 1.0
   assert wrong["bleu4"] < 1e-3 and wrong["cider"] < 0.1
 
 
 def test_render_grid_places_every_image_with_its_text():
-  from mmjax import evaluate
   images = np.linspace(-1, 1, 5 * 8 * 8 * 3).reshape(5, 8, 8, 3).astype(np.float32)
-  grid = evaluate.render_grid(images, ["a red circle above a blue square"] * 5,
-                              [["red circle", "blue square", "red ring"]] * 5, scale=4)
+  grid = grid_lib.render_grid(images, ["a red circle above a blue square"] * 5,
+                                  [["red circle", "blue square", "red ring"]] * 5, scale=4)
   assert grid.dtype == np.uint8 and grid.shape[2] == 3
   assert grid.shape[1] == 3 * (32 + 12) and grid.shape[0] > 2 * (32 + 12)  # 3 x 2 cells
   np.testing.assert_array_equal(grid[6, 6], np.round((images[0, 0, 0] + 1) * 127.5))

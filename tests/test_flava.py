@@ -18,13 +18,15 @@ import numpy as np
 import pytest
 
 import helpers
-import flava as flava_configs  # configs/flava.py (conftest puts configs/ on sys.path)
+from configs import flava as flava_configs
 from conftest import CACHE_DIR, REPO
-from mmjax import flava_objectives as fo
-from mmjax import evaluate, linear_probe, losses, models, sharding, state as state_lib
-from mmjax import step as step_lib
+from mmjax import evaluators, losses, models, runtime, summary, vocabulary
+from mmjax.data import pipeline
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.evaluators import linear_probe
 from mmjax.models import vit
 from mmjax.models.flava import FlavaConfig
+from mmjax.objectives import flava as fo
 
 
 def tiny_config(**overrides):
@@ -106,18 +108,18 @@ def test_losses_match_float64_numpy_references():
     patches = fo.patchify(a["images"], 2)
     target = fo.normalized_pixels(patches)
     return dict(
-        ce=fo.token_ce(a["logits"], a["targets"], a["tok_w"])[0],
+        ce=losses.token_ce(a["logits"], a["targets"], a["tok_w"])[0],
         patches=patches, target=target,
-        mse=fo.patch_mse(a["pred"], target, a["patch_w"])[0],
-        bce=fo.itm_bce(a["itm_logit"], a["match"], a["row_w"])[0],
-        contrastive=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"], a["valid"],
+        mse=losses.patch_mse(a["pred"], target, a["patch_w"])[0],
+        bce=losses.itm_bce(a["itm_logit"], a["match"], a["row_w"])[0],
+        contrastive=losses.masked_contrastive_loss(a["img"], a["txt"], a["labels"], a["valid"],
                                                10.0),
-        contrastive_all=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
+        contrastive_all=losses.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
                                                    jnp.ones_like(a["valid"]), 10.0),
         unicl_all=losses.unicl_loss_dense(a["img"], a["txt"], a["labels"], 10.0),
-        contrastive_none=fo.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
+        contrastive_none=losses.masked_contrastive_loss(a["img"], a["txt"], a["labels"],
                                                     jnp.zeros_like(a["valid"]), 10.0),
-        grad_none=jax.grad(fo.masked_contrastive_loss)(
+        grad_none=jax.grad(losses.masked_contrastive_loss)(
             a["img"], a["txt"], a["labels"], jnp.zeros_like(a["valid"]), 10.0),
         codes=fo.codebook_codes(patches, a["centroids"]))
 
@@ -236,15 +238,15 @@ def flava_batch(config, seed=0):
 
 
 def test_tiny_flava_train_step_and_evaluators():
-  config = tiny_config(batch_size=8, **{"flava.unimodal_steps": 1,
-                                        "flava.itm_negative_rate": 0.5})
-  mesh, fns, shardings, state = helpers.step_setup(config, num_devices=1)
+  config = tiny_config(batch_size=8, **{"loss.unimodal_steps": 1,
+                                        "loss.itm_negative_rate": 0.5})
+  rt, state = helpers.step_setup(config, num_devices=1)
   batch = flava_batch(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    train_step = step_lib.jit_train_step(fns, shardings, mesh)
+  with rt.activate():
+    train_step = rt.jit_train_step()
     history = []
     for _ in range(3):
-      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
+      state, metrics = train_step(state, rt.global_batch(batch))
       history.append(jax.device_get(metrics))
     for m in history:
       for key in (*fo.LOSS_KEYS, "loss", "grad_norm"):
@@ -258,7 +260,7 @@ def test_tiny_flava_train_step_and_evaluators():
     assert int(state.step) == 3 and int(first["paired_examples"]) == 4
 
     # Zero-shot / retrieval / linear-probe use encode_image / encode_text like CoCa's.
-    embedder = evaluate.Embedder(fns.model, mesh, batch_size=4)
+    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules, batch_size=4)
     image_emb = embedder.images(state.params, batch["image"][:4])
     text_emb = embedder.texts(state.params, batch["text"][:4], batch["text_type"][:4])
   assert image_emb.shape == text_emb.shape == (4, config.model.embed_dim)
@@ -268,13 +270,13 @@ def test_tiny_flava_train_step_and_evaluators():
 def flava_loss_and_grads(mesh_shape):
   """The jitted FLAVA loss and gradients of one batch (joint phase, ITM swaps) on a mesh."""
   config = tiny_config(batch_size=8, **{"mesh.shape": mesh_shape,
-                                        "flava.itm_negative_rate": 0.5})
-  mesh, fns, shardings, state = helpers.step_setup(config, math.prod(mesh_shape))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    batch = sharding.global_batch(flava_batch(config), mesh)
-    grads = jax.jit(fns.flava.grads, in_shardings=(
-        shardings.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-    loss, aux, g = grads(state.params, batch, jnp.int32(config.flava.unimodal_steps))
+                                        "loss.itm_negative_rate": 0.5})
+  rt, state = helpers.step_setup(config, math.prod(mesh_shape))
+  with rt.activate():
+    batch = rt.global_batch(flava_batch(config))
+    grads = jax.jit(rt.objective.grads, in_shardings=(rt.shardings.params, rt.batch_sharding,
+                                                      None))
+    loss, aux, g = grads(state.params, batch, jnp.int32(config.loss.unimodal_steps))
   return float(loss), jax.device_get(aux), jax.device_get(g)
 
 
@@ -301,7 +303,7 @@ def test_sharded_pretrain_loss_matches_one_device(one_device_reference, mesh_sha
 
 def test_masks_are_a_function_of_seed_and_step():
   config = tiny_config(batch_size=8)
-  objective = fo.FlavaObjective(models.build_model(config), config)
+  objective = fo.FlavaObjective(config, models.build_model(config))
   batch = {k: jnp.asarray(v) for k, v in flava_batch(config).items()}
   make = jax.jit(objective.make_inputs)
   a, b, c = (jax.device_get(make(batch, jnp.int32(s))) for s in (5, 5, 6))
@@ -356,33 +358,13 @@ def test_image_encoder_is_the_shared_vit_with_a_mask_token():
                                                         none[:1])
 
 
-def test_linear_probe_standardizes_features():
-  """Per-dimension rescaling of the features changes neither the accuracy nor the chosen
-  lambda: the ridge penalty sees standardised features."""
-  rng = np.random.default_rng(5)
-  classes, d = 4, 12
-  y = rng.integers(0, classes, 300)
-  x = rng.normal(size=(classes, d))[y] * 0.7 + rng.normal(size=(300, d))
-  scale = 10.0 ** rng.uniform(-3, 3, d)
-  grid = (1e-4, 1e-2, 1.0, 10.0)
-  plain = linear_probe.fit_and_score(x[:200], y[:200], x[200:], y[200:], classes, grid, 0.25,
-                                     "ridge")
-  scaled = linear_probe.fit_and_score(x[:200] * scale, y[:200], x[200:] * scale, y[200:],
-                                      classes, grid, 0.25, "ridge")
-  assert plain == scaled and plain[0] > 0.5
-  train, test = linear_probe.standardize(x[:200] * scale + 5.0, x[200:] * scale + 5.0)
-  np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-9)
-  np.testing.assert_allclose(train.std(0), 1.0, rtol=1e-9)
-  np.testing.assert_allclose(test, (x[200:] - x[:200].mean(0)) / x[:200].std(0), rtol=1e-6)
-
-
 def test_linear_probe_reads_image_features_and_beats_chance():
   """Synthetic separable classes (one colour per class, noisy) through a random-init tiny
   FLAVA: the probe reads `Embedder.features` (the model's image_features), never the
   contrastive embedding, and classifies far above chance (0.25)."""
   config = tiny_config(batch_size=8)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  model = models.build_model(config)
+  rt = runtime.build(config, jax.devices()[:1], params_only=True)
+  model, mesh = rt.model, rt.mesh
   params = init_params(config, model)
   rng = np.random.default_rng(6)
   colours = rng.uniform(-0.8, 0.8, (4, 3))
@@ -396,7 +378,7 @@ def test_linear_probe_reads_image_features_and_beats_chance():
 
   (train_x, train_y), (test_x, test_y) = split(128), split(64)
 
-  class Spy(evaluate.Embedder):
+  class Spy(evaluators.Embedder):
     calls = 0
 
     def features(self, params, images):
@@ -406,59 +388,15 @@ def test_linear_probe_reads_image_features_and_beats_chance():
     def images(self, params, images):
       raise AssertionError("the linear probe read the contrastive embedding")
 
-  probe = linear_probe.LinearProbe.from_arrays("synthetic", train_x, train_y, test_x, test_y,
+  probe = linear_probe.LinearProbe.from_arrays("linear_probe/synthetic", train_x, train_y, test_x, test_y,
                                                num_classes=4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    result = probe(Spy(model, mesh, batch_size=64), params)
+    result = probe(Spy(model, mesh, config.mesh.rules, batch_size=64), params)
   assert Spy.calls == 2
   assert result["linear_probe/synthetic/top1"] > 0.9, result
 
 
-@pytest.mark.parametrize("classifier", ["ridge", "logistic"])
-def test_linear_probe_classifiers_separate_and_stay_at_chance_on_noise(classifier):
-  rng = np.random.default_rng(3)
-  classes, d = 5, 16
-  centers = rng.normal(size=(classes, d)) * 3
-  y = rng.integers(0, classes, 400)
-  x = centers[y] + rng.normal(size=(400, d))
-  acc, l2 = linear_probe.fit_and_score(x[:300], y[:300], x[300:], y[300:], classes,
-                                       (1e-4, 1e-2, 1.0), 0.2, classifier)
-  assert acc > 0.95 and l2 in (1e-4, 1e-2, 1.0)
-  # Random features: chance level, not better.
-  chance, _ = linear_probe.fit_and_score(rng.normal(size=(300, d)), y[:300],
-                                         rng.normal(size=(100, d)), y[300:], classes,
-                                         (1e-2,), 0.0, classifier)
-  assert chance < 0.4
-
-
-def test_linear_probe_fits_solve_their_objectives():
-  rng = np.random.default_rng(3)
-  classes, d, n = 5, 16, 400
-  y = rng.integers(0, classes, n)
-  x = rng.normal(size=(classes, d))[y] + rng.normal(size=(n, d))
-  xb = np.concatenate([x, np.ones((n, 1))], 1)
-  targets = np.eye(classes)[y]
-  # Ridge: the closed form solves the regularised normal equations.
-  w = linear_probe.ridge_fit(x, y, classes, 0.1)
-  reg = 0.1 * n * np.eye(d + 1)
-  reg[d, d] = 0
-  np.testing.assert_allclose((xb.T @ xb + reg) @ w, xb.T @ targets, atol=1e-8)
-  # Logistic: at the returned weights the gradient of mean cross-entropy + l2/2 |W|^2
-  # (bias unpenalised), computed here independently, vanishes.
-  w = linear_probe.logistic_fit(x, y, classes, 0.01, gtol=1e-7)  # tighter than the default
-  logits = xb @ w
-  probs = np.exp(logits - logits.max(1, keepdims=True))
-  probs /= probs.sum(1, keepdims=True)
-  grad = xb.T @ (probs - targets) / n + 0.01 * np.concatenate([w[:-1], np.zeros((1, classes))])
-  assert np.abs(grad).max() < 1e-6, np.abs(grad).max()
-  assert np.abs(w).max() > 0.1  # not the zero start
-  with pytest.raises(ValueError, match="classifier"):
-    linear_probe.fit_and_score(x, y, x, y, classes, (0.1,), 0.0, "svm")
-
-
 def test_pipeline_emits_modality_views(data_dir):
-  from mmjax import tokenizer as tokenizer_lib
-  from mmjax.data import pipeline
   config = tiny_config(data_dir=data_dir, batch_size=64)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   it = pipeline.make_train_iterator(config, tokenizer, start_step=0, process_index=0,
@@ -472,7 +410,7 @@ def test_pipeline_emits_modality_views(data_dir):
   np.testing.assert_array_equal(batch["has_text"], modality != "image")
   assert (batch["text"][modality == "image"] == 0).all()
   assert (batch["image"][modality == "text"] == 0).all()
-  assert (batch["text"][modality != "image", 0] == tokenizer_lib.BOS_ID).all()
+  assert (batch["text"][modality != "image", 0] == vocabulary.BOS_ID).all()
   assert np.abs(batch["image"][modality != "text"]).sum() > 0
   assert set(modality) == {"paired", "image", "text"}
 
@@ -482,31 +420,27 @@ def test_summary_flava_flops_match_xla():
   the real FLAVA loss (unrolled layers: a scanned body is counted once). XLA also counts
   norms, GELU, softmax, the losses and the masking, so the formula lands a little below."""
   config = tiny_config(**{"model.scan_layers": False})
-  model = models.build_model(config)
-  objective = fo.FlavaObjective(model, config)
-  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                   *state_lib.dummy_inputs(config))["params"])
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flava_batch(config).items()}
+  rt = runtime.build(config, jax.devices()[:1], params_only=True)
+  objective = fo.FlavaObjective(config, rt.model)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rt.abstract_state)
   lowered = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jnp.int32(100))[0])).lower(
-      params, batch)
+      params, runtime.batch_spec(config))
   cost = lowered.cost_analysis()
   xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / config.batch_size
-  from mmjax import summary
-  s = summary.summarize_flava(config)
+  s = summary.summarize(config)
   assert 0.85 < s["flops_per_example"] / xla <= 1.0, (s["flops_per_example"], xla)
   assert s["flops_per_step"] == s["flops_per_example"] * config.batch_size
   assert summary.model_flops_per_example(config) == s["flops_per_example"]  # the MFU metric
 
 
 def test_summary_reports_flava_parts():
-  from mmjax import summary
-  s = summary.summarize_flava(flava_configs.get_config("full"))
+  s = summary.summarize(flava_configs.get_config("full"))
   # ViT-B/16 at 224 px: 86M; BERT-base-shaped text encoder (30,522 ids + [MASK]): 109M.
   assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
   assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
   assert s["params_total"] == sum(s["params_by_module"].values())
-  table = summary.format_flava_table(s)
-  assert "FLAVA full" in table and "training FLOPs per example" in table
+  table = summary.format_table(s)
+  assert "FLAVA flava:full" in table and "training FLOPs per example" in table
   # Two ViT-B/16 passes (clean + masked), training (3 x), 2 FLOPs per multiply-add, 84.9M
   # block weights, 197 tokens: the "6 x params x tokens" rule, twice.
   assert s["flops_by_part"]["image_encoder"] > 2 * 6 * 84.9e6 * 197
@@ -529,7 +463,7 @@ def test_preempted_in_the_unimodal_phase_resumes_into_the_joint_phase(tmp_path, 
   to all six objectives at the same step and logs the uninterrupted run's losses bitwise."""
   small = ["--config.total_steps=8", "--config.batch_size=8", "--config.log_every_steps=1",
            "--config.checkpoint_every_steps=4", "--config.eval_every_steps=0",
-           "--config.flava.unimodal_steps=4"]
+           "--config.loss.unimodal_steps=4"]
   def logged(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
@@ -556,7 +490,7 @@ def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
   workdir = str(tmp_path / "flava")
   small = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every_steps=1",
            "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
-           "--config.flava.unimodal_steps=1", "--config.evals.batch_size=32",
+           "--config.loss.unimodal_steps=1", "--config.eval_batch_size=32",
            "--config.evals.zeroshot.num_examples=32", "--config.evals.retrieval.num_examples=32",
            "--config.evals.linear_probe.num_train=128",
            "--config.evals.linear_probe.num_examples=32"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import helpers
-from mmjax import models
+from mmjax import losses, models
 from mmjax.models import layers
 from mmjax.models import text as text_lib
 
@@ -205,7 +205,6 @@ def test_tied_embeddings_drop_the_output_projection():
 
 
 def test_bfloat16_loss_close_to_float32():
-  from mmjax import losses
   config = helpers.tiny_config()
   batch = helpers.synthetic_batch(config)
   model, params = init(config, batch)
@@ -216,7 +215,7 @@ def test_bfloat16_loss_close_to_float32():
     mask = (batch["text"][:, 1:] != 0).astype(np.float32)
     return (losses.unicl_loss(out["image_emb"], out["text_emb"], batch["label"],
                               out["logit_scale"])
-            + 2 * losses.caption_loss(out["caption_logits"], batch["text"][:, 1:], mask)[0])
+            + 2 * losses.token_ce(out["caption_logits"], batch["text"][:, 1:], mask)[0])
 
   loss = lambda m: objective(apply(m, params, batch), batch)
 

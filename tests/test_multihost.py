@@ -51,6 +51,12 @@ def log_tail(workdir, i):
     return f.read()[-3000:]
 
 
+def data_counts(workdir):
+  """step -> the data/* metrics (records read and skipped per source, cumulative)."""
+  return {m["step"]: {k: v for k, v in m.items() if k.startswith("data/")}
+          for m in metrics(workdir)}
+
+
 def losses(workdir):
   logged = metrics(workdir)
   steps = [m["step"] for m in logged]
@@ -76,6 +82,9 @@ def test_two_processes_match_one_process_step_for_step(runs):
   assert sorted(got) == list(range(1, TOTAL + 1))
   for step in expected:
     assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+  # Counted over the global batch, so over both processes' slices.
+  assert data_counts(multi) == data_counts(single)
+  assert data_counts(single)[TOTAL]["data/read/labels"] > 0
   # Orbax's OCDBT format: one sub-store per process that wrote shards.
   stores = sorted(os.path.basename(p) for p in
                   glob.glob(os.path.join(multi, "checkpoints", "10", "state", "ocdbt.process_*")))
@@ -96,6 +105,8 @@ def test_multiprocess_checkpoint_resumes_in_one_process(runs, data_dir, devices,
   assert sorted(got) == [11, 12]
   for step in got:
     assert got[step] == pytest.approx(expected[step], rel=rel), step
+  # The counts restored from the 2-process checkpoint continue exactly.
+  assert {s: data_counts(workdir)[s] for s in got} == {s: data_counts(single)[s] for s in got}
 
 
 def test_a_dead_process_fails_the_job_within_bounded_time(runs, data_dir):

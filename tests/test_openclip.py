@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-import openclip as openclip_configs  # configs/openclip.py (conftest puts configs/ on sys.path)
+from configs import openclip as openclip_configs
 from conftest import CACHE_DIR, REPO
-from mmjax import models
+from mmjax import checkpoint, evaluate, models, runtime, train
 from mmjax.convert import openclip as convert
+from mmjax.tokenizers import openclip as openclip_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random init only: never touch the network
 TOLERANCE = 1e-4  # max abs difference, float32 on both sides
@@ -53,9 +54,9 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
   size, length = config.data.image_size, config.data.max_text_len
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)  # pipeline range
-  text = convert.OpenClipTokenizer().encode(
+  text = openclip_tokenizer.OpenClipTokenizer().encode(
       [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], length)
-  text[-1] = convert.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row
+  text[-1] = openclip_tokenizer.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row
   out = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, np.zeros(batch, np.int32)))(
       params, images, text)
 
@@ -83,7 +84,7 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
 def test_param_count_coca_vit_b32():
   """open_clip's coca_ViT-B-32 has 253.6M parameters (papers.md); no torch needed."""
   config = openclip_configs.get_config("coca_vit_b32")
-  count = num_params(convert.abstract_params(config))
+  count = num_params(runtime.build(config, jax.devices()[:1], params_only=True).abstract_state)
   assert abs(count / 253.6e6 - 1) < 0.005, count
 
 
@@ -104,7 +105,7 @@ def test_model_configs_match_open_clip(oc):
 
 
 def test_tokenizer_matches_open_clip(oc):
-  ours = convert.OpenClipTokenizer()
+  ours = openclip_tokenizer.OpenClipTokenizer()
   theirs = oc.get_tokenizer("coca_ViT-B-32")  # context_length 76
   got = ours.encode(CAPTIONS, 76)
   np.testing.assert_array_equal(got, theirs(CAPTIONS).numpy())
@@ -117,18 +118,13 @@ def test_converted_checkpoint_evaluates_and_finetunes(oc, tmp_path, data_dir):
   restore it (train resumes at step 0 with the converted weights and a fresh optimizer)."""
   import torch  # noqa: F401
   from safetensors.torch import save_file
-
-  import flax.linen as nn
-
-  from mmjax import checkpoint, evaluate, sharding, state as state_lib, train
-  from mmjax.optimizer import make_optimizer
   torch_model = convert.openclip_coca("coca_tiny", perturb=True).eval()
   path = str(tmp_path / "open_clip_coca_tiny.safetensors")
   save_file({k: v.contiguous() for k, v in torch_model.state_dict().items()}, path)
   workdir = str(tmp_path / "run")
   proc = subprocess.run(
       [sys.executable, "-m", "mmjax.convert.openclip", f"--checkpoint={path}",
-       "--variant=coca_tiny", f"--out={workdir}"], cwd=REPO, capture_output=True, text=True,
+       f"--config={REPO}/configs/openclip.py:coca_tiny", f"--out={workdir}"], cwd=REPO, capture_output=True, text=True,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -144,12 +140,10 @@ def test_converted_checkpoint_evaluates_and_finetunes(oc, tmp_path, data_dir):
       {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}, config)
   step, results = evaluate.evaluate_checkpoint(config, workdir)
   assert step == 0 and "retrieval/shapes_captions/i2t_r1" in results
-  mesh = sharding.make_mesh(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    abstract, _ = state_lib.abstract_state(models.build_model(config), make_optimizer(config),
-                                           config, mesh)
+  rt = runtime.build(config, params_only=True)
+  with rt.activate():
     checkpointer = checkpoint.Checkpointer(workdir, config)
-    restored = jax.device_get(checkpointer.restore_params(0, abstract.params))
+    restored = jax.device_get(checkpointer.restore_params(0, rt.abstract_state))
     checkpointer.close()
   jax.tree.map(np.testing.assert_array_equal, restored, expected)
 

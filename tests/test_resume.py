@@ -121,7 +121,7 @@ def test_allowed_config_changes_resume(tmp_path, data_dir, reference):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference[0], workdir)
   out = train(workdir, data_dir, f"--config.total_steps={TOTAL + 2}",
-              "--config.log_every_steps=2", "--config.evals.batch_size=16").stdout
+              "--config.log_every_steps=2", "--config.eval_batch_size=16").stdout
   assert f"at step {TOTAL}" in out and "Config differs" not in out
   assert [m["step"] for m in metrics(workdir)][-1] == TOTAL + 2
 
@@ -139,7 +139,7 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
                                                                            data_dir):
   workdir = str(tmp_path / "run")
   err = train(workdir, data_dir, "--config.total_steps=12", "--config.checkpoint_every_steps=4",
-              "--config.loss.nonfinite_policy=stop", expect=1,
+              "--config.nonfinite_policy=stop", expect=1,
               env={"MMJAX_DEBUG_NAN_AT_STEP": "8"}).stderr
   assert "non-finite loss or gradient at step 8" in err and "nonfinite_policy" in err, err[-2000:]
   # Step 8 is due for a checkpoint, but it contains the bad step: only step 4 is committed.

@@ -1,15 +1,12 @@
 """The jitted train step: sharded == unsharded, exact gradient accumulation, NaN guard."""
 import math
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-import coca  # configs/coca.py (conftest puts configs/ on sys.path)
 import helpers
-from mmjax import models, sharding, state as state_lib, step as step_lib
-from mmjax.optimizer import make_optimizer
+from configs import coca
 
 
 def setup(mesh_shape=(1, 1, 1), **overrides):
@@ -18,11 +15,12 @@ def setup(mesh_shape=(1, 1, 1), **overrides):
 
 
 def loss_and_grads(mesh_shape, **overrides):
-  config, mesh, fns, shardings, state = setup(mesh_shape, **overrides)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    batch = sharding.global_batch(helpers.synthetic_batch(config), mesh)
-    grads_fn = jax.jit(fns.grads, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))
-    loss, aux, grads = grads_fn(state.params, batch)
+  config, rt, state = setup(mesh_shape, **overrides)
+  with rt.activate():
+    batch = rt.global_batch(helpers.synthetic_batch(config))
+    grads_fn = jax.jit(rt.objective.grads, in_shardings=(rt.shardings.params, rt.batch_sharding,
+                                                         None))
+    loss, aux, grads = grads_fn(state.params, batch, state.step)
   return float(loss), jax.device_get(grads), state
 
 
@@ -79,16 +77,16 @@ def test_gradient_accumulation_sharded_is_exact(reference):
 
 
 def test_nonfinite_batch_is_skipped_and_counted():
-  config, mesh, fns, shardings, state = setup()
+  config, rt, state = setup()
   before = jax.device_get(state.params)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    step = step_lib.jit_train_step(fns, shardings, mesh)
+  with rt.activate():
+    step = rt.jit_train_step()
     bad = helpers.synthetic_batch(config)
     bad["image"][0, 0, 0, 0] = np.nan
-    state, metrics = step(state, sharding.global_batch(bad, mesh))
+    state, metrics = step(state, rt.global_batch(bad))
     assert not bool(metrics["finite"]) and int(metrics["nonfinite_steps"]) == 1
     assert_trees_close(jax.device_get(state.params), before, rtol=0)
-    state, metrics = step(state, sharding.global_batch(helpers.synthetic_batch(config), mesh))
+    state, metrics = step(state, rt.global_batch(helpers.synthetic_batch(config)))
     assert bool(metrics["finite"]) and int(state.step) == 2
     assert int(metrics["nonfinite_steps"]) == 1
 
@@ -100,13 +98,11 @@ def test_adafactor_state_is_sharded_like_its_parameters():
   step runs in tests/test_benchmarks.py)."""
   config = helpers.override(coca.get_config("tiny"), **{"mesh.shape": (1, 4, 2),
                                                         "batch_size": 8})
-  mesh = sharding.make_mesh(config, jax.devices()[:8])
-  model, optimizer = models.build_model(config), make_optimizer(config)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    state = state_lib.create_state(model, optimizer, config, shardings)
+  rt, state = helpers.step_setup(config, 8)
+  shardings = rt.shardings
   get = lambda tree: tree["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]["kernel"]
-  factored, factored_shardings = state.opt_state[1], shardings.opt_state[1]
+  # chain(gradient clipping, adafactor chain(factored RMS, ...), logit-scale projection)
+  factored, factored_shardings = state.opt_state[1][0], shardings.opt_state[1][0]
   layers, embed, mlp = get(state.params).shape  # [layers, embed, mlp]
   assert get(factored.v_row).shape == (layers, embed)  # the mlp axis is factored out
   assert get(factored.v_col).shape == (layers, mlp)
@@ -122,7 +118,7 @@ def test_adafactor_state_is_sharded_like_its_parameters():
     ((2, 1, 4), {"grad_accum_steps": 2}),
 ])
 def test_fused_caption_loss_matches_plain_logits(reference, mesh_shape, overrides):
-  """loss.caption_chunk_size > 0 (mmjax.fused_xent) gives the plain path's loss and
+  """loss.caption_chunk_size > 0 (losses.fused_caption_loss) gives the plain path's loss and
   gradients (chunks of 3 of the 11 caption tokens: the last chunk is padded)."""
   ref_loss, ref_grads, _ = reference
   loss, grads, _ = loss_and_grads(mesh_shape, **{"loss.caption_chunk_size": 3, **overrides})

@@ -2,12 +2,14 @@
 import io
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
 
-from mmjax import tokenizer as tk
+from configs import schema
+from mmjax import errors
+from mmjax.data import tokenizer as tk
+from mmjax.tokenizers import sentencepiece as sp_tok
 
 TEXTS = [f"a {s} {c} {h}" for s in ("small", "large") for c in ("red", "blue", "green")
          for h in ("star", "circle", "square")] * 3
@@ -15,7 +17,7 @@ TEXTS = [f"a {s} {c} {h}" for s in ("small", "large") for c in ("red", "blue", "
 
 @pytest.fixture(scope="module")
 def tok():
-  return tk.train_tokenizer(TEXTS, vocab_size=64)
+  return sp_tok.train_tokenizer(TEXTS, vocab_size=64)
 
 
 def test_special_ids(tok):
@@ -50,13 +52,14 @@ def test_wrong_ids_rejected():
   spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_writer=buf, vocab_size=40,
                                  hard_vocab_limit=False, minloglevel=2)  # default ids differ
   with pytest.raises(ValueError, match="pad/eos/bos/unk"):
-    tk.Tokenizer(buf.getvalue())
+    sp_tok.Tokenizer(buf.getvalue())
 
 
 def test_missing_path_names_key(tmp_path):
-  c = ml_collections.ConfigDict({"data_dir": str(tmp_path), "data": {
-      "tokenizer": {"path": str(tmp_path / "nope.model"), "vocab_size": 64}}})
-  with pytest.raises(FileNotFoundError, match="config.data.tokenizer.path"):
+  c = schema.base()
+  c.data_dir = str(tmp_path)
+  c.data.tokenizer.path = str(tmp_path / "nope.model")
+  with pytest.raises(errors.UsageError, match="config data.tokenizer.path"):
     tk.get_tokenizer(c)
 
 

@@ -22,9 +22,10 @@ def environment(devices=1):
           "JAX_NUM_CPU_DEVICES": str(devices)}
 
 
-def run(module, workdir, data_dir, *overrides, devices=1, expect=0, **kw):
+def run(module, workdir, data_dir, *overrides, devices=1, expect=0, env=None, **kw):
   proc = subprocess.run(command(module, workdir, data_dir, *overrides, **kw), cwd=REPO,
-                        env=environment(devices), capture_output=True, text=True, timeout=600)
+                        env={**environment(devices), **(env or {})}, capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -55,6 +56,7 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   assert "zeroshot/shapes_labels/top1" in evals[0]
   assert 0 <= evals[0]["linear_probe/shapes_labels/top1"] <= 1  # the probe runs on CoCa too
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+  assert os.listdir(os.path.join(workdir, "eval")) == ["samples_10.png"]  # as mmjax.evaluate
   assert os.listdir(os.path.join(workdir, "tensorboard"))
 
   out = run("mmjax.train", workdir, data_dir, "--config.total_steps=15",
@@ -82,29 +84,50 @@ def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path
       assert value == pytest.approx(trained[key], abs=1e-6), key
 
 
-def test_corrupt_images_are_skipped_and_the_exact_count_logged(tmp_path, data_dir):
-  """12 records of which 2 are undecodable (corrupt, zero bytes); 8 label examples per step
-  (50/50 mix, batch 16) for 12 steps = 8 epochs = 16 substituted records."""
-  import numpy as np
-  from PIL import Image
-  from mmjax.data import build
-  root = tmp_path / "images"
-  rng = np.random.default_rng(0)
-  for name in ("cat", "dog"):
-    (root / name).mkdir(parents=True)
-    for i in range(5):
-      Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)).save(root / name / f"{i}.jpg")
-  (root / "cat" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-  (root / "dog" / "empty.jpg").write_bytes(b"")
+def test_skipped_records_are_counted_exactly_across_resumes(tmp_path, data_dir):
+  """A label source of 12 records of which 2 are undecodable; 8 label examples per step
+  (50/50 mix, batch 16) for 12 steps = 8 epochs = 16 bad draws, 16 records skipped. A run
+  preempted at step 4 and at step 8 and resumed twice reports exactly the uninterrupted
+  run's cumulative counts at every step."""
+  from test_data import write_bad_folder
   folder_dir = str(tmp_path / "datasets")
-  build.build_from_images_dir(str(root), "pets", folder_dir)
-  workdir = str(tmp_path / "run")
-  run("mmjax.train", workdir, data_dir, "--config.total_steps=12", "--config.log_every_steps=12",
-      "--config.eval_every_steps=0", "--config.data.sources.labels.name=pets",
-      f"--config.data.sources.labels.data_dir={folder_dir}",
-      "--config.data.max_skip_fraction=0.5")
-  (last,) = [m for m in metrics(workdir) if "loss" in m]
-  assert last["step"] == 12 and last["data/skipped"] == 16
+  write_bad_folder("pets", folder_dir)
+  flags = ("--config.total_steps=12", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0",
+           "--config.data.sources.labels.name=pets",
+           f"--config.data.sources.labels.data_dir={folder_dir}")
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  run("mmjax.train", reference, data_dir, *flags)
+  for stop in (4, 8):
+    out = run("mmjax.train", resumed, data_dir, *flags, expect=42,
+              env={"MMJAX_DEBUG_SIGTERM_AT_STEP": str(stop)}).stdout
+    assert f"saved step {stop}" in out
+  assert "at step 8" in run("mmjax.train", resumed, data_dir, *flags).stdout
+  data = lambda workdir: [{k: v for k, v in m.items() if k.startswith("data/") or k == "step"}
+                          for m in metrics(workdir)]
+  assert data(resumed) == data(reference)
+  last = data(reference)[-1]
+  assert last["step"] == 12 and last["data/skipped"] == last["data/skipped/labels"] == 16
+  assert last["data/skipped/captions"] == 0
+  assert last["data/read/labels"] == 96 + 16 and last["data/read/captions"] == 96
+
+
+def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir):
+  """1 in 6 draws of the label source is bad; against a 5% limit the evidence is in after
+  about 54 draws (7 steps of 8): the run stops naming the source, its counts and the key."""
+  from test_data import write_bad_folder
+  folder_dir = str(tmp_path / "datasets")
+  write_bad_folder("pets", folder_dir)
+  proc = run("mmjax.train", str(tmp_path / "run"), data_dir, "--config.total_steps=40",
+             "--config.eval_every_steps=0", "--config.data.sources.labels.name=pets",
+             f"--config.data.sources.labels.data_dir={folder_dir}",
+             "--config.data.max_skip_fraction=0.05", expect=1)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("mmjax.train: error: source 'labels' (pets): ")
+  assert "examples drew an undecodable image" in lines[0]
+  assert "above config data.max_skip_fraction=0.05 with 99.99% confidence" in lines[0]
+  assert "step 40/40" not in proc.stdout
 
 
 def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):

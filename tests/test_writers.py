@@ -152,9 +152,13 @@ def test_gs_never_appends_and_disabled_writer_writes_nothing(gcs):
 
 
 def test_eval_sample_grid_and_tokenizer_on_gs(gcs):
-  from mmjax import evaluate, tokenizer
+  from mmjax import writers
+  from mmjax.evaluators import grid as grid_lib
+  from mmjax.tokenizers import sentencepiece as tokenizer
   grid = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
-  path = evaluate.write_sample_grid("gs://bucket/run", 7, grid)
+  writer = writers.MetricWriter("gs://bucket/run")
+  path = grid_lib.write_sample_grid(writer, "gs://bucket/run", 7, grid)
+  writer.close()
   assert path == "gs://bucket/run/eval/samples_7.png"
   with gcs.open(path, "rb") as f:
     np.testing.assert_array_equal(np.asarray(Image.open(f)), grid)

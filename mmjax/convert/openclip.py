@@ -1,7 +1,8 @@
-"""Convert open_clip CoCa checkpoints to mmjax checkpoints, and open_clip's tokenizer.
+"""Convert open_clip CoCa checkpoints to mmjax checkpoints.
 
   python -m mmjax.convert.openclip --checkpoint open_clip_model.safetensors \
-      --variant coca_vit_b32 --out /tmp/coca_b32 [--config.optimizer.name=adafactor ...]
+      --config configs/openclip.py:coca_vit_b32 --out /tmp/coca_b32 \
+      [--config.optimizer.name=adafactor ...]
   python -m mmjax.evaluate --config configs/openclip.py:coca_vit_b32 --workdir /tmp/coca_b32
 
 Writes `<out>/checkpoints/0/{state,config,data}` (mmjax.checkpoint.Checkpointer) holding the
@@ -17,21 +18,19 @@ axis when the config scans layers. `tests/test_openclip.py` checks forward parit
 """
 from __future__ import annotations
 
-import functools
-import gzip
-import html
-import importlib.util
 import os
 import re
 import time
-from collections.abc import Sequence
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from configs import openclip as openclip_configs
+from mmjax import checkpoint, runtime, state as state_lib
+
 Array = np.ndarray
-REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "openclip.py")
 
 
 # --- state dict loading ---------------------------------------------------------------------
@@ -102,7 +101,6 @@ def _num_layers(sd: Mapping[str, Array], prefix: str) -> int:
 
 def _stack(per_layer: list[dict[str, Any]], scan: bool) -> dict[str, Any]:
   """Scanned: one tree under `layers` with a leading layer axis; else `layers_<i>`."""
-  import jax  # pylint: disable=import-outside-toplevel
   if scan:
     return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
   return {f"layers_{i}": layer for i, layer in enumerate(per_layer)}
@@ -117,7 +115,7 @@ def convert_state_dict(state_dict: Mapping[str, Array], config: Any) -> dict[str
   the model by `check_params`.
   """
   m = config.model
-  if m.pooler != "openclip" or m.text.get("multimodal_block") != "openclip":
+  if m.pooler != "openclip" or m.text.multimodal_block != "openclip":
     raise ValueError("convert_state_dict needs an open_clip-style config (model.pooler="
                      "'openclip', model.text.multimodal_block='openclip'): configs/openclip.py")
   scan = m.scan_layers
@@ -170,49 +168,27 @@ def convert_state_dict(state_dict: Mapping[str, Array], config: Any) -> dict[str
 
 
 # --- checking and writing -------------------------------------------------------------------
-def abstract_params(config: Any) -> Any:
-  """The model's parameter shapes/dtypes (unboxed ShapeDtypeStructs), no memory used."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from mmjax import models, state as state_lib  # pylint: disable=import-outside-toplevel
-  model = models.build_model(config)
-  boxed = jax.eval_shape(lambda r: model.init(r, *state_lib.dummy_inputs(config)),
-                         jax.random.key(0))["params"]
-  return nn.unbox(boxed)
-
-
 def check_params(params: Any, config: Any) -> None:
   """Raises CheckpointMismatchError naming the first parameter whose shape is wrong."""
-  from mmjax import checkpoint  # pylint: disable=import-outside-toplevel
-  stored = __import__("jax").tree.map(lambda x: tuple(np.shape(x)), params)
-  checkpoint.check_shapes(stored, abstract_params(config), "<converted open_clip>", 0)
+  stored = jax.tree.map(lambda x: tuple(np.shape(x)), params)
+  expected = runtime.build(config, jax.devices()[:1], params_only=True).abstract_state
+  checkpoint.check_shapes(stored, expected, "<converted open_clip>", 0)
 
 
 def write_checkpoint(params: Any, config: Any, out: str) -> str:
   """Saves `params` with a fresh optimizer state as step 0 of `<out>/checkpoints`, sharded
   exactly as `mmjax.train` restores it. Returns the checkpoint directory."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from mmjax import checkpoint, models, sharding  # pylint: disable=import-outside-toplevel
-  from mmjax import state as state_lib  # pylint: disable=import-outside-toplevel
-  from mmjax.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(config)
-  model, optimizer = models.build_model(config), make_optimizer(config)
+  rt = runtime.build(config)
   checkpointer = checkpoint.Checkpointer(out, config)
   if checkpointer.latest_step() is not None:
     raise FileExistsError(f"{checkpointer.directory} already holds step "
                           f"{checkpointer.latest_step()}; choose an empty --out")
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    _, shardings = state_lib.abstract_state(model, optimizer, config, mesh)
-    placed = jax.device_put(params, shardings.params)
+  with rt.activate():
+    placed = jax.device_put(params, rt.shardings.params)
     make = jax.jit(lambda p: state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-        nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=shardings)
-    state = make(placed)
-    checkpointer.save(0, state, config)
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=rt.optimizer.init(p),
+        nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=rt.shardings)
+    checkpointer.save(0, make(placed), config)
   checkpointer.close()
   return checkpointer.directory
 
@@ -229,17 +205,6 @@ def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str,
   write_checkpoint(params, config, out)
   t3 = time.perf_counter()
   return {"load_s": t1 - t0, "convert_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
-
-
-def _repo_configs() -> Any:
-  """The configs/openclip.py module of this source tree."""
-  from mmjax import cli  # pylint: disable=import-outside-toplevel
-  return cli.load_config_module(REPO_CONFIG)
-
-
-def variant_config(variant: str) -> Any:
-  """configs/openclip.py:<variant> of this source tree."""
-  return _repo_configs().get_config(variant)
 
 
 def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
@@ -259,7 +224,7 @@ def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
   import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   name = f"mmjax_{variant}"
-  open_clip.factory._MODEL_CONFIGS[name] = _repo_configs().openclip_model_config(variant)  # pylint: disable=protected-access
+  open_clip.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config(variant)  # pylint: disable=protected-access
   torch.manual_seed(seed)
   model = open_clip.create_model(name, pretrained=None)
   if perturb:
@@ -273,157 +238,12 @@ def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
   return model
 
 
-# --- tokenizer ------------------------------------------------------------------------------
-# open_clip's CLIP BPE behind mmjax's Tokenizer interface (`data.tokenizer.kind="openclip"`).
-# The merges file is read from the installed open_clip package, located without importing it
-# (so torch is never imported, e.g. in Grain workers); it is not copied into this repository.
-# The BPE and text cleaning follow open_clip's SimpleTokenizer (from OpenAI CLIP, MIT
-# licence) with its default clean="lower"; tests/test_openclip.py checks the ids against it.
-# Ids: pad 0, <start_of_text> 49406 (BOS), <end_of_text> 49407 (EOS); byte-level BPE never
-# needs an unknown token (unk_id is None).
-
-VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-NUM_MERGES = 49152 - 256 - 2  # as open_clip: the merges that fit the 49408-id vocabulary
-
-
-def default_vocab_path() -> str:
-  """Path of the merges file inside the installed open_clip package."""
-  spec = importlib.util.find_spec("open_clip")
-  if spec is None or not spec.submodule_search_locations:
-    raise ModuleNotFoundError(
-        "data.tokenizer.kind='openclip' reads the BPE vocabulary of the installed open_clip "
-        "package: pip install open-clip-torch (see benchmarks/setup_openclip.sh), or set "
-        "data.tokenizer.path to a copy of bpe_simple_vocab_16e6.txt.gz")
-  path = os.path.join(list(spec.submodule_search_locations)[0], VOCAB_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"open_clip is installed but has no {path}")
-  return path
-
-
-@functools.lru_cache()
-def _bytes_to_unicode() -> dict[int, str]:
-  """Reversible byte -> printable unicode map (GPT-2 / CLIP)."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
-  cs = bs[:]
-  n = 0
-  for b in range(2 ** 8):
-    if b not in bs:
-      bs.append(b)
-      cs.append(2 ** 8 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
-
-
-def _clean(text: str) -> str:
-  """open_clip's clean="lower": ftfy fix, double html unescape, collapse whitespace, lower."""
-  import ftfy  # a dependency of open_clip, so present wherever its vocabulary is
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return " ".join(text.split()).strip().lower()
-
-
-class OpenClipTokenizer:
-  """encode/decode with open_clip's ids; same interface as `mmjax.tokenizer.Tokenizer`."""
-
-  pad_id: int = 0
-  unk_id = None
-
-  def __init__(self, vocab_path: str | None = None):
-    import regex  # \p{L} classes; a dependency of open_clip
-    self.vocab_path = vocab_path or default_vocab_path()
-    with gzip.open(self.vocab_path) as f:
-      merges = f.read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]
-    merges = [tuple(m.split()) for m in merges]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
-    special = ["<start_of_text>", "<end_of_text>"]
-    vocab += special
-    self.encoder = {t: i for i, t in enumerate(vocab)}
-    self.decoder = {i: t for t, i in self.encoder.items()}
-    self.bpe_ranks = {m: i for i, m in enumerate(merges)}
-    self.byte_encoder = _bytes_to_unicode()
-    self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-    self.bos_id, self.eos_id = self.encoder[special[0]], self.encoder[special[1]]
-    self._cache = {t: t for t in special}
-    self._pat = regex.compile("|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
-                              r"""[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
-
-  def __getstate__(self) -> dict:
-    # Grain workers rebuild from the file rather than pickling the 49k-entry tables.
-    return {"vocab_path": self.vocab_path}
-
-  def __setstate__(self, state: dict) -> None:
-    self.__init__(state["vocab_path"])
-
-  @property
-  def vocab_size(self) -> int:
-    return len(self.encoder)
-
-  def _bpe(self, token: str) -> list[str]:
-    if token in self._cache:
-      return self._cache[token].split(" ")
-    word = tuple(token[:-1]) + (token[-1] + "</w>",)
-    while len(word) > 1:
-      pairs = set(zip(word[:-1], word[1:]))
-      bigram = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
-      if bigram not in self.bpe_ranks:
-        break
-      merged, i = [], 0
-      while i < len(word):
-        if i < len(word) - 1 and (word[i], word[i + 1]) == bigram:
-          merged.append(word[i] + word[i + 1])
-          i += 2
-        else:
-          merged.append(word[i])
-          i += 1
-      word = tuple(merged)
-    self._cache[token] = " ".join(word)
-    return list(word)
-
-  def encode_pieces(self, text: str) -> list[int]:
-    """BPE ids of one text, without BOS/EOS."""
-    ids = []
-    for token in self._pat.findall(_clean(text)):
-      token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
-      ids.extend(self.encoder[piece] for piece in self._bpe(token))
-    return ids
-
-  def encode(self, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """int32 [len(texts), max_len]: [BOS, pieces..., EOS, 0...]; too long: truncated with
-    EOS kept last (as open_clip's tokenizer with context_length=max_len)."""
-    if max_len < 2:
-      raise ValueError(f"max_len must be >= 2 to hold BOS and EOS, got {max_len}")
-    if isinstance(texts, str):
-      raise TypeError("encode takes a sequence of strings, not a single str")
-    out = np.full((len(texts), max_len), self.pad_id, np.int32)
-    for i, text in enumerate(texts):
-      ids = [self.bos_id, *self.encode_pieces(text)[:max_len - 2], self.eos_id]
-      out[i, :len(ids)] = ids
-    return out
-
-  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """One id sequence [L] -> text, stopping at EOS and skipping PAD and BOS."""
-    kept = []
-    for t in np.asarray(ids).reshape(-1).tolist():
-      if t == self.eos_id:
-        break
-      if t not in (self.pad_id, self.bos_id):
-        kept.append(self.decoder[int(t)])
-    text = bytearray(self.byte_decoder[c] for c in "".join(kept)).decode("utf-8",
-                                                                         errors="replace")
-    return text.replace("</w>", " ").strip()
-
-
 # --- CLI ------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  config = f.config if f.config is not None else variant_config(f.variant)
-  if f.config is None and any(a.startswith("--config.") for a in __import__("sys").argv):
-    raise flags.ValidationError("--config.KEY overrides need --config=configs/openclip.py:"
-                                "<variant>")
-  timings = convert_checkpoint(f.checkpoint, config, os.path.expanduser(f.out))
+  timings = convert_checkpoint(f.checkpoint, f.config, os.path.expanduser(f.out))
   print(f"wrote {os.path.join(f.out, 'checkpoints', '0')} ("
         + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
 
@@ -432,10 +252,9 @@ if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
   flags.DEFINE_string("checkpoint", None, "open_clip state dict (.safetensors, .pt, .bin).")
-  flags.DEFINE_string("variant", "coca_vit_b32", "configs/openclip.py variant.")
   flags.DEFINE_string("out", None, "Output workdir (gets checkpoints/0).")
   config_flags.DEFINE_config_file(
-      "config", None, "Instead of --variant: config file[:arg] with --config.KEY overrides "
-      "(the optimizer settings must match the later mmjax.train run).", lock_config=True)
-  flags.mark_flags_as_required(["checkpoint", "out"])
+      "config", None, "configs/openclip.py:<variant> with --config.KEY overrides (the "
+      "optimizer settings must match the later mmjax.train run).", lock_config=True)
+  flags.mark_flags_as_required(["checkpoint", "out", "config"])
   app.run(main)

@@ -14,9 +14,6 @@ k (the data position of a checkpoint is the step).
 """
 from __future__ import annotations
 
-import math
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -25,7 +22,7 @@ import numpy as np
 
 from mmjax.data import sources as sources_lib
 from mmjax.data import transforms
-from mmjax.tokenizer import Tokenizer
+from mmjax.data.tokenizer import Tokenizer
 
 label_texts = sources_lib.label_texts
 train_texts = sources_lib.train_texts
@@ -81,36 +78,21 @@ class TrainIterator:
     image float32 [b, H, W, 3] in [-1, 1]; text int32 [b, max_text_len];
     label int32 [b] (unified class id, -1 for captions); text_type int32 [b] (0 caption,
     1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
-    (records substituted to produce each example). When any source sets `modality`
-    (FLAVA): has_image, has_text, paired int32 [b] (see transforms.MODALITIES).
-  Raises if the cumulative fraction of skipped records of a source exceeds
-  `config.data.max_skip_fraction` (checked once a source has had >= 1/fraction reads, so
-  a single early bad record does not stop a run).
+    (records substituted to produce each example); has_image, has_text, paired int32 [b]
+    (the source's modality, see transforms.MODALITIES). `mmjax.runtime.batch_spec` lists
+    the same fields.
+  The train step counts `source` and `skipped` over the global batch
+  (mmjax.data.accounting): the counts and the skip guard are the whole job's.
   """
 
-  def __init__(self, it: Any, keys: list[str], names: list[str], max_skip_fraction: float):
-    self._it, self._keys, self._names = it, keys, names
-    self._max = float(max_skip_fraction)
-    self.examples = np.zeros(len(keys), np.int64)
-    self.skipped = np.zeros(len(keys), np.int64)
+  def __init__(self, it: Any):
+    self._it = it
 
   def __iter__(self) -> "TrainIterator":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    self.examples += np.bincount(batch["source"], minlength=len(self._keys))
-    self.skipped += np.bincount(batch["source"], weights=batch["skipped"],
-                                minlength=len(self._keys)).astype(np.int64)
-    reads = self.examples + self.skipped
-    for k in range(len(self._keys)):
-      if (self.skipped[k] and reads[k] * self._max >= 1
-          and self.skipped[k] > self._max * reads[k]):
-        raise RuntimeError(
-            f"source {self._keys[k]!r} ({self._names[k]}): {self.skipped[k]} of {reads[k]} "
-            "records read were undecodable images or had no non-blank caption "
-            f"({self.skipped[k] / reads[k]:.2%} > config.data.max_skip_fraction={self._max})")
-    return batch
+    return next(self._it)
 
   def close(self) -> None:
     close = getattr(self._it, "close", None)
@@ -146,25 +128,38 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
   if config.data.num_workers > 0:
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
-  names = [config.data.sources[k].name for k in ts.keys]
-  return TrainIterator(iter(it_ds), ts.keys, names, config.data.max_skip_fraction)
+  return TrainIterator(iter(it_ds))
 
 
-def load_eval_split(config: ml_collections.ConfigDict, *, dataset: str, split: str,
-                    image_key: str, num_examples: int, label_key: str = "",
-                    text_key: str = "", data_dir: str = "") -> dict[str, Any]:
-  """The first `num_examples` examples of `dataset`/`split`, deterministically.
+def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples: int,
+                    split_key: str = "split", for_prompts: bool = False) -> dict[str, Any]:
+  """The first `num_examples` examples of the dataset that evaluator `config.evals[key]`
+  names (its dataset, `split_key` split, image_key and, if it has them, label_key,
+  class_names and text_key), deterministically.
 
   Returns images float32 [N, H, W, 3] in [-1, 1] (resize + centre crop to
-  config.data.image_size); with `label_key`: labels int32 [N] (the dataset's own class ids)
-  and class_names list[str]; with `text_key`: texts list[list[str]] (all non-blank captions
-  per image). N = min(num_examples, split size). Bad records are substituted as in training.
+  config.data.image_size); with a label_key: labels int32 [N] (the dataset's own class ids)
+  and class_names list[str] (resolved by `classnames.resolve_class_names`; WordNet ids are
+  refused `for_prompts` unless data.allow_wordnet_ids); with a text_key: texts
+  list[list[str]] (all non-blank captions per image). N = min(num_examples, split size).
+  Bad records are substituted as in training.
   """
-  opened = sources_lib.open_source(dataset, split, data_dir or config.data_dir,
-                                   image_key=image_key, label_key=label_key)
+  e = config.evals[key]
+  label_key = e.label_key if "label_key" in e else ""
+  text_key = e.text_key if "text_key" in e else ""
+  prefix = f"evals.{key}"
+  keys = sources_lib.ConfigKeys(
+      name=f"{prefix}.dataset", split=f"{prefix}.{split_key}", image_key=f"{prefix}.image_key",
+      label_key=f"{prefix}.label_key", text_key=f"{prefix}.text_key",
+      class_names=f"{prefix}.class_names")
+  opened = sources_lib.open_source(
+      e.dataset, e[split_key], config.data_dir, image_key=e.image_key, label_key=label_key,
+      text_key=text_key, class_names=e.class_names if label_key else "",
+      refuse_wordnet_ids=for_prompts and not config.data.allow_wordnet_ids, keys=keys)
   kind = "label" if label_key else ("caption" if text_key else "image")
-  src = sources_lib.CleanSource(opened, key=f"{dataset}:{split}", source_index=0, kind=kind,
-                                image_key=image_key, label_key=label_key, text_key=text_key)
+  src = sources_lib.CleanSource(opened, key=f"{e.dataset}:{e[split_key]}", source_index=0,
+                                kind=kind, image_key=e.image_key, label_key=label_key,
+                                text_key=text_key)
   n = min(int(num_examples), len(src))
   size = int(config.data.image_size)
   images = np.empty((n, size, size, 3), np.float32)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from mmjax import tokenizer as tokenizer_lib
-from mmjax.data import pipeline
+from mmjax import errors, vocabulary
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.data import pipeline, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
 _OUT = flags.DEFINE_string("out", "batch.png", "Where to write the grid PNG.")
@@ -51,7 +52,7 @@ def main(argv: list[str]) -> None:
   del argv
   config = _CONFIG.value
   tok = tokenizer_lib.get_tokenizer(config)
-  keys = sorted(config.data.sources.keys())
+  keys = sources.active_source_keys(config)
   it = pipeline.make_train_iterator(config, tok, start_step=0, process_index=0, process_count=1)
   try:
     batches = [next(it) for _ in range(_NUM_BATCHES.value)]
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> None:
       "num_examples": int(src.size),
       "fraction_per_source": {k: float((src == i).mean()) for i, k in enumerate(keys)},
       "weights_per_source": {k: float(w) for k, w in zip(keys, weights / weights.sum())},
-      "mean_tokens_per_text": float((text != tokenizer_lib.PAD_ID).sum(1).mean()),
+      "mean_tokens_per_text": float((text != vocabulary.PAD_ID).sum(1).mean()),
       "skipped": int(sum(int(b["skipped"].sum()) for b in batches)),
       "out": _OUT.value,
   }
@@ -81,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main, "mmjax.data.preview")  # a usage error is one line, exit status 2

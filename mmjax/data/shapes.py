@@ -13,12 +13,11 @@ Every example is a pure function of ``(config, split, index)`` through
 reproducible and independent of TFDS's write order.
 
 ``ensure_built(name, data_dir)`` builds on first use and is safe to call from several
-processes at once (an ``fcntl`` lock in ``data_dir``).
+processes at once (``mmjax.locks.file_lock`` in ``data_dir``).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import errno
 import io
 import math
 import os
@@ -27,6 +26,9 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
+
+from mmjax import errors
+from mmjax.locks import file_lock
 
 IMAGE_SIZE = 64
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -218,18 +220,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         yield i, {"image": png, "captions": captions}
 
 
-@contextlib.contextmanager
-def file_lock(path: str) -> Iterator[None]:
-  """An exclusive inter-process lock on `path` (created if missing)."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_built(name: str, data_dir: str) -> None:
   """Builds TFDS dataset `name` (e.g. "shapes/labels") into `data_dir` unless prepared.
 
@@ -240,7 +230,14 @@ def ensure_built(name: str, data_dir: str) -> None:
   builder = tfds.builder(name, data_dir=data_dir)
   if builder.is_prepared():
     return
-  with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")):
-    builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
-    if not builder.is_prepared():
-      builder.download_and_prepare(file_format="array_record")
+  try:
+    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")):
+      builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
+      if not builder.is_prepared():
+        builder.download_and_prepare(file_format="array_record")
+  except OSError as e:
+    if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+      raise
+    raise errors.UsageError(f"cannot build {name} into data_dir {data_dir} ({e.strerror}): "
+                            "point config data_dir at a writable folder, or at one where "
+                            "it is built") from None

@@ -13,23 +13,19 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from mmjax.tokenizer import Tokenizer
+from mmjax import vocabulary
+from mmjax.data import classnames
+from mmjax.data.tokenizer import Tokenizer
 
-TEXT_TYPE_CAPTION = 0
-TEXT_TYPE_LABEL = 1
-# A source's optional `modality` (FLAVA's unimodal data): which half of each record is kept.
+# A source's `modality` (FLAVA's unimodal data): which half of each record is kept.
 #   "paired": image and text (default); "image": the text is dropped (all PAD);
 #   "text": the image is dropped (zeros). `kind` still says how records are read.
 MODALITIES = ("paired", "image", "text")
 
 
-def source_modalities(config: ml_collections.ConfigDict, keys: Sequence[str]) -> list[str] | None:
-  """Per-source modality in `keys` order, or None when no source sets one (then batches
-  carry no modality flags and are exactly as before)."""
-  sources = [config.data.sources[k] for k in keys]
-  if not any("modality" in s for s in sources):
-    return None
-  out = [s.get("modality", "paired") for s in sources]
+def source_modalities(config: ml_collections.ConfigDict, keys: Sequence[str]) -> list[str]:
+  """Per-source modality (`data.sources.<key>.modality`) in `keys` order."""
+  out = [config.data.sources[k].modality for k in keys]
   for key, m in zip(keys, out):
     if m not in MODALITIES:
       raise ValueError(f"config data.sources.{key}.modality={m!r}: choose one of {MODALITIES}")
@@ -72,15 +68,15 @@ class TrainTransform(grain.transforms.RandomMap):
   """Record from `CleanSource` -> model example (see pipeline.make_train_iterator)."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-               kinds: Sequence[str], modalities: Sequence[str] | None = None):
+               kinds: Sequence[str], modalities: Sequence[str]):
     d = config.data
     self.size, self.max_len = int(d.image_size), int(d.max_text_len)
-    self.templates = tuple(d.label_templates)
+    self.templates = classnames.label_templates(config)
     self.rrc, self.min_area = bool(d.augment.random_resized_crop), float(d.augment.min_crop_area)
     self.flip = bool(d.augment.flip)
     self.tokenizer = tokenizer
     self.kinds = tuple(kinds)  # per source index
-    self.modalities = None if modalities is None else tuple(modalities)  # per source index
+    self.modalities = tuple(modalities)  # per source index
 
   def random_map(self, rec: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
     if self.rrc:
@@ -98,18 +94,17 @@ class TrainTransform(grain.transforms.RandomMap):
         "image": np.ascontiguousarray(image, np.float32),
         "text": self.tokenizer.encode([text], self.max_len)[0],
         "label": np.int32(rec["label"]),
-        "text_type": np.int32(TEXT_TYPE_LABEL if is_label else TEXT_TYPE_CAPTION),
+        "text_type": np.int32(vocabulary.LABEL if is_label else vocabulary.CAPTION),
         "source": np.int32(rec["source"]),
         "skipped": np.int32(rec["skipped"]),
     }
-    if self.modalities is not None:
-      modality = self.modalities[int(rec["source"])]
-      if modality == "image":
-        out["text"] = np.zeros_like(out["text"])  # all PAD
-      elif modality == "text":
-        out["image"] = np.zeros_like(out["image"])
-      # Flags say which losses may use the example (see mmjax.flava_objectives).
-      out["has_image"] = np.int32(modality != "text")
-      out["has_text"] = np.int32(modality != "image")
-      out["paired"] = np.int32(modality == "paired")
+    modality = self.modalities[int(rec["source"])]
+    if modality == "image":
+      out["text"] = np.zeros_like(out["text"])  # all PAD
+    elif modality == "text":
+      out["image"] = np.zeros_like(out["image"])
+    # Flags say which losses may use the example (see mmjax.objectives.flava).
+    out["has_image"] = np.int32(modality != "text")
+    out["has_text"] = np.int32(modality != "image")
+    out["paired"] = np.int32(modality == "paired")
     return out

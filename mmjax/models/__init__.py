@@ -1,14 +1,41 @@
-"""Model zoo: `build_model(config)` picks the model named by `config.model.name`."""
+"""Model zoo: `MODELS[config.model.name]` says how to build a model and describe it.
+
+Every model is a Flax module with the methods mmjax's commands call:
+  __call__(images, text, text_type, ...)  training forward (the objective's inputs)
+  encode_image(images) -> (embedding [B, E], caption tokens or None)
+  encode_text(text, text_type) -> embedding [B, E]
+  image_features(images) -> [B, D]         frozen features for linear probes
+  logit_scale() -> scalar                  the contrastive temperature's inverse
+and, for captioning models (`captions`), decode_prefill / decode_step (`mmjax.decode`).
+"""
+import dataclasses
+from typing import Callable
+
 import flax.linen as nn
 import ml_collections
 
+from mmjax.models import coca, flava
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  title: str
+  module: type[nn.Module]
+  config_class: type  # a frozen ModelConfig with `from_config(config)`
+  parts: dict[str, tuple[str, ...]]  # parameter groups -> top-level module names
+  paper_total_parts: tuple[str, ...]  # the groups the paper's parameter total counts
+  forward_flops: Callable[[ml_collections.ConfigDict], dict[str, int]]  # per example, per part
+  captions: bool  # has a captioning decoder
+
+
+MODELS = {
+    "coca": ModelEntry("CoCa", coca.CoCa, coca.CoCaConfig, coca.PARAMETER_PARTS,
+                       coca.PAPER_TOTAL_PARTS, coca.forward_flops, captions=True),
+    "flava": ModelEntry("FLAVA", flava.Flava, flava.FlavaConfig, flava.PARAMETER_PARTS,
+                        flava.PAPER_TOTAL_PARTS, flava.forward_flops, captions=False),
+}
+
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-  name = config.model.name
-  if name == "coca":
-    from mmjax.models import coca
-    return coca.CoCa(coca.CoCaConfig.from_config(config))
-  if name == "flava":
-    from mmjax.models import flava
-    return flava.Flava(flava.FlavaConfig.from_config(config))
-  raise ValueError(f"config model.name={name!r}: choose 'coca' or 'flava'")
+  entry = MODELS[config.model.name]
+  return entry.module(entry.config_class.from_config(config))

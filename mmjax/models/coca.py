@@ -19,8 +19,8 @@ import ml_collections
 
 from mmjax.models import config as model_config
 from mmjax.models import layers, text, vit
+from mmjax.vocabulary import PAD_ID
 
-PAD_ID = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ class CoCaConfig(model_config.ModelConfig):
   text_cls_mask: str = "correct"  # "legacy": open_clip's shipped CoCa weights' CLS mask
   multimodal_block: str = "fused"  # "openclip": self-attn+MLP then cross-attn+MLP
   image_norm: str = "none"  # "clip": map pipeline images in [-1, 1] to CLIP mean/std
+  logit_bias: bool = False  # a learned logit bias for sigmoid losses (SigLIP)
+  logit_bias_init: float = -10.0
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":
@@ -55,13 +57,11 @@ class CoCaConfig(model_config.ModelConfig):
                        "'openclip'")
     vision, text_cfg = m.vision, m.text
     options = dict(
-        norm_eps=m.get("norm_eps", 1e-6), pooler_heads=m.get("pooler_heads", 0),
-        vision_patch_bias=vision.get("patch_bias", True),
-        vision_class_token=vision.get("class_token", False),
-        vision_ln_pre=vision.get("ln_pre", False), vision_ln_post=vision.get("ln_post", True),
-        text_cls_mask=text_cfg.get("cls_mask", "correct"),
-        multimodal_block=text_cfg.get("multimodal_block", "fused"),
-        image_norm=m.get("image_norm", "none"))
+        norm_eps=m.norm_eps, pooler_heads=m.pooler_heads, vision_patch_bias=vision.patch_bias,
+        vision_class_token=vision.class_token, vision_ln_pre=vision.ln_pre,
+        vision_ln_post=vision.ln_post, text_cls_mask=text_cfg.cls_mask,
+        multimodal_block=text_cfg.multimodal_block, image_norm=m.image_norm,
+        logit_bias=m.logit_bias, logit_bias_init=m.logit_bias_init)
     for key, value, allowed in (("text.cls_mask", options["text_cls_mask"], CLS_MASKS),
                                 ("text.multimodal_block", options["multimodal_block"],
                                  MULTIMODAL_BLOCKS),
@@ -156,6 +156,9 @@ class CoCa(nn.Module):
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.logit_scale_log = self.param(
         "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
+    if c.logit_bias:
+      self.logit_bias_param = self.param(
+          "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
 
   def pool_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] -> (contrastive pooler output [B, D] before the projection,
@@ -213,7 +216,7 @@ class CoCa(nn.Module):
   def caption_kernel(self) -> jax.Array:
     """The captioning head's kernel [D, V] in the parameter dtype: the untied `lm_head`'s,
     or the token embedding table transposed (tied). `_lm_head(h)` is `h @ kernel` computed
-    in the compute dtype; `fused_xent.fused_caption_loss` takes the two factors."""
+    in the compute dtype; `losses.fused_caption_loss` takes the two factors."""
     if self.config.tie_embeddings:
       return self.token_embed.embedding.T
     return self.lm_head.variables["params"]["dense"]["kernel"]
@@ -237,20 +240,107 @@ class CoCa(nn.Module):
     return self._lm_head(self.multimodal(features, None))
 
   def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
-    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
+    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
+
+  def logit_bias(self) -> jax.Array:
+    """The learned logit bias (model.logit_bias), else the constant 0."""
+    if self.config.logit_bias:
+      return self.logit_bias_param
+    return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
                with_captions: bool = True, fused_head: bool = False) -> dict[str, jax.Array]:
-    """-> image_emb, text_emb [B, E] float32, logit_scale, and with captions either
-    caption_logits float32 [B, T, V] or, with `fused_head` (for a loss that fuses the head,
-    `fused_xent.fused_caption_loss`), caption_features [B, T, D] and caption_kernel [D, V]."""
+    """-> image_emb, text_emb [B, E] float32, logit_scale, logit_bias, and with captions
+    either caption_logits float32 [B, T, V] or, with `fused_head` (for a loss that fuses the
+    head, `losses.fused_caption_loss`), caption_features [B, T, D] and caption_kernel [D, V]."""
     image_emb, caption_tokens = self.encode_image(images)
     text_emb, features = self.encode_text_tokens(text_ids, text_type)
-    out = dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale())
+    out = dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale(),
+               logit_bias=self.logit_bias())
     if with_captions and fused_head:
       out["caption_features"] = self.caption_features(features, caption_tokens)
       out["caption_kernel"] = self.caption_kernel()
     elif with_captions:
       out["caption_logits"] = self.caption_logits(features, caption_tokens)
     return out
+
+
+# Parameter groups by top-level module (`mmjax.summary`). The paper's Table 1 "total" is
+# image encoder + text decoder (86M + 297M = 383M): poolers and projections are outside it.
+PARAMETER_PARTS = {
+    "image_encoder": ("vision",),
+    "poolers": ("caption_pooler", "contrastive_pooler"),
+    "text_decoder": ("token_embed", "unimodal", "multimodal", "lm_head"),
+}
+PAPER_TOTAL_PARTS = ("image_encoder", "text_decoder")
+
+
+def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward matmul FLOPs per example of CoCa's training forward, per part (model FLOPs,
+  the MFU convention; `mmjax.summary` turns them into training FLOPs).
+
+  Training FLOPs per example (model FLOPs, the MFU convention)
+  -------------------------------------------------------------
+  Only matrix multiplications are counted; a multiply-add is 2 FLOPs. Norms, GELU, softmax,
+  residual adds, the cross-entropy and the optimizer update are left out (they are O(tokens x
+  width), against O(tokens x width^2) for the matmuls). A forward matmul of an [n, k] input
+  with a [k, m] weight costs 2nkm; the backward pass costs twice that (dX = dY W^T and
+  dW = X^T dY), so training = 3 x forward. The one exception is the patch embedding: nothing
+  needs the gradient of the images, so it costs forward + dW = 2 x forward. Rematerialisation
+  (`model.remat_policy`), the recomputed logits of the sharded contrastive loss and the extra
+  embedding pass of gradient accumulation are real work but not counted (as for MFU).
+
+  Notation: N = (image_size / patch)^2 image tokens, p patch, L = data.max_text_len,
+  P = model.prefix_length, Q = num_caption_queries, V vocab, E embed_dim, B global batch;
+  Dv, Fv, Lv vision width / MLP / layers; Dt, Ft text width / MLP; Lu, Lm unimodal /
+  multimodal layers. Positions: unimodal Tu = P + (L - 1) + 1 (prefix, input tokens, CLS),
+  multimodal Tm = P + L - 1 (CLS dropped), predicted tokens Tc = L - 1.
+  An attention layer with T queries over S keys of width D costs 4*T*S*D forward
+  (QK^T: 2TSD, probabilities x V: 2TSD), plus its projections. Causal attention is counted in
+  full (T*T, not T*(T+1)/2): the dense XLA kernel computes the masked half too.
+
+  Forward FLOPs per example:
+    patch embedding   2*N*(p*p*3*Dv)
+    ViT               Lv * [2*N*(4*Dv^2 + 2*Dv*Fv) + 4*N^2*Dv]
+    caption pooler    2*Q*Dt^2 (q) + 2*2*N*Dv*Dt (k, v) + 2*Q*Dt^2 (out) + 4*Q*N*Dt
+    contrastive pool. cascade: 2*Dt^2 + 2*2*Q*Dt^2 + 2*Dt^2 + 4*Q*Dt   (1 query over Q tokens)
+                      parallel: 2*Dt^2 + 2*2*N*Dv*Dt + 2*Dt^2 + 4*N*Dt
+    unimodal          Lu * [2*Tu*(4*Dt^2 + 2*Dt*Ft) + 4*Tu^2*Dt]
+    multimodal        Lm * [2*Tm*(4*Dt^2 + 2*Dt*Ft) + 4*Tm^2*Dt
+                            + 2*2*Tm*Dt^2 (cross q, out) + 2*2*Q*Dt^2 (cross k, v) + 4*Tm*Q*Dt]
+    lm head           2*Tc*Dt*V (tied or untied)
+    projections       2*Dt*E (image) + 2*Dt*E (text)
+    contrastive loss  2*B*E (this example's share of the B x B logits)
+  Training FLOPs per example = 3 x (sum of the above) - 1 x (patch embedding).
+  Note the multimodal cross-attention k/v projections run over Q = 256 tokens per layer, more
+  than the text itself, so "6 x params x text tokens" underestimates the decoder.
+  `tests/test_summary.py` checks the total against XLA's cost analysis of the jitted
+  forward+backward of the real loss.
+  """
+  c = CoCaConfig.from_config(config)
+  n = (c.image_size // c.patch_size) ** 2
+  dv, fv, dt, ft, q = c.vision_width, c.vision_mlp_dim, c.text_width, c.text_mlp_dim, \
+      c.num_caption_queries
+  tu = c.prefix_length + (c.max_text_len - 1) + 1
+  tm = c.prefix_length + c.max_text_len - 1
+  tc = c.max_text_len - 1
+  attention = lambda t, s, d: 4 * t * s * d
+  block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + attention(t, t, d)
+  if c.pooler == "cascade":
+    contrastive_pooler = 2 * dt * dt + 2 * 2 * q * dt * dt + 2 * dt * dt + attention(1, q, dt)
+  else:
+    contrastive_pooler = 2 * dt * dt + 2 * 2 * n * dv * dt + 2 * dt * dt + attention(1, n, dt)
+  cross = 2 * 2 * tm * dt * dt + 2 * 2 * q * dt * dt + attention(tm, q, dt)
+  return {
+      "patch_embedding": 2 * n * c.patch_size ** 2 * 3 * dv,
+      "vision_blocks": c.vision_depth * block(n, dv, fv),
+      "caption_pooler": 2 * q * dt * dt + 2 * 2 * n * dv * dt + 2 * q * dt * dt
+                        + attention(q, n, dt),
+      "contrastive_pooler": contrastive_pooler,
+      "unimodal": c.num_uni_layers * block(tu, dt, ft),
+      "multimodal": c.num_multi_layers * (block(tm, dt, ft) + cross),
+      "lm_head": 2 * tc * dt * c.vocab_size,
+      "projections": 2 * 2 * dt * c.embed_dim,
+      "contrastive_loss": 2 * config.batch_size * c.embed_dim,
+  }

@@ -49,6 +49,6 @@ class ModelConfig:
         text_mlp_dim=m.text.mlp_dim, text_heads=m.text.num_heads,
         vocab_size=m.text.vocab_size, max_text_len=config.data.max_text_len,
         embed_dim=m.embed_dim, logit_scale_init=m.logit_scale_init,
-        logit_scale_max=m.logit_scale_max, activation=m.get("activation", "gelu"),
+        logit_scale_max=m.logit_scale_max, activation=m.activation,
         dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
         remat_policy=m.remat_policy)

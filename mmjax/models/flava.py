@@ -11,9 +11,9 @@ Heads: MLM (text vocab, on text-encoder outputs), MIM (on image-encoder patch ou
 MMM text / image (on multimodal outputs), ITM (one logit on the multimodal CLS), and the
 contrastive projections of the image / text CLS outputs.
 
-MIM targets (`config.flava.mim_target`): "pixels" regresses per-patch normalised pixels
-(MAE); "codebook" classifies each masked patch into one of `flava.codebook_size` codes
-(nearest centroid of a user codebook, see `mmjax.flava_objectives`). The heads only need
+MIM targets (`config.loss.mim_target`): "pixels" regresses per-patch normalised pixels
+(MAE); "codebook" classifies each masked patch into one of `loss.codebook_size` codes
+(nearest centroid of a user codebook, see `mmjax.objectives.flava`). The heads only need
 the output size, `FlavaConfig.mim_outputs`.
 
 Token ids: the tokenizer's ids are [0, vocab_size) with PAD=0, EOS=1, BOS=2, UNK=3. MLM's
@@ -32,8 +32,8 @@ import ml_collections
 
 from mmjax.models import config as model_config
 from mmjax.models import layers, vit
+from mmjax.vocabulary import PAD_ID
 
-PAD_ID = 0
 VOCAB_MULTIPLE = 128  # rows of the token table / text-head outputs, see the module docstring
 
 
@@ -61,13 +61,13 @@ class FlavaConfig(model_config.ModelConfig):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
-    m, f = config.model, config.flava
+    m, f = config.model, config.loss
     if f.mim_target == "pixels":
       mim_outputs = m.patch_size * m.patch_size * 3
     elif f.mim_target == "codebook":
       mim_outputs = int(f.codebook_size)
     else:
-      raise ValueError(f"config flava.mim_target={f.mim_target!r}: choose 'pixels' or "
+      raise ValueError(f"config loss.mim_target={f.mim_target!r}: choose 'pixels' or "
                        "'codebook'")
     return cls(
         **cls.shared_fields(config), text_depth=m.text.num_layers,
@@ -194,7 +194,7 @@ class Flava(nn.Module):
     head projects and the multimodal encoder receives first); and CLIP's linear probes
     (arXiv 2103.00020, App. A.3) use the image features before the projection to the
     embedding space, since the projection only needs to carry what matches text. The
-    probe standardises the features itself (`mmjax.linear_probe`).
+    probe standardises the features itself (`mmjax.evaluators.linear_probe`).
     """
     return self.image_tokens(images)[:, 0].astype(jnp.float32)
 
@@ -234,8 +234,8 @@ class Flava(nn.Module):
     return head(x)[..., :self.config.vocab_size]
 
   def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, capped at logit_scale_max (gradient stops at the cap)."""
-    return jnp.minimum(jnp.exp(self.logit_scale_log), self.config.logit_scale_max)
+    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
+    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
 
   # --- pretraining forward ------------------------------------------------------------------
   def pretrain(self, images: jax.Array, patch_mask: jax.Array, text_ids: jax.Array,
@@ -273,3 +273,55 @@ class Flava(nn.Module):
     del text_type
     patch_mask = jnp.zeros((images.shape[0], self.config.num_patches), bool)
     return self.pretrain(images, patch_mask, text_ids, text_ids)
+
+
+# Parameter groups by top-level module (`mmjax.summary`).
+PARAMETER_PARTS = {
+    "image_encoder": ("vision",),
+    "text_encoder": ("token_embed", "text"),
+    "multimodal_encoder": ("image_to_mm", "text_to_mm", "mm_cls", "multimodal", "mm_ln"),
+    "heads": ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head", "itm_head"),
+}
+PAPER_TOTAL_PARTS = ()
+
+
+def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Forward matmul FLOPs per example of FLAVA's pretraining forward (`Flava.pretrain`),
+  per part; same conventions as `mmjax.models.coca.forward_flops` (matmuls only, causal-free dense attention).
+
+  Every example runs the image encoder twice (clean for the contrastive loss, masked for
+  MIM / MMM) and the text encoder twice (clean, masked), whatever its modality: the batch
+  is dense, flags only weight the losses. With T_i = 1 + N image tokens (CLS), L text
+  tokens, T_m = 1 + T_i + L multimodal tokens (its CLS first), and a head
+  x -> Dense(D) -> Dense(out) costing 2*T*D^2 + 2*T*D*out:
+    patch embedding     2 x 2*N*(p*p*3*Dv)
+    image encoder       2 x Lv * [2*T_i*(4*Dv^2 + 2*Dv*Fv) + 4*T_i^2*Dv]
+    text encoder        2 x Lt * [2*L*(4*Dt^2 + 2*Dt*Ft) + 4*L^2*Dt]
+    multimodal encoder  2*T_i*Dv*Dm + 2*L*Dt*Dm (input projections)
+                        + Lm * [2*T_m*(4*Dm^2 + 2*Dm*Fm) + 4*T_m^2*Dm]
+    heads               MLM (L, Dt, V) + MIM (N, Dv, M) + MMM text (L, Dm, V)
+                        + MMM image (N, Dm, M) + ITM (1, Dm, 1); M = p*p*3 or codebook size,
+                        V = FlavaConfig.padded_vocab (vocab + [MASK], rounded up to 128)
+    projections         2*Dv*E + 2*Dt*E
+    contrastive loss    2*B*E (this example's share of the dense B x B logits)
+  MIM targets (normalised pixels, nearest codebook centroid) are target preprocessing
+  without gradients and are not counted. Training = 3 x forward, patch embedding 2 x.
+  """
+  c = FlavaConfig.from_config(config)
+  n, p, length = c.num_patches, c.patch_size, c.max_text_len
+  dv, dt, dm = c.vision_width, c.text_width, c.mm_width
+  ti, tm = 1 + n, 2 + n + length
+  block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
+  head = lambda t, d, out: 2 * t * d * d + 2 * t * d * out
+  v, m = c.padded_vocab, c.mim_outputs  # the text heads compute the padded logits
+  return {
+      "patch_embedding": 2 * 2 * n * p * p * 3 * dv,
+      "image_encoder": 2 * c.vision_depth * block(ti, dv, c.vision_mlp_dim),
+      "text_encoder": 2 * c.text_depth * block(length, dt, c.text_mlp_dim),
+      "multimodal_encoder": (2 * ti * dv * dm + 2 * length * dt * dm
+                             + c.mm_depth * block(tm, dm, c.mm_mlp_dim)),
+      "heads": (head(length, dt, v) + head(n, dv, m) + head(length, dm, v) + head(n, dm, m)
+                + head(1, dm, 1)),
+      "projections": 2 * (dv + dt) * c.embed_dim,
+      "contrastive_loss": 2 * config.batch_size * c.embed_dim,
+  }

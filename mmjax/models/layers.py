@@ -80,6 +80,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+def capped_logit_scale(log_scale: jax.Array, max_scale: float) -> jax.Array:
+  """exp(min(log_scale, log max_scale)) [], with the gradient of exp(log_scale) everywhere.
+
+  Why: a plain min has a zero gradient past the cap, so a parameter that crosses it would
+  never come back; here the loss keeps acting on it. The optimizers also project the
+  parameter under the cap after each update (`mmjax.optimizer.project_logit_scale`).
+  """
+  excess = jnp.maximum(log_scale - jnp.log(jnp.float32(max_scale)), 0.0)
+  return jnp.exp(log_scale - jax.lax.stop_gradient(excess))
+
+
 class Dense(nn.Module):
   """A dense layer whose kernel is named (in_axis, out_axis) for sharding."""
   features: int

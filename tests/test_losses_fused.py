@@ -1,7 +1,8 @@
-"""mmjax.fused_xent against a float64 NumPy reference and against the plain logits path.
+"""mmjax.losses.fused_caption_loss (the captioning head fused with its cross-entropy, in
+token chunks) against a float64 NumPy reference and against the plain logits path.
 
 Sharded cases use 8 fake CPU devices (tests/conftest.py), the vocabulary split over
-`tensor` as configs/shapes.py's mesh rules split the `vocab` axis.
+`tensor` as configs/schema.py's mesh rules split the `vocab` axis.
 """
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mmjax import losses
-from mmjax.fused_xent import fused_caption_loss
+from mmjax.losses import fused_caption_loss
 
 B, T, D, V = 8, 7, 16, 32
 
@@ -98,7 +99,7 @@ def plain_value_and_grads(hidden, kernel, targets, mask):
   """The model's path: logits in hidden's dtype (nn.Dense(dtype=...)), float32 loss."""
   def fn(h, w):
     logits = jnp.dot(h, w.astype(h.dtype)).astype(jnp.float32)
-    return losses.caption_loss(logits, targets, mask)[0]
+    return losses.token_ce(logits, targets, mask)[0]
   loss, (dh, dw) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(hidden, kernel)
   return float(loss), np.asarray(dh, np.float64), np.asarray(dw, np.float64)
 
@@ -173,7 +174,7 @@ def test_never_holds_the_full_logits():
     return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
   fused = temp_bytes(lambda h, w, y, m: fused_caption_loss(h, w, y, m, chunk_size=8))
-  plain = temp_bytes(lambda h, w, y, m: losses.caption_loss(h @ w, y, m))
+  plain = temp_bytes(lambda h, w, y, m: losses.token_ce(h @ w, y, m))
   assert plain > 2 * logits_bytes
   assert fused < 4 * logits_bytes / 8
 

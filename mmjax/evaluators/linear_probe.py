@@ -1,6 +1,6 @@
 """Linear-probe evaluator: a linear classifier on frozen image features, for any model.
 
-Features are the model's `image_features(images)` (via `evaluate.Embedder.features`): the
+Features are the model's `image_features(images)` (via `Embedder.features`): the
 image representation before the projection to the contrastive embedding space, as CLIP's
 linear probes use (FLAVA: the image encoder's CLS output; CoCa: the contrastive pooler's
 output; each model's docstring says why). Not the L2-normalised contrastive embedding,
@@ -14,7 +14,8 @@ Classifiers (`classifier`), both in float64 NumPy/SciPy, deterministic, a bias c
 that is not penalised:
   * "logistic" (default; CLIP's probe): multinomial logistic regression, mean
     cross-entropy + lambda/2 * |W|^2, minimised by L-BFGS (scipy.optimize) with
-    scikit-learn's stopping rule, warm-started along the lambda grid.
+    a stopping rule that pins the unique optimum (see `logistic_fit`), warm-started along
+    the lambda grid.
   * "ridge": closed-form ridge regression onto one-hot targets (a least-squares
     classifier), W = (X^T X + lambda * n * I)^-1 X^T Y. Milliseconds, but with many
     classes and few dimensions least squares is a poor classifier (a class's score is
@@ -22,9 +23,10 @@ that is not penalised:
 lambda is picked from `l2_grid` by accuracy on a held-out `holdout_fraction` of the
 probe's training examples (the first ones), then the classifier is refit on all of them.
 
-Config (`config.evals.linear_probe`): dataset, train_split, split, image_key, label_key,
-num_train, num_examples, l2_grid, holdout_fraction, classifier. Reports
-`linear_probe/<dataset>/top1` and `.../lambda`.
+Config (`config.evals.<key>`, type "linear_probe"): dataset, train_split, split,
+image_key, label_key, num_train, num_examples, l2_grid, holdout_fraction, classifier.
+Reports `linear_probe/<dataset>/top1` and `.../lambda` (the entry's key instead of
+`linear_probe` when it is not the type's name).
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.optimize
 
 from mmjax.data import pipeline
+from mmjax.evaluators.base import Evaluator
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
@@ -49,19 +53,34 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   return np.linalg.solve(xb.T @ xb + reg, xb.T @ targets)
 
 
+# Stopping rule of `logistic_fit`: the gradient's largest component must fall below
+# OPTIMUM_TOL * lambda (the distance bound to the optimum, see there); without a penalty
+# (lambda = 0, no strong convexity) a fixed tolerance is all there is.
+OPTIMUM_TOL = 1e-3
+UNREGULARISED_GTOL = 1e-7
+
+
 def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
-                 init: np.ndarray | None = None, max_iter: int = 1000,
-                 gtol: float = 1e-4) -> np.ndarray:
+                 init: np.ndarray | None = None, max_iter: int = 20_000,
+                 gtol: float | None = None) -> np.ndarray:
   """Multinomial logistic regression: x [n, d], y int [n] -> weights [d + 1, C] (last row =
   bias), minimising mean cross-entropy + l2/2 * |W without bias|^2 by L-BFGS from `init`
-  (weights [d + 1, C]; zero by default). The objective is strictly convex, so the start
-  only changes how many iterations it takes.
+  (weights [d + 1, C]; zero by default).
 
-  Stopping as scikit-learn's LogisticRegression (which CLIP's probes used): at most
-  `max_iter` iterations, or when no gradient component exceeds `gtol` (its tol=1e-4);
-  its ftol of 64 machine epsilons leaves the gradient test in charge.
+  The penalised weights returned are those of the unique optimum, not wherever the
+  optimiser happened to stop: the objective is l2-strongly convex in them, so their
+  distance to the optimum is at most |grad|_2 / l2, and L-BFGS stops only once no gradient
+  component exceeds `gtol` = OPTIMUM_TOL * l2 (by default). A fixed gtol (scikit-learn's
+  1e-4, used before) allowed a distance of 1e-4 / l2 = 10 per component at l2 = 1e-5: the
+  stopping point then depended on the start and on float rounding of the features, and a
+  checkpoint probed on 1 device scored differently from the same checkpoint probed by an
+  8-device trainer on an AVX-512 CPU. (The unpenalised biases are only determined up to a
+  common shift, which no prediction sees; a class without training examples has its bias
+  driven towards -inf, so it is never predicted.)
+  The ftol of 64 machine epsilons leaves the gradient test in charge.
   """
-  import scipy.optimize
+  if gtol is None:
+    gtol = OPTIMUM_TOL * l2 if l2 > 0 else UNREGULARISED_GTOL
   n, d = x.shape
   xb = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
   rows = np.arange(n)
@@ -83,6 +102,11 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   result = scipy.optimize.minimize(
       objective, start, jac=True, method="L-BFGS-B",
       options={"maxiter": max_iter, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
+  if result.nit >= max_iter:
+    raise RuntimeError(f"linear probe: L-BFGS did not reach the optimum of lambda={l2} in "
+                       f"{max_iter} iterations (largest gradient component "
+                       f"{np.abs(result.jac).max():.3g} > {gtol:.3g}); raise the smallest "
+                       "config evals.linear_probe.l2_grid value")
   return result.x.reshape(d + 1, num_classes)
 
 
@@ -135,35 +159,38 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
   return float((predict(w, test_x) == test_y).mean()), float(best)
 
 
-class LinearProbe:
-  """Evaluator (same interface as evaluate.ZeroShot): __call__(embedder, params) -> metrics."""
+class LinearProbe(Evaluator):
+  """Evaluator: a linear classifier on the frozen image features (`evals.<key>`: dataset,
+  train_split, split, image_key, label_key, class_names, num_train, num_examples, l2_grid,
+  holdout_fraction, classifier)."""
+  METRIC_PREFIX = "linear_probe"
 
-  def __init__(self, config: ml_collections.ConfigDict, tokenizer: Any = None):
+  def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only
-    e = config.evals.linear_probe
-    load = lambda split, n: pipeline.load_eval_split(
-        config, dataset=e.dataset, split=split, image_key=e.image_key, label_key=e.label_key,
-        num_examples=n)
-    train, test = load(e.train_split, e.num_train), load(e.split, e.num_examples)
-    self._set(e.dataset, train["images"], train["labels"], test["images"], test["labels"],
-              len(train["class_names"]), e.l2_grid, e.holdout_fraction,
-              e.get("classifier", "logistic"))
+    super().__init__(key, config)
+    e = self.entry
+    train = pipeline.load_eval_split(config, key, num_examples=e.num_train,
+                                     split_key="train_split")
+    test = pipeline.load_eval_split(config, key, num_examples=e.num_examples)
+    self._set(self.name, train["images"], train["labels"], test["images"], test["labels"],
+              len(train["class_names"]), e.l2_grid, e.holdout_fraction, e.classifier)
 
   @classmethod
-  def from_arrays(cls, dataset: str, train_images: np.ndarray, train_labels: np.ndarray,
+  def from_arrays(cls, name: str, train_images: np.ndarray, train_labels: np.ndarray,
                   test_images: np.ndarray, test_labels: np.ndarray, num_classes: int,
                   l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
                   holdout_fraction: float = 0.2,
                   classifier: str = "logistic") -> "LinearProbe":
-    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int)."""
+    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int);
+    metrics are named `<name>/top1` and `<name>/lambda`."""
     probe = cls.__new__(cls)
-    probe._set(dataset, train_images, train_labels, test_images, test_labels, num_classes,
+    probe._set(name, train_images, train_labels, test_images, test_labels, num_classes,
                l2_grid, holdout_fraction, classifier)
     return probe
 
-  def _set(self, dataset, train_images, train_labels, test_images, test_labels, num_classes,
+  def _set(self, name, train_images, train_labels, test_images, test_labels, num_classes,
            l2_grid, holdout_fraction, classifier) -> None:
-    self.name = dataset.replace("/", "_")
+    self.name = name
     self.train_images, self.train_labels = train_images, np.asarray(train_labels)
     self.test_images, self.test_labels = test_images, np.asarray(test_labels)
     self.num_classes = int(num_classes)
@@ -177,4 +204,4 @@ class LinearProbe:
     top1, l2 = fit_and_score(train_x, self.train_labels, test_x, self.test_labels,
                              self.num_classes, self.l2_grid, self.holdout_fraction,
                              self.classifier)
-    return {f"linear_probe/{self.name}/top1": top1, f"linear_probe/{self.name}/lambda": l2}
+    return {f"{self.name}/top1": top1, f"{self.name}/lambda": l2}

@@ -1,4 +1,5 @@
-"""FLAVA objectives: masking, ITM negatives, the six losses and the joint train loss.
+"""FLAVA's objective (arXiv 2112.04482): masking, ITM negatives, MIM targets and the joint
+loss of MLM, MIM, MMM (text, image), ITM and contrastive (`config.loss`, name "flava").
 
 Which loss applies to which example comes from the batch flags (int32 [B], see
 `mmjax.data.transforms`): `has_image`, `has_text`, `paired`.
@@ -13,9 +14,9 @@ Which loss applies to which example comes from the batch flags (int32 [B], see
 
 Token- / patch-level losses are means over the tokens / patches of the rows they apply to
 (BERT / BEiT convention), so a row contributes in proportion to its masked positions.
-`flava.mim_on_paired=True` adds MIM on paired images too.
+`loss.mim_on_paired=True` adds MIM on paired images too.
 
-Schedule: for `step < flava.unimodal_steps` only MLM and MIM enter the loss (the other
+Schedule: for `step < loss.unimodal_steps` only MLM and MIM enter the loss (the other
 four are still computed and logged, multiplied by 0); afterwards all six. The phase is a
 function of the train-state step, so a resumed run continues in the right phase.
 
@@ -25,7 +26,7 @@ function of (config.seed, step), identical after a resume and on any mesh.
 MIM targets:
   * "pixels" (default): the masked patch's pixels, normalised per patch to zero mean / unit
     variance (MAE), regressed with mean squared error over the patch's p*p*3 values.
-  * "codebook": `flava.codebook_path` is an .npz with `centroids` float [K, p*p*3] in the
+  * "codebook": `loss.codebook_path` is an .npz with `centroids` float [K, p*p*3] in the
     pixel space the model sees ([-1, 1], each patch flattened in (row, col, channel)
     order); a patch's target is the index of its nearest centroid (squared L2) and the head
     classifies it with cross-entropy. `fit_patch_codebook` makes one by k-means on
@@ -38,6 +39,7 @@ not the memory-linear ring of `losses.unicl_loss`: fine for FLAVA's 8k batches.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -46,10 +48,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmjax import losses
+from mmjax.losses import itm_bce, masked_contrastive_loss, patch_mse, token_ce
 from mmjax.models.flava import FlavaConfig
+from mmjax.vocabulary import FIRST_REGULAR_ID
 
-FIRST_REGULAR_ID = 4  # PAD 0, EOS 1, BOS 2, UNK 3 are never masked nor sampled
 LOSS_KEYS = ("mlm_loss", "mim_loss", "mmm_text_loss", "mmm_image_loss", "itm_loss",
              "contrastive_loss")
 Batch = dict[str, jax.Array]
@@ -181,13 +183,16 @@ def codebook_codes(patches: jax.Array, centroids: jax.Array) -> jax.Array:
 
 def load_codebook(path: str, patch_values: int) -> np.ndarray:
   """`centroids` float32 [K, patch_values] from an .npz (see the module docstring)."""
+  if not os.path.isfile(path):
+    raise ValueError(f"config loss.codebook_path={path!r}: no such file (make one with "
+                     "mmjax.objectives.flava.fit_patch_codebook)")
   with np.load(path) as f:
     if "centroids" not in f:
-      raise KeyError(f"config flava.codebook_path={path!r} has no 'centroids' array "
-                     f"(keys: {list(f.keys())})")
+      raise ValueError(f"config loss.codebook_path={path!r} has no 'centroids' array "
+                       f"(keys: {list(f.keys())})")
     centroids = np.asarray(f["centroids"], np.float32)
   if centroids.ndim != 2 or centroids.shape[1] != patch_values:
-    raise ValueError(f"config flava.codebook_path={path!r}: centroids {centroids.shape}, "
+    raise ValueError(f"config loss.codebook_path={path!r}: centroids {centroids.shape}, "
                      f"expected [K, {patch_values}] (patch_size**2 * 3)")
   return centroids
 
@@ -197,8 +202,8 @@ def fit_patch_codebook(images: np.ndarray, patch_size: int, num_codes: int,
   """k-means (Lloyd) on the patches of `images` float [N, H, W, 3] in [-1, 1].
 
   Returns centroids float32 [num_codes, patch_size**2 * 3]; save them with
-  `np.savez(path, centroids=...)` and set flava.mim_target='codebook',
-  flava.codebook_path=path, flava.codebook_size=num_codes.
+  `np.savez(path, centroids=...)` and set loss.mim_target='codebook',
+  loss.codebook_path=path, loss.codebook_size=num_codes.
   """
   x = np.asarray(patchify(jnp.asarray(images), patch_size)).reshape(-1, patch_size ** 2 * 3)
   x = x.astype(np.float64)
@@ -213,80 +218,14 @@ def fit_patch_codebook(images: np.ndarray, patch_size: int, num_codes: int,
   return centroids.astype(np.float32)
 
 
-# --- losses ------------------------------------------------------------------------------------
-def _weighted_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """sum(w * v) / max(sum(w), 1) with where() so NaN/inf at weight 0 cannot leak in."""
-  weights = weights.astype(jnp.float32)
-  total = jnp.where(weights > 0, values * weights, 0.0).sum()
-  count = weights.sum()
-  return total / jnp.maximum(count, 1.0), count
-
-
-def token_ce(logits: jax.Array, targets: jax.Array,
-             weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Cross-entropy averaged over positions with weight 1.
-
-  logits float [..., V], targets int [...], weights [...] (0/1). Returns (mean, count).
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return _weighted_mean(nll, weights)
-
-
-def patch_mse(pred: jax.Array, target: jax.Array,
-              weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-patch mean squared error (over the P values) averaged over weighted patches.
-  pred, target [B, N, P]; weights [B, N]. Returns (mean, count)."""
-  err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)).mean(-1)
-  return _weighted_mean(err, weights)
-
-
-def itm_bce(logit: jax.Array, match: jax.Array,
-            weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Binary cross-entropy of match (1) / mismatch (0). logit [B], match [B], weights [B]."""
-  logit = logit.astype(jnp.float32)
-  y = match.astype(jnp.float32)
-  nll = -(y * jax.nn.log_sigmoid(logit) + (1 - y) * jax.nn.log_sigmoid(-logit))
-  return _weighted_mean(nll, weights)
-
-
-def masked_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
-                            valid: jax.Array, logit_scale: jax.Array | float) -> jax.Array:
-  """UniCL loss over the rows where `valid` (image-only / text-only rows take no part).
-
-  image_emb, text_emb [B, D]; labels int [B] (-1 = own pair only); valid bool [B].
-  Positives as `losses.positive_mask`, both restricted to valid rows and columns; each
-  direction is the mean over valid rows of logsumexp over valid columns minus the mean
-  logit of the positives; the loss is the mean of both directions (0 with no valid row).
-  """
-  u = losses._l2_normalize(image_emb)
-  v = losses._l2_normalize(text_emb)
-  logits = jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)
-  b = logits.shape[0]
-  pair = valid[:, None] & valid[None, :]
-  pos = (losses.positive_mask(labels, labels, jnp.eye(b, dtype=bool)) & pair).astype(
-      jnp.float32)
-  # A large finite negative, not -inf: a row with no valid column (all-unpaired batch) must
-  # keep a finite logsumexp, else its zero cotangent times a NaN gradient poisons the step.
-  masked = jnp.where(pair, logits, -1e9)
-  pos_logit = jnp.where(pos > 0, logits, 0.0)
-  row = jax.nn.logsumexp(masked, axis=1) - pos_logit.sum(1) / jnp.maximum(pos.sum(1), 1.0)
-  col = jax.nn.logsumexp(masked, axis=0) - pos_logit.sum(0) / jnp.maximum(pos.sum(0), 1.0)
-  w = valid.astype(jnp.float32)
-  n = jnp.maximum(w.sum(), 1.0)
-  row = jnp.where(valid, row, 0.0).sum() / n
-  col = jnp.where(valid, col, 0.0).sum() / n
-  return 0.5 * (row + col)
-
-
 # --- the objective -----------------------------------------------------------------------------
 class FlavaObjective:
-  """FLAVA's joint loss for `mmjax.step.StepFns` (dispatched on config.model.name)."""
+  """FLAVA's joint loss; every method is a pure function of its inputs."""
 
-  def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, mesh: Any = None):
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Any = None):
     self.model, self.config, self.mesh = model, config, mesh
     self.c = FlavaConfig.from_config(config)
-    self.f = config.flava
+    self.f = config.loss
     if config.grad_accum_steps != 1:
       raise ValueError("config grad_accum_steps must be 1 for FLAVA (gradient caching is "
                        "implemented for the CoCa/UniCL objective only)")
@@ -294,7 +233,7 @@ class FlavaObjective:
     if self.f.mim_target == "codebook":
       self.centroids = load_codebook(self.f.codebook_path, self.c.patch_size ** 2 * 3)
       if len(self.centroids) != self.c.mim_outputs:
-        raise ValueError(f"config flava.codebook_size={self.c.mim_outputs} but "
+        raise ValueError(f"config loss.codebook_size={self.c.mim_outputs} but "
                          f"{self.f.codebook_path} has {len(self.centroids)} centroids")
 
   def mim_targets(self, images: jax.Array) -> jax.Array:
@@ -322,7 +261,7 @@ class FlavaObjective:
     # class under label-aware training, still describes the image: it counts as a match.
     same_text = jnp.all(swapped_text == text, axis=1)
     same_class = (batch["label"] >= 0) & (batch["label"][partner] == batch["label"])
-    if not self.config.loss.label_aware:
+    if not self.f.label_aware:
       same_class = jnp.zeros_like(same_class)
     match = ~swap | same_text | same_class
     mm_text, selected = mlm_mask(k_mlm, swapped_text, c.vocab_size, c.mask_id, f.mlm_rate)
@@ -344,7 +283,7 @@ class FlavaObjective:
     mm_rows = paired & inputs["match"]
     sel, pmask = inputs["selected"], inputs["patch_mask"]
     targets_img = self.mim_targets(batch["image"])
-    labels = batch["label"] if self.config.loss.label_aware else jnp.full_like(
+    labels = batch["label"] if self.f.label_aware else jnp.full_like(
         batch["label"], -1)
 
     mlm, mlm_tokens = token_ce(out["mlm_logits"], inputs["targets_text"],

@@ -1,0 +1,321 @@
+"""Every mmjax config key, with its default and meaning, in one place.
+
+Each config file (`configs/shapes.py`, `coca.py`, `flava.py`, `openclip.py`) starts from
+`base(model=..., objective=...)` and changes values only; sections that apply to one model
+or one objective exist only in configs that use it. Locked configs refuse any other key, so a
+misspelled override fails with ml_collections' "did you mean" suggestion, and library code
+reads every key directly (no `.get` defaults).
+
+Sections:
+  (top level)  run length, logging and checkpoint cadence, seeds, paths
+  data         image size, text length, tokenizer, augmentation, the mixture of sources
+  model        `model.name` picks the architecture (mmjax.models registry): coca | flava
+  loss         `loss.name` picks the objective (mmjax.objectives registry): coca | flava;
+               each objective has its own keys
+  optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
+  mesh         device mesh shape and the logical-axis -> mesh-axis rules
+  checkpoint   retention
+  profile      a jax.profiler trace of a window of train steps
+  evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
+               registry), so a config can run several of one type
+"""
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+MODELS = ("coca", "flava")
+OBJECTIVES = ("coca", "flava")
+
+
+def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
+  """A complete config with every key at its default (an unlocked ConfigDict)."""
+  c = ConfigDict()
+  c.name = ""  # what this config is, e.g. "shapes:coca_unicl_prefix" (logs and summaries)
+  c.seed = 0  # parameters, data order, augmentation and masking are functions of it
+  c.batch_size = 64  # global, over all processes
+  c.total_steps = 800
+  c.grad_accum_steps = 1  # micro-batches per step (exact for the contrastive loss)
+  c.log_every_steps = 25
+  c.checkpoint_every_steps = 200
+  c.eval_every_steps = 200  # 0 = no evaluation during training
+  c.eval_batch_size = 128  # images / texts embedded per evaluation batch
+  c.data_dir = "~/.cache/mmjax/datasets"  # TFDS data_dir (sources may override it)
+  c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"  # "" = off
+  # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
+  # A100, TPU v4/v5e/v5p/v6e), no MFU metric on unknown devices such as CPUs.
+  c.peak_tflops_per_device = 0.0
+  c.nonfinite_policy = "skip"  # a non-finite loss or gradient: skip the update | stop
+  c.data = data()
+  c.model = MODEL_SECTIONS[model]()
+  c.loss = OBJECTIVE_SECTIONS[objective]()
+  c.optimizer = optimizer()
+  c.mesh = mesh()
+  c.checkpoint = checkpoint()
+  c.profile = profile()
+  c.evals = ConfigDict()
+  c.model.image_size = c.data.get_ref("image_size")
+  c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
+  return c
+
+
+# --- data -------------------------------------------------------------------------------
+def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
+  d = ConfigDict()
+  d.image_size = image_size
+  d.max_text_len = max_text_len  # tokens incl. BOS and EOS; longer texts are truncated, EOS kept
+  d.num_workers = 0  # Grain multiprocessing workers per process (0 = in-process)
+  d.prefetch_batches = 2  # batches kept in flight on the device
+  # Bad records (undecodable image, blank caption) are replaced and counted; a source stops
+  # the run only when its bad fraction is above max_skip_fraction with skip_guard_confidence
+  # (mmjax/data/accounting.py). Web corpora normally have 1-5% bad records.
+  d.max_skip_fraction = 0.1
+  d.skip_guard_confidence = 0.9999
+  d.tokenizer = ConfigDict()
+  d.tokenizer.kind = "sentencepiece"  # sentencepiece | openclip (open_clip's CLIP BPE)
+  # sentencepiece: a .model with mmjax's ids; "" trains one on the dataset texts, cached in
+  # data_dir. openclip: the BPE merges file; "" reads the installed open_clip package's.
+  d.tokenizer.path = ""
+  d.tokenizer.vocab_size = 128  # ids the model embeds; sentencepiece trains this many
+  d.label_templates = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+  # Replaces label_templates: "openai_imagenet_80" (CLIP's 80), "simple" (CLIP's 7) or a file
+  # with one template per line ("" = label_templates). See mmjax/data/classnames.py.
+  d.label_template_set = ""
+  d.allow_wordnet_ids = False  # True: allow prompts from class names like "n01440764"
+  d.augment = ConfigDict()
+  d.augment.random_resized_crop = False  # off for shapes: a crop can cut a shape out of its caption
+  d.augment.min_crop_area = 0.6
+  d.augment.flip = False  # off for shapes: captions say "left of" / "right of"
+  d.sources = ConfigDict()
+  d.sources.labels = source("shapes/labels", kind="label", label_key="label", weight=0.5)
+  d.sources.captions = source("shapes/captions", kind="caption", text_key="captions",
+                              weight=0.5)
+  return d
+
+
+def source(name: str, *, kind: str, weight: float, split: str = "train",
+           image_key: str = "image", label_key: str = "", text_key: str = "",
+           data_dir: str = "", modality: str = "paired", class_names: str = "") -> ConfigDict:
+  """One TFDS dataset of the training mixture (`data.sources.<key>`).
+
+  kind="label": texts are `data.label_templates` filled with the ClassLabel `label_key`'s
+  class names; kind="caption": texts from `text_key` (a Text or Sequence(Text) feature; a
+  nested feature as "captions/text"). `modality` (FLAVA's unimodal data) keeps the image and
+  the text ("paired"), only the image ("image") or only the text ("text").
+
+  class_names (kind="label"): "" = automatic (ImageNet WordNet ids -> CLIP's names, other
+  datasets their own), "dataset", a built-in set ("imagenet1k") or a file with one name per
+  line in label order (mmjax/data/classnames.py)."""
+  s = ConfigDict()
+  s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels"
+  s.split = split  # TFDS split, slicing allowed ("train[:90%]")
+  s.kind = kind
+  s.weight = weight  # mixing weight (> 0); weights are normalised
+  s.image_key = image_key
+  s.label_key = label_key
+  s.text_key = text_key
+  s.data_dir = data_dir  # "" = the top-level data_dir
+  s.modality = modality
+  s.class_names = class_names
+  return s
+
+
+# --- models -----------------------------------------------------------------------------
+def _common_model(name: str) -> ConfigDict:
+  """Keys every model reads (mmjax.models.config.ModelConfig)."""
+  m = ConfigDict()
+  m.name = name
+  m.image_size = 64  # tied to data.image_size by `base`
+  m.patch_size = 16
+  m.embed_dim = 128  # the shared image-text embedding
+  m.logit_scale_init = 1 / 0.07  # contrastive temperature^-1 at init (CLIP, CoCa, FLAVA)
+  m.logit_scale_max = 100.0  # the learned scale never exceeds this
+  m.activation = "gelu"  # gelu (exact) | quick_gelu (OpenAI CLIP / some open_clip models)
+  m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
+  m.param_dtype = "float32"
+  m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
+  # What each layer keeps for the backward pass: "none" (everything), or a policy in
+  # mmjax.models.layers.REMAT_POLICIES (full, dots, dots_with_no_batch_dims, save_qkv_proj,
+  # save_attention_recompute_mlp, offload_*; the guide's memory knobs compare them).
+  m.remat_policy = "none"
+  return m
+
+
+def coca_model() -> ConfigDict:
+  """CoCa (mmjax.models.coca): ViT, attentional poolers, unimodal + multimodal decoders.
+  The options marked open_clip express open_clip's CoCa exactly (configs/openclip.py)."""
+  m = _common_model("coca")
+  m.vision = ConfigDict(dict(
+      width=128, depth=4, mlp_dim=512, num_heads=4,
+      patch_bias=True,  # open_clip: False
+      class_token=False,  # prepended class token (open_clip: True)
+      ln_pre=False,  # LayerNorm before the blocks (open_clip: True)
+      ln_post=True))  # LayerNorm after the blocks (open_clip CoCa: False)
+  m.text = ConfigDict(dict(
+      width=128, num_uni_layers=2, num_multi_layers=2, mlp_dim=512, num_heads=4,
+      vocab_size=128,  # tied to data.tokenizer.vocab_size by `base`
+      cls_mask="correct",  # correct | legacy (open_clip's shipped CoCa weights)
+      multimodal_block="fused"))  # fused (self, cross, MLP) | openclip (self+MLP, cross+MLP)
+  m.pooler = "cascade"  # cascade (paper) | parallel | openclip (one pooler, query 0 contrastive)
+  m.pooler_heads = 0  # attention heads of the poolers; 0 = text.num_heads
+  m.num_caption_queries = 16  # paper: 256
+  m.tie_embeddings = False  # paper counts an untied output projection
+  m.prefix_length = 1  # learned prefix tokens per text type (prefix conditioning); 0 = off
+  m.num_text_types = 2  # 0 = caption, 1 = label prompt (mmjax.vocabulary.TEXT_TYPES)
+  m.norm_eps = 1e-6  # every LayerNorm; open_clip (torch): 1e-5
+  m.image_norm = "none"  # none | clip (pipeline [-1, 1] -> CLIP mean/std, open_clip weights)
+  m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
+  m.logit_bias_init = -10.0  # its value at init (SigLIP paper)
+  return m
+
+
+def flava_model() -> ConfigDict:
+  """FLAVA (mmjax.models.flava): image, text and multimodal encoders plus the heads."""
+  m = _common_model("flava")
+  m.vision = ConfigDict(dict(width=64, depth=2, mlp_dim=128, num_heads=4))
+  m.text = ConfigDict(dict(width=64, num_layers=2, mlp_dim=128, num_heads=4,
+                           vocab_size=128))  # tied to data.tokenizer.vocab_size by `base`
+  m.multimodal = ConfigDict(dict(width=64, num_layers=1, mlp_dim=128, num_heads=4))
+  m.embed_dim = 64
+  return m
+
+
+MODEL_SECTIONS = {"coca": coca_model, "flava": flava_model}
+
+
+# --- objectives (`loss`) -----------------------------------------------------------------
+def coca_loss() -> ConfigDict:
+  """CoCa = contrastive + captioning (mmjax.objectives.coca). label_aware=True gives UniCL's
+  targets (same class = positive); caption_weight=0 gives CLIP / UniCL alone."""
+  l = ConfigDict()
+  l.name = "coca"
+  l.contrastive_weight = 1.0
+  l.caption_weight = 2.0  # CoCa: 2 x captioning
+  l.label_aware = True  # UniCL targets from labels; False = CLIP (every pair its own class)
+  l.caption_loss_on_labels = True  # CoCa applies captioning to label prompts too
+  l.sharded = True  # memory-linear ring over the batch axes of the mesh (False: dense B x B)
+  # Token positions per chunk of the captioning head fused with its cross-entropy
+  # (losses.fused_caption_loss): at most [micro-batch, chunk, vocab] logits exist.
+  # 0 = plain logits.
+  l.caption_chunk_size = 0
+  return l
+
+
+def flava_loss() -> ConfigDict:
+  """FLAVA's six losses and their schedule (mmjax.objectives.flava)."""
+  f = ConfigDict()
+  f.name = "flava"
+  f.mlm_rate = 0.15  # BERT; selected tokens -> 80% [MASK], 10% random, 10% kept
+  f.mim_ratio = 0.4  # BEiT: 75 of 196 patches
+  f.mim_min_block = 16  # BEiT: 16 patches
+  f.mim_target = "pixels"  # pixels (MAE, no pretrained network) | codebook
+  f.codebook_path = ""  # .npz with centroids [K, patch**2 * 3] (mim_target="codebook")
+  f.codebook_size = 8192  # K; must match the file (8192 = the dVAE's vocabulary)
+  f.mim_on_paired = False  # paper: MIM on image-only data; paired images get MMM
+  f.itm_negative_rate = 0.1
+  f.unimodal_steps = 0  # MLM/MIM only before this step, then all objectives
+  f.label_aware = True  # contrastive targets from labels (UniCL); False = CLIP
+  f.weights = ConfigDict(dict(mlm=1.0, mim=1.0, mmm_text=1.0, mmm_image=1.0, itm=1.0,
+                              contrastive=1.0))  # paper: all 1.0
+  return f
+
+
+OBJECTIVE_SECTIONS = {"coca": coca_loss, "flava": flava_loss}
+
+
+# --- optimisation, mesh, checkpoints, profiling ---------------------------------------------
+def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
+              weight_decay: float = 0.01) -> ConfigDict:
+  o = ConfigDict()
+  o.name = "adamw"  # adamw | adafactor (the CoCa paper's)
+  o.learning_rate = learning_rate  # peak
+  o.warmup_steps = warmup_steps  # linear from 0
+  o.schedule = "cosine"  # cosine | linear decay after the warmup, to the end fraction
+  o.end_learning_rate_fraction = 0.0
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.weight_decay = weight_decay  # decoupled: each update subtracts weight_decay * lr * p;
+  # never on biases, norms, position embeddings, learned queries/prefix/CLS, logit scale
+  o.grad_clip_norm = 1.0  # global gradient norm; 0 = off
+  # adafactor only (mmjax.optimizer.adafactor): per-parameter update RMS clipping (0 = off)
+  # and the smallest two axes its second moments are factored over.
+  o.update_clip_threshold = 1.0
+  o.min_dim_size_to_factor = 128
+  return o
+
+
+def mesh() -> ConfigDict:
+  m = ConfigDict()
+  m.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # Logical axis (named in model code) -> mesh axes. "batch" also shards every input batch.
+  m.rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv", None),
+      ("vocab", "tensor"),
+      ("length", None),
+      ("layers", None),
+  )
+  return m
+
+
+def checkpoint() -> ConfigDict:
+  k = ConfigDict()
+  k.max_to_keep = 3
+  k.keep_period = 0  # also keep every K-th step's checkpoint; 0 = off
+  return k
+
+
+def profile() -> ConfigDict:
+  """A jax.profiler trace of train steps start_step .. start_step + num_steps - 1 under
+  <workdir>/profile (mmjax.profiling; TensorBoard's Profile tab opens it)."""
+  p = ConfigDict()
+  p.start_step = 10  # past the first step's compilation
+  p.num_steps = 0  # 0 = off
+  return p
+
+
+# --- evaluators (`evals.<name>`) ----------------------------------------------------------
+def zeroshot_eval(dataset: str = "shapes/labels", split: str = "validation",
+                  num_examples: int = 512) -> ConfigDict:
+  """Zero-shot classification by class-name prompts (data.label_templates, averaged)."""
+  return ConfigDict(dict(
+      type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
+      num_examples=num_examples,  # 0 = off
+      prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
+      class_names="",  # as data.sources.*.class_names
+      templates=""))  # "" = the training templates; else as data.label_template_set
+
+
+def retrieval_eval(dataset: str = "shapes/captions", split: str = "validation",
+                   num_examples: int = 512) -> ConfigDict:
+  """Image -> text and text -> image recall@{1,5,10}."""
+  return ConfigDict(dict(type="retrieval", dataset=dataset, split=split, image_key="image",
+                         text_key="captions", num_examples=num_examples))
+
+
+def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
+                    num_examples: int = 512) -> ConfigDict:
+  """Generated captions (K/V-cached decoding) scored with CIDEr and BLEU-4."""
+  return ConfigDict(dict(
+      type="captioning", dataset=dataset, split=split, image_key="image",
+      text_key="captions", num_examples=num_examples,
+      strategy="greedy",  # greedy | beam | sample
+      beam_size=4, length_penalty=1.0,  # beam: sum log p / length**length_penalty
+      max_new_tokens=23,  # configs tie it to data.max_text_len - 1
+      num_samples=16,  # images in <workdir>/eval/samples_<step>.png (0 = no grid)
+      sample_scale=4))  # nearest-neighbour upscaling of each image in the grid
+
+
+def linear_probe_eval(dataset: str = "shapes/labels", split: str = "validation",
+                      num_train: int = 4000, num_examples: int = 512) -> ConfigDict:
+  """A linear classifier on the frozen `image_features` (mmjax.evaluators.linear_probe):
+  fitted on `num_train` images of `train_split`, lambda from `l2_grid` chosen on a
+  `holdout_fraction` of them, scored on `num_examples` images of `split`."""
+  return ConfigDict(dict(
+      type="linear_probe", dataset=dataset, train_split="train", split=split,
+      image_key="image", label_key="label", class_names="",  # as data.sources.*.class_names
+      num_train=num_train, num_examples=num_examples,
+      classifier="logistic",  # logistic | ridge
+      l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

@@ -1,0 +1,110 @@
+"""A user's mistake is one line on stderr, never a traceback.
+
+Code that detects a mistake (a flag, config key or value, file, dataset, work directory)
+raises `UsageError` with a message that names it and says what to do. Every command runs
+its `main` through `run(main, command)` instead of `absl.app.run`, which prints
+
+    mmjax.<command>: error: <message>
+
+and exits with status 2 (USAGE_EXIT_CODE). Flag-parsing errors get the same treatment,
+including ml_collections' unknown or misspelled `--config.KEY` (with its "did you mean").
+Expected failures of a run that are not a mistake in how it was started (a non-finite loss
+under `nonfinite_policy='stop'`, data past `data.max_skip_fraction`) are listed by the
+command in `failures`: the same one line, exit status 1 (FAILURE_EXIT_CODE).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+USAGE_EXIT_CODE = 2
+FAILURE_EXIT_CODE = 1
+
+
+class UsageError(Exception):
+  """A mistake in how a command was started; its message says what to do instead."""
+
+
+class ConfigError(UsageError, ValueError):
+  """A config value, a file it names, or the data it points at is wrong. The validation pass
+  (`mmjax.cli.validate`) reports every problem it finds: one line each."""
+
+  def __init__(self, *problems: str):
+    super().__init__("\n".join(problems))
+    self.problems = problems
+
+
+def run(main: Callable[[list[str]], None], command: str, *,
+        failures: Sequence[type[BaseException]] = ()) -> None:
+  """absl's app.run(main) with one-line errors (see the module docstring)."""
+  app.run(_guarded(main, command, tuple(failures)), flags_parser=_flags_parser(command))
+
+
+def exit_with(command: str, message: str | Sequence[str], code: int) -> None:
+  """Prints `message` (or each of several) as one `<command>: error: ...` line; exits."""
+  for line in [message] if isinstance(message, str) else message:
+    print(f"{command}: error: {one_line(line)}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def one_line(message: str) -> str:
+  return " ".join(str(message).split())
+
+
+def _guarded(main: Callable, command: str, failures: tuple) -> Callable[[list[str]], None]:
+  def guarded(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except UsageError as e:
+      exit_with(command, getattr(e, "problems", None) or str(e), USAGE_EXIT_CODE)
+    except failures as e:
+      exit_with(command, str(e), FAILURE_EXIT_CODE)
+  return guarded
+
+
+def _flags_parser(command: str) -> Callable[[list[str]], list[str]]:
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      args = flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, and config_flags' KeyError for unknown keys
+      exit_with(command, flag_error_message(e, argv), USAGE_EXIT_CODE)
+    _check_config_loaded(command)
+    return args
+  return parse
+
+
+def _check_config_loaded(command: str) -> None:
+  """config_flags defers a config file's load error to the first use of the flag."""
+  if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+    return
+  try:
+    flags.FLAGS["config"].value.keys  # noqa: B018 (a placeholder raises the deferred error)
+  except OSError as e:
+    last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+    exit_with(command, f"--config={flags.FLAGS['config'].config_filename}: {last}",
+              USAGE_EXIT_CODE)
+
+
+def flag_error_message(error: Exception, argv: Sequence[str]) -> str:
+  """One line for a flag-parsing error, naming the offending argument."""
+  while error.args and isinstance(error.args[0], Exception):  # AttributeError(KeyError(..))
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  if isinstance(error, KeyError):
+    # ml_collections: "'bogus'" or "'batch_sise'\nDid you mean "batch_size" instead of ...?"
+    first, _, hint = text.partition("\n")
+    key = first.strip().strip("'\"")
+    argument = next((a for a in argv[1:] if re.match(rf"--config\.(.*\.)?{re.escape(key)}(\.|=|$)",
+                                                      a)), None)
+    where = f" ({argument})" if argument else ""
+    suggestion = (f": did you mean {hint.split(' instead of')[0].split('mean ')[1]}?"
+                  if hint.startswith("Did you mean") else
+                  ": no such key in the config file (--config)")
+    return f"unknown config key {key!r}{where}{suggestion}"
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):  # an error inside get_config()
+    return f"{lines[0].rstrip(':')}: {lines[-1]}"
+  return "; ".join(lines) + " (see --helpshort)"

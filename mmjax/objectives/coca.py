@@ -1,0 +1,176 @@
+"""CoCa's objective: contrastive + captioning (arXiv 2205.01917), with UniCL's label-aware
+targets (arXiv 2204.03610) and CLIP as the case where every pair is its own class.
+
+  loss = loss.contrastive_weight * contrastive + loss.caption_weight * captioning
+
+Batch (global arrays, leading dim B sharded over the mesh's batch axes):
+  image float32 [B, H, W, 3]; text int32 [B, L]; label int32 [B] (-1: caption, no class);
+  text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
+The contrastive term is the memory-linear ring of `losses.unicl_loss` (loss.sharded) or the
+dense B x B form; captioning is next-token cross-entropy over real tokens (padding never
+counts), over captions and, with loss.caption_loss_on_labels, label prompts too. With
+loss.caption_chunk_size > 0 the captioning head and its cross-entropy are fused and computed
+in token chunks (`losses.fused_caption_loss`): the [B, L-1, V] logits never exist, forward
+or backward, and the vocabulary is split over the mesh as the head's kernel is.
+
+With grad_accum_steps = k > 1 the gradient is still the full batch's, exactly (gradient
+caching, `accumulated_grads`): every negative of the whole batch is seen while activation
+memory is one micro-batch's.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from mmjax import losses, sharding
+from mmjax.vocabulary import PAD_ID
+
+Batch = dict[str, jax.Array]
+
+
+class CocaObjective:
+  """Closes over the model and config; every method is a pure function of its inputs."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh | None):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.c = config.loss
+    self.accum_steps = config.grad_accum_steps
+    self.with_captions = self.c.caption_weight > 0
+    self.batch_axes = sharding.batch_axes(config.mesh.rules)
+    if self.c.caption_chunk_size < 0:
+      raise ValueError(f"config loss.caption_chunk_size={self.c.caption_chunk_size} must be "
+                       ">= 0 (0 = plain logits)")
+    self.fused_head = self.c.caption_chunk_size > 0
+
+  def contrastive_labels(self, batch: Batch) -> jax.Array:
+    """UniCL targets come from labels; CLIP gives every pair its own class (-1)."""
+    if self.c.label_aware:
+      return batch["label"]
+    return jnp.full_like(batch["label"], -1)
+
+  def contrastive(self, image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                  scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """The contrastive term of embeddings [B, E], labels [B], the learned logit scale and
+    bias (softmax losses are shift-invariant: the bias is unused, and without
+    model.logit_bias the model's bias is the constant 0)."""
+    del bias
+    mesh = self.mesh if self.c.sharded else None
+    return losses.unicl_loss(image_emb, text_emb, labels, scale, mesh=mesh,
+                             batch_axes=self.batch_axes)
+
+  def caption_mask(self, batch: Batch) -> jax.Array:
+    """[B, L-1] float: 1 where the next token is real text (padding never counts)."""
+    mask = batch["text"][:, 1:] != PAD_ID
+    if not self.c.caption_loss_on_labels:
+      mask &= (batch["text_type"] == 0)[:, None]
+    return mask.astype(jnp.float32)
+
+  def caption_sum(self, out: dict[str, jax.Array], batch: Batch) -> jax.Array:
+    """Summed token cross-entropy over the caption mask (normalised by the caller): of the
+    model's caption logits, or of its head's input and kernel fused in chunks."""
+    mask, targets = self.caption_mask(batch), batch["text"][:, 1:]
+    if not self.fused_head:
+      mean, count = losses.token_ce(out["caption_logits"], targets, mask)
+      return mean * count
+    embed_axes, vocab_axis = nn.logical_to_mesh_axes(("embed", "vocab"),
+                                                     self.config.mesh.rules)
+    mean, count = losses.fused_caption_loss(
+        out["caption_features"], out["caption_kernel"], targets, mask,
+        chunk_size=self.c.caption_chunk_size, mesh=self.mesh, batch_axes=self.batch_axes,
+        vocab_axis=vocab_axis, embed_axes=embed_axes)
+    return mean * count
+
+  def forward(self, params: Any, batch: Batch, with_captions: bool) -> dict[str, jax.Array]:
+    return self.model.apply({"params": params}, batch["image"], batch["text"],
+                            batch["text_type"], with_captions=with_captions,
+                            fused_head=self.fused_head)
+
+  def loss(self, params: Any, batch: Batch,
+           step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted objective over the whole batch; metrics: both terms and the logit scale."""
+    del step
+    c = self.c
+    out = self.forward(params, batch, self.with_captions)
+    contrastive = self.contrastive(out["image_emb"], out["text_emb"],
+                                   self.contrastive_labels(batch), out["logit_scale"],
+                                   out["logit_bias"])
+    num_tokens = self.caption_mask(batch).sum()
+    caption = (self.caption_sum(out, batch) / jnp.maximum(num_tokens, 1.0)
+               if self.with_captions else jnp.zeros(()))
+    loss = c.contrastive_weight * contrastive + c.caption_weight * caption
+    return loss, self.metrics(contrastive, caption, out["logit_scale"], out["logit_bias"])
+
+  def metrics(self, contrastive: jax.Array, caption: jax.Array, scale: jax.Array,
+              bias: jax.Array) -> dict[str, jax.Array]:
+    del bias
+    return dict(contrastive_loss=contrastive, caption_loss=caption, logit_scale=scale)
+
+  def grads(self, params: Any, batch: Batch,
+            step: jax.Array | None = None) -> tuple[jax.Array, dict, Any]:
+    if self.accum_steps == 1:
+      (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(params, batch, step)
+      return loss, aux, grads
+    return self.accumulated_grads(params, batch)
+
+  def accumulated_grads(self, params: Any, batch: Batch) -> tuple[jax.Array, dict, Any]:
+    """Exact gradient accumulation for a contrastive loss (gradient caching).
+
+    1. Embed every micro-batch without gradients. 2. Differentiate the contrastive loss of
+    the whole batch with respect to the cached embeddings (and the logit scale and bias).
+    3. Re-run each micro-batch with gradients, back-propagating those embedding gradients
+    plus its caption loss. Every negative of the full batch is seen; activation memory is
+    one micro-batch's.
+    """
+    c, k = self.c, self.accum_steps
+    micro = jax.tree.map(lambda x: split_microbatches(x, k), batch)
+
+    def embed(mb: Batch) -> tuple[jax.Array, jax.Array]:
+      out = self.forward(params, mb, with_captions=False)
+      return out["image_emb"], out["text_emb"]
+
+    image_emb, text_emb = jax.tree.map(merge_microbatches, jax.lax.map(embed, micro))
+    scale = self.model.apply({"params": params}, method="logit_scale")
+    bias = self.model.apply({"params": params}, method="logit_bias")
+    labels = self.contrastive_labels(batch)
+    contrastive, (d_image, d_text, d_scale, d_bias) = jax.value_and_grad(
+        self.contrastive, argnums=(0, 1, 3, 4))(image_emb, text_emb, labels, scale, bias)
+    num_tokens = jnp.maximum(self.caption_mask(batch).sum(), 1.0)
+    cotangents = jax.tree.map(lambda x: split_microbatches(x, k), (d_image, d_text))
+
+    def surrogate(p: Any, mb: Batch, d_img: jax.Array, d_txt: jax.Array):
+      """Its gradient wrt p is this micro-batch's share of the full-batch gradient."""
+      out = self.forward(p, mb, self.with_captions)
+      value = c.contrastive_weight * (jnp.vdot(out["image_emb"], d_img)
+                                      + jnp.vdot(out["text_emb"], d_txt)
+                                      + (out["logit_scale"] * d_scale
+                                         + out["logit_bias"] * d_bias) / k)
+      caption = (self.caption_sum(out, mb) if self.with_captions
+                 else jnp.zeros(()))
+      return value + c.caption_weight * caption / num_tokens, caption
+
+    def accumulate(carry, xs):
+      grads, caption_total = carry
+      g, caption = jax.grad(surrogate, has_aux=True)(params, *xs)
+      return (jax.tree.map(jnp.add, grads, g), caption_total + caption), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, caption_total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())),
+                                             (micro, *cotangents))
+    caption = caption_total / num_tokens
+    loss = c.contrastive_weight * contrastive + c.caption_weight * caption
+    return loss, self.metrics(contrastive, caption, scale, bias), grads
+
+
+def split_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, ...: each device keeps its rows."""
+  if x.shape[0] % k:
+    raise ValueError(f"config grad_accum_steps={k} does not divide the batch {x.shape[0]}")
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def merge_microbatches(x: jax.Array) -> jax.Array:
+  """Inverse of `split_microbatches`."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
