@@ -6,8 +6,9 @@ import ml_collections
 import optax
 
 # Parameters that are never weight-decayed: biases, norms, position embeddings, learned
-# queries/prefix/CLS and the logit scale (matched on the last path element).
-NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "queries", "prefix", "cls")
+# queries/prefix/CLS and the logit scale and bias (matched on the last path element).
+NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "logit_bias", "queries", "prefix",
+                  "cls")
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
