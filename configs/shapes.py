@@ -52,7 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def use_sigmoid_logits(m: ml_collections.ConfigDict) -> None:
   """SigLIP's logits t * cos + b (arXiv 2303.15343): t = exp(t') from t' = log 10 and a
-  learned bias b from -10, so that the many negatives start near their target.
+  learned bias b from -10, so that the many negatives start near their target. These are
+  the paper's values for its batches of thousands; at batch 64 the prior log-odds of a pair
+  being positive is log(1/63) = -4.1, so b starts further below it than in the paper.
 
   t is not capped (model.logit_scale_max = inf): the paper's t' is unconstrained and
   big_vision's SigLIP trainer applies no cap; its released SO400M/14@384 model ends at
