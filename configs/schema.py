@@ -10,8 +10,8 @@ Sections:
   (top level)  run length, logging and checkpoint cadence, seeds, paths
   data         image size, text length, tokenizer, augmentation, the mixture of sources
   model        `model.name` picks the architecture (mmjax.models registry): coca | flava
-  loss         `loss.name` picks the objective (mmjax.objectives registry): coca | flava;
-               each objective has its own keys
+  loss         `loss.name` picks the objective (mmjax.objectives registry): coca | siglip |
+               flava; each objective has its own keys
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
@@ -23,7 +23,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 MODELS = ("coca", "flava")
-OBJECTIVES = ("coca", "flava")
+OBJECTIVES = ("coca", "siglip", "flava")
 
 
 def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
@@ -210,7 +210,19 @@ def flava_loss() -> ConfigDict:
   return f
 
 
-OBJECTIVE_SECTIONS = {"coca": coca_loss, "flava": flava_loss}
+def siglip_loss() -> ConfigDict:
+  """SigLIP = sigmoid contrastive (mmjax.objectives.siglip, arXiv 2303.15343): every
+  image-text pair a binary classification with logits t * cos + b, t and b learned (needs
+  model.logit_bias=True). CoCa's keys with CoCa's meaning: label_aware=True makes pairs of
+  one class positives (UniCL's targets), False only the own pair (the paper's loss);
+  caption_weight > 0 adds CoCa's captioning term; sharded = the memory-linear ring."""
+  l = coca_loss()
+  l.name = "siglip"
+  l.caption_weight = 0.0  # the paper: contrastive alone
+  return l
+
+
+OBJECTIVE_SECTIONS = {"coca": coca_loss, "siglip": siglip_loss, "flava": flava_loss}
 
 
 # --- optimisation, mesh, checkpoints ------------------------------------------------------

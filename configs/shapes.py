@@ -7,6 +7,7 @@ Presets (same data, steps and seed; only the objective changes):
   configs/shapes.py:unicl              contrastive with label-aware targets (UniCL)
   configs/shapes.py:unicl_prefix       UniCL + a learned prefix per text type
   configs/shapes.py:coca_unicl_prefix  the above + captioning loss (CoCa); the default
+  configs/shapes.py:siglip             sigmoid contrastive with label-aware pairs (SigLIP)
 Append ",tiny" (e.g. configs/shapes.py:clip,tiny) for a seconds-long smoke-test model.
 Any key can be overridden: --config.total_steps=100 --config.model.dtype=bfloat16
 """
@@ -14,7 +15,7 @@ import ml_collections
 
 from configs import schema
 
-PRESETS = ("clip", "unicl", "unicl_prefix", "coca_unicl_prefix")
+PRESETS = ("clip", "unicl", "unicl_prefix", "coca_unicl_prefix", "siglip")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset not in PRESETS or set(modifiers) - {"tiny"}:
     raise ValueError(f"configs/shapes.py:{arg}: choose one of {PRESETS}, optionally "
                      "followed by ',tiny'")
-  c = schema.base(model="coca", objective="coca")
+  c = schema.base(model="coca", objective="siglip" if preset == "siglip" else "coca")
   c.name = f"shapes:{arg or preset}"
   c.evals.zeroshot = schema.zeroshot_eval("shapes/labels")
   c.evals.retrieval = schema.retrieval_eval("shapes/captions")
@@ -40,10 +41,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.prefix_length = 0
   elif preset == "unicl_prefix":
     c.loss.caption_weight = 0.0
+  elif preset == "siglip":  # `unicl` with the sigmoid loss (its section: no captioning)
+    c.model.prefix_length = 0
+    use_sigmoid_logits(c.model)
   if "tiny" in modifiers:
     shrink_to_tiny(c)
   c.lock()
   return c
+
+
+def use_sigmoid_logits(m: ml_collections.ConfigDict) -> None:
+  """SigLIP's logits t * cos + b (arXiv 2303.15343): t = exp(t') from t' = log 10 and a
+  learned bias b from -10, so that the many negatives start near their target. These are
+  the paper's values for its batches of thousands; at batch 64 the prior log-odds of a pair
+  being positive is log(1/63) = -4.1, so b starts further below it than in the paper.
+
+  t is not capped (model.logit_scale_max = inf): the paper's t' is unconstrained and
+  big_vision's SigLIP trainer applies no cap; its released SO400M/14@384 model ends at
+  t = exp(4.7215) = 112 (open_clip issue #746), so CLIP's cap of 100 would bind and, through
+  jnp.minimum, hold t there with a zero gradient.
+  """
+  m.logit_bias = True
+  m.logit_scale_init = 10.0
+  m.logit_bias_init = -10.0
+  m.logit_scale_max = float("inf")
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:

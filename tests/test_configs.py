@@ -42,7 +42,8 @@ EVAL_SECTIONS = {"zeroshot": schema.zeroshot_eval, "retrieval": schema.retrieval
 
 
 @pytest.mark.parametrize("config", [
-    shapes.get_config(), shapes.get_config("clip,tiny"), coca.get_config("giant,v5p_128"),
+    shapes.get_config(), shapes.get_config("clip,tiny"), shapes.get_config("siglip"),
+    coca.get_config("giant,v5p_128"),
     flava.get_config("tiny"), flava.get_config("full"), openclip.get_config("coca_tiny")],
     ids=lambda c: c.name)
 def test_every_config_has_exactly_the_schema_keys(config):
