@@ -84,7 +84,9 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d.augment.min_crop_area = 0.6
   d.augment.flip = False  # off for shapes: captions say "left of" / "right of"
   d.sources = ConfigDict()
-  d.sources.labels = source("shapes/labels", kind="label", label_key="label", weight=0.5)
+  # The 48 seen shapes classes: the 16 of shapes/labels_unseen are never a training label
+  # (zero-shot transfer, mmjax/data/shapes.py); captions show and name all 64.
+  d.sources.labels = source("shapes/labels_seen", kind="label", label_key="label", weight=0.5)
   d.sources.captions = source("shapes/captions", kind="caption", text_key="captions",
                               weight=0.5)
   return d
@@ -104,7 +106,7 @@ def source(name: str, *, kind: str, weight: float, split: str = "train",
   datasets their own), "dataset", a built-in set ("imagenet1k") or a file with one name per
   line in label order (mmjax/data/classnames.py)."""
   s = ConfigDict()
-  s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels"
+  s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels_seen"
   s.split = split  # TFDS split, slicing allowed ("train[:90%]")
   s.kind = kind
   s.weight = weight  # mixing weight (> 0); weights are normalised
@@ -259,9 +261,12 @@ def checkpoint() -> ConfigDict:
 
 
 # --- evaluators (`evals.<name>`) ----------------------------------------------------------
-def zeroshot_eval(dataset: str = "shapes/labels", split: str = "validation",
+def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validation",
                   num_examples: int = 512) -> ConfigDict:
-  """Zero-shot classification by class-name prompts (data.label_templates, averaged)."""
+  """Classification by class-name prompts (data.label_templates, averaged) among the
+  dataset's classes. Zero-shot only when none of those classes is a training label (e.g.
+  shapes/labels_unseen); on training classes it is closed-set accuracy (configs/shapes.py
+  names that entry `evals.seen_classes`)."""
   return ConfigDict(dict(
       type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
       num_examples=num_examples,  # 0 = off
