@@ -115,18 +115,29 @@ def log_tail(path: str, lines: int = 15) -> str:
     return "".join(f.readlines()[-lines:])
 
 
-def final_metrics(workdir: str, step: int) -> dict[str, float]:
-  """The trainer's evaluation record at `step` and the last training record (metrics.jsonl)."""
+def logged_metrics(workdir: str, step: int) -> tuple[dict[str, float], dict[str, float]]:
+  """(the trainer's evaluation at `step` or {}, the last training record) from metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   evaluated = [r for r in records if r.get("step") == step and "loss" not in r
                and any("/" in k and not k.startswith("data/") for k in r)]
   trained = [r for r in records if "loss" in r]
-  if not evaluated:
-    raise RuntimeError(f"{workdir}/metrics.jsonl has no evaluation at step {step}")
-  out = {k: v for k, v in evaluated[-1].items() if k != "step"}
-  out.update(train_loss=trained[-1]["loss"], examples_per_sec=trained[-1]["examples_per_sec"])
-  return out
+  metrics = {k: v for k, v in evaluated[-1].items() if k != "step"} if evaluated else {}
+  return metrics, {"train_loss": trained[-1]["loss"],
+                   "examples_per_sec": trained[-1]["examples_per_sec"]}
+
+
+def evaluate(command: list[str], workdir: str, step: int, name: str) -> dict[str, Any]:
+  """Runs `mmjax.evaluate` (`command`); its results move to eval/step_<step>_<name>.json.
+  Returns the metrics, or {"error": ...}."""
+  log = os.path.join(workdir, f"evaluate_{name}.log")
+  rc, _ = run_logged(command, log)
+  if rc:
+    return {"error": f"mmjax.evaluate exit {rc}: " + log_tail(log)}
+  kept = os.path.join(workdir, "eval", f"step_{step}_{name}.json")
+  os.replace(os.path.join(workdir, "eval", f"step_{step}.json"), kept)
+  with open(kept) as f:
+    return {k: v for k, v in json.load(f).items() if k != "step"}
 
 
 def run_arm(args: argparse.Namespace, preset: str, seed: int) -> dict[str, Any]:
@@ -150,19 +161,23 @@ def run_arm(args: argparse.Namespace, preset: str, seed: int) -> dict[str, Any]:
   if rc:
     return {**result, "error": f"mmjax.train exit {rc}: "
             + log_tail(os.path.join(workdir, "train.log"))}
-  result[CAPTION] = final_metrics(workdir, args.steps)
+  evaluated, trained = logged_metrics(workdir, args.steps)
+  result.update(trained)
+  evaluate_command = base + ["mmjax.evaluate"] + common + overrides
+  if not evaluated:  # stopped during its final evaluation: the checkpoint is complete
+    evaluated = evaluate(evaluate_command, workdir, args.steps, "caption_prefix")
+    result["evaluated_from_checkpoint"] = True
+  if "error" in evaluated:
+    return {**result, **evaluated}
+  result[CAPTION] = evaluated
   if has_prefix(config):
-    log = os.path.join(workdir, "evaluate_label_prefix.log")
-    rc, wall = run_logged(base + ["mmjax.evaluate"] + common + overrides
-                          + label_prefix_overrides(), log)
-    result["label_eval_wall_s"] = round(wall, 1)
-    if rc:
-      return {**result, "error": f"mmjax.evaluate exit {rc}: " + log_tail(log)}
-    evaluated = os.path.join(workdir, "eval", f"step_{args.steps}.json")
-    label_json = os.path.join(workdir, "eval", f"step_{args.steps}_label_prefix.json")
-    os.replace(evaluated, label_json)  # the file is the label-prefix pass's, say so
-    with open(label_json) as f:
-      result[LABEL] = {k: v for k, v in json.load(f).items() if k != "step"}
+    start = time.perf_counter()
+    evaluated = evaluate(evaluate_command + label_prefix_overrides(), workdir, args.steps,
+                         "label_prefix")
+    result["label_eval_wall_s"] = round(time.perf_counter() - start, 1)
+    if "error" in evaluated:
+      return {**result, **evaluated}
+    result[LABEL] = evaluated
   with open(result_path, "w") as f:
     json.dump(result, f, indent=1)
   return result
