@@ -200,12 +200,20 @@ def flava_loss() -> ConfigDict:
   f.mlm_rate = 0.15  # BERT; selected tokens -> 80% [MASK], 10% random, 10% kept
   f.mim_ratio = 0.4  # BEiT: 75 of 196 patches
   f.mim_min_block = 16  # BEiT: 16 patches
-  f.mim_target = "pixels"  # pixels (MAE, no pretrained network) | codebook
+  # MIM targets. DEVIATION from the paper, whose targets are DALL-E dVAE tokens (8192 codes
+  # at 112 px; no download here): pixels (MAE normalised pixels, no pretrained network) |
+  # codebook (nearest of the centroids in codebook_path, e.g. k-means of training patches).
+  f.mim_target = "pixels"
   f.codebook_path = ""  # .npz with centroids [K, patch**2 * 3] (mim_target="codebook")
   f.codebook_size = 8192  # K; must match the file (8192 = the dVAE's vocabulary)
+  f.mlm_on_paired = False  # paper, torchmultimodal: MLM on text-only data; paired captions
+  # get MMM. True: MLM on the paired captions too (an option, not the paper's recipe)
   f.mim_on_paired = False  # paper: MIM on image-only data; paired images get MMM
   f.itm_negative_rate = 0.1
-  f.unimodal_steps = 0  # MLM/MIM only before this step, then all objectives
+  # Unimodal phase (the paper pretrains the unimodal encoders first): before this step only
+  # MLM and MIM, on batches drawn from the unimodal sources (modality image / text) only;
+  # from it on, all six objectives on the whole mixture. 0 = joint from the start.
+  f.unimodal_steps = 0
   f.label_aware = True  # contrastive targets from labels (UniCL); False = CLIP
   f.weights = ConfigDict(dict(mlm=1.0, mim=1.0, mmm_text=1.0, mmm_image=1.0, itm=1.0,
                               contrastive=1.0))  # paper: all 1.0
