@@ -9,6 +9,13 @@ Presets (same data, steps and seed; only the objective changes):
   configs/shapes.py:coca_unicl_prefix  the above + captioning loss (CoCa); the default
   configs/shapes.py:siglip             sigmoid contrastive with label-aware pairs (SigLIP)
 Append ",tiny" (e.g. configs/shapes.py:clip,tiny) for a seconds-long smoke-test model.
+
+Label data is shapes/labels_seen: 16 of the 64 colour-shape classes are held out of every
+training label (mmjax/data/shapes.py). `evals.zeroshot` classifies the held-out classes'
+images by prompts among those 16 (zero-shot transfer: metrics zeroshot/shapes_labels_unseen/*);
+`evals.seen_classes` the seen classes' validation images among the 48 (closed-set accuracy
+on training classes, not zero-shot: seen_classes/shapes_labels_seen/*). Both use the caption
+prefix by default (`evals.<key>.prefix`, the prefix-conditioning paper's choice).
 Any key can be overridden: --config.total_steps=100 --config.model.dtype=bfloat16
 """
 import ml_collections
@@ -25,7 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      "followed by ',tiny'")
   c = schema.base(model="coca", objective="siglip" if preset == "siglip" else "coca")
   c.name = f"shapes:{arg or preset}"
-  c.evals.zeroshot = schema.zeroshot_eval("shapes/labels")
+  c.evals.seen_classes = schema.zeroshot_eval("shapes/labels_seen")  # 500 images, 48 classes
+  c.evals.zeroshot = schema.zeroshot_eval("shapes/labels_unseen",
+                                          num_examples=1000)  # 16 held-out classes
   c.evals.retrieval = schema.retrieval_eval("shapes/captions")
   c.evals.captioning = schema.captioning_eval("shapes/captions")
   # As many tokens as training targets hold (text minus BOS), tracking data.max_text_len.
@@ -86,6 +95,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.optimizer.warmup_steps = 2
   c.evals.retrieval.num_examples = 64
   c.evals.zeroshot.num_examples = 64
+  c.evals.seen_classes.num_examples = 64
   c.evals.captioning.num_examples = 16  # one decode batch: one extra compile in the trainer
   c.evals.captioning.num_samples = 4
   c.evals.linear_probe.update(num_train=128, num_examples=64)
