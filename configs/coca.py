@@ -166,6 +166,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals.retrieval = schema.retrieval_eval("coco_captions", split="test",
                                             num_examples=5000)  # Karpathy 5K test
   c.evals.retrieval.text_key = "captions/text"
+  # ImageNet prompts among its 1000 classes. With imagenet2012's labels a training source
+  # (data.sources.labels) this is closed-set accuracy on training classes, not zero-shot
+  # transfer; point it at a label dataset whose classes no training source has for a
+  # zero-shot number.
   c.evals.zeroshot = schema.zeroshot_eval("imagenet2012", num_examples=50_000)
   c.evals.captioning = schema.captioning_eval("coco_captions", split="test",
                                               num_examples=5000)

@@ -1,15 +1,17 @@
-"""Loss building blocks: UniCL (label-aware contrastive, CLIP as a special case), token
-cross-entropy (captioning, MLM), patch regression, binary matching. The objectives
-(`mmjax.objectives`) weigh and combine them.
+"""Loss building blocks: UniCL (label-aware contrastive, CLIP as a special case), SigLIP
+(label-aware sigmoid contrastive), token cross-entropy (captioning, MLM), patch regression,
+binary matching. The objectives (`mmjax.objectives`) weigh and combine them.
 
-`unicl_loss` has two paths:
+`unicl_loss` and `siglip_loss` have two paths:
   * mesh=None: a dense reference-style implementation (B x B logits), differentiated by JAX.
   * mesh given: a memory-linear ring implementation under `jax.shard_map`. Each device keeps
     its own B/n rows of images, texts and labels; text blocks (with their labels) travel
-    around a ring of `ppermute`s, and running log-sum-exp / positive sums are accumulated for
-    both directions. A `jax.custom_vjp` recomputes the blocks in the backward pass, so no
-    device ever materialises the whole other modality, a B x B matrix, or the saved blocks of
-    the forward pass. Only [B/n, chunk] blocks of logits exist at any time.
+    around a ring of `ppermute`s and each device accumulates its rows' terms against every
+    block (UniCL: running log-sum-exp / positive sums for both directions; SigLIP: the sum
+    of independent pair terms, no normaliser). A `jax.custom_vjp` recomputes the blocks in
+    the backward pass, so no device ever materialises the whole other modality, a B x B
+    matrix, or the saved blocks of the forward pass. Only [B/n, chunk] blocks of logits
+    exist at any time.
 
 `fused_caption_loss` is `token_ce` of a linear head's logits (the captioning output
 projection) computed in token chunks, forward and backward, never holding the [B, T, V]
@@ -98,10 +100,78 @@ def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
   if mesh is None:
     return unicl_loss_dense(image_emb, text_emb, labels, logit_scale)
 
+  axes, n, chunk_size = _ring_layout(mesh, batch_axes, image_emb, text_emb, labels,
+                                     chunk_size)
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
+  scale = jnp.asarray(logit_scale, jnp.float32)
+  ring = _make_unicl_ring(mesh, axes, n, chunk_size, image_emb.shape[0])
+  return ring(u, v, labels.astype(jnp.int32), scale)
+
+
+def siglip_loss_dense(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                      logit_scale: jax.Array | float,
+                      logit_bias: jax.Array | float) -> jax.Array:
+  """Dense SigLIP loss (materialises [B, B] logits). Inputs as in `siglip_loss`."""
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
+  logits = (jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)
+            + jnp.asarray(logit_bias, jnp.float32))  # [B, B]
+  b = logits.shape[0]
+  sign = jnp.where(positive_mask(labels, labels, jnp.eye(b, dtype=bool)), 1.0, -1.0)
+  return -jax.nn.log_sigmoid(sign * logits).sum() / b
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                logit_scale: jax.Array | float, logit_bias: jax.Array | float, *,
+                mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+                chunk_size: int | None = None) -> jax.Array:
+  """SigLIP's sigmoid contrastive loss (arXiv 2303.15343) with UniCL's label-aware pairs.
+
+  Every image-text pair is its own binary classification: z[i, j] = t <u_i, v_j> + b with
+  u, v the L2-normalised embeddings, target y[i, j] = +1 for positives P[i, j] = (i == j)
+  or (labels[i] == labels[j] >= 0) and -1 otherwise, and
+    loss = -(1/B) sum_i sum_j log sigmoid(y[i, j] z[i, j]).
+  With every label -1 this is the paper's loss (positives on the diagonal only).
+
+  Args:
+    image_emb: [B, D] image embeddings (any float dtype; normalised here in float32).
+    text_emb: [B, D] text embeddings.
+    labels: int [B]; -1 = no class (its only positive is its own pair), c >= 0 = class id.
+    logit_scale: t, the scalar multiplier, already exponentiated (t = exp(t')).
+    logit_bias: b, the scalar bias.
+    mesh, batch_axes, chunk_size: as in `unicl_loss` (ring implementation when mesh is
+      given; memory linear in B).
+  Returns:
+    float32 scalar.
+  """
+  if mesh is None:
+    return siglip_loss_dense(image_emb, text_emb, labels, logit_scale, logit_bias)
+
+  axes, n, chunk_size = _ring_layout(mesh, batch_axes, image_emb, text_emb, labels,
+                                     chunk_size)
+  ring = _make_siglip_ring(mesh, axes, n, chunk_size, image_emb.shape[0])
+  return ring(l2_normalize(image_emb), l2_normalize(text_emb), labels.astype(jnp.int32),
+              jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Ring implementation.
+# Device k holds rows [k m, (k+1) m). Every step each device sends its travelling block to
+# device k-1, so at ring step s device k holds the block that started on device (k+s) % n;
+# the diagonal (i == j) therefore only occurs at step 0, at equal local offsets. After n
+# sends a travelling block is back on its owner, which is how column statistics and text
+# gradients come home.
+# ----------------------------------------------------------------------------------------
+
+def _ring_layout(mesh: Mesh, batch_axes: Sequence[str], image_emb: jax.Array,
+                 text_emb: jax.Array, labels: jax.Array,
+                 chunk_size: int | None) -> tuple[tuple[str, ...], int, int]:
+  """Checks the inputs of a ring loss; returns (batch axes present in the mesh, their
+  device count n, chunk width c). c = chunk_size, or when None the largest divisor of
+  m = B / n keeping [m, c] blocks at <= 4M elements."""
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
+  n = math.prod(mesh.shape[a] for a in axes)
   b, _ = image_emb.shape
   if text_emb.shape != image_emb.shape or labels.shape != (b,):
     raise ValueError(f"shape mismatch: image {image_emb.shape}, text {text_emb.shape}, "
@@ -114,47 +184,44 @@ def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
     chunk_size = max(d for d in range(1, min(m, cap) + 1) if m % d == 0)
   if m % chunk_size:
     raise ValueError(f"chunk_size {chunk_size} must divide the per-device batch {m}")
-
-  u = l2_normalize(image_emb)
-  v = l2_normalize(text_emb)
-  scale = jnp.asarray(logit_scale, jnp.float32)
-  ring = _make_ring_loss(mesh, axes, n, chunk_size, b)
-  return ring(u, v, labels.astype(jnp.int32), scale)
+  return axes, n, chunk_size
 
 
-# ----------------------------------------------------------------------------------------
-# Ring implementation.
-# Device k holds rows [k m, (k+1) m). Every step each device sends its travelling block to
-# device k-1, so at ring step s device k holds the block that started on device (k+s) % n;
-# the diagonal (i == j) therefore only occurs at step 0, at equal local offsets. After n
-# sends a travelling block is back on its owner, which is how column statistics and text
-# gradients come home.
-# ----------------------------------------------------------------------------------------
+def _ring_shift(x, axes: tuple[str, ...], n: int):
+  """Sends a pytree from every device k to device k-1 along the batch axes."""
+  if n == 1:
+    return x
+  axis_name = axes if len(axes) != 1 else axes[0]
+  return jax.lax.ppermute(x, axis_name, [(i, (i - 1) % n) for i in range(n)])
 
-def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
+
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  # Loop carries start as constants (unvarying over the batch axes) but become varying
+  # after one update; shard_map's type check requires the carry type to be fixed.
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _block_sims(u_loc: jax.Array, v_blk: jax.Array, l_loc: jax.Array, l_blk: jax.Array,
+                step: jax.Array, j0: jax.Array,
+                c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Local rows [m, D] vs columns [j0, j0+c) of the block held at ring `step`: the columns'
+  texts v_c [c, D], cosine sims [m, c] and positives bool [m, c]."""
+  v_c = jax.lax.dynamic_slice_in_dim(v_blk, j0, c, axis=0)
+  l_c = jax.lax.dynamic_slice_in_dim(l_blk, j0, c, axis=0)
+  rows = jnp.arange(u_loc.shape[0])[:, None]
+  cols = j0 + jnp.arange(c)[None, :]
+  return v_c, u_loc @ v_c.T, positive_mask(l_loc, l_c, (step == 0) & (rows == cols))
+
+
+def _make_unicl_ring(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
   """Builds the custom_vjp ring loss for fixed mesh / axes / chunk / batch size."""
   spec = P(axes if axes else None)
-  perm = [(i, (i - 1) % n) for i in range(n)]
-  axis_name = axes if len(axes) != 1 else axes[0]
-
-  def shift(x):
-    if n == 1:
-      return x
-    return jax.lax.ppermute(x, axis_name, perm)
-
-  def varying(x):
-    # Loop carries start as constants (unvarying over the batch axes) but become varying
-    # after one update; shard_map's type check requires the carry type to be fixed.
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
+  shift = lambda x: _ring_shift(x, axes, n)
+  varying = lambda x: _varying(x, axes)
 
   def chunk_logits(u_loc, v_blk, l_loc, l_blk, scale, step, j0):
     """Scaled logits, cosine sims and positives of local rows vs columns [j0, j0+c)."""
-    v_c = jax.lax.dynamic_slice_in_dim(v_blk, j0, c, axis=0)  # [c, D]
-    l_c = jax.lax.dynamic_slice_in_dim(l_blk, j0, c, axis=0)  # [c]
-    sims = u_loc @ v_c.T  # [m, c]
-    rows = jnp.arange(u_loc.shape[0])[:, None]
-    cols = j0 + jnp.arange(c)[None, :]
-    pos = positive_mask(l_loc, l_c, (step == 0) & (rows == cols))
+    v_c, sims, pos = _block_sims(u_loc, v_blk, l_loc, l_blk, step, j0, c)
     return v_c, sims, scale * sims, pos.astype(jnp.float32)
 
   def fwd_body(u_loc, v_loc, l_loc, scale):
@@ -261,6 +328,93 @@ def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
     # Integer labels get a float0 cotangent.
     dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
     return du, dv, dlabels, ds
+
+  ring_loss.defvjp(ring_fwd, ring_bwd)
+  return ring_loss
+
+
+def _make_siglip_ring(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
+  """Builds the custom_vjp SigLIP ring loss for fixed mesh / axes / chunk / batch size.
+
+  The pair terms are independent, so the forward only sums them; the backward recomputes
+  each [m, c] chunk and needs no statistics, only the inputs:
+    dLoss/dz[i, j] = -g / B * y[i, j] * sigmoid(-y[i, j] z[i, j]).
+  """
+  spec = P(axes if axes else None)
+  shift = lambda x: _ring_shift(x, axes, n)
+  varying = lambda x: _varying(x, axes)
+  psum = lambda x: jax.lax.psum(x, axes) if axes else x
+
+  def chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, j0):
+    """Texts v_c [c, D], cosine sims [m, c], targets y [m, c] and y * z [m, c]."""
+    v_c, sims, pos = _block_sims(u_loc, v_blk, l_loc, l_blk, step, j0, c)
+    y = jnp.where(pos, 1.0, -1.0)
+    return v_c, sims, y, y * (scale * sims + bias)
+
+  def fwd_body(u_loc, v_loc, l_loc, scale, bias):
+    """Per-device forward: this device's rows against every block. Returns the loss."""
+
+    def ring_step(step, carry):
+      total, v_blk, l_blk = carry
+
+      def chunk_step(ci, total):
+        *_, signed = chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, ci * c)
+        return total - jax.nn.log_sigmoid(signed).sum()
+
+      total = jax.lax.fori_loop(0, v_blk.shape[0] // c, chunk_step, total)
+      # The last hop only brings the block home (one extra [m, D] hop out of n).
+      v_blk, l_blk = shift((v_blk, l_blk))
+      return total, v_blk, l_blk
+
+    carry = (varying(jnp.zeros((), jnp.float32)), v_loc, l_loc)
+    total, _, _ = jax.lax.fori_loop(0, n, ring_step, carry)
+    return psum(total) / b
+
+  def bwd_body(u_loc, v_loc, l_loc, scale, bias, g):
+    """Per-device backward: recompute chunk by chunk; text gradients travel with their
+    block and are home after n hops."""
+    coef = g / b
+
+    def ring_step(step, carry):
+      du, dscale, dbias, v_blk, l_blk, dv_blk = carry
+
+      def chunk_step(ci, inner):
+        du, dscale, dbias, dv_blk = inner
+        j0 = ci * c
+        v_c, sims, y, signed = chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, j0)
+        grad = -coef * y * jax.nn.sigmoid(-signed)  # dLoss/dz [m, c]
+        du = du + scale * (grad @ v_c)
+        dv_blk = _add_slice(dv_blk, scale * (grad.T @ u_loc), j0)
+        return du, dscale + (grad * sims).sum(), dbias + grad.sum(), dv_blk
+
+      inner = jax.lax.fori_loop(0, v_blk.shape[0] // c, chunk_step, (du, dscale, dbias, dv_blk))
+      du, dscale, dbias, dv_blk = inner
+      v_blk, l_blk, dv_blk = shift((v_blk, l_blk, dv_blk))
+      return du, dscale, dbias, v_blk, l_blk, dv_blk
+
+    zeros_md = varying(jnp.zeros(u_loc.shape, jnp.float32))
+    zero = varying(jnp.zeros((), jnp.float32))
+    carry = (zeros_md, zero, zero, v_loc, l_loc, zeros_md)
+    du, dscale, dbias, _, _, dv = jax.lax.fori_loop(0, n, ring_step, carry)
+    return du, dv, psum(dscale), psum(dbias)
+
+  fwd_map = jax.shard_map(fwd_body, mesh=mesh, in_specs=(spec, spec, spec, P(), P()),
+                          out_specs=P())
+  bwd_map = jax.shard_map(bwd_body, mesh=mesh, in_specs=(spec, spec, spec, P(), P(), P()),
+                          out_specs=(spec, spec, P(), P()))
+
+  @jax.custom_vjp
+  def ring_loss(u, v, labels, scale, bias):
+    return fwd_map(u, v, labels, scale, bias)
+
+  def ring_fwd(u, v, labels, scale, bias):
+    # Residuals are the inputs only: nothing of size B x B or B/n x B/n.
+    return fwd_map(u, v, labels, scale, bias), (u, v, labels, scale, bias)
+
+  def ring_bwd(res, g):
+    du, dv, dscale, dbias = bwd_map(*res, g)
+    dlabels = jnp.zeros(res[2].shape, jax.dtypes.float0)  # integer labels
+    return du, dv, dlabels, dscale, dbias
 
   ring_loss.defvjp(ring_fwd, ring_bwd)
   return ring_loss

@@ -48,6 +48,8 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"optimizer.name": "sgd"}, 1, r"optimizer.name='sgd'"),
     ({"model.pooler": "mean"}, 1, r"model.pooler='mean'"),
     ({"loss.name": "siglip2"}, 1, r"loss.name='siglip2': choose one of"),
+    ({"loss.name": "siglip"}, 1,
+     r"^config model.logit_bias=False: loss.name='siglip' needs .* set model.logit_bias=True$"),
     ({"evals.zeroshot.type": "zero_shot"}, 1, r"evals.zeroshot.type='zero_shot'"),
     ({"evals.zeroshot.prefix": "title"}, 1, r"evals.zeroshot.prefix='title'"),
     ({"evals.captioning.strategy": "nucleus"}, 1, r"evals.captioning.strategy='nucleus'"),
@@ -84,6 +86,7 @@ def test_a_source_with_weight_zero_is_off():
 def test_valid_configs_pass():
   cli.validate(helpers.tiny_config(), num_devices=1)
   cli.validate(helpers.tiny_config(**{"mesh.shape": (2, 4, 1)}), num_devices=8)
+  cli.validate(helpers.tiny_config("siglip", **{"mesh.shape": (2, 2, 2)}), num_devices=8)
 
 
 # --- One line, exit status 2, for every user mistake (the CLI as a user runs it) ---------

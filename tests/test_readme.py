@@ -120,7 +120,7 @@ def test_train_and_evaluate_ran_on_the_users_data(recipe):
   (result,) = [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")]
   with open(os.path.join(workdir, "eval", result)) as f:
     evaluated = json.load(f)
-  for key in ("zeroshot/my_pets/top1", "linear_probe/my_pets/top1",
+  for key in ("seen_classes/my_pets/top1", "linear_probe/my_pets/top1",
               "retrieval/my_pairs/i2t_r1", "caption/my_pairs/cider"):
     assert key in evaluated, sorted(evaluated)
   step = evaluated["step"]

@@ -9,13 +9,13 @@ import helpers
 from configs import coca
 
 
-def setup(mesh_shape=(1, 1, 1), **overrides):
-  config = helpers.tiny_config(**{"mesh.shape": mesh_shape, **overrides})
+def setup(mesh_shape=(1, 1, 1), preset="coca_unicl_prefix", **overrides):
+  config = helpers.tiny_config(preset, **{"mesh.shape": mesh_shape, **overrides})
   return (config, *helpers.step_setup(config, math.prod(mesh_shape)))
 
 
-def loss_and_grads(mesh_shape, **overrides):
-  config, rt, state = setup(mesh_shape, **overrides)
+def loss_and_grads(mesh_shape, preset="coca_unicl_prefix", **overrides):
+  config, rt, state = setup(mesh_shape, preset, **overrides)
   with rt.activate():
     batch = rt.global_batch(helpers.synthetic_batch(config))
     grads_fn = jax.jit(rt.objective.grads, in_shardings=(rt.shardings.params, rt.batch_sharding,

@@ -53,7 +53,9 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   assert "mfu" not in train[-1]  # a CPU has no known peak
   evals = [m for m in logged if "retrieval/shapes_captions/i2t_r1" in m]
   assert [m["step"] for m in evals] == [10]
-  assert "zeroshot/shapes_labels/top1" in evals[0]
+  # Zero-shot on the held-out classes, closed-set on the seen ones: named apart.
+  assert "zeroshot/shapes_labels_unseen/top1" in evals[0]
+  assert "seen_classes/shapes_labels_seen/top1" in evals[0]
   assert 0 <= evals[0]["linear_probe/shapes_labels/top1"] <= 1  # the probe runs on CoCa too
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
   assert os.listdir(os.path.join(workdir, "eval")) == ["samples_10.png"]  # as mmjax.evaluate
@@ -76,7 +78,7 @@ def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path
   run("mmjax.train", workdir, data_dir, "--config.mesh.shape=(2,4,1)", devices=8)
   trained = [m for m in metrics(workdir) if "retrieval/shapes_captions/i2t_r1" in m][-1]
   out = run("mmjax.evaluate", workdir, data_dir, devices=1).stdout
-  assert "zeroshot/shapes_labels/top1" in out
+  assert "zeroshot/shapes_labels_unseen/top1" in out
   with open(os.path.join(workdir, "eval", "step_10.json")) as f:
     evaluated = json.load(f)
   for key, value in evaluated.items():
