@@ -15,6 +15,7 @@ Sections:
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
+  profile      a jax.profiler trace of a window of train steps
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
 """
@@ -50,6 +51,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.optimizer = optimizer()
   c.mesh = mesh()
   c.checkpoint = checkpoint()
+  c.profile = profile()
   c.evals = ConfigDict()
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
@@ -133,7 +135,10 @@ def _common_model(name: str) -> ConfigDict:
   m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
   m.param_dtype = "float32"
   m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
-  m.remat_policy = "none"  # none | full | dots_with_no_batch_dims | dots | nothing_saveable
+  # What each layer keeps for the backward pass: "none" (everything), or a policy in
+  # mmjax.models.layers.REMAT_POLICIES (full, dots, dots_with_no_batch_dims, save_qkv_proj,
+  # save_attention_recompute_mlp, offload_*; the guide's memory knobs compare them).
+  m.remat_policy = "none"
   return m
 
 
@@ -190,6 +195,10 @@ def coca_loss() -> ConfigDict:
   l.label_aware = True  # UniCL targets from labels; False = CLIP (every pair its own class)
   l.caption_loss_on_labels = True  # CoCa applies captioning to label prompts too
   l.sharded = True  # memory-linear ring over the batch axes of the mesh (False: dense B x B)
+  # Token positions per chunk of the captioning head fused with its cross-entropy
+  # (losses.fused_caption_loss): at most [micro-batch, chunk, vocab] logits exist.
+  # 0 = plain logits.
+  l.caption_chunk_size = 0
   return l
 
 
@@ -235,7 +244,7 @@ def siglip_loss() -> ConfigDict:
 OBJECTIVE_SECTIONS = {"coca": coca_loss, "siglip": siglip_loss, "flava": flava_loss}
 
 
-# --- optimisation, mesh, checkpoints ------------------------------------------------------
+# --- optimisation, mesh, checkpoints, profiling ---------------------------------------------
 def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
               weight_decay: float = 0.01) -> ConfigDict:
   o = ConfigDict()
@@ -278,6 +287,15 @@ def checkpoint() -> ConfigDict:
   k.max_to_keep = 3
   k.keep_period = 0  # also keep every K-th step's checkpoint; 0 = off
   return k
+
+
+def profile() -> ConfigDict:
+  """A jax.profiler trace of train steps start_step .. start_step + num_steps - 1 under
+  <workdir>/profile (mmjax.profiling; TensorBoard's Profile tab opens it)."""
+  p = ConfigDict()
+  p.start_step = 10  # past the first step's compilation
+  p.num_steps = 0  # 0 = off
+  return p
 
 
 # --- evaluators (`evals.<name>`) ----------------------------------------------------------

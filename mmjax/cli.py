@@ -127,6 +127,9 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
   ]
   checks += [(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
              for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps")]
+  checks += [(config.profile[key] >= 0,
+              f"config profile.{key}={config.profile[key]} must be >= 0")
+             for key in ("start_step", "num_steps")]
   return [message for ok, message in checks if not ok]
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, errors, evaluators, locks, runtime, summary, writers
+from mmjax import checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -140,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = Preemption()
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
-  writer, train_iterator = None, None
+  writer, train_iterator, profiler = None, None, None
 
   try:
     with rt.activate():
@@ -194,8 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
                                        timer))
 
+      profiler = profiling.StepProfiler(config, workdir)
       for step in range(start_step, config.total_steps):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = profiler.run(step, train_step, state, next(batches))
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
@@ -225,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending, last, timer = flush(pending, last, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
+    if profiler is not None:
+      profiler.stop()
     if train_iterator is not None:
       train_iterator.close()
     checkpointer.close()

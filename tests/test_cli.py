@@ -59,6 +59,11 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"nonfinite_policy": "ignore"}, 1, r"nonfinite_policy='ignore'"),
     ({"checkpoint.max_to_keep": 0}, 1, r"checkpoint.max_to_keep=0"),
     ({"total_steps": 0}, 1, r"total_steps=0"),
+    ({"model.remat_policy": "dots_saveable"}, 1,
+     r"^config model.remat_policy='dots_saveable': choose one of \['none', 'full', .*"
+     r"'save_attention_recompute_mlp'"),
+    ({"loss.caption_chunk_size": -1}, 1, r"loss.caption_chunk_size=-1"),
+    ({"profile.num_steps": -2}, 1, r"profile.num_steps=-2"),
 ])
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):

@@ -130,3 +130,22 @@ def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir)
   assert "examples drew an undecodable image" in lines[0]
   assert "above config data.max_skip_fraction=0.05 with 99.99% confidence" in lines[0]
   assert "step 40/40" not in proc.stdout
+
+
+def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):
+  """--config.profile.* writes a jax.profiler trace (the files TensorBoard's profile plugin
+  reads) whose step markers are exactly the requested steps."""
+  from jax.profiler import ProfileData
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.total_steps=5", "--config.eval_every_steps=0",
+      "--config.profile.start_step=2", "--config.profile.num_steps=2")
+  runs = os.listdir(os.path.join(workdir, "profile", "plugins", "profile"))
+  assert len(runs) == 1
+  files = os.listdir(os.path.join(workdir, "profile", "plugins", "profile", runs[0]))
+  xplanes = [f for f in files if f.endswith(".xplane.pb")]
+  assert len(xplanes) == 1 and any(f.endswith(".trace.json.gz") for f in files), files
+  trace = ProfileData.from_file(
+      os.path.join(workdir, "profile", "plugins", "profile", runs[0], xplanes[0]))
+  steps = sorted(dict(event.stats)["step_num"] for plane in trace.planes
+                 for line in plane.lines for event in line.events if event.name == "train")
+  assert steps == [2, 3]
