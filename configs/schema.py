@@ -299,6 +299,10 @@ def profile() -> ConfigDict:
 
 
 # --- evaluators (`evals.<name>`) ----------------------------------------------------------
+# `every_steps` of an evaluator: when the trainer runs it. EVERY_EVAL (0) = at every
+# `eval_every_steps`; FINAL_ONLY (-1) = only at the last step; N > 0 = every N steps. The
+# trainer always evaluates at the last step; `mmjax.evaluate` runs every evaluator.
+EVERY_EVAL, FINAL_ONLY = 0, -1
 def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validation",
                   num_examples: int = 512) -> ConfigDict:
   """Classification by class-name prompts (data.label_templates, averaged) among the
@@ -308,6 +312,7 @@ def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validatio
   return ConfigDict(dict(
       type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
       num_examples=num_examples,  # 0 = off
+      every_steps=EVERY_EVAL,
       prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
       class_names="",  # as data.sources.*.class_names
       templates=""))  # "" = the training templates; else as data.label_template_set
@@ -317,7 +322,8 @@ def retrieval_eval(dataset: str = "shapes/captions", split: str = "validation",
                    num_examples: int = 512) -> ConfigDict:
   """Image -> text and text -> image recall@{1,5,10}."""
   return ConfigDict(dict(type="retrieval", dataset=dataset, split=split, image_key="image",
-                         text_key="captions", num_examples=num_examples))
+                         text_key="captions", num_examples=num_examples,
+                         every_steps=EVERY_EVAL))
 
 
 def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
@@ -325,7 +331,7 @@ def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
   """Generated captions (K/V-cached decoding) scored with CIDEr and BLEU-4."""
   return ConfigDict(dict(
       type="captioning", dataset=dataset, split=split, image_key="image",
-      text_key="captions", num_examples=num_examples,
+      text_key="captions", num_examples=num_examples, every_steps=EVERY_EVAL,
       strategy="greedy",  # greedy | beam | sample
       beam_size=4, length_penalty=1.0,  # beam: sum log p / length**length_penalty
       max_new_tokens=23,  # configs tie it to data.max_text_len - 1
@@ -341,6 +347,6 @@ def linear_probe_eval(dataset: str = "shapes/labels", split: str = "validation",
   return ConfigDict(dict(
       type="linear_probe", dataset=dataset, train_split="train", split=split,
       image_key="image", label_key="label", class_names="",  # as data.sources.*.class_names
-      num_train=num_train, num_examples=num_examples,
+      num_train=num_train, num_examples=num_examples, every_steps=EVERY_EVAL,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

@@ -122,6 +122,15 @@ def is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
+def evaluation_interval(entry: ml_collections.ConfigDict,
+                        config: ml_collections.ConfigDict) -> int:
+  """Steps between two runs of one evaluator (`evals.<key>.every_steps`, configs/schema.py);
+  0 = only at the last step."""
+  if entry.every_steps == 0:
+    return config.eval_every_steps
+  return max(entry.every_steps, 0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
@@ -212,10 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
                   "command to resume", flush=True)
           raise SystemExit(PREEMPTED_EXIT_CODE)
-        if evals and is_due(done, config.eval_every_steps, config.total_steps):
+        due = [e for e in evals if is_due(done, evaluation_interval(e.entry, config),
+                                          config.total_steps)]
+        if due:
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, timer = flush(pending, last, timer)
-          results = evaluators.run_evaluators(evals, embedder, state.params)
+          results = evaluators.run_evaluators(due, embedder, state.params)
           writer.write(done, results)
           picture = grid.sample_grid(evals, embedder, state.params)
           if picture is not None:

@@ -83,6 +83,11 @@ def test_a_source_with_weight_zero_is_off():
   cli.validate(helpers.tiny_config(**{"data.sources.labels.weight": 0.0}), num_devices=1)
 
 
+def test_evaluator_schedule_below_minus_one_is_refused():
+  with pytest.raises(cli.ConfigError, match=r"evals.retrieval.every_steps=-2 must be -1"):
+    cli.validate(helpers.tiny_config(**{"evals.retrieval.every_steps": -2}), num_devices=1)
+
+
 def test_valid_configs_pass():
   cli.validate(helpers.tiny_config(), num_devices=1)
   cli.validate(helpers.tiny_config(**{"mesh.shape": (2, 4, 1)}), num_devices=8)

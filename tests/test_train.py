@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 from conftest import CACHE_DIR, REPO
-from mmjax import summary
+from mmjax import summary, train
 
 
 def command(module, workdir, data_dir, *overrides, preset="coca_unicl_prefix"):
@@ -149,3 +149,16 @@ def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):
   steps = sorted(dict(event.stats)["step_num"] for plane in trace.planes
                  for line in plane.lines for event in line.events if event.name == "train")
   assert steps == [2, 3]
+
+
+def test_each_evaluator_runs_on_its_own_schedule():
+  """evals.<key>.every_steps: 0 follows eval_every_steps, -1 only the last step, N every N;
+  every evaluator runs at the last step."""
+  config = helpers.tiny_config(**{"eval_every_steps": 4, "total_steps": 10,
+                                  "evals.captioning.every_steps": 3,
+                                  "evals.retrieval.every_steps": 0})
+  assert config.evals.linear_probe.every_steps == -1  # the shapes configs' probe: final only
+  steps = {key: [s for s in range(1, 11)
+                 if train.is_due(s, train.evaluation_interval(config.evals[key], config), 10)]
+           for key in ("retrieval", "captioning", "linear_probe")}
+  assert steps == {"retrieval": [4, 8, 10], "captioning": [3, 6, 9, 10], "linear_probe": [10]}
