@@ -51,6 +51,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import common  # noqa: E402  benchmarks/common.py
 from mmjax.data.sources import decode_image  # noqa: E402
 
 TFDS_WRITER_SCRIPT = r'''
@@ -177,17 +178,6 @@ def dataset_digest(directory: str) -> str:
   return h.hexdigest()
 
 
-def cpu_model() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "")
-    return (f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
-            f"avx512f={'avx512f' in flags.split()}, avx2={'avx2' in flags.split()}")
-  except OSError:
-    return "unknown"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--shards", type=int, default=16)
@@ -251,7 +241,7 @@ def main() -> None:
           for v in ("beam_verify", "beam_header")}
   folder = results["folder_csv"]
   summary = {
-      "cpu": cpu_model(), "records": n, "image_side": args.side,
+      "cpu": common.cpu_model(), "records": n, "image_side": args.side,
       "mean_jpeg_bytes": int(np.mean([len(j) for j in jpegs])), "decode_ms": round(decode_ms, 3),
       "variants": results, "identical_across_workers": same,
       # Per core: CPU per record of each build over the folder builder's (< 1: cheaper).

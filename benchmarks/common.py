@@ -2,6 +2,7 @@
 step runners of mmjax and open_clip (imported by gpu.py and vs_openclip.py; neither imports
 the other)."""
 import contextlib
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -11,6 +12,18 @@ import numpy as np
 from configs import openclip as openclip_configs
 from mmjax import runtime
 from mmjax.convert import openclip as convert
+
+
+def cpu_model() -> str:
+  """"<lscpu model name>, <n> CPUs, avx512f=<bool>, avx2=<bool>" (what CPU timings need)."""
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "")
+    return (f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs, "
+            f"avx512f={'avx512f' in flags.split()}, avx2={'avx2' in flags.split()}")
+  except OSError:
+    return "unknown"
 
 
 def random_batch(config, seed: int = 0, labels: bool = True) -> dict[str, np.ndarray]:
@@ -64,6 +77,7 @@ def mmjax_runner(config, host_batch: dict[str, np.ndarray] | None = None):
       raise FloatingPointError(f"non-finite loss {loss}")
     return loss
 
+  run.compiled = compiled  # for callers that inspect the program (benchmarks/scan_overhead.py)
   return run, compile_s
 
 

@@ -26,9 +26,10 @@ MARKER = "<!-- readme_figures -->"
 # Table rows: (label, metrics as (name prefix, name suffix) of `<prefix>/<dataset>/<suffix>`,
 # joined by " / "); rows whose metrics the config does not produce are left out.
 ROWS = (
-    ("zero-shot top-1 / top-5, unseen classes", (("zeroshot_unseen", "top1"),
-                                                 ("zeroshot_unseen", "top5"))),
-    ("seen-class top-1 / top-5 (closed set)", (("zeroshot", "top1"), ("zeroshot", "top5"))),
+    ("zero-shot top-1 / top-5 (16 held-out classes)", (("zeroshot", "top1"),
+                                                        ("zeroshot", "top5"))),
+    ("seen classes top-1 / top-5 (48 training classes, closed set)",
+     (("seen_classes", "top1"), ("seen_classes", "top5"))),
     ("retrieval image->text R@1 / R@5 / R@10", (("retrieval", "i2t_r1"), ("retrieval", "i2t_r5"),
                                                 ("retrieval", "i2t_r10"))),
     ("retrieval text->image R@1 / R@5 / R@10", (("retrieval", "t2i_r1"), ("retrieval", "t2i_r5"),

@@ -30,8 +30,11 @@ Mesh presets (append to the variant, e.g. `configs/coca.py:large,v5p_128`); mesh
            all-gathers 16-way (cheaper than 64-way) while the state still fits easily.
   h100x8   one 8 x H100 node: (1, 8, 1), FSDP over NVLink. Replicating giant's state 8
            ways (pure data parallelism) would spend ~27 GB of each 80 GB GPU on it.
-Each preset sets grad_accum_steps so that one micro-batch is 256 examples per device (exact
-gradient caching keeps all 65,536 negatives); tune it with --config.grad_accum_steps.
+Each preset sets grad_accum_steps and model.remat_policy from PRESET_MEMORY (examples per
+device in one micro-batch, remat policy), chosen by compiling the step for the target with
+`python -m mmjax.aot`; the measured rows, dated, are in benchmarks/RESULTS.md. Exact gradient
+caching keeps all 65,536 negatives whatever the micro-batch; tune it with
+--config.grad_accum_steps.
 
 Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from the label
 set `imagenet2012` (texts from class-name templates) and half from the caption set
@@ -91,7 +94,7 @@ MESH_PRESETS = {
     "h100x8": ((1, 8, 1), 8),
 }
 # (variant, mesh preset) -> (examples per device in one micro-batch, remat policy), chosen
-# by compiling for the target with `python -m mmjax.aot` (figures in the docstring);
+# by compiling for the target with `python -m mmjax.aot` (figures: benchmarks/RESULTS.md);
 # grad_accum_steps = batch_size / (devices x micro-batch).
 PRESET_MEMORY = {
     ("base", "v4_32"): (128, "dots_with_no_batch_dims"),
@@ -160,6 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.remat_policy = "dots_with_no_batch_dims"
 
   c.loss.label_aware = False  # paper: CLIP-style targets (every pair its own class)
+  # Captioning head fused with its loss, 8 of the 63 token positions at a time: at 256
+  # examples per device the gradient's temporaries are 1.1 GiB instead of 7.9 GiB
+  # (benchmarks/caption_loss.py); equal to the plain logits' loss and gradients.
+  c.loss.caption_chunk_size = 8
 
   o = c.optimizer
   o.name = "adafactor"
@@ -175,6 +182,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.evals.retrieval = schema.retrieval_eval("coco_captions", split="test",
                                             num_examples=5000)  # Karpathy 5K test
   c.evals.retrieval.text_key = "captions/text"
+  # ImageNet prompts among its 1000 classes. With imagenet2012's labels a training source
+  # (data.sources.labels) this is closed-set accuracy on training classes, not zero-shot
+  # transfer; point it at a label dataset whose classes no training source has for a
+  # zero-shot number.
   c.evals.zeroshot = schema.zeroshot_eval("imagenet2012", num_examples=50_000)
   c.evals.captioning = schema.captioning_eval("coco_captions", split="test",
                                               num_examples=5000)

@@ -10,11 +10,12 @@ Sections:
   (top level)  run length, logging and checkpoint cadence, seeds, paths
   data         image size, text length, tokenizer, augmentation, the mixture of sources
   model        `model.name` picks the architecture (mmjax.models registry): coca | flava
-  loss         `loss.name` picks the objective (mmjax.objectives registry): coca | flava;
-               each objective has its own keys
+  loss         `loss.name` picks the objective (mmjax.objectives registry): coca | siglip |
+               flava; each objective has its own keys
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
+  profile      a jax.profiler trace of a window of train steps
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
 """
@@ -23,7 +24,7 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 MODELS = ("coca", "flava")
-OBJECTIVES = ("coca", "flava")
+OBJECTIVES = ("coca", "siglip", "flava")
 
 
 def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
@@ -50,6 +51,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.optimizer = optimizer()
   c.mesh = mesh()
   c.checkpoint = checkpoint()
+  c.profile = profile()
   c.evals = ConfigDict()
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
@@ -84,7 +86,9 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d.augment.min_crop_area = 0.6
   d.augment.flip = False  # off for shapes: captions say "left of" / "right of"
   d.sources = ConfigDict()
-  d.sources.labels = source("shapes/labels", kind="label", label_key="label", weight=0.5)
+  # The 48 seen shapes classes: the 16 of shapes/labels_unseen are never a training label
+  # (zero-shot transfer, mmjax/data/shapes.py); captions show and name all 64.
+  d.sources.labels = source("shapes/labels_seen", kind="label", label_key="label", weight=0.5)
   d.sources.captions = source("shapes/captions", kind="caption", text_key="captions",
                               weight=0.5)
   return d
@@ -104,7 +108,7 @@ def source(name: str, *, kind: str, weight: float, split: str = "train",
   datasets their own), "dataset", a built-in set ("imagenet1k") or a file with one name per
   line in label order (mmjax/data/classnames.py)."""
   s = ConfigDict()
-  s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels"
+  s.name = name  # TFDS name, e.g. "imagenet2012" or "shapes/labels_seen"
   s.split = split  # TFDS split, slicing allowed ("train[:90%]")
   s.kind = kind
   s.weight = weight  # mixing weight (> 0); weights are normalised
@@ -131,7 +135,10 @@ def _common_model(name: str) -> ConfigDict:
   m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
   m.param_dtype = "float32"
   m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
-  m.remat_policy = "none"  # none | full | dots_with_no_batch_dims | dots | nothing_saveable
+  # What each layer keeps for the backward pass: "none" (everything), or a policy in
+  # mmjax.models.layers.REMAT_POLICIES (full, dots, dots_with_no_batch_dims, save_qkv_proj,
+  # save_attention_recompute_mlp, offload_*; the guide's memory knobs compare them).
+  m.remat_policy = "none"
   return m
 
 
@@ -188,6 +195,10 @@ def coca_loss() -> ConfigDict:
   l.label_aware = True  # UniCL targets from labels; False = CLIP (every pair its own class)
   l.caption_loss_on_labels = True  # CoCa applies captioning to label prompts too
   l.sharded = True  # memory-linear ring over the batch axes of the mesh (False: dense B x B)
+  # Token positions per chunk of the captioning head fused with its cross-entropy
+  # (losses.fused_caption_loss): at most [micro-batch, chunk, vocab] logits exist.
+  # 0 = plain logits.
+  l.caption_chunk_size = 0
   return l
 
 
@@ -198,22 +209,42 @@ def flava_loss() -> ConfigDict:
   f.mlm_rate = 0.15  # BERT; selected tokens -> 80% [MASK], 10% random, 10% kept
   f.mim_ratio = 0.4  # BEiT: 75 of 196 patches
   f.mim_min_block = 16  # BEiT: 16 patches
-  f.mim_target = "pixels"  # pixels (MAE, no pretrained network) | codebook
+  # MIM targets. DEVIATION from the paper, whose targets are DALL-E dVAE tokens (8192 codes
+  # at 112 px; no download here): pixels (MAE normalised pixels, no pretrained network) |
+  # codebook (nearest of the centroids in codebook_path, e.g. k-means of training patches).
+  f.mim_target = "pixels"
   f.codebook_path = ""  # .npz with centroids [K, patch**2 * 3] (mim_target="codebook")
   f.codebook_size = 8192  # K; must match the file (8192 = the dVAE's vocabulary)
+  f.mlm_on_paired = False  # paper, torchmultimodal: MLM on text-only data; paired captions
+  # get MMM. True: MLM on the paired captions too (an option, not the paper's recipe)
   f.mim_on_paired = False  # paper: MIM on image-only data; paired images get MMM
   f.itm_negative_rate = 0.1
-  f.unimodal_steps = 0  # MLM/MIM only before this step, then all objectives
+  # Unimodal phase (the paper pretrains the unimodal encoders first): before this step only
+  # MLM and MIM, on batches drawn from the unimodal sources (modality image / text) only;
+  # from it on, all six objectives on the whole mixture. 0 = joint from the start.
+  f.unimodal_steps = 0
   f.label_aware = True  # contrastive targets from labels (UniCL); False = CLIP
   f.weights = ConfigDict(dict(mlm=1.0, mim=1.0, mmm_text=1.0, mmm_image=1.0, itm=1.0,
                               contrastive=1.0))  # paper: all 1.0
   return f
 
 
-OBJECTIVE_SECTIONS = {"coca": coca_loss, "flava": flava_loss}
+def siglip_loss() -> ConfigDict:
+  """SigLIP = sigmoid contrastive (mmjax.objectives.siglip, arXiv 2303.15343): every
+  image-text pair a binary classification with logits t * cos + b, t and b learned (needs
+  model.logit_bias=True). CoCa's keys with CoCa's meaning: label_aware=True makes pairs of
+  one class positives (UniCL's targets), False only the own pair (the paper's loss);
+  caption_weight > 0 adds CoCa's captioning term; sharded = the memory-linear ring."""
+  l = coca_loss()
+  l.name = "siglip"
+  l.caption_weight = 0.0  # the paper: contrastive alone
+  return l
 
 
-# --- optimisation, mesh, checkpoints ------------------------------------------------------
+OBJECTIVE_SECTIONS = {"coca": coca_loss, "siglip": siglip_loss, "flava": flava_loss}
+
+
+# --- optimisation, mesh, checkpoints, profiling ---------------------------------------------
 def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
               weight_decay: float = 0.01) -> ConfigDict:
   o = ConfigDict()
@@ -261,13 +292,30 @@ def checkpoint() -> ConfigDict:
   return k
 
 
+def profile() -> ConfigDict:
+  """A jax.profiler trace of train steps start_step .. start_step + num_steps - 1 under
+  <workdir>/profile (mmjax.profiling; TensorBoard's Profile tab opens it)."""
+  p = ConfigDict()
+  p.start_step = 10  # past the first step's compilation
+  p.num_steps = 0  # 0 = off
+  return p
+
+
 # --- evaluators (`evals.<name>`) ----------------------------------------------------------
-def zeroshot_eval(dataset: str = "shapes/labels", split: str = "validation",
+# `every_steps` of an evaluator: when the trainer runs it. EVERY_EVAL (0) = at every
+# `eval_every_steps`; FINAL_ONLY (-1) = only at the last step; N > 0 = every N steps. The
+# trainer always evaluates at the last step; `mmjax.evaluate` runs every evaluator.
+EVERY_EVAL, FINAL_ONLY = 0, -1
+def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validation",
                   num_examples: int = 512) -> ConfigDict:
-  """Zero-shot classification by class-name prompts (data.label_templates, averaged)."""
+  """Classification by class-name prompts (data.label_templates, averaged) among the
+  dataset's classes. Zero-shot only when none of those classes is a training label (e.g.
+  shapes/labels_unseen); on training classes it is closed-set accuracy (configs/shapes.py
+  names that entry `evals.seen_classes`)."""
   return ConfigDict(dict(
       type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
       num_examples=num_examples,  # 0 = off
+      every_steps=EVERY_EVAL,
       prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
       class_names="",  # as data.sources.*.class_names
       templates=""))  # "" = the training templates; else as data.label_template_set
@@ -277,7 +325,8 @@ def retrieval_eval(dataset: str = "shapes/captions", split: str = "validation",
                    num_examples: int = 512) -> ConfigDict:
   """Image -> text and text -> image recall@{1,5,10}."""
   return ConfigDict(dict(type="retrieval", dataset=dataset, split=split, image_key="image",
-                         text_key="captions", num_examples=num_examples))
+                         text_key="captions", num_examples=num_examples,
+                         every_steps=EVERY_EVAL))
 
 
 def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
@@ -285,7 +334,7 @@ def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
   """Generated captions (K/V-cached decoding) scored with CIDEr and BLEU-4."""
   return ConfigDict(dict(
       type="captioning", dataset=dataset, split=split, image_key="image",
-      text_key="captions", num_examples=num_examples,
+      text_key="captions", num_examples=num_examples, every_steps=EVERY_EVAL,
       strategy="greedy",  # greedy | beam | sample
       beam_size=4, length_penalty=1.0,  # beam: sum log p / length**length_penalty
       max_new_tokens=23,  # configs tie it to data.max_text_len - 1
@@ -301,6 +350,6 @@ def linear_probe_eval(dataset: str = "shapes/labels", split: str = "validation",
   return ConfigDict(dict(
       type="linear_probe", dataset=dataset, train_split="train", split=split,
       image_key="image", label_key="label", class_names="",  # as data.sources.*.class_names
-      num_train=num_train, num_examples=num_examples,
+      num_train=num_train, num_examples=num_examples, every_steps=EVERY_EVAL,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

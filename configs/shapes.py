@@ -7,14 +7,22 @@ Presets (same data, steps and seed; only the objective changes):
   configs/shapes.py:unicl              contrastive with label-aware targets (UniCL)
   configs/shapes.py:unicl_prefix       UniCL + a learned prefix per text type
   configs/shapes.py:coca_unicl_prefix  the above + captioning loss (CoCa); the default
+  configs/shapes.py:siglip             sigmoid contrastive with label-aware pairs (SigLIP)
 Append ",tiny" (e.g. configs/shapes.py:clip,tiny) for a seconds-long smoke-test model.
+
+Label data is shapes/labels_seen: 16 of the 64 colour-shape classes are held out of every
+training label (mmjax/data/shapes.py). `evals.zeroshot` classifies the held-out classes'
+images by prompts among those 16 (zero-shot transfer: metrics zeroshot/shapes_labels_unseen/*);
+`evals.seen_classes` the seen classes' validation images among the 48 (closed-set accuracy
+on training classes, not zero-shot: seen_classes/shapes_labels_seen/*). Both use the caption
+prefix by default (`evals.<key>.prefix`, the prefix-conditioning paper's choice).
 Any key can be overridden: --config.total_steps=100 --config.model.dtype=bfloat16
 """
 import ml_collections
 
 from configs import schema
 
-PRESETS = ("clip", "unicl", "unicl_prefix", "coca_unicl_prefix")
+PRESETS = ("clip", "unicl", "unicl_prefix", "coca_unicl_prefix", "siglip")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,15 +30,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if preset not in PRESETS or set(modifiers) - {"tiny"}:
     raise ValueError(f"configs/shapes.py:{arg}: choose one of {PRESETS}, optionally "
                      "followed by ',tiny'")
-  c = schema.base(model="coca", objective="coca")
+  c = schema.base(model="coca", objective="siglip" if preset == "siglip" else "coca")
   c.name = f"shapes:{arg or preset}"
-  c.evals.zeroshot = schema.zeroshot_eval("shapes/labels")
+  c.evals.seen_classes = schema.zeroshot_eval("shapes/labels_seen")  # 500 images, 48 classes
+  c.evals.zeroshot = schema.zeroshot_eval("shapes/labels_unseen",
+                                          num_examples=1000)  # 16 held-out classes
   c.evals.retrieval = schema.retrieval_eval("shapes/captions")
   c.evals.captioning = schema.captioning_eval("shapes/captions")
   # As many tokens as training targets hold (text minus BOS), tracking data.max_text_len.
   c.evals.captioning.max_new_tokens = c.data.get_ref("max_text_len") - 1
   c.evals.linear_probe = schema.linear_probe_eval("shapes/labels", num_train=4000,
                                                   num_examples=512)
+  # The probe's float64 L-BFGS fits on the host take minutes: the trained model's only.
+  c.evals.linear_probe.every_steps = schema.FINAL_ONLY
   if preset == "clip":
     c.loss.label_aware = False
     c.loss.caption_weight = 0.0
@@ -40,10 +52,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.prefix_length = 0
   elif preset == "unicl_prefix":
     c.loss.caption_weight = 0.0
+  elif preset == "siglip":  # `unicl` with the sigmoid loss (its section: no captioning)
+    c.model.prefix_length = 0
+    use_sigmoid_logits(c.model)
   if "tiny" in modifiers:
     shrink_to_tiny(c)
   c.lock()
   return c
+
+
+def use_sigmoid_logits(m: ml_collections.ConfigDict) -> None:
+  """SigLIP's logits t * cos + b (arXiv 2303.15343): t = exp(t') from t' = log 10 and a
+  learned bias b from -10, so that the many negatives start near their target. These are
+  the paper's values for its batches of thousands; at batch 64 the prior log-odds of a pair
+  being positive is log(1/63) = -4.1, so b starts further below it than in the paper.
+
+  t is not capped (model.logit_scale_max = inf): the paper's t' is unconstrained and
+  big_vision's SigLIP trainer applies no cap; its released SO400M/14@384 model ends at
+  t = exp(4.7215) = 112 (open_clip issue #746), so CLIP's cap of 100 would bind and, through
+  jnp.minimum, hold t there with a zero gradient.
+  """
+  m.logit_bias = True
+  m.logit_scale_init = 10.0
+  m.logit_bias_init = -10.0
+  m.logit_scale_max = float("inf")
 
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
@@ -65,6 +97,7 @@ def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   c.optimizer.warmup_steps = 2
   c.evals.retrieval.num_examples = 64
   c.evals.zeroshot.num_examples = 64
+  c.evals.seen_classes.num_examples = 64
   c.evals.captioning.num_examples = 16  # one decode batch: one extra compile in the trainer
   c.evals.captioning.num_samples = 4
   c.evals.linear_probe.update(num_train=128, num_examples=64)

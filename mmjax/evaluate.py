@@ -4,7 +4,7 @@
 
 Restores parameters only (no optimizer state) onto whatever devices exist, runs the
 evaluators, writes `<workdir>/eval/step_<N>.json`, a picture grid of sample captions and
-zero-shot classes `<workdir>/eval/samples_<N>.png` (also to TensorBoard) and prints a table.
+prompt classes `<workdir>/eval/samples_<N>.png` (also to TensorBoard) and prints a table.
 The trainer runs the same evaluators every `eval_every_steps`.
 """
 import json

@@ -1,21 +1,29 @@
-"""Loss building blocks: UniCL (label-aware contrastive, CLIP as a special case), token
-cross-entropy (captioning, MLM), patch regression, binary matching. The objectives
-(`mmjax.objectives`) weigh and combine them.
+"""Loss building blocks: UniCL (label-aware contrastive, CLIP as a special case), SigLIP
+(label-aware sigmoid contrastive), token cross-entropy (captioning, MLM), patch regression,
+binary matching. The objectives (`mmjax.objectives`) weigh and combine them.
 
-`unicl_loss` has two paths:
+`unicl_loss` and `siglip_loss` have two paths:
   * mesh=None: a dense reference-style implementation (B x B logits), differentiated by JAX.
   * mesh given: a memory-linear ring implementation under `jax.shard_map`. Each device keeps
     its own B/n rows of images, texts and labels; text blocks (with their labels) travel
-    around a ring of `ppermute`s, and running log-sum-exp / positive sums are accumulated for
-    both directions. A `jax.custom_vjp` recomputes the blocks in the backward pass, so no
-    device ever materialises the whole other modality, a B x B matrix, or the saved blocks of
-    the forward pass. Only [B/n, chunk] blocks of logits exist at any time.
+    around a ring of `ppermute`s and each device accumulates its rows' terms against every
+    block (UniCL: running log-sum-exp / positive sums for both directions; SigLIP: the sum
+    of independent pair terms, no normaliser). A `jax.custom_vjp` recomputes the blocks in
+    the backward pass, so no device ever materialises the whole other modality, a B x B
+    matrix, or the saved blocks of the forward pass. Only [B/n, chunk] blocks of logits
+    exist at any time.
+
+`fused_caption_loss` is `token_ce` of a linear head's logits (the captioning output
+projection) computed in token chunks, forward and backward, never holding the [B, T, V]
+logits; one device or under `jax.shard_map` with the vocabulary split (its section below).
 
 Notation: B global batch, n = product of the mesh sizes of `batch_axes`, m = B / n rows per
 device, D embedding width, c chunk width (columns of a received block processed at once).
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -92,10 +100,78 @@ def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
   if mesh is None:
     return unicl_loss_dense(image_emb, text_emb, labels, logit_scale)
 
+  axes, n, chunk_size = _ring_layout(mesh, batch_axes, image_emb, text_emb, labels,
+                                     chunk_size)
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
+  scale = jnp.asarray(logit_scale, jnp.float32)
+  ring = _make_unicl_ring(mesh, axes, n, chunk_size, image_emb.shape[0])
+  return ring(u, v, labels.astype(jnp.int32), scale)
+
+
+def siglip_loss_dense(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                      logit_scale: jax.Array | float,
+                      logit_bias: jax.Array | float) -> jax.Array:
+  """Dense SigLIP loss (materialises [B, B] logits). Inputs as in `siglip_loss`."""
+  u = l2_normalize(image_emb)
+  v = l2_normalize(text_emb)
+  logits = (jnp.asarray(logit_scale, jnp.float32) * (u @ v.T)
+            + jnp.asarray(logit_bias, jnp.float32))  # [B, B]
+  b = logits.shape[0]
+  sign = jnp.where(positive_mask(labels, labels, jnp.eye(b, dtype=bool)), 1.0, -1.0)
+  return -jax.nn.log_sigmoid(sign * logits).sum() / b
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
+                logit_scale: jax.Array | float, logit_bias: jax.Array | float, *,
+                mesh: Mesh | None = None, batch_axes: Sequence[str] = ("data", "fsdp"),
+                chunk_size: int | None = None) -> jax.Array:
+  """SigLIP's sigmoid contrastive loss (arXiv 2303.15343) with UniCL's label-aware pairs.
+
+  Every image-text pair is its own binary classification: z[i, j] = t <u_i, v_j> + b with
+  u, v the L2-normalised embeddings, target y[i, j] = +1 for positives P[i, j] = (i == j)
+  or (labels[i] == labels[j] >= 0) and -1 otherwise, and
+    loss = -(1/B) sum_i sum_j log sigmoid(y[i, j] z[i, j]).
+  With every label -1 this is the paper's loss (positives on the diagonal only).
+
+  Args:
+    image_emb: [B, D] image embeddings (any float dtype; normalised here in float32).
+    text_emb: [B, D] text embeddings.
+    labels: int [B]; -1 = no class (its only positive is its own pair), c >= 0 = class id.
+    logit_scale: t, the scalar multiplier, already exponentiated (t = exp(t')).
+    logit_bias: b, the scalar bias.
+    mesh, batch_axes, chunk_size: as in `unicl_loss` (ring implementation when mesh is
+      given; memory linear in B).
+  Returns:
+    float32 scalar.
+  """
+  if mesh is None:
+    return siglip_loss_dense(image_emb, text_emb, labels, logit_scale, logit_bias)
+
+  axes, n, chunk_size = _ring_layout(mesh, batch_axes, image_emb, text_emb, labels,
+                                     chunk_size)
+  ring = _make_siglip_ring(mesh, axes, n, chunk_size, image_emb.shape[0])
+  return ring(l2_normalize(image_emb), l2_normalize(text_emb), labels.astype(jnp.int32),
+              jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Ring implementation.
+# Device k holds rows [k m, (k+1) m). Every step each device sends its travelling block to
+# device k-1, so at ring step s device k holds the block that started on device (k+s) % n;
+# the diagonal (i == j) therefore only occurs at step 0, at equal local offsets. After n
+# sends a travelling block is back on its owner, which is how column statistics and text
+# gradients come home.
+# ----------------------------------------------------------------------------------------
+
+def _ring_layout(mesh: Mesh, batch_axes: Sequence[str], image_emb: jax.Array,
+                 text_emb: jax.Array, labels: jax.Array,
+                 chunk_size: int | None) -> tuple[tuple[str, ...], int, int]:
+  """Checks the inputs of a ring loss; returns (batch axes present in the mesh, their
+  device count n, chunk width c). c = chunk_size, or when None the largest divisor of
+  m = B / n keeping [m, c] blocks at <= 4M elements."""
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
+  n = math.prod(mesh.shape[a] for a in axes)
   b, _ = image_emb.shape
   if text_emb.shape != image_emb.shape or labels.shape != (b,):
     raise ValueError(f"shape mismatch: image {image_emb.shape}, text {text_emb.shape}, "
@@ -108,47 +184,44 @@ def unicl_loss(image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
     chunk_size = max(d for d in range(1, min(m, cap) + 1) if m % d == 0)
   if m % chunk_size:
     raise ValueError(f"chunk_size {chunk_size} must divide the per-device batch {m}")
-
-  u = l2_normalize(image_emb)
-  v = l2_normalize(text_emb)
-  scale = jnp.asarray(logit_scale, jnp.float32)
-  ring = _make_ring_loss(mesh, axes, n, chunk_size, b)
-  return ring(u, v, labels.astype(jnp.int32), scale)
+  return axes, n, chunk_size
 
 
-# ----------------------------------------------------------------------------------------
-# Ring implementation.
-# Device k holds rows [k m, (k+1) m). Every step each device sends its travelling block to
-# device k-1, so at ring step s device k holds the block that started on device (k+s) % n;
-# the diagonal (i == j) therefore only occurs at step 0, at equal local offsets. After n
-# sends a travelling block is back on its owner, which is how column statistics and text
-# gradients come home.
-# ----------------------------------------------------------------------------------------
+def _ring_shift(x, axes: tuple[str, ...], n: int):
+  """Sends a pytree from every device k to device k-1 along the batch axes."""
+  if n == 1:
+    return x
+  axis_name = axes if len(axes) != 1 else axes[0]
+  return jax.lax.ppermute(x, axis_name, [(i, (i - 1) % n) for i in range(n)])
 
-def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
+
+def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  # Loop carries start as constants (unvarying over the batch axes) but become varying
+  # after one update; shard_map's type check requires the carry type to be fixed.
+  return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _block_sims(u_loc: jax.Array, v_blk: jax.Array, l_loc: jax.Array, l_blk: jax.Array,
+                step: jax.Array, j0: jax.Array,
+                c: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Local rows [m, D] vs columns [j0, j0+c) of the block held at ring `step`: the columns'
+  texts v_c [c, D], cosine sims [m, c] and positives bool [m, c]."""
+  v_c = jax.lax.dynamic_slice_in_dim(v_blk, j0, c, axis=0)
+  l_c = jax.lax.dynamic_slice_in_dim(l_blk, j0, c, axis=0)
+  rows = jnp.arange(u_loc.shape[0])[:, None]
+  cols = j0 + jnp.arange(c)[None, :]
+  return v_c, u_loc @ v_c.T, positive_mask(l_loc, l_c, (step == 0) & (rows == cols))
+
+
+def _make_unicl_ring(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
   """Builds the custom_vjp ring loss for fixed mesh / axes / chunk / batch size."""
   spec = P(axes if axes else None)
-  perm = [(i, (i - 1) % n) for i in range(n)]
-  axis_name = axes if len(axes) != 1 else axes[0]
-
-  def shift(x):
-    if n == 1:
-      return x
-    return jax.lax.ppermute(x, axis_name, perm)
-
-  def varying(x):
-    # Loop carries start as constants (unvarying over the batch axes) but become varying
-    # after one update; shard_map's type check requires the carry type to be fixed.
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
+  shift = lambda x: _ring_shift(x, axes, n)
+  varying = lambda x: _varying(x, axes)
 
   def chunk_logits(u_loc, v_blk, l_loc, l_blk, scale, step, j0):
     """Scaled logits, cosine sims and positives of local rows vs columns [j0, j0+c)."""
-    v_c = jax.lax.dynamic_slice_in_dim(v_blk, j0, c, axis=0)  # [c, D]
-    l_c = jax.lax.dynamic_slice_in_dim(l_blk, j0, c, axis=0)  # [c]
-    sims = u_loc @ v_c.T  # [m, c]
-    rows = jnp.arange(u_loc.shape[0])[:, None]
-    cols = j0 + jnp.arange(c)[None, :]
-    pos = positive_mask(l_loc, l_c, (step == 0) & (rows == cols))
+    v_c, sims, pos = _block_sims(u_loc, v_blk, l_loc, l_blk, step, j0, c)
     return v_c, sims, scale * sims, pos.astype(jnp.float32)
 
   def fwd_body(u_loc, v_loc, l_loc, scale):
@@ -260,6 +333,93 @@ def _make_ring_loss(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
   return ring_loss
 
 
+def _make_siglip_ring(mesh: Mesh, axes: tuple[str, ...], n: int, c: int, b: int):
+  """Builds the custom_vjp SigLIP ring loss for fixed mesh / axes / chunk / batch size.
+
+  The pair terms are independent, so the forward only sums them; the backward recomputes
+  each [m, c] chunk and needs no statistics, only the inputs:
+    dLoss/dz[i, j] = -g / B * y[i, j] * sigmoid(-y[i, j] z[i, j]).
+  """
+  spec = P(axes if axes else None)
+  shift = lambda x: _ring_shift(x, axes, n)
+  varying = lambda x: _varying(x, axes)
+  psum = lambda x: jax.lax.psum(x, axes) if axes else x
+
+  def chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, j0):
+    """Texts v_c [c, D], cosine sims [m, c], targets y [m, c] and y * z [m, c]."""
+    v_c, sims, pos = _block_sims(u_loc, v_blk, l_loc, l_blk, step, j0, c)
+    y = jnp.where(pos, 1.0, -1.0)
+    return v_c, sims, y, y * (scale * sims + bias)
+
+  def fwd_body(u_loc, v_loc, l_loc, scale, bias):
+    """Per-device forward: this device's rows against every block. Returns the loss."""
+
+    def ring_step(step, carry):
+      total, v_blk, l_blk = carry
+
+      def chunk_step(ci, total):
+        *_, signed = chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, ci * c)
+        return total - jax.nn.log_sigmoid(signed).sum()
+
+      total = jax.lax.fori_loop(0, v_blk.shape[0] // c, chunk_step, total)
+      # The last hop only brings the block home (one extra [m, D] hop out of n).
+      v_blk, l_blk = shift((v_blk, l_blk))
+      return total, v_blk, l_blk
+
+    carry = (varying(jnp.zeros((), jnp.float32)), v_loc, l_loc)
+    total, _, _ = jax.lax.fori_loop(0, n, ring_step, carry)
+    return psum(total) / b
+
+  def bwd_body(u_loc, v_loc, l_loc, scale, bias, g):
+    """Per-device backward: recompute chunk by chunk; text gradients travel with their
+    block and are home after n hops."""
+    coef = g / b
+
+    def ring_step(step, carry):
+      du, dscale, dbias, v_blk, l_blk, dv_blk = carry
+
+      def chunk_step(ci, inner):
+        du, dscale, dbias, dv_blk = inner
+        j0 = ci * c
+        v_c, sims, y, signed = chunk_terms(u_loc, v_blk, l_loc, l_blk, scale, bias, step, j0)
+        grad = -coef * y * jax.nn.sigmoid(-signed)  # dLoss/dz [m, c]
+        du = du + scale * (grad @ v_c)
+        dv_blk = _add_slice(dv_blk, scale * (grad.T @ u_loc), j0)
+        return du, dscale + (grad * sims).sum(), dbias + grad.sum(), dv_blk
+
+      inner = jax.lax.fori_loop(0, v_blk.shape[0] // c, chunk_step, (du, dscale, dbias, dv_blk))
+      du, dscale, dbias, dv_blk = inner
+      v_blk, l_blk, dv_blk = shift((v_blk, l_blk, dv_blk))
+      return du, dscale, dbias, v_blk, l_blk, dv_blk
+
+    zeros_md = varying(jnp.zeros(u_loc.shape, jnp.float32))
+    zero = varying(jnp.zeros((), jnp.float32))
+    carry = (zeros_md, zero, zero, v_loc, l_loc, zeros_md)
+    du, dscale, dbias, _, _, dv = jax.lax.fori_loop(0, n, ring_step, carry)
+    return du, dv, psum(dscale), psum(dbias)
+
+  fwd_map = jax.shard_map(fwd_body, mesh=mesh, in_specs=(spec, spec, spec, P(), P()),
+                          out_specs=P())
+  bwd_map = jax.shard_map(bwd_body, mesh=mesh, in_specs=(spec, spec, spec, P(), P(), P()),
+                          out_specs=(spec, spec, P(), P()))
+
+  @jax.custom_vjp
+  def ring_loss(u, v, labels, scale, bias):
+    return fwd_map(u, v, labels, scale, bias)
+
+  def ring_fwd(u, v, labels, scale, bias):
+    # Residuals are the inputs only: nothing of size B x B or B/n x B/n.
+    return fwd_map(u, v, labels, scale, bias), (u, v, labels, scale, bias)
+
+  def ring_bwd(res, g):
+    du, dv, dscale, dbias = bwd_map(*res, g)
+    dlabels = jnp.zeros(res[2].shape, jax.dtypes.float0)  # integer labels
+    return du, dv, dlabels, dscale, dbias
+
+  ring_loss.defvjp(ring_fwd, ring_bwd)
+  return ring_loss
+
+
 def _add_slice(acc: jax.Array, val: jax.Array, start) -> jax.Array:
   """acc[start:start+len(val)] += val along axis 0 (dynamic start)."""
   old = jax.lax.dynamic_slice_in_dim(acc, start, val.shape[0], axis=0)
@@ -330,3 +490,227 @@ def masked_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, labels: j
   row = jnp.where(valid, row, 0.0).sum() / n
   col = jnp.where(valid, col, 0.0).sum() / n
   return 0.5 * (row + col)
+
+
+# --- captioning head fused with its cross-entropy, in token chunks ----------------------
+# `fused_caption_loss(hidden, kernel, targets, mask)` equals
+# `token_ce(hidden @ kernel, targets, mask)` (the logits computed in `hidden`'s
+# dtype, then float32, as the model's `lm_head` / tied `attend` compute them) without ever
+# holding the [B, T, V] logits: the T token positions are processed `chunk_size` at a time,
+# so at most [B, chunk_size, V] logits (float32) exist per device. At CoCa-Base's
+# 256 examples x 63 tokens x 64,000 vocabulary per device the plain loss holds 4.1 GB of
+# float32 logits, plus their bfloat16 copy and gradient; chunks of 8 tokens hold 0.5 GB.
+#
+# The backward never recomputes the logits either: the loss is a scalar, so its gradients
+# with respect to `hidden` and `kernel` are the loss's cotangent times the gradients of the
+# summed NLL, and those are computed chunk by chunk in the forward pass, while each chunk's
+# logits exist (the same three matrix products per chunk as the plain forward + backward).
+# They are the `jax.custom_vjp`'s residuals: dH float32 [B, T, D] and dW float32 [D, V] (as
+# sharded as the kernel), and the backward only scales them. Evaluated without
+# differentiation, only the loss is computed.
+#
+# With a mesh (`mesh=`), the chunked loop runs per device under `jax.shard_map`: each device
+# holds its rows of the batch (split over `batch_axes`) and its slice of the vocabulary
+# (split over `vocab_axis`, as the `vocab` logical axis of the kernel is). The row-wise
+# log-sum-exp and target logit are combined across the vocabulary slices per chunk
+# (collectives of [B/n, chunk] floats); dW is reduced over the batch devices once, after the
+# loop, not once per chunk (which is what an auto-partitioned loop carry would do).
+#
+# Notation: B batch (rows), T tokens, D model width, V vocabulary, c = chunk_size,
+# n = devices over `batch_axes`, m = B / n rows per device, t = devices over `vocab_axis`.
+
+
+def fused_caption_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
+                       mask: jax.Array, *, chunk_size: int, mesh: Mesh | None = None,
+                       batch_axes: Sequence[str] = ("data", "fsdp"),
+                       vocab_axis: str | Sequence[str] | None = "tensor",
+                       embed_axes: str | Sequence[str] | None = ("fsdp",)
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Token cross-entropy of `hidden @ kernel`, averaged over the tokens where mask > 0.
+
+  Args:
+    hidden: [B, T, D] final decoder states, in the compute dtype (float32 or bfloat16).
+    kernel: [D, V] output projection in any float dtype (the parameter dtype); it is cast
+      to `hidden`'s dtype for the product, as `nn.Dense(dtype=...)` does. A tied embedding
+      table [V, D] is passed transposed (XLA folds the transpose into the products).
+    targets: int [B, T] next-token ids in [0, V).
+    mask: [B, T]; tokens with mask > 0 count, the others (padding) are ignored.
+    chunk_size: token positions per chunk (>= 1); T is padded up to a multiple of it.
+    mesh: if given, run per device under `jax.shard_map` over this mesh (see the module
+      docstring); None computes on whatever devices the inputs live on, as plain jnp.
+    batch_axes: mesh axes that split B (absent ones are ignored).
+    vocab_axis: the mesh axis that splits V (the `vocab` rule's PartitionSpec entry; None
+      or absent: not split).
+    embed_axes: the mesh axes that split the kernel's D (the `embed` rule's entry). The
+      kernel's gradient is reduce-scattered over those of them that also split B and
+      all-reduced over the other batch axes, so it leaves with the kernel's own sharding.
+  Returns:
+    (loss, num_tokens): float32 scalars, loss = sum(mask * nll) / max(num_tokens, 1), as
+    `token_ce`.
+  """
+  b, t, d = hidden.shape
+  v = kernel.shape[1]
+  if kernel.shape[0] != d or targets.shape != (b, t) or mask.shape != (b, t):
+    raise ValueError(f"shape mismatch: hidden {hidden.shape}, kernel {kernel.shape}, "
+                     f"targets {targets.shape}, mask {mask.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+  layout = _CaptionLayout(mesh, batch_axes, vocab_axis, embed_axes, d)
+  if b % layout.batch_size or v % layout.vocab_size:
+    raise ValueError(
+        f"batch {b} / vocabulary {v} not divisible by the {layout.batch_size} batch devices "
+        f"{layout.batch_axes} / {layout.vocab_size} vocabulary devices ({vocab_axis!r}); "
+        "pad config model.text.vocab_size to a multiple of mesh.shape's tensor size")
+  num_tokens = mask.astype(jnp.float32).sum()
+  nll_sum = _make_nll_sum(layout, chunk_size, hidden.dtype, kernel.dtype)(
+      hidden, kernel, targets.astype(jnp.int32), mask > 0)
+  return nll_sum / jnp.maximum(num_tokens, 1.0), num_tokens
+
+
+class _CaptionLayout:
+  """How the arrays are split over the mesh (nothing is split without a mesh)."""
+
+  def __init__(self, mesh: Mesh | None, batch_axes: Sequence[str], vocab_axis, embed_axes,
+               width: int):
+    sizes = dict(mesh.shape) if mesh is not None else {}
+    self.mesh = mesh
+    self.batch_axes = tuple(a for a in _axis_names(batch_axes) if a in sizes)
+    vocab = tuple(a for a in _axis_names(vocab_axis) if a in sizes)
+    if len(vocab) > 1:
+      raise ValueError(f"the vocabulary is split over several mesh axes {vocab}; the fused "
+                       "caption loss splits it over one (config mesh.rules 'vocab')")
+    self.vocab_axis = vocab[0] if vocab else None
+    embed_axes = _axis_names(embed_axes)
+    self.batch_size = math.prod(sizes[a] for a in self.batch_axes)
+    self.vocab_size = sizes[self.vocab_axis] if self.vocab_axis else 1
+    # dW [D, V/t] is a partial sum over this device's rows: reduce-scatter it along D over
+    # the batch axes that split the kernel's D (it then has the kernel's sharding) and
+    # all-reduce it over the rest, after the loop.
+    scatter = tuple(a for a in self.batch_axes if a in embed_axes)
+    if width % math.prod(sizes[a] for a in scatter):
+      scatter = ()
+    self.scatter_axes = scatter
+    self.reduce_axes = tuple(a for a in self.batch_axes if a not in scatter)
+
+  def psum_vocab(self, x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, self.vocab_axis) if self.vocab_axis else x
+
+  def pmax_vocab(self, x: jax.Array) -> jax.Array:
+    return jax.lax.pmax(x, self.vocab_axis) if self.vocab_axis else x
+
+  def psum_batch(self, x: jax.Array) -> jax.Array:
+    return jax.lax.psum(x, self.batch_axes) if self.batch_axes else x
+
+  def reduce_d_kernel(self, d_kernel: jax.Array) -> jax.Array:
+    """[D, V/t] partial sums -> [D / |scatter_axes|, V/t] summed over the batch devices."""
+    if self.scatter_axes:
+      d_kernel = jax.lax.psum_scatter(d_kernel, self.scatter_axes, scatter_dimension=0,
+                                      tiled=True)
+    return jax.lax.psum(d_kernel, self.reduce_axes) if self.reduce_axes else d_kernel
+
+  def vocab_offset(self, v_local: int) -> jax.Array:
+    """First vocabulary id of this device's kernel columns."""
+    if not self.vocab_axis:
+      return jnp.zeros((), jnp.int32)
+    return jax.lax.axis_index(self.vocab_axis) * v_local
+
+  def varying(self, x: jax.Array, over_vocab: bool) -> jax.Array:
+    """Marks a loop-carry initialiser as varying over the batch devices (and the vocabulary
+    devices): shard_map's type check wants a carry's type fixed across iterations."""
+    axes = (*self.batch_axes, *([self.vocab_axis] if self.vocab_axis and over_vocab else []))
+    return jax.lax.pcast(x, axes, to="varying") if self.mesh is not None and axes else x
+
+
+def _axis_names(axes: str | Sequence[str] | None) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, one mesh axis or several) as a tuple of axis names."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _make_nll_sum(layout: _CaptionLayout, chunk: int, hidden_dtype, kernel_dtype):
+  """The custom_vjp (hidden, kernel, targets, valid) -> summed NLL for fixed static args."""
+
+  def per_device(hidden, kernel, targets, valid, with_grads):
+    return _chunked_nll(hidden, kernel, targets, valid, chunk, layout, with_grads)
+
+  forward = functools.partial(per_device, with_grads=False)
+  forward_with_grads = functools.partial(per_device, with_grads=True)
+  if layout.mesh is not None:
+    rows = P(layout.batch_axes or None)
+    d_kernel = P(layout.scatter_axes or None, layout.vocab_axis)
+    specs = dict(mesh=layout.mesh, in_specs=(rows, P(None, layout.vocab_axis), rows, rows))
+    forward = jax.shard_map(forward, out_specs=P(), **specs)
+    forward_with_grads = jax.shard_map(forward_with_grads, out_specs=(P(), rows, d_kernel),
+                                       **specs)
+
+  @jax.custom_vjp
+  def nll_sum(hidden, kernel, targets, valid):
+    return forward(hidden, kernel, targets, valid)
+
+  def nll_sum_fwd(hidden, kernel, targets, valid):
+    total, d_hidden, d_kernel = forward_with_grads(hidden, kernel, targets, valid)
+    return total, (d_hidden, d_kernel, targets, valid)
+
+  def nll_sum_bwd(residuals, g):
+    d_hidden, d_kernel, targets, valid = residuals
+    return ((g * d_hidden).astype(hidden_dtype), (g * d_kernel).astype(kernel_dtype),
+            jnp.zeros(targets.shape, jax.dtypes.float0),
+            jnp.zeros(valid.shape, jax.dtypes.float0))
+
+  nll_sum.defvjp(nll_sum_fwd, nll_sum_bwd)
+  return nll_sum
+
+
+def _chunked_nll(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, valid: jax.Array,
+                 chunk: int, layout: _CaptionLayout, with_grads: bool):
+  """One device's part: hidden [m, T, D], kernel [D, V/t], targets/valid [m, T].
+
+  Returns the NLL summed over every device's valid tokens (a replicated scalar) and, with
+  `with_grads`, its gradients summed over every device's rows: d_hidden float32
+  [m, T, D] and d_kernel float32 [D / |scatter_axes|, V/t] (`_CaptionLayout.reduce_d_kernel`).
+  """
+  m, t, d = hidden.shape
+  v_local = kernel.shape[1]
+  n_chunks = -(-t // chunk)
+  pad = n_chunks * chunk - t
+  w = kernel.astype(hidden.dtype)
+  offset = layout.vocab_offset(v_local)
+
+  def split(x):  # [m, T, ...] -> [n_chunks, m, chunk, ...], padded tokens invalid
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(m, n_chunks, chunk, *x.shape[2:]), 0, 1)
+
+  def step(carry, xs):
+    total, d_kernel = carry
+    h, ids, ok = xs  # [m, c, D], [m, c], [m, c]
+    logits = jnp.dot(h, w).astype(jnp.float32)  # [m, c, V/t], as nn.Dense computes them
+    local_ids = ids - offset
+    in_slice = (local_ids >= 0) & (local_ids < v_local)
+    one_hot = (jnp.arange(v_local) == local_ids[..., None]) & in_slice[..., None]
+    target_logit = layout.psum_vocab(jnp.where(one_hot, logits, 0.0).sum(-1))
+    row_max = layout.pmax_vocab(logits.max(-1))
+    sum_exp = layout.psum_vocab(jnp.exp(logits - row_max[..., None]).sum(-1))
+    lse = row_max + jnp.log(sum_exp)
+    # where(), as token_ce: a non-finite value at a padded token must not leak in.
+    total = total + jnp.where(ok, lse - target_logit, 0.0).sum()
+    if not with_grads:
+      return (total, d_kernel), None
+    d_logits = jnp.where(ok[..., None], jnp.exp(logits - lse[..., None]) - one_hot, 0.0)
+    d_logits = d_logits.astype(hidden.dtype)  # as the plain path's backward through astype
+    d_h = jnp.einsum("mcv,dv->mcd", d_logits, w, preferred_element_type=jnp.float32)
+    d_kernel = d_kernel + jnp.einsum("mcd,mcv->dv", h, d_logits,
+                                     preferred_element_type=jnp.float32)
+    return (total, d_kernel), d_h
+
+  d_kernel0 = layout.varying(jnp.zeros((d, v_local) if with_grads else (), jnp.float32),
+                             over_vocab=True)
+  total0 = layout.varying(jnp.zeros((), jnp.float32), over_vocab=False)
+  (total, d_kernel), d_h = jax.lax.scan(step, (total0, d_kernel0),
+                                        (split(hidden), split(targets), split(valid)))
+  total = layout.psum_batch(total)  # the vocabulary devices agree already
+  if not with_grads:
+    return total
+  d_hidden = jnp.swapaxes(d_h, 0, 1).reshape(m, n_chunks * chunk, d)[:, :t]
+  # Each vocabulary slice contributed its columns' share of dH.
+  return total, layout.psum_vocab(d_hidden), layout.reduce_d_kernel(d_kernel)

@@ -12,8 +12,9 @@ import ml_collections
 import optax
 
 # Parameters that are never weight-decayed: biases, norms, position embeddings, learned
-# queries/prefix/CLS and the logit scale (matched on the last path element).
-NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "queries", "prefix", "cls")
+# queries/prefix/CLS and the logit scale and bias (matched on the last path element).
+NO_DECAY_NAMES = ("bias", "scale", "pos_embed", "logit_scale", "logit_bias", "queries", "prefix",
+                  "cls")
 LOGIT_SCALE_NAME = "logit_scale"  # the models' learned log of the contrastive logit scale
 
 

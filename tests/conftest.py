@@ -20,7 +20,8 @@ def data_dir(tmp_path_factory):
   """The shapes datasets, built once for all xdist workers (ensure_built holds a file lock)."""
   from mmjax.data import shapes
   root = tmp_path_factory.getbasetemp().parent / "mmjax_datasets"
-  for name in ("shapes/labels", "shapes/captions"):
+  for name in ("shapes/labels", "shapes/captions", "shapes/labels_seen",
+               "shapes/labels_unseen"):
     shapes.ensure_built(name, str(root))
   return str(root)
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import CACHE_DIR, REPO
@@ -57,3 +58,50 @@ def test_webdataset_build_benchmark_reduced():
   for v in out["variants"].values():
     assert v["records"] == 12 and v["wall_s"] > 0 and v["cpu_s"] > 0
   assert "AMD" in out["cpu"] or "Intel" in out["cpu"] or out["cpu"]
+
+
+def test_ablation_summary_means_spreads_and_paired_differences():
+  """benchmarks/ablation_shapes.py's table from given per-run results (no training): mean
+  and sample std over seeds per arm, differences paired by seed."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import ablation_shapes as ab
+  unseen, probe = "zeroshot/shapes_labels_unseen/top1", "linear_probe/shapes_labels/top1"
+  runs = [{"preset": "clip", "seed": s, "caption": {unseen: u, probe: 0.5}}
+          for s, u in ((0, 0.2), (1, 0.4), (2, 0.3))]
+  runs += [{"preset": "unicl_prefix", "seed": s, "caption": {unseen: u},
+            "label": {unseen: u - 0.1}} for s, u in ((0, 0.5), (1, 0.4))]  # seed 2 failed
+  summary = ab.summarize(runs, ["clip", "unicl_prefix"])
+  clip = summary["arms"]["clip/caption"][unseen]
+  assert clip["n"] == 3 and clip["mean"] == pytest.approx(0.3)
+  assert clip["std"] == pytest.approx(0.1)  # ddof=1
+  assert set(summary["arms"]) == {"clip/caption", "unicl_prefix/caption", "unicl_prefix/label"}
+  diff = summary["paired_differences"]["unicl_prefix/caption - clip/caption"][unseen]
+  assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(0.15)  # (0.3 + 0.0) / 2
+  assert diff["std"] == pytest.approx(np.std([0.3, 0.0], ddof=1))
+  prefix = summary["paired_differences"]["unicl_prefix/caption - unicl_prefix/label"][unseen]
+  assert prefix["mean"] == pytest.approx(0.1) and prefix["std"] == pytest.approx(0.0, abs=1e-12)
+  table = ab.format_tables(summary)
+  assert "| clip/caption | 3 | 0.300 ± 0.100 |" in table
+  assert "| unicl_prefix/caption - clip/caption | 2 | +0.150 ± 0.212 |" in table
+
+
+@pytest.mark.slow
+def test_ablation_script_trains_every_arm_and_seed(tmp_path, data_dir):
+  """Two seeds of a prefix arm, tiny, 2 steps: trained, evaluated with both test prefixes on
+  the same checkpoint, a finished run not repeated on a rerun."""
+  args = ("benchmarks/ablation_shapes.py", "--presets", "unicl_prefix", "--seeds", "0,1",
+          "--steps", "2", "--tiny", "--workdir", str(tmp_path), "--nice", "0",
+          f"--config.data_dir={data_dir}", f"--config.compilation_cache_dir={CACHE_DIR}")
+  out = run_script(*args, timeout=1200)
+  assert [(r["preset"], r["seed"]) for r in out["runs"]] == [("unicl_prefix", 0),
+                                                              ("unicl_prefix", 1)]
+  for run in out["runs"]:
+    assert "error" not in run, run
+    for prefix in ("caption", "label"):
+      assert 0 <= run[prefix]["zeroshot/shapes_labels_unseen/top1"] <= 1
+      assert "seen_classes/shapes_labels_seen/top1" in run[prefix]
+    assert "retrieval/shapes_captions/i2t_r1" not in run["label"]  # zero-shot only
+  assert out["arms"]["unicl_prefix/label"]["zeroshot/shapes_labels_unseen/top1"]["n"] == 2
+  assert out["cpu"] and out["steps"] == 2
+  again = run_script(*args, timeout=600)  # finished runs are read back, not retrained
+  assert again["runs"] == out["runs"]

@@ -83,8 +83,8 @@ def test_label_folder_of_every_mode(pets, tmp_path):
   assert sorted(again) == validation
   summary = report.summary()
   assert f"--config.data_dir={data_dir} --config.data.sources.labels.name=my_pets" in summary
-  assert "--config.evals.zeroshot.dataset=my_pets --config.evals.zeroshot.split=validation" in (
-      summary)
+  assert ("--config.evals.seen_classes.dataset=my_pets --config.evals.seen_classes.split="
+          "validation --config.evals.zeroshot.num_examples=0") in summary
 
 
 def test_caption_csv_from_excel(tmp_path):

@@ -48,6 +48,8 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"optimizer.name": "sgd"}, 1, r"optimizer.name='sgd'"),
     ({"model.pooler": "mean"}, 1, r"model.pooler='mean'"),
     ({"loss.name": "siglip2"}, 1, r"loss.name='siglip2': choose one of"),
+    ({"loss.name": "siglip"}, 1,
+     r"^config model.logit_bias=False: loss.name='siglip' needs .* set model.logit_bias=True$"),
     ({"evals.zeroshot.type": "zero_shot"}, 1, r"evals.zeroshot.type='zero_shot'"),
     ({"evals.zeroshot.prefix": "title"}, 1, r"evals.zeroshot.prefix='title'"),
     ({"evals.captioning.strategy": "nucleus"}, 1, r"evals.captioning.strategy='nucleus'"),
@@ -57,6 +59,11 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"nonfinite_policy": "ignore"}, 1, r"nonfinite_policy='ignore'"),
     ({"checkpoint.max_to_keep": 0}, 1, r"checkpoint.max_to_keep=0"),
     ({"total_steps": 0}, 1, r"total_steps=0"),
+    ({"model.remat_policy": "dots_saveable"}, 1,
+     r"^config model.remat_policy='dots_saveable': choose one of \['none', 'full', .*"
+     r"'save_attention_recompute_mlp'"),
+    ({"loss.caption_chunk_size": -1}, 1, r"loss.caption_chunk_size=-1"),
+    ({"profile.num_steps": -2}, 1, r"profile.num_steps=-2"),
 ])
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):
@@ -76,9 +83,15 @@ def test_a_source_with_weight_zero_is_off():
   cli.validate(helpers.tiny_config(**{"data.sources.labels.weight": 0.0}), num_devices=1)
 
 
+def test_evaluator_schedule_below_minus_one_is_refused():
+  with pytest.raises(cli.ConfigError, match=r"evals.retrieval.every_steps=-2 must be -1"):
+    cli.validate(helpers.tiny_config(**{"evals.retrieval.every_steps": -2}), num_devices=1)
+
+
 def test_valid_configs_pass():
   cli.validate(helpers.tiny_config(), num_devices=1)
   cli.validate(helpers.tiny_config(**{"mesh.shape": (2, 4, 1)}), num_devices=8)
+  cli.validate(helpers.tiny_config("siglip", **{"mesh.shape": (2, 2, 2)}), num_devices=8)
 
 
 # --- One line, exit status 2, for every user mistake (the CLI as a user runs it) ---------

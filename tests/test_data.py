@@ -139,17 +139,17 @@ def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
 
 
 def test_load_eval_split(data_dir):
-  """An evaluator's split, read from its config entry (evals.zeroshot: shapes/labels,
+  """An evaluator's split, read from its config entry (evals.linear_probe: shapes/labels,
   evals.retrieval: shapes/captions; the probe's train_split by split_key)."""
   c = make_config(data_dir)
-  e = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
+  e = pipeline.load_eval_split(c, "linear_probe", num_examples=20)  # shapes/labels
   assert e["images"].shape == (20, 64, 64, 3) and e["labels"].shape == (20,)
   assert len(e["class_names"]) == 64
-  e2 = pipeline.load_eval_split(c, "zeroshot", num_examples=20)
+  e2 = pipeline.load_eval_split(c, "linear_probe", num_examples=20)
   np.testing.assert_array_equal(e["images"], e2["images"])
   train = pipeline.load_eval_split(c, "linear_probe", num_examples=20, split_key="train_split")
   assert not np.array_equal(train["images"], e["images"])
-  r = pipeline.load_eval_split(c, "retrieval", num_examples=8)
+  r = pipeline.load_eval_split(c, "retrieval", num_examples=8)  # shapes/captions
   assert len(r["texts"]) == 8 and all(len(t) == 3 for t in r["texts"])
 
 
@@ -261,3 +261,87 @@ def test_missing_split_and_feature_name_the_config_key(tmp_path):
                      r"data.sources.captions.text_key\); its features are \['file_name', "
                      r"'image', 'label'\]"):
     sources.open_train_sources(c)
+
+
+# --- held-out classes (zero-shot transfer) ---------------------------------------------------
+def _digest(config_name, split, n=25):
+  """sha256 of the first n examples' pixels and labels/captions, as the builder makes them."""
+  import hashlib
+  cfg = next(c for c in shapes.Shapes.BUILDER_CONFIGS if c.name == config_name)
+  h = hashlib.sha256()
+  for i in range(n):
+    rng = np.random.default_rng((shapes._SEED, cfg.index, shapes._SPLITS[split], i))
+    if config_name.startswith("labels"):
+      png, label = shapes.label_example(rng, cfg.class_names)
+      extra = str(label)
+    else:
+      png, captions = shapes.caption_example(rng)
+      extra = "|".join(captions)
+    h.update(np.asarray(Image.open(io.BytesIO(png))).tobytes())
+    h.update(extra.encode())
+  return h.hexdigest()[:16]
+
+
+def test_shapes_data_is_pinned_per_version():
+  """The examples of every config at its version. Adding labels_seen / labels_unseen left
+  labels and captions bit-identical (cached 1.0.0 builds keep their meaning); a change of
+  any config's data must come with a new version (and a new line here)."""
+  assert str(shapes.Shapes.VERSION) == "1.0.0"
+  assert {(name, split): _digest(name, split) for name, split in [
+      ("labels", "train"), ("labels", "validation"), ("captions", "train"),
+      ("captions", "validation"), ("labels_seen", "train"), ("labels_seen", "validation"),
+      ("labels_unseen", "validation")]} == {
+      ("labels", "train"): "011ddd32d942cfa5", ("labels", "validation"): "aa236c7dd9f80846",
+      ("captions", "train"): "6ca19f71bf9c8d18", ("captions", "validation"): "9fab8cd430ab0e0d",
+      ("labels_seen", "train"): "da73f30530789f62",
+      ("labels_seen", "validation"): "b72b3da211ef648d",
+      ("labels_unseen", "validation"): "193f4a6089218bc6"}
+
+
+def test_held_out_classes_are_a_latin_square_of_the_colour_shape_grid():
+  unseen, seen = shapes.UNSEEN_CLASS_NAMES, shapes.SEEN_CLASS_NAMES
+  assert len(unseen) == 16 and len(seen) == 48 and not set(unseen) & set(seen)
+  assert sorted(unseen + seen) == sorted(shapes.CLASS_NAMES)
+  held_colour = [n.split()[0] for n in unseen]
+  held_shape = [n.split()[1] for n in unseen]
+  # Each colour and each shape held out exactly twice; each still in 6 seen classes.
+  assert all(held_colour.count(c) == 2 for c in shapes.COLOURS)
+  assert all(held_shape.count(s) == 2 for s in shapes.SHAPES)
+  assert all(sum(n.startswith(c + " ") for n in seen) == 6 for c in shapes.COLOURS)
+  assert all(sum(n.endswith(" " + s) for n in seen) == 6 for s in shapes.SHAPES)
+  assert unseen[:4] == ("red circle", "red star", "orange square", "orange diamond")
+
+
+def test_seen_and_unseen_datasets_hold_only_their_classes(data_dir):
+  for name, names, splits in (("shapes/labels_seen", shapes.SEEN_CLASS_NAMES,
+                               {"train": 4000, "validation": 500}),
+                              ("shapes/labels_unseen", shapes.UNSEEN_CLASS_NAMES,
+                               {"validation": 1000})):
+    for split, size in splits.items():
+      src = tfds.data_source(name, split=split, data_dir=data_dir)
+      assert src.dataset_info.features["label"].names == list(names)
+      labels = [int(src[i]["label"]) for i in range(len(src))]
+      assert len(labels) == size and sorted(set(labels)) == list(range(len(names)))
+
+
+def test_held_out_classes_never_reach_a_training_batch(data_dir, tokenizer):
+  """One whole epoch of the label source (a shuffle is a permutation): every label id and
+  every label prompt is of a seen class; the tokenizer's label prompts too. Captions do
+  show and name held-out combinations (the transfer the zero-shot evaluation measures)."""
+  c = make_config(data_dir, batch_size=200, **{"data.sources.captions.weight": 0.0})
+  assert c.data.sources.labels.name == "shapes/labels_seen"
+  assert pipeline.label_texts(c) == list(shapes.SEEN_CLASS_NAMES)
+  batches = take(c, tokenizer, 20)  # 20 x 200 = the 4000 training records
+  labels = np.concatenate([b["label"] for b in batches])
+  src = tfds.data_source("shapes/labels_seen", split="train", data_dir=data_dir)
+  assert sorted(labels) == sorted(int(src[i]["label"]) for i in range(len(src)))
+  prompts = [tokenizer.decode(t) for b in batches for t in b["text"]]
+  unseen = shapes.UNSEEN_CLASS_NAMES
+  for label, prompt in zip(labels, prompts):
+    assert shapes.SEEN_CLASS_NAMES[label] in prompt
+    assert not any(name in prompt for name in unseen), prompt
+  texts = pipeline.train_texts(make_config(data_dir))
+  templates = c.data.label_templates
+  assert all(t.format(n) in texts for n in shapes.SEEN_CLASS_NAMES for t in templates)
+  assert not any(t.format(n) in texts for n in unseen for t in templates)
+  assert all(any(n in text for text in texts) for n in unseen)  # in captions only

@@ -314,6 +314,122 @@ def test_masks_are_a_function_of_seed_and_step():
   assert not a["selected"][batch["has_text"] == 0].any()
 
 
+@pytest.mark.parametrize("mlm_on_paired", [False, True])
+def test_loss_rows_mlm_on_text_only_data_unless_asked(mlm_on_paired):
+  """Per example: MLM on text-only rows (paper, torchmultimodal), the paired captions only
+  with loss.mlm_on_paired; MIM on image-only rows; MMM on matched pairs; ITM and
+  contrastive on pairs."""
+  config = tiny_config(batch_size=8)
+  batch = {k: jnp.asarray(v) for k, v in flava_batch(config).items()}
+  kind = np.arange(8) % 4  # flava_batch: 0, 1 paired; 2 image-only; 3 text-only
+  match = jnp.asarray([True, False] * 4)
+  rows = jax.device_get(fo.loss_rows(batch, match, mlm_on_paired=mlm_on_paired))
+  paired = kind < 2
+  np.testing.assert_array_equal(rows["mlm"], (kind == 3) | (paired & mlm_on_paired))
+  np.testing.assert_array_equal(rows["mim"], kind == 2)
+  np.testing.assert_array_equal(rows["mmm"], paired & np.asarray(match))
+  np.testing.assert_array_equal(rows["itm"], paired)
+  np.testing.assert_array_equal(rows["contrastive"], paired)
+  both = jax.device_get(fo.loss_rows(batch, match, mim_on_paired=True))
+  np.testing.assert_array_equal(both["mim"], kind != 3)
+
+
+def np_flava_losses(batch, inputs, out, patch_size, mlm_on_paired):
+  """FLAVA's six losses in float64 NumPy from the model outputs and the step's masks, with
+  the row rules written out: the reference for FlavaObjective.loss."""
+  f64 = lambda x: np.asarray(x, np.float64)
+  kind = np.arange(len(batch["text"])) % 4
+  paired, image_only, text_only = kind < 2, kind == 2, kind == 3
+  mlm_rows = text_only | (paired if mlm_on_paired else False)
+  matched = paired & inputs["match"]
+  sel, patch_mask, targets = inputs["selected"], inputs["patch_mask"], inputs["targets_text"]
+  patches = np_patchify(f64(batch["image"]), patch_size)
+  pixels = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(
+      patches.var(-1, keepdims=True) + 1e-6)
+  return dict(
+      mlm_loss=np_token_ce(f64(out["mlm_logits"]), targets, sel & mlm_rows[:, None]),
+      mim_loss=np_patch_mse(f64(out["mim_pred"]), pixels, patch_mask & image_only[:, None]),
+      mmm_text_loss=np_token_ce(f64(out["mmm_text_logits"]), targets, sel & matched[:, None]),
+      mmm_image_loss=np_patch_mse(f64(out["mmm_image_pred"]), pixels,
+                                  patch_mask & matched[:, None]),
+      itm_loss=np_itm_bce(f64(out["itm_logit"]), f64(inputs["match"]), paired),
+      contrastive_loss=np_contrastive(f64(out["image_emb"]), f64(out["text_emb"]),
+                                      batch["label"], paired, float(out["logit_scale"]))), (
+      int((sel & mlm_rows[:, None]).sum()))
+
+
+@pytest.mark.parametrize("mlm_on_paired", [False, True])
+def test_loss_equals_float64_reference_and_switches_phase_at_the_configured_step(
+    mlm_on_paired):
+  """Steps 2 and 3 with loss.unimodal_steps=3: every loss equals its float64 reference
+  (MLM weighted over exactly the rows loss_rows names), the total is MLM + MIM at step 2
+  and all six at step 3."""
+  config = tiny_config(batch_size=16, **{"loss.unimodal_steps": 3, "loss.mlm_rate": 0.5,
+                                         "loss.itm_negative_rate": 0.5,
+                                         "loss.mlm_on_paired": mlm_on_paired})
+  model = models.build_model(config)
+  objective = fo.FlavaObjective(config, model)
+  params = init_params(config, model)
+  batch = flava_batch(config, seed=3)
+
+  @jax.jit
+  def run(params, batch, step):
+    loss, metrics = objective.loss(params, batch, step)
+    inputs = objective.make_inputs(batch, step)
+    out = model.apply({"params": params}, batch["image"], inputs["patch_mask"], batch["text"],
+                      inputs["mm_text"], method="pretrain")
+    return loss, metrics, inputs, out
+
+  for step in (2, 3):
+    loss, metrics, inputs, out = jax.device_get(run(params, batch, jnp.int32(step)))
+    reference, mlm_tokens = np_flava_losses(batch, inputs, out, config.model.patch_size,
+                                            mlm_on_paired)
+    assert int(metrics["mlm_tokens"]) == mlm_tokens > 0
+    for key, value in reference.items():
+      assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+    joint = step >= 3
+    assert int(metrics["joint_phase"]) == joint
+    expected = sum(reference[k] for k in fo.LOSS_KEYS if joint or k in ("mlm_loss",
+                                                                         "mim_loss"))
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_unimodal_phase_batches_hold_only_unimodal_sources(data_dir):
+  """loss.unimodal_steps=2: steps 0 and 1 are image-only and text-only examples, steps 2
+  on the whole mixture; a resume at step 1 or 3 reads the uninterrupted run's batches."""
+  config = tiny_config(data_dir=data_dir, batch_size=32, **{"loss.unimodal_steps": 2})
+  tokenizer = tokenizer_lib.get_tokenizer(config)
+
+  def take(start_step, n):
+    it = pipeline.make_train_iterator(config, tokenizer, start_step=start_step,
+                                      process_index=0, process_count=1)
+    try:
+      return [next(it) for _ in range(n)]
+    finally:
+      it.close()
+
+  fresh = take(0, 4)
+  for b in fresh[:2]:
+    assert not b["paired"].any()
+    image_only = (b["has_image"] == 1) & (b["has_text"] == 0)
+    assert image_only.any() and (~image_only).any()  # both unimodal sources
+  for b in fresh[2:]:
+    assert b["paired"].any() and not b["paired"].all()
+  for start, resumed in ((1, take(1, 2)), (3, take(3, 1))):
+    for offset, batch in enumerate(resumed):
+      for key in batch:
+        np.testing.assert_array_equal(batch[key], fresh[start + offset][key])
+
+
+def test_a_unimodal_phase_without_unimodal_sources_is_one_line(data_dir):
+  from mmjax import errors
+  config = tiny_config(data_dir=data_dir, **{"data.sources.images.weight": 0.0,
+                                             "data.sources.texts.weight": 0.0})
+  with pytest.raises(errors.UsageError, match=r"loss.unimodal_steps=50: the unimodal phase "
+                     "needs a source with modality 'image' or 'text'"):
+    pipeline.global_train_dataset(config, tokenizer_lib.get_tokenizer(config))
+
+
 def init_params(config, model):
   batch = flava_batch(config)
   return nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"],
@@ -397,7 +513,7 @@ def test_linear_probe_reads_image_features_and_beats_chance():
 
 
 def test_pipeline_emits_modality_views(data_dir):
-  config = tiny_config(data_dir=data_dir, batch_size=64)
+  config = tiny_config(data_dir=data_dir, batch_size=64, **{"loss.unimodal_steps": 0})
   tokenizer = tokenizer_lib.get_tokenizer(config)
   it = pipeline.make_train_iterator(config, tokenizer, start_step=0, process_index=0,
                                     process_count=1)
@@ -492,6 +608,7 @@ def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
            "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
            "--config.loss.unimodal_steps=1", "--config.eval_batch_size=32",
            "--config.evals.zeroshot.num_examples=32", "--config.evals.retrieval.num_examples=32",
+           "--config.evals.seen_classes.num_examples=32",
            "--config.evals.linear_probe.num_train=128",
            "--config.evals.linear_probe.num_examples=32"]
   flava_cli("mmjax.train", workdir, data_dir, *small)
@@ -500,7 +617,8 @@ def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
   out = flava_cli("mmjax.evaluate", workdir, data_dir, *small)
   with open(os.path.join(workdir, "eval", "step_2.json")) as f:
     evaluated = json.load(f)
-  for key in ("zeroshot/shapes_labels/top1", "retrieval/shapes_captions/i2t_r10",
+  for key in ("zeroshot/shapes_labels_unseen/top1", "seen_classes/shapes_labels_seen/top1",
+              "retrieval/shapes_captions/i2t_r10",
               "linear_probe/shapes_labels/top1"):
     assert key in evaluated and key in out, key
   for key, value in evaluated.items():

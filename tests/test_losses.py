@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mmjax.losses import token_ce, unicl_loss
+from mmjax.losses import siglip_loss, token_ce, unicl_loss
 
 B, D = 32, 8
 SCALE = 7.5  # not 1 so that the logit-scale gradient is exercised at a realistic size
+BIAS = -3.0  # SigLIP: both targets' terms matter (at -10 negatives are ~saturated)
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,6 +217,129 @@ def test_bad_batch_raises():
   x, y, lab = _inputs("mixed", nb=48)  # 6 rows per device
   with pytest.raises(ValueError, match="chunk_size"):
     unicl_loss(x, y, lab, SCALE, mesh=mesh, chunk_size=4)
+
+
+# ---------------------------------------------------------------------------------------
+# SigLIP (sigmoid) loss: float64 reference, dense and ring.
+# ---------------------------------------------------------------------------------------
+
+def ref_siglip(x, y, labels, s, bias):
+  """float64 SigLIP loss and analytic gradients wrt (x, y, s, bias).
+
+  Loss = -1/B sum_ij log sigmoid(T_ij (s <u_i, v_j> + bias)), T = +1 where i == j or both
+  share a class >= 0, else -1; u = x / |x|, v = y / |y|.
+  """
+  x, y, s, bias = np.float64(x), np.float64(y), np.float64(s), np.float64(bias)
+  nb = x.shape[0]
+  nx = np.linalg.norm(x, axis=1, keepdims=True)
+  ny = np.linalg.norm(y, axis=1, keepdims=True)
+  u, v = x / nx, y / ny
+  sim = u @ v.T
+  target = -np.ones((nb, nb))
+  for i in range(nb):
+    for j in range(nb):
+      if i == j or (labels[i] == labels[j] and labels[i] >= 0):
+        target[i, j] = 1.0
+  z = s * sim + bias
+  loss = np.logaddexp(0.0, -target * z).sum() / nb  # -log sigmoid(t z) = log(1 + e^(-t z))
+  g = -target / (1.0 + np.exp(target * z)) / nb  # d/dz: -t sigmoid(-t z)
+  du, dv = s * g @ v, s * g.T @ u
+  dx = (du - u * (u * du).sum(1, keepdims=True)) / nx
+  dy = (dv - v * (v * dv).sum(1, keepdims=True)) / ny
+  return loss, dx, dy, (g * sim).sum(), g.sum()
+
+
+def _siglip_value_and_grads(x, y, labels, s, bias, **kw):
+  fn = jax.jit(jax.value_and_grad(
+      lambda a, b, l, sc, bi: siglip_loss(a, b, l, sc, bi, **kw), argnums=(0, 1, 3, 4)))
+  val, grads = fn(x, y, labels, jnp.float32(s), jnp.float32(bias))
+  return (float(val), *(np.asarray(g) for g in grads))
+
+
+def _assert_siglip_close(got, want, tol):
+  for name, a, b in zip(("loss", "d_image", "d_text", "d_scale", "d_bias"), got, want):
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+
+
+def test_siglip_reference_gradient_matches_finite_differences():
+  x, y, lab = _inputs("mixed", seed=1, nb=6)
+  x, y = np.float64(x), np.float64(y)
+  loss = lambda *a: ref_siglip(*a)[0]
+  _, dx, dy, ds, db = ref_siglip(x, y, lab, SCALE, BIAS)
+  eps = 1e-6
+  for arr, grad, which in ((x, dx, 0), (y, dy, 1)):
+    for idx in [(0, 0), (2, 3), (5, 7)]:
+      plus, minus = arr.copy(), arr.copy()
+      plus[idx] += eps
+      minus[idx] -= eps
+      args_p = (plus, y) if which == 0 else (x, plus)
+      args_m = (minus, y) if which == 0 else (x, minus)
+      fd = (loss(*args_p, lab, SCALE, BIAS) - loss(*args_m, lab, SCALE, BIAS)) / (2 * eps)
+      assert abs(fd - grad[idx]) < 1e-7, (which, idx, fd, grad[idx])
+  fd = (loss(x, y, lab, SCALE + eps, BIAS) - loss(x, y, lab, SCALE - eps, BIAS)) / (2 * eps)
+  assert abs(fd - ds) < 1e-7
+  fd = (loss(x, y, lab, SCALE, BIAS + eps) - loss(x, y, lab, SCALE, BIAS - eps)) / (2 * eps)
+  assert abs(fd - db) < 1e-7
+
+
+@pytest.mark.parametrize("kind", ["mixed", "captions", "all_labels", "half_one_class"])
+@pytest.mark.parametrize("scale,bias", [(SCALE, BIAS), (10.0, -10.0)])  # ours; paper init
+def test_siglip_unsharded_matches_numpy(kind, scale, bias):
+  x, y, lab = _inputs(kind)
+  _assert_siglip_close(_siglip_value_and_grads(x, y, lab, scale, bias),
+                       ref_siglip(x, y, lab, scale, bias), 1e-5)
+
+
+def test_siglip_labels_and_bias_matter():
+  """The checks above can fail: shared classes and the bias change the value."""
+  x, y, lab = _inputs("captions", seed=3)
+  clip_style = float(siglip_loss(x, y, lab, SCALE, BIAS))
+  shared = _labels("all_labels", np.random.default_rng(0))
+  assert abs(float(siglip_loss(x, y, shared, SCALE, BIAS)) - clip_style) > 1e-3
+  assert abs(float(siglip_loss(x, y, lab, SCALE, BIAS + 1.0)) - clip_style) > 1e-3
+
+
+@pytest.mark.parametrize("shape,kind,chunk", [
+    ((8, 1, 1), "mixed", None),
+    ((8, 1, 1), "half_one_class", 2),
+    ((4, 2, 1), "mixed", 2),
+    ((4, 2, 1), "captions", None),
+    ((2, 2, 2), "half_one_class", None),
+    ((2, 1, 4), "all_labels", 4),
+    ((1, 1, 8), "mixed", None),  # no batch parallelism: one device's ring, 8-way tensor
+])
+def test_siglip_sharded_matches_dense_and_numpy(shape, kind, chunk):
+  assert jax.device_count() == 8
+  x, y, lab = _inputs(kind, seed=sum(shape))
+  mesh = _mesh(shape)
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  args = [jax.device_put(a, sh) for a in (x, y, lab)]
+  with jax.set_mesh(mesh):
+    got = _siglip_value_and_grads(*args, SCALE, BIAS, mesh=mesh, chunk_size=chunk)
+  _assert_siglip_close(got, _siglip_value_and_grads(x, y, lab, SCALE, BIAS), 1e-5)
+  _assert_siglip_close(got, ref_siglip(x, y, lab, SCALE, BIAS), 1e-5)
+
+
+def test_siglip_sharded_memory_is_linear_in_batch():
+  """Compile-only, as for UniCL: far below one [B, B/n] slab, and below the dense loss."""
+  mesh = _mesh((8, 1, 1))
+  nb, d = 4096, 32
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  args = (jax.ShapeDtypeStruct((nb, d), jnp.float32, sharding=sh),
+          jax.ShapeDtypeStruct((nb, d), jnp.float32, sharding=sh),
+          jax.ShapeDtypeStruct((nb,), jnp.int32, sharding=sh), scalar, scalar)
+
+  def temp_bytes(**kw):
+    f = jax.jit(jax.grad(lambda a, b, l, s, bi: siglip_loss(a, b, l, s, bi, **kw),
+                         argnums=(0, 1, 3, 4)))
+    with jax.set_mesh(mesh):
+      return f.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  ring = temp_bytes(mesh=mesh, chunk_size=128)
+  slab = nb * (nb // 8) * 4
+  assert ring < slab / 4, (ring, slab)
+  assert temp_bytes() > 2 * ring
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Pillow mode, plus truncated, empty and non-image files. The only test-side chang
 preview, the seconds-long model (`configs/shapes.py` becomes `...:coca_unicl_prefix,tiny`,
 the shared XLA cache). Then the trained-on pixels are checked against the expected RGB.
 """
+import ast
 import json
 import os
 import re
@@ -75,6 +76,14 @@ def write_user_files(home: str) -> dict[str, np.ndarray]:
   return expected
 
 
+def literal(text: str):
+  """A command-line value as the flag parser reads it: a Python literal, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def config_from(args_file: str, home: str):
   """The config the shim's mmjax command ran with (its --config.* overrides applied)."""
   with open(args_file) as f:
@@ -84,7 +93,7 @@ def config_from(args_file: str, home: str):
   for a in args:
     if a.startswith("--config.") and "compilation_cache" not in a:
       key, value = a[len("--config."):].split("=", 1)
-      overrides[key] = value.replace("~", home)
+      overrides[key] = literal(value.replace("~", home))
   return helpers.override(helpers.shapes.get_config(spec.split(":", 1)[1]), **overrides)
 
 
@@ -120,7 +129,7 @@ def test_train_and_evaluate_ran_on_the_users_data(recipe):
   (result,) = [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".json")]
   with open(os.path.join(workdir, "eval", result)) as f:
     evaluated = json.load(f)
-  for key in ("zeroshot/my_pets/top1", "linear_probe/my_pets/top1",
+  for key in ("seen_classes/my_pets/top1", "linear_probe/my_pets/top1",
               "retrieval/my_pairs/i2t_r1", "caption/my_pairs/cider"):
     assert key in evaluated, sorted(evaluated)
   step = evaluated["step"]

@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 from conftest import CACHE_DIR, REPO
-from mmjax import summary
+from mmjax import summary, train
 
 
 def command(module, workdir, data_dir, *overrides, preset="coca_unicl_prefix"):
@@ -54,7 +54,9 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   assert "mfu" not in train[-1]  # a CPU has no known peak
   evals = [m for m in logged if "retrieval/shapes_captions/i2t_r1" in m]
   assert [m["step"] for m in evals] == [10]
-  assert "zeroshot/shapes_labels/top1" in evals[0]
+  # Zero-shot on the held-out classes, closed-set on the seen ones: named apart.
+  assert "zeroshot/shapes_labels_unseen/top1" in evals[0]
+  assert "seen_classes/shapes_labels_seen/top1" in evals[0]
   assert 0 <= evals[0]["linear_probe/shapes_labels/top1"] <= 1  # the probe runs on CoCa too
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
   assert os.listdir(os.path.join(workdir, "eval")) == ["samples_10.png"]  # as mmjax.evaluate
@@ -77,7 +79,7 @@ def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path
   run("mmjax.train", workdir, data_dir, "--config.mesh.shape=(2,4,1)", devices=8)
   trained = [m for m in metrics(workdir) if "retrieval/shapes_captions/i2t_r1" in m][-1]
   out = run("mmjax.evaluate", workdir, data_dir, devices=1).stdout
-  assert "zeroshot/shapes_labels/top1" in out
+  assert "zeroshot/shapes_labels_unseen/top1" in out
   with open(os.path.join(workdir, "eval", "step_10.json")) as f:
     evaluated = json.load(f)
   for key, value in evaluated.items():
@@ -129,3 +131,35 @@ def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir)
   assert "examples drew an undecodable image" in lines[0]
   assert "above config data.max_skip_fraction=0.05 with 99.99% confidence" in lines[0]
   assert "step 40/40" not in proc.stdout
+
+
+def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):
+  """--config.profile.* writes a jax.profiler trace (the files TensorBoard's profile plugin
+  reads) whose step markers are exactly the requested steps."""
+  from jax.profiler import ProfileData
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.total_steps=5", "--config.eval_every_steps=0",
+      "--config.profile.start_step=2", "--config.profile.num_steps=2")
+  runs = os.listdir(os.path.join(workdir, "profile", "plugins", "profile"))
+  assert len(runs) == 1
+  files = os.listdir(os.path.join(workdir, "profile", "plugins", "profile", runs[0]))
+  xplanes = [f for f in files if f.endswith(".xplane.pb")]
+  assert len(xplanes) == 1 and any(f.endswith(".trace.json.gz") for f in files), files
+  trace = ProfileData.from_file(
+      os.path.join(workdir, "profile", "plugins", "profile", runs[0], xplanes[0]))
+  steps = sorted(dict(event.stats)["step_num"] for plane in trace.planes
+                 for line in plane.lines for event in line.events if event.name == "train")
+  assert steps == [2, 3]
+
+
+def test_each_evaluator_runs_on_its_own_schedule():
+  """evals.<key>.every_steps: 0 follows eval_every_steps, -1 only the last step, N every N;
+  every evaluator runs at the last step."""
+  config = helpers.tiny_config(**{"eval_every_steps": 4, "total_steps": 10,
+                                  "evals.captioning.every_steps": 3,
+                                  "evals.retrieval.every_steps": 0})
+  assert config.evals.linear_probe.every_steps == -1  # the shapes configs' probe: final only
+  steps = {key: [s for s in range(1, 11)
+                 if train.is_due(s, train.evaluation_interval(config.evals[key], config), 10)]
+           for key in ("retrieval", "captioning", "linear_probe")}
+  assert steps == {"retrieval": [4, 8, 10], "captioning": [3, 6, 9, 10], "linear_probe": [10]}

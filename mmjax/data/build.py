@@ -121,8 +121,11 @@ class BuildReport:
     if "validation" not in self.splits:
       return []
     if self.kind == "label":
-      return [f"--config.evals.zeroshot.dataset={self.name}",
-              "--config.evals.zeroshot.split=validation",
+      # Trained on, its classes are seen classes (closed-set, configs/shapes.py's
+      # evals.seen_classes); evals.zeroshot is for classes no training label has.
+      return [f"--config.evals.seen_classes.dataset={self.name}",
+              "--config.evals.seen_classes.split=validation",
+              "--config.evals.zeroshot.num_examples=0",
               f"--config.evals.linear_probe.dataset={self.name}",
               "--config.evals.linear_probe.train_split=train",
               "--config.evals.linear_probe.split=validation"]

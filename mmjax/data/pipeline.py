@@ -8,6 +8,12 @@ global, infinite `grain.MapDataset`:
   mix(per-source datasets, weights)                                      # deterministic interleave
   random_map(TrainTransform, seed)                                       # rng keyed by g
 
+With a unimodal phase (`loss.unimodal_steps` = U > 0, FLAVA), examples g < U * batch_size
+come from a mix of the unimodal sources only (modality "image" or "text", their weights
+renormalised), and example g >= U * batch_size is element g - U * batch_size of the mix
+of all sources: the unimodal phase's batches hold no paired example its losses would not
+use. (The joint mix starts each source at the beginning of its shuffled order again.)
+
 Process p of n reads indices s*B + p*b + j (b = B // n, j < b) by random access, so the
 same global batch comes out for any number of processes, and resuming at step k needs only
 k (the data position of a checkpoint is the step).
@@ -20,6 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mmjax import errors
 from mmjax.data import sources as sources_lib
 from mmjax.data import transforms
 from mmjax.data.tokenizer import Tokenizer
@@ -33,6 +40,34 @@ def derive_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def unimodal_phase_steps(config: ml_collections.ConfigDict) -> int:
+  """Steps whose batches come from the unimodal sources only: the objective's
+  `loss.unimodal_steps` where it has one (FLAVA), else 0."""
+  return int(config.loss.unimodal_steps) if "unimodal_steps" in config.loss else 0
+
+
+def _mix(datasets: list[grain.MapDataset], weights: list[float]) -> grain.MapDataset:
+  return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+
+
+class _Phased(grain.MapDataset):
+  """Element g is `first[g]` for g < `boundary`, then `second[g - boundary]` (infinite)."""
+
+  def __init__(self, first: grain.MapDataset, second: grain.MapDataset, boundary: int):
+    super().__init__([first, second])
+    self._first, self._second, self._boundary = first, second, boundary
+
+  def __len__(self) -> int:
+    return len(self._second)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index < self._boundary:
+      return self._first[index]
+    return self._second[index - self._boundary]
+
+
 def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
                          train_sources: sources_lib.TrainSources | None = None
                          ) -> grain.MapDataset:
@@ -43,9 +78,18 @@ def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer
     # Shuffle derives seed + epoch per epoch, so repeat() yields a fresh order each epoch.
     per_source.append(grain.MapDataset.source(src).shuffle(seed=derive_seed(config.seed, 1, i))
                       .repeat())
-  ds = per_source[0] if len(per_source) == 1 else grain.MapDataset.mix(per_source, ts.weights)
+  ds = _mix(per_source, ts.weights)
   kinds = [config.data.sources[k].kind for k in ts.keys]
   modalities = transforms.source_modalities(config, ts.keys)
+  unimodal_steps = unimodal_phase_steps(config)
+  if unimodal_steps > 0:
+    unimodal = [i for i, m in enumerate(modalities) if m != "paired"]
+    if not unimodal:
+      raise errors.UsageError(
+          f"config loss.unimodal_steps={unimodal_steps}: the unimodal phase needs a source "
+          "with modality 'image' or 'text' in data.sources (or set loss.unimodal_steps=0)")
+    first = _mix([per_source[i] for i in unimodal], [ts.weights[i] for i in unimodal])
+    ds = _Phased(first, ds, unimodal_steps * int(config.batch_size))
   return ds.random_map(transforms.TrainTransform(config, tokenizer, kinds, modalities),
                        seed=derive_seed(config.seed, 2))
 

@@ -1,12 +1,22 @@
 """`shapes`: a deterministic synthetic image-text-label dataset, built locally in seconds.
 
-Two TFDS configs (array_record, built without TensorFlow):
+TFDS configs (array_record, built without TensorFlow):
 
 * ``shapes/labels``: one coloured shape per 64x64 RGB image; ``label`` is a ClassLabel over
   the 64 names ``"<colour> <shape>"`` (8 colours x 8 shapes).
 * ``shapes/captions``: one or two shapes per image; ``captions`` holds exactly 3 paraphrases
   whose sizes (small / large) and relation (above / below / left of / right of) are true of
-  the picture.
+  the picture. Every colour-shape combination occurs in them.
+* ``shapes/labels_seen`` and ``shapes/labels_unseen``: the label images of a zero-shot split
+  of the 64 classes. 16 classes are held out (`UNSEEN_CLASS_NAMES`): colour i with shapes i
+  and i + 3 (mod 8), two diagonals of the 8 x 8 colour-shape grid, so each colour and each
+  shape is held out exactly twice and still occurs in 6 of the 48 seen classes.
+  ``labels_seen`` (train 4000, validation 500) has a ClassLabel over the 48 seen names and
+  only their images; ``labels_unseen`` (validation 1000) one over the 16 held-out names and
+  only theirs. A model trained on ``labels_seen`` (plus captions, which may show and name
+  any combination) never has a held-out class as a label or a prompt; classifying
+  ``labels_unseen`` by prompts then measures zero-shot transfer, and ``labels_seen``
+  validation the closed-set accuracy on the training classes.
 
 Every example is a pure function of ``(config, split, index)`` through
 ``np.random.default_rng((_SEED, config_index, split_index, index))``, so builds are
@@ -44,6 +54,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross",
                            "hexagon", "ring")
 CLASS_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
+# Held out of labels_seen (see the module docstring): colour i with shape (i + offset) % 8.
+UNSEEN_SHAPE_OFFSETS = (0, 3)
+UNSEEN_CLASS_NAMES: tuple[str, ...] = tuple(
+    f"{c} {SHAPES[(i + k) % len(SHAPES)]}" for i, c in enumerate(COLOURS)
+    for k in UNSEEN_SHAPE_OFFSETS)
+SEEN_CLASS_NAMES: tuple[str, ...] = tuple(n for n in CLASS_NAMES if n not in UNSEEN_CLASS_NAMES)
 RELATIONS: dict[str, str] = {"above": "below", "below": "above",
                              "left of": "right of", "right of": "left of"}
 # Radii (half the bounding box) for the caption sizes: disjoint ranges so "small" and
@@ -56,12 +72,16 @@ _SPLITS = {"train": 0, "validation": 1}
 
 
 class ShapesConfig(tfds.core.BuilderConfig):
-  """A shapes variant; `num_examples` maps split name to size."""
+  """A shapes variant; `num_examples` maps split name to size; `index` keys its random
+  streams; a label variant draws its classes uniformly from `class_names` (None: the
+  original 64-class draw of ``labels``, kept bit-identical)."""
 
-  def __init__(self, *, num_examples: dict[str, int], index: int, **kwargs):
+  def __init__(self, *, num_examples: dict[str, int], index: int,
+               class_names: tuple[str, ...] | None = None, **kwargs):
     super().__init__(**kwargs)
     self.num_examples = num_examples
     self.index = index
+    self.class_names = class_names
 
 
 def _background(rng: np.random.Generator) -> np.ndarray:
@@ -126,14 +146,20 @@ def _pick(rng: np.random.Generator) -> tuple[str, str]:
   return list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
 
 
-def label_example(rng: np.random.Generator) -> tuple[bytes, int]:
-  """One shape of random size and position. Returns (PNG bytes, class index)."""
-  colour, shape = _pick(rng)
+def label_example(rng: np.random.Generator,
+                  class_names: tuple[str, ...] | None = None) -> tuple[bytes, int]:
+  """One shape of random size and position, of a class drawn uniformly from `class_names`
+  (None: any of the 64). Returns (PNG bytes, class index into `class_names` or
+  CLASS_NAMES)."""
+  if class_names is None:
+    colour, shape = _pick(rng)
+  else:
+    colour, shape = class_names[rng.integers(len(class_names))].split(" ")
   img = Image.fromarray(_background(rng))
   r = rng.uniform(*LABEL_RADIUS)
   cx, cy = rng.uniform(r + 1, IMAGE_SIZE - 1 - r, size=2)
   draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, COLOURS[colour])
-  return _png(img), CLASS_NAMES.index(f"{colour} {shape}")
+  return _png(img), (class_names or CLASS_NAMES).index(f"{colour} {shape}")
 
 
 def caption_example(rng: np.random.Generator) -> tuple[bytes, list[str]]:
@@ -179,6 +205,9 @@ def caption_example(rng: np.random.Generator) -> tuple[bytes, list[str]]:
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic coloured shapes with class labels or compositional captions."""
 
+  # A config's examples are a pure function of (config index, split, example index): adding
+  # a config leaves the others' data, and so their cached builds, unchanged (a golden test
+  # pins labels and captions). Change a config's data only with a new version.
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
@@ -186,6 +215,12 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                    num_examples={"train": 4000, "validation": 500}),
       ShapesConfig(name="captions", index=1, description="One or two shapes; 3 captions each.",
                    num_examples={"train": 4000, "validation": 500}),
+      ShapesConfig(name="labels_seen", index=2, class_names=SEEN_CLASS_NAMES,
+                   description="One shape; the 48 classes not held out for zero-shot.",
+                   num_examples={"train": 4000, "validation": 500}),
+      ShapesConfig(name="labels_unseen", index=3, class_names=UNSEEN_CLASS_NAMES,
+                   description="One shape; the 16 classes held out of labels_seen.",
+                   num_examples={"validation": 1000}),
   ]
 
   @tfds.core.utils.classproperty
@@ -197,8 +232,10 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     image = tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png")
-    if self.builder_config.name == "labels":
-      features = {"image": image, "label": tfds.features.ClassLabel(names=list(CLASS_NAMES))}
+    cfg = self.builder_config
+    if cfg.name.startswith("labels"):
+      names = list(cfg.class_names or CLASS_NAMES)
+      features = {"image": image, "label": tfds.features.ClassLabel(names=names)}
     else:
       features = {"image": image, "captions": tfds.features.Sequence(tfds.features.Text())}
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
@@ -212,8 +249,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     for i in range(cfg.num_examples[split]):
       rng = np.random.default_rng((_SEED, cfg.index, _SPLITS[split], i))
-      if cfg.name == "labels":
-        png, label = label_example(rng)
+      if cfg.name.startswith("labels"):
+        png, label = label_example(rng, cfg.class_names)
         yield i, {"image": png, "label": label}
       else:
         png, captions = caption_example(rng)

@@ -4,8 +4,9 @@ An evaluator is built once from its entry (loading its images and texts) and cal
 (embedder, params) -> {metric name: value}; metric names start with the type's prefix
 (`zeroshot/`, `retrieval/`, `caption/`, `linear_probe/`) or, when the entry's key is not
 the type's name, with the key, so one config can run several evaluators of one type
-(e.g. `evals.zeroshot` and `evals.zeroshot_unseen`; `mmjax.evaluators.base`). An entry with num_examples=0 is off
-(locked configs cannot drop keys: `--config.evals.captioning.num_examples=0`).
+(e.g. `evals.zeroshot` and `evals.seen_classes`; `mmjax.evaluators.base`). An entry with
+num_examples=0 is off (locked configs cannot drop keys:
+`--config.evals.captioning.num_examples=0`).
 """
 from typing import Any
 

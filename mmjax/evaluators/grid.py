@@ -1,5 +1,5 @@
 """A picture of what the model does: validation images with their generated captions and
-top-3 zero-shot classes, as a PNG under `<workdir>/eval/` and a TensorBoard image."""
+top-3 prompt classes, as a PNG under `<workdir>/eval/` and a TensorBoard image."""
 import os
 import textwrap
 from typing import Any
@@ -16,7 +16,8 @@ from mmjax.evaluators.zeroshot import ZeroShot
 
 def sample_grid(evaluators: list[Any], embedder: Embedder, params: Any) -> np.ndarray | None:
   """uint8 [H, W, 3]: the first `evals.captioning.num_samples` captioning images, upscaled,
-  each with its generated caption and (if a zero-shot evaluator runs) its top-3 classes.
+  each with its generated caption and (if a prompt-classification evaluator runs: the
+  first in key order, e.g. configs/shapes.py's seen_classes) its top-3 classes.
   None without a captioning evaluator. Runs on every process (collectives); reuses the
   captions and class embeddings of the last evaluation when there was one."""
   captioner = next((e for e in evaluators if isinstance(e, Captioning)), None)

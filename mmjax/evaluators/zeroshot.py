@@ -1,4 +1,9 @@
-"""Zero-shot classification: images against class-name prompts (templates averaged)."""
+"""Classification by class-name prompts (templates averaged), type "zeroshot".
+
+Zero-shot when the dataset's classes are not training labels (configs/shapes.py's
+`evals.zeroshot` on the held-out shapes classes); on training classes the same evaluator
+measures closed-set accuracy (`evals.seen_classes`). Candidates are the dataset's own
+classes."""
 from typing import Any
 
 import ml_collections

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from mmjax.objectives import coca, flava
+from mmjax.objectives import coca, flava, siglip
 
 Batch = dict[str, jax.Array]
 
@@ -33,6 +33,7 @@ class Objective(Protocol):
 OBJECTIVES = {
     "coca": coca.CocaObjective,  # contrastive (CLIP / UniCL targets) + captioning
     "flava": flava.FlavaObjective,  # MLM, MIM, MMM, ITM, contrastive
+    "siglip": siglip.SiglipObjective,  # sigmoid contrastive (SigLIP / label-aware) + captioning
 }
 
 

@@ -2,35 +2,47 @@
 loss of MLM, MIM, MMM (text, image), ITM and contrastive (`config.loss`, name "flava").
 
 Which loss applies to which example comes from the batch flags (int32 [B], see
-`mmjax.data.transforms`): `has_image`, `has_text`, `paired`.
+`mmjax.data.transforms`): `has_image`, `has_text`, `paired`; `loss_rows` computes it.
 
-  loss            examples                             averaged over
-  mlm_loss        has_text (text-only and paired)      selected (15%) tokens of those rows
+  loss            examples (rows)                      averaged over
+  mlm_loss        has_text & ~paired (text-only)       selected (15%) tokens of those rows
   mim_loss        has_image & ~paired (image-only)     masked (~40%) patches of those rows
   mmm_text_loss   paired & matched (ITM positive)      selected tokens of those rows
   mmm_image_loss  paired & matched                     masked patches of those rows
   itm_loss        paired                               those rows
   contrastive     paired                               those rows (both directions)
 
+As the paper and torchmultimodal's FLAVAPretrainingLoss (which computes MLM and MIM only
+when there is no multimodal output): the unimodal losses train on unimodal data, and a
+paired caption is masked-modelled through the multimodal encoder (MMM) only.
+`loss.mlm_on_paired=True` adds MLM on the paired captions (all has_text rows), and
+`loss.mim_on_paired=True` MIM on the paired images: options, off by default.
+
 Token- / patch-level losses are means over the tokens / patches of the rows they apply to
 (BERT / BEiT convention), so a row contributes in proportion to its masked positions.
-`loss.mim_on_paired=True` adds MIM on paired images too.
 
-Schedule: for `step < loss.unimodal_steps` only MLM and MIM enter the loss (the other
-four are still computed and logged, multiplied by 0); afterwards all six. The phase is a
-function of the train-state step, so a resumed run continues in the right phase.
+Schedule: the paper pretrains the unimodal encoders first (MIM / MLM on unimodal data),
+then trains every objective jointly. Here both phases are one run: for
+`step < loss.unimodal_steps` only MLM and MIM enter the loss (the other four are still
+computed and logged, multiplied by 0), and the data pipeline draws those steps' batches
+from the unimodal sources only (`mmjax.data.pipeline`); from step `unimodal_steps` on,
+all six losses on the whole mixture. The text and image encoders share no parameters, so
+the unimodal phase is the paper's two separate unimodal pretrainings run side by side. The
+phase is a function of the train-state step, so a resumed run continues in the right phase.
 
 Randomness (masks, negatives) is `jax.random.fold_in(jax.random.key(seed), step)`: a pure
 function of (config.seed, step), identical after a resume and on any mesh.
 
-MIM targets:
+MIM targets (a documented deviation from the paper, whose targets are the tokens of
+DALL-E's pretrained dVAE, a codebook of 8192 at 112 px, which cannot be downloaded here):
   * "pixels" (default): the masked patch's pixels, normalised per patch to zero mean / unit
     variance (MAE), regressed with mean squared error over the patch's p*p*3 values.
   * "codebook": `loss.codebook_path` is an .npz with `centroids` float [K, p*p*3] in the
     pixel space the model sees ([-1, 1], each patch flattened in (row, col, channel)
     order); a patch's target is the index of its nearest centroid (squared L2) and the head
     classifies it with cross-entropy. `fit_patch_codebook` makes one by k-means on
-    training images (a stand-in for the paper's dVAE tokens, which cannot be downloaded).
+    training images (a stand-in for the paper's dVAE tokens). A dVAE's tokens can be used
+    the same way once exported as such centroids; a learned encoder is not supported.
 
 Contrastive: the UniCL loss restricted to paired rows (`masked_contrastive_loss`): on an
 all-paired batch it equals `losses.unicl_loss_dense` (tested). It is dense (B x B logits),
@@ -218,6 +230,22 @@ def fit_patch_codebook(images: np.ndarray, patch_size: int, num_codes: int,
   return centroids.astype(np.float32)
 
 
+# --- which rows each loss reads --------------------------------------------------------------
+def loss_rows(batch: Batch, match: jax.Array, mlm_on_paired: bool = False,
+              mim_on_paired: bool = False) -> dict[str, jax.Array]:
+  """bool [B] per loss: the examples it applies to (see the module docstring's table).
+
+  Args: batch with int32 [B] flags has_image, has_text, paired; match bool [B] (ITM
+  positive: the caption kept, or a swap that still describes the image).
+  Returns dict mlm, mim, mmm (both MMM losses), itm, contrastive.
+  """
+  has_image, has_text = batch["has_image"] > 0, batch["has_text"] > 0
+  paired = batch["paired"] > 0
+  return dict(mlm=has_text & (True if mlm_on_paired else ~paired),
+              mim=has_image & (True if mim_on_paired else ~paired),
+              mmm=paired & match, itm=paired, contrastive=paired)
+
+
 # --- the objective -----------------------------------------------------------------------------
 class FlavaObjective:
   """FLAVA's joint loss; every method is a pure function of its inputs."""
@@ -277,24 +305,23 @@ class FlavaObjective:
     inputs = self.make_inputs(batch, step)
     out = self.model.apply({"params": params}, batch["image"], inputs["patch_mask"],
                            batch["text"], inputs["mm_text"], method="pretrain")
-    has_image, has_text = batch["has_image"] > 0, batch["has_text"] > 0
-    paired = batch["paired"] > 0
-    mim_rows = has_image & (~paired if not f.mim_on_paired else True)
-    mm_rows = paired & inputs["match"]
+    rows = loss_rows(batch, inputs["match"], f.mlm_on_paired, f.mim_on_paired)
+    paired = rows["itm"]
     sel, pmask = inputs["selected"], inputs["patch_mask"]
     targets_img = self.mim_targets(batch["image"])
     labels = batch["label"] if self.f.label_aware else jnp.full_like(
         batch["label"], -1)
 
     mlm, mlm_tokens = token_ce(out["mlm_logits"], inputs["targets_text"],
-                               sel & has_text[:, None])
-    mim = self.mim_loss(out["mim_pred"], targets_img, pmask & mim_rows[:, None])
+                               sel & rows["mlm"][:, None])
+    mim = self.mim_loss(out["mim_pred"], targets_img, pmask & rows["mim"][:, None])
     mmm_text, _ = token_ce(out["mmm_text_logits"], inputs["targets_text"],
-                           sel & mm_rows[:, None])
-    mmm_image = self.mim_loss(out["mmm_image_pred"], targets_img, pmask & mm_rows[:, None])
-    itm, _ = itm_bce(out["itm_logit"], inputs["match"], paired)
-    contrastive = masked_contrastive_loss(out["image_emb"], out["text_emb"], labels, paired,
-                                          out["logit_scale"])
+                           sel & rows["mmm"][:, None])
+    mmm_image = self.mim_loss(out["mmm_image_pred"], targets_img,
+                              pmask & rows["mmm"][:, None])
+    itm, _ = itm_bce(out["itm_logit"], inputs["match"], rows["itm"])
+    contrastive = masked_contrastive_loss(out["image_emb"], out["text_emb"], labels,
+                                          rows["contrastive"], out["logit_scale"])
 
     w = f.weights
     joint = step >= f.unimodal_steps
