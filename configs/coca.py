@@ -30,8 +30,11 @@ Mesh presets (append to the variant, e.g. `configs/coca.py:large,v5p_128`); mesh
            all-gathers 16-way (cheaper than 64-way) while the state still fits easily.
   h100x8   one 8 x H100 node: (1, 8, 1), FSDP over NVLink. Replicating giant's state 8
            ways (pure data parallelism) would spend ~27 GB of each 80 GB GPU on it.
-Each preset sets grad_accum_steps so that one micro-batch is 256 examples per device (exact
-gradient caching keeps all 65,536 negatives); tune it with --config.grad_accum_steps.
+Each preset sets grad_accum_steps and model.remat_policy from PRESET_MEMORY (examples per
+device in one micro-batch, remat policy), chosen by compiling the step for the target with
+`python -m mmjax.aot`; the measured rows, dated, are in benchmarks/RESULTS.md. Exact gradient
+caching keeps all 65,536 negatives whatever the micro-batch; tune it with
+--config.grad_accum_steps.
 
 Data: the paper's JFT-3B and ALIGN are not public. Half of each batch comes from the label
 set `imagenet2012` (texts from class-name templates) and half from the caption set
@@ -90,7 +93,20 @@ MESH_PRESETS = {
     "v5p_128": ((-1, 16, 1), 64),
     "h100x8": ((1, 8, 1), 8),
 }
-MICRO_BATCH_PER_DEVICE = 256
+# (variant, mesh preset) -> (examples per device in one micro-batch, remat policy), chosen
+# by compiling for the target with `python -m mmjax.aot` (figures: benchmarks/RESULTS.md);
+# grad_accum_steps = batch_size / (devices x micro-batch).
+PRESET_MEMORY = {
+    ("base", "v4_32"): (128, "dots_with_no_batch_dims"),
+    ("base", "v5p_128"): (256, "dots_with_no_batch_dims"),
+    ("base", "h100x8"): (256, "dots_with_no_batch_dims"),
+    ("large", "v4_32"): (64, "dots_with_no_batch_dims"),
+    ("large", "v5p_128"): (256, "dots_with_no_batch_dims"),
+    ("large", "h100x8"): (256, "dots_with_no_batch_dims"),
+    ("giant", "v4_32"): (64, "full"),
+    ("giant", "v5p_128"): (128, "dots_with_no_batch_dims"),
+    ("giant", "h100x8"): (256, "dots_with_no_batch_dims"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -188,7 +204,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.shape = shape
     if variant == "tiny":  # a smoke test on the real machine: 2 examples per device
       c.batch_size = max(c.batch_size, 2 * num_devices)
-    c.grad_accum_steps = max(1, c.batch_size // (num_devices * MICRO_BATCH_PER_DEVICE))
+    micro_batch, remat = PRESET_MEMORY.get((variant, modifiers[0]), (256, "none"))
+    c.grad_accum_steps = max(1, c.batch_size // (num_devices * micro_batch))
+    if variant != "tiny":
+      c.model.remat_policy = remat
   c.lock()
   return c
 

@@ -128,6 +128,9 @@ def full(c: ml_collections.ConfigDict) -> None:
   set_sizes(c.model, (768, 12, 3072, 12), (768, 12, 3072, 12), (768, 6, 3072, 12),
             embed_dim=768, patch_size=16)
   c.model.dtype = "bfloat16"
+  # 512 examples per device on a v4-32 (FLAVA has no gradient accumulation): without remat
+  # the step needs 276 GiB per chip; recomputing each layer it fits (benchmarks/RESULTS.md).
+  c.model.remat_policy = "full"
   c.loss.mim_min_block = 16
   # The paper pretrains the unimodal encoders before joint training but in separate runs,
   # with no length in this run's steps: our choice is 10% of the run. The phase's batches

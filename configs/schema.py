@@ -268,6 +268,9 @@ def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
 def mesh() -> ConfigDict:
   m = ConfigDict()
   m.shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  # Multislice TPU jobs: slices spanned by each axis (product = number of slices; -1 takes
+  # the rest): the data axis crosses the data-centre network, the others stay in a slice.
+  m.dcn_shape = (-1, 1, 1)
   # Logical axis (named in model code) -> mesh axes. "batch" also shards every input batch.
   m.rules = (
       ("batch", ("data", "fsdp")),

@@ -34,6 +34,11 @@ Options (environment variable in brackets; all have placeholder defaults):
   --queued                use `gcloud compute tpus queued-resources` (create waits
                           until ACTIVE; delete removes the queued resource)
   --qr-id ID              queued resource id        [QR_ID, default NAME-qr]
+  --num-slices N          multislice (needs --queued): N slices of the accelerator type
+                          joined over the data-centre network, named NAME-0 ... NAME-<N-1>;
+                          run/logs act on every slice (run needs --detach), ssh on
+                          --slice [NUM_SLICES, default 1]
+  --slice I               ssh: which slice of a multislice job [default 0]
   --config SPEC           config file[:arg]         [CONFIG, default configs/coca.py:base
                           with the accelerator's mesh preset if there is one:
                           v4-32 -> configs/coca.py:base,v4_32, v5p-128 -> ...,v5p_128]
@@ -58,6 +63,9 @@ Examples:
   launch/tpu_vm.sh --name my-v4 --workdir gs://my-bucket/coca run -- --config.total_steps=1000
   launch/tpu_vm.sh --name my-v4 logs --tail 50
   launch/tpu_vm.sh --name my-v4 delete
+  launch/tpu_vm.sh --name coca-2x --accelerator-type v5p-128 --queued --num-slices 2 create
+  launch/tpu_vm.sh --name coca-2x --accelerator-type v5p-128 --queued --num-slices 2 \
+      --workdir gs://my-bucket/coca --detach run
 EOF
 }
 
@@ -72,6 +80,8 @@ SPOT=0
 PREEMPTIBLE=0
 QUEUED=0
 QR_ID="${QR_ID:-}"
+NUM_SLICES="${NUM_SLICES:-1}"
+SLICE=0
 CONFIG="${CONFIG:-}"
 WORKDIR="${WORKDIR:-}"
 REPO_URL="${REPO_URL:-https://github.com/YOUR_ORG/mmjax.git}"
@@ -101,6 +111,8 @@ while [[ $# -gt 0 ]]; do
     --preemptible) PREEMPTIBLE=1; shift ;;
     --queued) QUEUED=1; shift ;;
     --qr-id) need "$@"; QR_ID="$2"; shift 2 ;;
+    --num-slices|--num_slices) need "$@"; NUM_SLICES="$2"; shift 2 ;;
+    --slice) need "$@"; SLICE="$2"; shift 2 ;;
     --config) need "$@"; CONFIG="$2"; shift 2 ;;
     --workdir) need "$@"; WORKDIR="$2"; shift 2 ;;
     --repo) need "$@"; REPO_URL="$2"; shift 2 ;;
@@ -124,6 +136,19 @@ done
 
 [[ "$SPOT" == 1 && "$PREEMPTIBLE" == 1 ]] && die "--spot and --preemptible are exclusive"
 [[ -z "$TAIL" || "$TAIL" =~ ^[0-9]+$ ]] || die "--tail needs a number"
+[[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices needs a positive number"
+[[ "$SLICE" =~ ^[0-9]+$ && "$SLICE" -lt "$NUM_SLICES" ]] || die "--slice must be below --num-slices"
+if [[ "$NUM_SLICES" -gt 1 ]]; then
+  [[ "$QUEUED" == 1 ]] || die "--num-slices needs --queued (multislice is a queued resource)"
+  [[ "$COMMAND" != run || "$DETACH" == 1 ]] || die "a multislice run needs --detach" \
+    "(every slice must start; an attached run would wait on the first)"
+fi
+# The TPU VM of each slice: NAME itself, or NAME-0 ... NAME-<N-1> (queued --node-prefix).
+NODES=("$TPU_NAME")
+if [[ "$NUM_SLICES" -gt 1 ]]; then
+  NODES=()
+  for ((i = 0; i < NUM_SLICES; i++)); do NODES+=("${TPU_NAME}-$i"); done
+fi
 QR_ID="${QR_ID:-${TPU_NAME}-qr}"
 if [[ -z "$CONFIG" ]]; then
   case "$ACCELERATOR_TYPE" in
@@ -166,8 +191,13 @@ GC=(--zone "$ZONE")
 
 cmd_create() {
   if [[ "$QUEUED" == 1 ]]; then
-    local cmd=(gcloud compute tpus queued-resources create "$QR_ID" --node-id "$TPU_NAME"
-               "${GC[@]}" --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$TPU_VERSION")
+    local cmd=(gcloud compute tpus queued-resources create "$QR_ID")
+    if [[ "$NUM_SLICES" -gt 1 ]]; then
+      cmd+=(--node-count "$NUM_SLICES" --node-prefix "$TPU_NAME")
+    else
+      cmd+=(--node-id "$TPU_NAME")
+    fi
+    cmd+=("${GC[@]}" --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$TPU_VERSION")
     [[ "$SPOT" == 1 ]] && cmd+=(--spot)
     [[ "$PREEMPTIBLE" == 1 ]] && cmd+=(--best-effort)
     run "${cmd[@]}"
@@ -198,7 +228,7 @@ cmd_create() {
 }
 
 cmd_ssh() {
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker="$WORKER" \
+  run gcloud compute tpus tpu-vm ssh "${NODES[$SLICE]}" "${GC[@]}" --worker="$WORKER" \
     ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
 }
 
@@ -240,22 +270,31 @@ remote_script() {
 }
 
 cmd_run() {
+  local node tarball="${TMPDIR:-/tmp}/mmjax-src-${TPU_NAME}.tar.gz"
   if [[ "$INSTALL" == 1 && "$COPY_LOCAL" == 1 ]]; then
-    local tarball="${TMPDIR:-/tmp}/mmjax-src-${TPU_NAME}.tar.gz"
     run git -C "$(dirname "${BASH_SOURCE[0]}")/.." archive --format=tar.gz -o "$tarball" HEAD
-    run gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME:mmjax-src.tar.gz" "${GC[@]}" --worker=all
   fi
-  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker=all --command "$(remote_script)"
+  # Multislice: every slice runs the same command; JAX joins them (MEGASCALE_* set by the
+  # queued resource) and mmjax puts the data axis over the slices (mesh.dcn_shape).
+  for node in "${NODES[@]}"; do
+    if [[ "$INSTALL" == 1 && "$COPY_LOCAL" == 1 ]]; then
+      run gcloud compute tpus tpu-vm scp "$tarball" "$node:mmjax-src.tar.gz" "${GC[@]}" --worker=all
+    fi
+    run gcloud compute tpus tpu-vm ssh "$node" "${GC[@]}" --worker=all --command "$(remote_script)"
+  done
 }
 
 cmd_logs() {
-  if [[ -n "$TAIL" ]]; then
-    run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GC[@]}" --worker=all \
-      --command "tail -n $TAIL \$HOME/mmjax-logs/*.log"
-  else
-    run mkdir -p "$LOG_DIR"
-    run gcloud compute tpus tpu-vm scp --recurse "$TPU_NAME:mmjax-logs" "$LOG_DIR" "${GC[@]}" --worker=all
-  fi
+  local node
+  for node in "${NODES[@]}"; do
+    if [[ -n "$TAIL" ]]; then
+      run gcloud compute tpus tpu-vm ssh "$node" "${GC[@]}" --worker=all \
+        --command "tail -n $TAIL \$HOME/mmjax-logs/*.log"
+    else
+      run mkdir -p "$LOG_DIR"
+      run gcloud compute tpus tpu-vm scp --recurse "$node:mmjax-logs" "$LOG_DIR" "${GC[@]}" --worker=all
+    fi
+  done
 }
 
 cmd_delete() {

@@ -4,7 +4,8 @@ objective, abstract and sharded state, shardings and the batch layout.
   rt = runtime.build(config)                        # train: the whole train state
   with rt.activate():
     state = rt.init_state()                         # or a checkpoint restored onto
-    step = rt.jit_train_step()                      #   rt.abstract_state / rt.shardings
+    step = rt.lower_train_step().compile()          #   rt.abstract_state / rt.shardings
+  rt = runtime.build(config, topology_devices)      # aot: abstract devices of a target
   rt = runtime.build(config, params_only=True)      # evaluate / convert: parameters only
 
 `mmjax.train`, `mmjax.evaluate`, `mmjax.aot`, `mmjax.convert.openclip`, the benchmarks and
@@ -87,6 +88,13 @@ class Runtime:
                                    len(sources.active_source_keys(self.config)),
                                    self.shardings, self.batch_sharding,
                                    sharding.replicated(self.mesh))
+
+  def lower_train_step(self) -> jax.stages.Lowered:
+    """`jit_train_step` lowered against `abstract_state` and `abstract_batch()`: what
+    `mmjax.train` compiles and runs, and what `mmjax.aot` compiles for a target's abstract
+    devices (same function, shardings, donation and micro-batching)."""
+    with self.activate():
+      return self.jit_train_step().lower(self.abstract_state, self.abstract_batch())
 
 
 def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None, *,

@@ -10,7 +10,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mmjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = "batch"  # the logical axis of every batch dimension
@@ -36,13 +39,54 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
-  """Mesh with Auto axes (Explicit axes break Flax's logical partitioning)."""
+  """Mesh with Auto axes (Explicit axes break Flax's logical partitioning).
+
+  `config.mesh.shape` is the global mesh. On a multislice TPU job (devices carry distinct
+  `slice_index`) `config.mesh.dcn_shape` says how many slices each axis spans (default
+  (-1, 1, 1): data parallelism over the data-centre network, everything else inside a
+  slice), and the mesh is `create_hybrid_device_mesh`'s. A strict subset of this process's
+  devices (tests, one-GPU benchmarks) is used in the given order; anything else, e.g. the
+  abstract devices of an ahead-of-time target (mmjax.aot), gets the topology-aware order.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(config.mesh.shape, len(devices))
-  if len(devices) == jax.device_count():
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  dcn = resolve_dcn_shape(config.mesh.dcn_shape, shape,
+                          len({getattr(d, "slice_index", 0) for d in devices}))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if math.prod(dcn) > 1:
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES,
+                axis_types=auto)
+  local = jax.devices()
+  if len(devices) < len(local) and set(devices) <= set(local):
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def resolve_dcn_shape(dcn_shape: Sequence[int], shape: Sequence[int],
+                      num_slices: int) -> tuple[int, ...]:
+  """`config.mesh.dcn_shape` for `num_slices` slices: one -1 takes the remaining slices;
+  each entry must divide the global mesh.shape entry (the rest of the axis is in-slice).
+  ConfigError (one line naming the key): the slices are known only with the devices, so
+  this is checked when the mesh is made, not by `cli.validate`."""
+  dcn = tuple(int(d) for d in dcn_shape)
+  if len(dcn) != len(MESH_AXES) or dcn.count(-1) > 1 or any(d == 0 or d < -1 for d in dcn):
+    raise ConfigError(f"config mesh.dcn_shape={dcn}: {len(MESH_AXES)} entries {MESH_AXES}, "
+                      "positive sizes and at most one -1")
+  known = math.prod(d for d in dcn if d != -1)
+  if -1 in dcn:
+    if num_slices % known:
+      raise ConfigError(f"config mesh.dcn_shape={dcn}: {num_slices} slices are not divisible "
+                        f"by {known}")
+    dcn = tuple(num_slices // known if d == -1 else d for d in dcn)
+  if math.prod(dcn) != num_slices:
+    raise ConfigError(f"config mesh.dcn_shape={dcn} spans {math.prod(dcn)} slices but the "
+                      f"devices form {num_slices}")
+  for axis, s, d in zip(MESH_AXES, shape, dcn):
+    if s % d:
+      raise ConfigError(f"config mesh.dcn_shape={dcn}: the {axis} axis has {s} devices, not "
+                        f"divisible over {d} slices (mesh.shape resolves to {tuple(shape)})")
+  return dcn
 
 
 def batch_axes(rules: Sequence) -> tuple[str, ...]:

@@ -32,7 +32,8 @@ import numpy as np
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary, writers
+from mmjax import aot, checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary
+from mmjax import writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -169,7 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         state = rt.init_state()
       writer = writers.MetricWriter(workdir, enabled=process0)
-      train_step = rt.jit_train_step()
+      # Compiled before the loop, from the abstract state and batch exactly as mmjax.aot
+      # compiles it for a target: its memory is printed before the first step.
+      train_step = rt.lower_train_step().compile()
+      if process0:
+        print(aot.memory_line(train_step, jax.local_devices()[0]), flush=True)
       evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
                else [])
       embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
@@ -181,10 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                config.data.prefetch_batches)
       if jax.process_count() > 1:
         # Gloo gives peers only 30 s to meet at their first collective, so a process that
-        # compiles slower (loaded host, cold cache) would fail the job. Compile ahead of
-        # time, then meet at a coordination-service barrier whose timeout is ours.
+        # compiles or starts its input slower (loaded host, cold cache) would fail the job:
+        # with the step compiled and the first batch on the devices, all meet at a
+        # coordination-service barrier whose timeout is ours.
         first = next(batches)
-        train_step = train_step.lower(state, first).compile()
         _barrier("mmjax_train_start", START_BARRIER_TIMEOUT_S)
         batches = itertools.chain([first], batches)
 

@@ -3,6 +3,9 @@ persistent XLA cache (CPU compiles dominate test time), and the shapes data buil
 import os
 import tempfile
 
+# The `test` extra installs libtpu for the ahead-of-time tests (mmjax.aot): keep JAX from
+# initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import pytest
 

@@ -31,8 +31,10 @@ def test_variants_and_meshes_load_lock_and_validate(variant, mesh):
     config.model.vision.new_key = 1
   num_devices = 1 if mesh is None else coca.MESH_PRESETS[mesh][1]
   cli.validate(config, num_devices=num_devices)
-  if mesh is not None and variant != "tiny":  # one micro-batch = 256 examples per device
-    assert config.batch_size // (config.grad_accum_steps * num_devices) == 256
+  if mesh is not None and variant != "tiny":  # the measured micro-batch and remat policy
+    micro_batch, remat = coca.PRESET_MEMORY[variant, mesh]
+    assert config.batch_size // (config.grad_accum_steps * num_devices) == micro_batch
+    assert config.model.remat_policy == remat
   # Same key structure as configs/shapes.py outside `evals` (each config lists its own
   # evaluators; commands iterate over them), so every command reads either file.
   outside_evals = lambda keys: {k for k in keys if not k.startswith("evals.")}

@@ -20,8 +20,8 @@ LAUNCH = ROOT / "launch"
 SCRIPTS = ["tpu_vm.sh", "gpu.sh", "slurm.sbatch", "local_multiprocess.sh"]
 
 # Variables the scripts read as defaults; cleared so the user's shell can't leak in.
-_SCRIPT_ENV = ("TPU_NAME ZONE PROJECT ACCELERATOR_TYPE TPU_VERSION QR_ID CONFIG WORKDIR "
-               "REPO_URL REPO_REF PYTHON_VERSION WORKER LOG_DIR GPU MEM_FRACTION JAX_CUDA "
+_SCRIPT_ENV = ("TPU_NAME ZONE PROJECT ACCELERATOR_TYPE TPU_VERSION QR_ID NUM_SLICES CONFIG "
+               "WORKDIR REPO_URL REPO_REF PYTHON_VERSION WORKER LOG_DIR GPU MEM_FRACTION JAX_CUDA "
                "PYTHON NUM_PROCESSES DEVICES_PER_PROCESS PORT MODULE XLA_FLAGS "
                "SLURM_JOB_ID SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE").split()
 
@@ -138,6 +138,32 @@ def test_tpu_queued_resources():
   assert "--best-effort" in out
   out = dry("tpu_vm.sh", "--queued", "--name", "n1", "delete")
   assert "gcloud compute tpus queued-resources delete n1-qr --zone us-central2-b --force" in out
+
+
+def test_tpu_multislice_creates_and_runs_every_slice():
+  out = dry("tpu_vm.sh", "--queued", "--num-slices", "2", "--name", "n1",
+            "--accelerator-type", "v5p-128", "create")
+  assert ("gcloud compute tpus queued-resources create n1-qr --node-count 2 --node-prefix n1 "
+          "--zone us-central2-b --accelerator-type v5p-128") in out
+  out = dry("tpu_vm.sh", "--queued", "--num-slices", "2", "--name", "n1",
+            "--accelerator-type", "v5p-128", "--detach", "run")
+  assert "tpu-vm ssh n1-0 " in out and "tpu-vm ssh n1-1 " in out
+  assert out.count("--config configs/coca.py:base,v5p_128") == 2
+  out = dry("tpu_vm.sh", "--queued", "--num-slices", "2", "--name", "n1", "--tail", "5", "logs")
+  assert "ssh n1-0 " in out and "ssh n1-1 " in out
+  out = dry("tpu_vm.sh", "--queued", "--num-slices", "2", "--name", "n1", "--slice", "1", "ssh")
+  assert "ssh n1-1 " in out and "n1-0" not in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--num-slices", "2", "create"), "needs --queued"),
+    (("--queued", "--num-slices", "2", "run"), "needs --detach"),
+    (("--queued", "--num-slices", "0", "create"), "positive number"),
+    (("--queued", "--num-slices", "2", "--slice", "2", "ssh"), "below --num-slices"),
+])
+def test_tpu_multislice_errors(args, message):
+  proc = run_script("tpu_vm.sh", "--dry-run", *args)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_tpu_other_commands():

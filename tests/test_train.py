@@ -43,6 +43,7 @@ def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   out = run("mmjax.train", workdir, data_dir).stdout
   assert "step 10/10" in out and "ETA" in out
+  assert "Train step memory per device:" in out and "capacity unknown on cpu" in out
   logged = metrics(workdir)
   train = [m for m in logged if "loss" in m]
   assert [m["step"] for m in train] == [5, 10]
