@@ -77,6 +77,7 @@ def mmjax_runner(config, host_batch: dict[str, np.ndarray] | None = None):
       raise FloatingPointError(f"non-finite loss {loss}")
     return loss
 
+  run.compiled = compiled  # for callers that inspect the program (benchmarks/scan_overhead.py)
   return run, compile_s
 
 

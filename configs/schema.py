@@ -15,6 +15,7 @@ Sections:
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
+  profile      a jax.profiler trace of a window of train steps
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
 """
@@ -50,6 +51,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.optimizer = optimizer()
   c.mesh = mesh()
   c.checkpoint = checkpoint()
+  c.profile = profile()
   c.evals = ConfigDict()
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
@@ -152,7 +154,10 @@ def _common_model(name: str) -> ConfigDict:
   m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
   m.param_dtype = "float32"
   m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
-  m.remat_policy = "none"  # none | full | dots_with_no_batch_dims | dots | nothing_saveable
+  # What each layer keeps for the backward pass: "none" (everything), or a policy in
+  # mmjax.models.layers.REMAT_POLICIES (full, dots, dots_with_no_batch_dims, save_qkv_proj,
+  # save_attention_recompute_mlp, offload_*; the guide's memory knobs compare them).
+  m.remat_policy = "none"
   return m
 
 
@@ -209,6 +214,10 @@ def coca_loss() -> ConfigDict:
   l.label_aware = True  # UniCL targets from labels; False = CLIP (every pair its own class)
   l.caption_loss_on_labels = True  # CoCa applies captioning to label prompts too
   l.sharded = True  # memory-linear ring over the batch axes of the mesh (False: dense B x B)
+  # Token positions per chunk of the captioning head fused with its cross-entropy
+  # (losses.fused_caption_loss): at most [micro-batch, chunk, vocab] logits exist.
+  # 0 = plain logits.
+  l.caption_chunk_size = 0
   return l
 
 
@@ -254,7 +263,7 @@ def siglip_loss() -> ConfigDict:
 OBJECTIVE_SECTIONS = {"coca": coca_loss, "siglip": siglip_loss, "flava": flava_loss}
 
 
-# --- optimisation, mesh, checkpoints ------------------------------------------------------
+# --- optimisation, mesh, checkpoints, profiling ---------------------------------------------
 def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
               weight_decay: float = 0.01) -> ConfigDict:
   o = ConfigDict()
@@ -299,7 +308,20 @@ def checkpoint() -> ConfigDict:
   return k
 
 
+def profile() -> ConfigDict:
+  """A jax.profiler trace of train steps start_step .. start_step + num_steps - 1 under
+  <workdir>/profile (mmjax.profiling; TensorBoard's Profile tab opens it)."""
+  p = ConfigDict()
+  p.start_step = 10  # past the first step's compilation
+  p.num_steps = 0  # 0 = off
+  return p
+
+
 # --- evaluators (`evals.<name>`) ----------------------------------------------------------
+# `every_steps` of an evaluator: when the trainer runs it. EVERY_EVAL (0) = at every
+# `eval_every_steps`; FINAL_ONLY (-1) = only at the last step; N > 0 = every N steps. The
+# trainer always evaluates at the last step; `mmjax.evaluate` runs every evaluator.
+EVERY_EVAL, FINAL_ONLY = 0, -1
 def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validation",
                   num_examples: int = 512) -> ConfigDict:
   """Classification by class-name prompts (data.label_templates, averaged) among the
@@ -309,6 +331,7 @@ def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validatio
   return ConfigDict(dict(
       type="zeroshot", dataset=dataset, split=split, image_key="image", label_key="label",
       num_examples=num_examples,  # 0 = off
+      every_steps=EVERY_EVAL,
       prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
       class_names="",  # as data.sources.*.class_names
       templates=""))  # "" = the training templates; else as data.label_template_set
@@ -318,7 +341,8 @@ def retrieval_eval(dataset: str = "shapes/captions", split: str = "validation",
                    num_examples: int = 512) -> ConfigDict:
   """Image -> text and text -> image recall@{1,5,10}."""
   return ConfigDict(dict(type="retrieval", dataset=dataset, split=split, image_key="image",
-                         text_key="captions", num_examples=num_examples))
+                         text_key="captions", num_examples=num_examples,
+                         every_steps=EVERY_EVAL))
 
 
 def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
@@ -326,7 +350,7 @@ def captioning_eval(dataset: str = "shapes/captions", split: str = "validation",
   """Generated captions (K/V-cached decoding) scored with CIDEr and BLEU-4."""
   return ConfigDict(dict(
       type="captioning", dataset=dataset, split=split, image_key="image",
-      text_key="captions", num_examples=num_examples,
+      text_key="captions", num_examples=num_examples, every_steps=EVERY_EVAL,
       strategy="greedy",  # greedy | beam | sample
       beam_size=4, length_penalty=1.0,  # beam: sum log p / length**length_penalty
       max_new_tokens=23,  # configs tie it to data.max_text_len - 1
@@ -342,6 +366,6 @@ def linear_probe_eval(dataset: str = "shapes/labels", split: str = "validation",
   return ConfigDict(dict(
       type="linear_probe", dataset=dataset, train_split="train", split=split,
       image_key="image", label_key="label", class_names="",  # as data.sources.*.class_names
-      num_train=num_train, num_examples=num_examples,
+      num_train=num_train, num_examples=num_examples, every_steps=EVERY_EVAL,
       classifier="logistic",  # logistic | ridge
       l2_grid=(1e-5, 1e-4, 1e-3, 1e-2), holdout_fraction=0.2))

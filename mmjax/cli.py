@@ -127,6 +127,9 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
   ]
   checks += [(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
              for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps")]
+  checks += [(config.profile[key] >= 0,
+              f"config profile.{key}={config.profile[key]} must be >= 0")
+             for key in ("start_step", "num_steps")]
   return [message for ok, message in checks if not ok]
 
 
@@ -204,6 +207,9 @@ def _check_evaluator(key: str, e: ml_collections.ConfigDict) -> list[str]:
   problems = []
   if e.num_examples < 0:
     problems.append(f"config evals.{key}.num_examples={e.num_examples} must be >= 0 (0 = off)")
+  if e.every_steps < -1:
+    problems.append(f"config evals.{key}.every_steps={e.every_steps} must be -1 (only at the "
+                    "last step), 0 (at every eval_every_steps) or a positive step interval")
   if e.type in choices:
     field, allowed = choices[e.type]
     if e[field] not in allowed:

@@ -32,7 +32,7 @@ import numpy as np
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import checkpoint, cli, errors, evaluators, locks, runtime, summary, writers
+from mmjax import checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -122,6 +122,15 @@ def is_due(step: int, every: int, total: int) -> bool:
   return step == total or (every > 0 and step % every == 0)
 
 
+def evaluation_interval(entry: ml_collections.ConfigDict,
+                        config: ml_collections.ConfigDict) -> int:
+  """Steps between two runs of one evaluator (`evals.<key>.every_steps`, configs/schema.py);
+  0 = only at the last step."""
+  if entry.every_steps == 0:
+    return config.eval_every_steps
+  return max(entry.every_steps, 0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
@@ -140,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = Preemption()
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
-  writer, train_iterator = None, None
+  writer, train_iterator, profiler = None, None, None
 
   try:
     with rt.activate():
@@ -194,8 +203,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
                                        timer))
 
+      profiler = profiling.StepProfiler(config, workdir)
       for step in range(start_step, config.total_steps):
-        state, metrics = train_step(state, next(batches))
+        state, metrics = profiler.run(step, train_step, state, next(batches))
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
@@ -211,10 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
                   "command to resume", flush=True)
           raise SystemExit(PREEMPTED_EXIT_CODE)
-        if evals and is_due(done, config.eval_every_steps, config.total_steps):
+        due = [e for e in evals if is_due(done, evaluation_interval(e.entry, config),
+                                          config.total_steps)]
+        if due:
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, timer = flush(pending, last, timer)
-          results = evaluators.run_evaluators(evals, embedder, state.params)
+          results = evaluators.run_evaluators(due, embedder, state.params)
           writer.write(done, results)
           picture = grid.sample_grid(evals, embedder, state.params)
           if picture is not None:
@@ -225,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending, last, timer = flush(pending, last, timer)
   finally:
     # Also on errors: commit the saves in flight, so the last good checkpoint survives.
+    if profiler is not None:
+      profiler.stop()
     if train_iterator is not None:
       train_iterator.close()
     checkpointer.close()

@@ -11,7 +11,7 @@ from conftest import REPO
 # Layers, lowest first; a module may import its own layer and the ones below.
 LAYERS = (
     ("foundation", ("mmjax.errors", "mmjax.vocabulary", "mmjax.locks", "mmjax.sharding",
-                    "mmjax.writers", "mmjax.checkpoint")),
+                    "mmjax.writers", "mmjax.checkpoint", "mmjax.profiling")),
     ("data and models", ("mmjax.tokenizers", "mmjax.data", "mmjax.models", "mmjax.decode")),
     ("objectives", ("mmjax.losses", "mmjax.objectives", "mmjax.optimizer", "mmjax.state")),
     ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary")),

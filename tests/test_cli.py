@@ -58,6 +58,11 @@ def test_batch_not_divisible_fails_before_compiling():
     ({"nonfinite_policy": "ignore"}, 1, r"nonfinite_policy='ignore'"),
     ({"checkpoint.max_to_keep": 0}, 1, r"checkpoint.max_to_keep=0"),
     ({"total_steps": 0}, 1, r"total_steps=0"),
+    ({"model.remat_policy": "dots_saveable"}, 1,
+     r"^config model.remat_policy='dots_saveable': choose one of \['none', 'full', .*"
+     r"'save_attention_recompute_mlp'"),
+    ({"loss.caption_chunk_size": -1}, 1, r"loss.caption_chunk_size=-1"),
+    ({"profile.num_steps": -2}, 1, r"profile.num_steps=-2"),
 ])
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):
@@ -75,6 +80,11 @@ def test_every_problem_is_reported_one_line_each():
 
 def test_a_source_with_weight_zero_is_off():
   cli.validate(helpers.tiny_config(**{"data.sources.labels.weight": 0.0}), num_devices=1)
+
+
+def test_evaluator_schedule_below_minus_one_is_refused():
+  with pytest.raises(cli.ConfigError, match=r"evals.retrieval.every_steps=-2 must be -1"):
+    cli.validate(helpers.tiny_config(**{"evals.retrieval.every_steps": -2}), num_devices=1)
 
 
 def test_valid_configs_pass():

@@ -6,6 +6,7 @@ Pillow mode, plus truncated, empty and non-image files. The only test-side chang
 preview, the seconds-long model (`configs/shapes.py` becomes `...:coca_unicl_prefix,tiny`,
 the shared XLA cache). Then the trained-on pixels are checked against the expected RGB.
 """
+import ast
 import json
 import os
 import re
@@ -74,6 +75,14 @@ def write_user_files(home: str) -> dict[str, np.ndarray]:
   return expected
 
 
+def literal(text: str):
+  """A command-line value as the flag parser reads it: a Python literal, else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def config_from(args_file: str, home: str):
   """The config the shim's mmjax command ran with (its --config.* overrides applied)."""
   with open(args_file) as f:
@@ -83,7 +92,7 @@ def config_from(args_file: str, home: str):
   for a in args:
     if a.startswith("--config.") and "compilation_cache" not in a:
       key, value = a[len("--config."):].split("=", 1)
-      overrides[key] = value.replace("~", home)
+      overrides[key] = literal(value.replace("~", home))
   return helpers.override(helpers.shapes.get_config(spec.split(":", 1)[1]), **overrides)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import helpers
 from helpers import FLAVA_TINY, metrics, run
-from mmjax import summary
+from mmjax import summary, train
 
 
 def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
@@ -125,3 +125,35 @@ def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
   for key, value in evaluated.items():
     if key != "step":
       assert value == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):
+  """--config.profile.* writes a jax.profiler trace (the files TensorBoard's profile plugin
+  reads) whose step markers are exactly the requested steps."""
+  from jax.profiler import ProfileData
+  workdir = str(tmp_path / "run")
+  run("mmjax.train", workdir, data_dir, "--config.total_steps=5", "--config.eval_every_steps=0",
+      "--config.profile.start_step=2", "--config.profile.num_steps=2")
+  runs = os.listdir(os.path.join(workdir, "profile", "plugins", "profile"))
+  assert len(runs) == 1
+  files = os.listdir(os.path.join(workdir, "profile", "plugins", "profile", runs[0]))
+  xplanes = [f for f in files if f.endswith(".xplane.pb")]
+  assert len(xplanes) == 1 and any(f.endswith(".trace.json.gz") for f in files), files
+  trace = ProfileData.from_file(
+      os.path.join(workdir, "profile", "plugins", "profile", runs[0], xplanes[0]))
+  steps = sorted(dict(event.stats)["step_num"] for plane in trace.planes
+                 for line in plane.lines for event in line.events if event.name == "train")
+  assert steps == [2, 3]
+
+
+def test_each_evaluator_runs_on_its_own_schedule():
+  """evals.<key>.every_steps: 0 follows eval_every_steps, -1 only the last step, N every N;
+  every evaluator runs at the last step."""
+  config = helpers.tiny_config(**{"eval_every_steps": 4, "total_steps": 10,
+                                  "evals.captioning.every_steps": 3,
+                                  "evals.retrieval.every_steps": 0})
+  assert config.evals.linear_probe.every_steps == -1  # the shapes configs' probe: final only
+  steps = {key: [s for s in range(1, 11)
+                 if train.is_due(s, train.evaluation_interval(config.evals[key], config), 10)]
+           for key in ("retrieval", "captioning", "linear_probe")}
+  assert steps == {"retrieval": [4, 8, 10], "captioning": [3, 6, 9, 10], "linear_probe": [10]}

@@ -204,10 +204,22 @@ class CoCa(nn.Module):
   def encode_text(self, text_ids: jax.Array, text_type: jax.Array) -> jax.Array:
     return self.encode_text_tokens(text_ids, text_type)[0]
 
+  def caption_features(self, features: jax.Array, caption_tokens: jax.Array) -> jax.Array:
+    """Unimodal features [B, P+T, D] + caption tokens [B, Q, D] -> the multimodal decoder's
+    final states [B, T, D] (compute dtype): the captioning head's input."""
+    return self.multimodal(features, caption_tokens)[:, self.config.prefix_length:]
+
   def caption_logits(self, features: jax.Array, caption_tokens: jax.Array) -> jax.Array:
     """Unimodal features [B, P+T, D] + caption tokens -> float32 logits [B, T, V]."""
-    h = self.multimodal(features, caption_tokens)[:, self.config.prefix_length:]
-    return self._lm_head(h)
+    return self._lm_head(self.caption_features(features, caption_tokens))
+
+  def caption_kernel(self) -> jax.Array:
+    """The captioning head's kernel [D, V] in the parameter dtype: the untied `lm_head`'s,
+    or the token embedding table transposed (tied). `_lm_head(h)` is `h @ kernel` computed
+    in the compute dtype; `losses.fused_caption_loss` takes the two factors."""
+    if self.config.tie_embeddings:
+      return self.token_embed.embedding.T
+    return self.lm_head.variables["params"]["dense"]["kernel"]
 
   def _lm_head(self, h: jax.Array) -> jax.Array:
     """Multimodal features [B, T, D] -> float32 logits [B, T, V]."""
@@ -238,12 +250,18 @@ class CoCa(nn.Module):
     return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
-               with_captions: bool = True) -> dict[str, jax.Array]:
+               with_captions: bool = True, fused_head: bool = False) -> dict[str, jax.Array]:
+    """-> image_emb, text_emb [B, E] float32, logit_scale, logit_bias, and with captions
+    either caption_logits float32 [B, T, V] or, with `fused_head` (for a loss that fuses the
+    head, `losses.fused_caption_loss`), caption_features [B, T, D] and caption_kernel [D, V]."""
     image_emb, caption_tokens = self.encode_image(images)
     text_emb, features = self.encode_text_tokens(text_ids, text_type)
     out = dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale(),
                logit_bias=self.logit_bias())
-    if with_captions:
+    if with_captions and fused_head:
+      out["caption_features"] = self.caption_features(features, caption_tokens)
+      out["caption_kernel"] = self.caption_kernel()
+    elif with_captions:
       out["caption_logits"] = self.caption_logits(features, caption_tokens)
     return out
 

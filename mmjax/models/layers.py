@@ -10,14 +10,66 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
+
+# Names of the activations a rematerialisation policy can keep (`checkpoint_name` tags in
+# Attention and Mlp; per token and layer, D = width, F = MLP width, H = heads):
+QKV_PROJ = "qkv_proj"  # q, k and v after their projections: 3 x D
+ATTENTION_CONTEXT = "attention_context"  # softmax(q k^T) v, before the output projection: D
+ATTENTION_OUT = "attention_out"  # the attention branch after its output projection: D
+MLP_HIDDEN = "mlp_hidden"  # fc1's output, before the activation: F
+MLP_OUT = "mlp_out"  # fc2's output, the MLP branch: D
+_ATTENTION = (QKV_PROJ, ATTENTION_CONTEXT, ATTENTION_OUT)
+
+
+def _offload(*names: str) -> Callable:
+  """Keep `names` in host memory between forward and backward (copied out after the
+  forward, back before the backward); recompute everything else."""
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(names),
+      offload_src="device", offload_dst="pinned_host")
+
+
+# `model.remat_policy`: what each layer keeps for the backward pass ("none": everything,
+# no rematerialisation; scanned: SCANNED_NONE_POLICY below). Memory is per token and layer
+# besides the layer's input, which every policy keeps; recompute is the backward's extra
+# forward work, of the layer's matmul FLOPs (at F = 4 D the attention projections are 1/3,
+# the MLP 2/3 of them) plus the attention's own T x T work.
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # save nothing, recompute the whole layer
+    # Save nothing: least memory, the whole layer runs twice (+1 forward, ~ +33% FLOPs).
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # the same as "full"
+    # Every matmul output, also attention's batched q k^T (T x T per head) and probs x v:
+    # no matmul is recomputed, only the elementwise work (norms, activation, softmax).
     "dots": jax.checkpoint_policies.checkpoint_dots,
+    # Every weight matmul's output (q, k, v, out, fc1, fc2: 6 D + F); recomputes only the
+    # norms, activation and attention softmax. Little recompute, the most memory of these.
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    # q, k, v (3 D): recomputes attention, its output projection and the MLP.
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(QKV_PROJ),
+    # The attention branch (5 D): recomputes only the MLP (2/3 of the matmuls) — no
+    # attention recompute, and the F-wide MLP activations (the largest) are not kept.
+    "save_attention_recompute_mlp": jax.checkpoint_policies.save_only_these_names(
+        *_ATTENTION),
+    # As the two above, the kept activations in host memory instead of device memory: the
+    # device keeps only the layer inputs; costs a device-host copy each way per layer
+    # (hidden behind compute when the link keeps up). Needs a backend with host memory
+    # spaces (TPU, GPU; XLA's CPU backend has no separate host memory: see the tests).
+    "offload_qkv_proj": _offload(QKV_PROJ),
+    "offload_attention_recompute_mlp": _offload(*_ATTENTION),
 }
+
+
+# `remat_policy="none"` on scanned layers. A scanned stack's backward gets every residual of
+# its layers through the loop boundary, where XLA stacks each into a [layers, ...] buffer
+# (zero-filled, written by dynamic-update-slice each layer, read back by dynamic-slice): on
+# a CPU these copies cost more than the work they save. Unrolled, XLA keeps only matmul
+# outputs and fuses the cheap elementwise work (norms, activations, softmax, masks) into
+# the backward. Scanned "none" does the same explicitly: keep every matmul output (none is
+# recomputed), recompute the elementwise rest (benchmarks/scan_overhead.py measures it).
+SCANNED_NONE_POLICY = "dots"
 
 
 def partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
@@ -108,10 +160,11 @@ class Attention(nn.Module):
                                                      head_dim)
       return constrain(y, ("batch", "length", "heads", "kv"))
 
-    q, k, v = heads(x, "query"), heads(context, "key"), heads(context, "value")
+    q, k, v = (checkpoint_name(y, QKV_PROJ) for y in (
+        heads(x, "query"), heads(context, "key"), heads(context, "value")))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-    out = out.reshape(batch, length, width)
-    return dense("out", ("heads", "embed"))(out)
+    out = checkpoint_name(out.reshape(batch, length, width), ATTENTION_CONTEXT)
+    return checkpoint_name(dense("out", ("heads", "embed"))(out), ATTENTION_OUT)
 
   # --- decoding (same parameters, K/V in the "cache" collection) ---------------------------
   def _project(self, y: jax.Array, name: str, heads: bool = True) -> jax.Array:
@@ -207,10 +260,10 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
               name="fc1")(x)
-    h = constrain(h, ("batch", "length", "mlp"))
+    h = checkpoint_name(constrain(h, ("batch", "length", "mlp")), MLP_HIDDEN)
     h = nn.gelu(h, approximate=False) if self.activation == "gelu" else quick_gelu(h)
-    return Dense(width, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="fc2")(h)
+    return checkpoint_name(Dense(width, ("mlp", "embed"), dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="fc2")(h), MLP_OUT)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -275,13 +328,15 @@ class TransformerStack(nn.Module):
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
     block = self.block or TransformerBlock
+    policy = self.remat_policy
+    if policy == "none" and self.scan:
+      policy = SCANNED_NONE_POLICY
     # Decoding keeps no activations for a backward pass: remat would only add lifting.
-    if self.remat_policy != "none" and not self.decode:
-      if self.remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"config model.remat_policy={self.remat_policy!r}: choose one of "
+    if policy != "none" and not self.decode:
+      if policy not in REMAT_POLICIES:
+        raise ValueError(f"config model.remat_policy={policy!r}: choose one of "
                          f"{['none', *REMAT_POLICIES]}")
-      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy],
-                       prevent_cse=not self.scan)
+      block = nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
               cross_attention=self.cross_attention, activation=self.activation,
               dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)

@@ -8,7 +8,10 @@ Batch (global arrays, leading dim B sharded over the mesh's batch axes):
   text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
 The contrastive term is the memory-linear ring of `losses.unicl_loss` (loss.sharded) or the
 dense B x B form; captioning is next-token cross-entropy over real tokens (padding never
-counts), over captions and, with loss.caption_loss_on_labels, label prompts too.
+counts), over captions and, with loss.caption_loss_on_labels, label prompts too. With
+loss.caption_chunk_size > 0 the captioning head and its cross-entropy are fused and computed
+in token chunks (`losses.fused_caption_loss`): the [B, L-1, V] logits never exist, forward
+or backward, and the vocabulary is split over the mesh as the head's kernel is.
 
 With grad_accum_steps = k > 1 the gradient is still the full batch's, exactly (gradient
 caching, `accumulated_grads`): every negative of the whole batch is seen while activation
@@ -37,6 +40,10 @@ class CocaObjective:
     self.accum_steps = config.grad_accum_steps
     self.with_captions = self.c.caption_weight > 0
     self.batch_axes = sharding.batch_axes(config.mesh.rules)
+    if self.c.caption_chunk_size < 0:
+      raise ValueError(f"config loss.caption_chunk_size={self.c.caption_chunk_size} must be "
+                       ">= 0 (0 = plain logits)")
+    self.fused_head = self.c.caption_chunk_size > 0
 
   def contrastive_labels(self, batch: Batch) -> jax.Array:
     """UniCL targets come from labels; CLIP gives every pair its own class (-1)."""
@@ -61,14 +68,25 @@ class CocaObjective:
       mask &= (batch["text_type"] == 0)[:, None]
     return mask.astype(jnp.float32)
 
-  def caption_sum(self, logits: jax.Array, batch: Batch) -> jax.Array:
-    """Summed token cross-entropy over the caption mask (normalised by the caller)."""
-    mean, count = losses.token_ce(logits, batch["text"][:, 1:], self.caption_mask(batch))
+  def caption_sum(self, out: dict[str, jax.Array], batch: Batch) -> jax.Array:
+    """Summed token cross-entropy over the caption mask (normalised by the caller): of the
+    model's caption logits, or of its head's input and kernel fused in chunks."""
+    mask, targets = self.caption_mask(batch), batch["text"][:, 1:]
+    if not self.fused_head:
+      mean, count = losses.token_ce(out["caption_logits"], targets, mask)
+      return mean * count
+    embed_axes, vocab_axis = nn.logical_to_mesh_axes(("embed", "vocab"),
+                                                     self.config.mesh.rules)
+    mean, count = losses.fused_caption_loss(
+        out["caption_features"], out["caption_kernel"], targets, mask,
+        chunk_size=self.c.caption_chunk_size, mesh=self.mesh, batch_axes=self.batch_axes,
+        vocab_axis=vocab_axis, embed_axes=embed_axes)
     return mean * count
 
   def forward(self, params: Any, batch: Batch, with_captions: bool) -> dict[str, jax.Array]:
     return self.model.apply({"params": params}, batch["image"], batch["text"],
-                            batch["text_type"], with_captions=with_captions)
+                            batch["text_type"], with_captions=with_captions,
+                            fused_head=self.fused_head)
 
   def loss(self, params: Any, batch: Batch,
            step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -80,7 +98,7 @@ class CocaObjective:
                                    self.contrastive_labels(batch), out["logit_scale"],
                                    out["logit_bias"])
     num_tokens = self.caption_mask(batch).sum()
-    caption = (self.caption_sum(out["caption_logits"], batch) / jnp.maximum(num_tokens, 1.0)
+    caption = (self.caption_sum(out, batch) / jnp.maximum(num_tokens, 1.0)
                if self.with_captions else jnp.zeros(()))
     loss = c.contrastive_weight * contrastive + c.caption_weight * caption
     return loss, self.metrics(contrastive, caption, out["logit_scale"], out["logit_bias"])
@@ -129,7 +147,7 @@ class CocaObjective:
                                       + jnp.vdot(out["text_emb"], d_txt)
                                       + (out["logit_scale"] * d_scale
                                          + out["logit_bias"] * d_bias) / k)
-      caption = (self.caption_sum(out["caption_logits"], mb) if self.with_captions
+      caption = (self.caption_sum(out, mb) if self.with_captions
                  else jnp.zeros(()))
       return value + c.caption_weight * caption / num_tokens, caption
 
