@@ -116,24 +116,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"followed by one mesh preset ',{{{'|'.join(MESHES)}}}'")
   c = schema.base(model="coca", objective="coca")
   c.name = f"coca:{arg or variant}"
+  schema.pod_scale_run(c)
   c.batch_size = 65536  # global, over all processes (paper)
   c.total_steps = 500_000  # paper
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 5000
-  c.eval_every_steps = 10_000
   c.eval_batch_size = 1024
-  c.data_dir = "~/tensorflow_datasets"
 
   # 64 text tokens incl. BOS/EOS: the paper does not state its text length; 64 holds COCO
   # captions and most alt-texts. It only sizes the 64-row text position table and the FLOPs.
   d = c.data
   d.image_size = 288
   d.max_text_len = 64
-  d.num_workers = 8
   d.tokenizer.path = ""  # set to a 64k SentencePiece .model (see the docstring)
   d.tokenizer.vocab_size = 64_000
-  d.augment.random_resized_crop = True  # real photos: the shapes caveats do not apply
-  d.augment.min_crop_area = 0.5
   d.augment.flip = False  # captions may say "left"/"right"
   d.sources.labels = schema.source("imagenet2012", kind="label", label_key="label",
                                    weight=0.5)
@@ -214,12 +208,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   """The same recipe and data names at toy size: seconds per step on a CPU."""
-  c.batch_size = 16
-  c.total_steps = 10
-  c.log_every_steps = 5
-  c.checkpoint_every_steps = 5
-  c.eval_every_steps = 10
-  c.eval_batch_size = 32
+  schema.smoke_test_run(c)
   c.data.image_size = 64
   c.model.patch_size = 16  # 16 image tokens
   c.data.max_text_len = 16

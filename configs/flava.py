@@ -104,20 +104,14 @@ def tiny(c: ml_collections.ConfigDict) -> None:
 
 
 def full(c: ml_collections.ConfigDict) -> None:
+  schema.pod_scale_run(c)
   c.batch_size = 8192  # paper
   c.total_steps = 150_000  # our choice (not taken from the paper)
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 5000
-  c.eval_every_steps = 10_000
-  c.data_dir = "~/tensorflow_datasets"
   # 224 px, patch 16 (paper). 64 text tokens: our choice (sizes the position table).
   d = c.data
   d.image_size = 224
   d.max_text_len = 64
-  d.num_workers = 8
   d.tokenizer.vocab_size = 30_522  # BERT-sized; set data.tokenizer.path for a real one
-  d.augment.random_resized_crop = True
-  d.augment.min_crop_area = 0.5
   s = d.sources
   del s["labels"]
   s.captions = schema.source("coco_captions", kind="caption", text_key="captions/text",

@@ -58,6 +58,25 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   return c
 
 
+# --- run profiles shared by config files (values only; each file sets its run length) ---
+def smoke_test_run(c: ConfigDict) -> None:
+  """Seconds on a CPU: 10 steps of 16 examples, logs and checkpoints every 5 steps, one
+  evaluation at the end in batches of 32."""
+  c.update(batch_size=16, total_steps=10, log_every_steps=5, checkpoint_every_steps=5,
+           eval_every_steps=10, eval_batch_size=32)
+
+
+def pod_scale_run(c: ConfigDict) -> None:
+  """A paper-scale pretraining run on real photos: logs every 100 steps, checkpoints every
+  5,000, evaluates every 10,000; TFDS datasets in ~/tensorflow_datasets, 8 Grain workers,
+  random resized crops of at least half the image (real photos: the shapes caveats on
+  cropping do not apply)."""
+  c.update(log_every_steps=100, checkpoint_every_steps=5000, eval_every_steps=10_000,
+           data_dir="~/tensorflow_datasets")
+  c.data.num_workers = 8
+  c.data.augment.update(random_resized_crop=True, min_crop_area=0.5)
+
+
 # --- data -------------------------------------------------------------------------------
 def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d = ConfigDict()

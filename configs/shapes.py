@@ -80,12 +80,7 @@ def use_sigmoid_logits(m: ml_collections.ConfigDict) -> None:
 
 def shrink_to_tiny(c: ml_collections.ConfigDict) -> None:
   """Seconds per run on a CPU: for smoke tests and CI; the code paths stay the same."""
-  c.batch_size = 16
-  c.total_steps = 10
-  c.log_every_steps = 5
-  c.checkpoint_every_steps = 5
-  c.eval_every_steps = 10
-  c.eval_batch_size = 32
+  schema.smoke_test_run(c)
   c.data.image_size = 32
   c.data.max_text_len = 12
   c.data.tokenizer.vocab_size = 64

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Train (or evaluate) mmjax on a single NVIDIA GPU.
 set -euo pipefail
+LAUNCHER=gpu.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -43,16 +46,12 @@ GPU="${GPU:-}"
 MEM_FRACTION="${MEM_FRACTION:-0.90}"
 JAX_CUDA="${JAX_CUDA:-12}"
 PYTHON="${PYTHON:-python3}"
-DEFAULT_XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"
 USE_XLA_FLAGS=1
 MODULE=mmjax.train
 STEP=""
 INSTALL=0
 DRY_RUN=0
 EXTRA_ARGS=()
-
-die() { echo "gpu.sh: $*" >&2; exit 2; }
-need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -76,19 +75,6 @@ done
 [[ "$JAX_CUDA" == 12 || "$JAX_CUDA" == 13 ]] || die "--cuda must be 12 or 13"
 [[ -z "$STEP" || "$MODULE" == mmjax.evaluate ]] || die "--step only makes sense with --evaluate"
 
-print_cmd() {
-  local out="" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
-
-# run CMD...: print it (dry run) or print and execute it.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then print_cmd "$@"; else echo "+ $(print_cmd "$@")" >&2; "$@"; fi
-}
-
 # Relative --config/--workdir paths and `pip install -e .` are relative to the repo root.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -97,12 +83,7 @@ if [[ "$INSTALL" == 1 ]]; then
   run "$PYTHON" -m pip install -e ".[gcs]" "jax[cuda${JAX_CUDA}]"
 fi
 
-ENV_VARS=("XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION")
-if [[ "$USE_XLA_FLAGS" == 1 ]]; then
-  ENV_VARS+=("XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }$DEFAULT_XLA_FLAGS")
-elif [[ -n "${XLA_FLAGS:-}" ]]; then
-  ENV_VARS+=("XLA_FLAGS=$XLA_FLAGS")
-fi
+gpu_env_vars "$MEM_FRACTION" "$USE_XLA_FLAGS"
 [[ -n "$GPU" ]] && ENV_VARS+=("CUDA_VISIBLE_DEVICES=$GPU")
 
 CMD=("$PYTHON" -m "$MODULE" --config "$CONFIG" --workdir "$WORKDIR")

@@ -5,6 +5,9 @@
 # data loading, cross-process collectives over gloo) without any accelerator.
 # Each process gets K fake CPU devices, so the global mesh has N*K devices.
 set -euo pipefail
+LAUNCHER=local_multiprocess.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -48,9 +51,6 @@ PYTHON="${PYTHON:-python3}"
 DRY_RUN=0
 EXTRA_ARGS=()
 
-die() { echo "local_multiprocess.sh: $*" >&2; exit 2; }
-need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -n|--num_processes|--num-processes) need "$@"; NUM_PROCESSES="$2"; shift 2 ;;
@@ -70,15 +70,6 @@ done
 [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NUM_PROCESSES'"
 [[ "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be a positive integer"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be an integer"
-
-# Print a command so that it can be pasted into a shell.
-print_cmd() {
-  local out="" a
-  for a in "$@"; do
-    if [[ "$a" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
 
 pick_free_port() {
   "$PYTHON" - <<'EOF'

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create / use / delete a Cloud TPU VM (single host or pod slice) for mmjax.
 set -euo pipefail
+LAUNCHER=tpu_vm.sh
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   cat <<'EOF'
@@ -96,9 +99,6 @@ LOG_DIR="${LOG_DIR:-}"
 TAIL=""
 EXTRA_ARGS=()
 
-die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
-need() { [[ $# -ge 2 && -n "$2" ]] || die "option $1 needs a value"; }
-
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run|--dry_run) DRY_RUN=1; shift ;;
@@ -171,20 +171,6 @@ if [[ "$WORKDIR" != gs://* ]]; then
   echo "tpu_vm.sh: warning: WORKDIR '$WORKDIR' is not gs://; on a pod slice every" \
        "worker must see the same checkpoint directory." >&2
 fi
-
-# Quote one word for a POSIX shell (no quotes when not needed).
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-print_cmd() {
-  local out="" a
-  for a in "$@"; do out+="$(q "$a") "; done
-  echo "${out% }"
-}
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then print_cmd "$@"; else echo "+ $(print_cmd "$@")" >&2; "$@"; fi
-}
 
 GC=(--zone "$ZONE")
 [[ -n "$PROJECT" ]] && GC+=(--project "$PROJECT")

@@ -1,13 +1,22 @@
 """Shared test setup: 8 fake CPU devices (sharding tests use sub-meshes of them), a shared
-persistent XLA cache (CPU compiles dominate test time), and the shapes data built once."""
+persistent XLA cache (CPU compiles dominate test time), the shapes data built once, and an
+in-memory gs:// (FakeGCS, the `gcs` fixture; tests/test_writers.py says what it models)."""
+import importlib
+import io
 import os
 import tempfile
 
 # The `test` extra installs libtpu for the ahead-of-time tests (mmjax.aot): keep JAX from
 # initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import fsspec
 import jax
 import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+from tensorboardX import record_writer
 
 jax.config.update("jax_num_cpu_devices", 8)
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache")
@@ -24,6 +33,70 @@ def data_dir(tmp_path_factory):
                "shapes/labels_unseen"):
     shapes.ensure_built(name, str(root))
   return str(root)
+
+
+class FakeGCS(MemoryFileSystem):
+  """Paths without a leading slash, as gcsfs returns them (epath's glob prepends gs://)."""
+  protocol = ("gs", "gcs")
+  root_marker = ""
+  store = {}  # not shared with memory://
+  pseudo_dirs = [""]
+  modes = []  # every mode a file was opened with
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = str(path)
+    for prefix in ("gs://", "gcs://"):
+      path = path.removeprefix(prefix)
+    return path.strip("/")
+
+  def _open(self, path, mode="rb", **kwargs):
+    FakeGCS.modes.append(mode)
+    if "a" in mode or "+" in mode:
+      raise OSError(f"GCS objects cannot be appended to or updated in place ({mode=})")
+    return super()._open(path, mode, **kwargs)
+
+
+class FakeGCSEventFile:
+  """tensorboardX's GCSRecordWriter, uploading to FakeGCS: the whole buffer on each flush."""
+
+  def __init__(self, path):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data):
+    self.buffer.write(data)
+
+  def flush(self):
+    with fsspec.filesystem("gs").open(self.path, "wb") as f:
+      f.write(self.buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class FakeGCSEventFactory:
+  def open(self, path):
+    return FakeGCSEventFile(path)
+
+  def directory_check(self, path):
+    pass
+
+
+@pytest.fixture
+def gcs(monkeypatch):
+  """A clean FakeGCS behind gs:// for epath (fsspec backend) and tensorboardX."""
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
+  for name in ("gs", "gcs"):  # registered for this test only (monkeypatch restores it)
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, FakeGCS)
+  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", FakeGCSEventFactory())
+  FakeGCS.clear_instance_cache()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  FakeGCS.store.clear()
+  FakeGCS.pseudo_dirs[:] = [""]
+  FakeGCS.modes.clear()
+  yield fsspec.filesystem("gs")
+  FakeGCS.clear_instance_cache()
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def pytest_configure(config):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from configs import schema
 from mmjax.data import accounting, sources
-from test_data import make_config, take, write_bad_folder
+from helpers import data_config, take, write_bad_folder
 
 KEYS, NAMES = ["captions", "labels"], ["my_pairs", "my_pets"]
 
@@ -120,7 +120,7 @@ def test_real_pipeline_with_two_bad_records_in_twelve(tmp_path):
   from mmjax.data import tokenizer as tk
   data_dir = str(tmp_path / "data")
   write_bad_folder("bad_folder", data_dir)
-  config = make_config(data_dir, batch_size=12)
+  config = data_config(data_dir, batch_size=12)
   config.data.sources = {"folder": schema.source(
       "bad_folder", kind="label", label_key="label", weight=1.0)}
   batches = take(config, tk.get_tokenizer(config), 12)

@@ -2,20 +2,18 @@
 figures. They are not timed here: timings live in benchmarks/RESULTS.md."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import helpers
 from conftest import CACHE_DIR, REPO
 
 
 def run_script(*args, timeout=600) -> dict:
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
-         "JAX_COMPILATION_CACHE_DIR": CACHE_DIR}
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = helpers.call([sys.executable, *args], env={"JAX_COMPILATION_CACHE_DIR": CACHE_DIR},
+                      timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

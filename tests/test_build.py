@@ -1,15 +1,14 @@
 """mmjax.data.build: a user's folders and caption files, their mistakes, the splits."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import helpers
 import image_files
-from conftest import REPO
 from mmjax import errors
 from mmjax.data import build, sources
 
@@ -201,15 +200,12 @@ def test_cli_prints_the_summary_and_one_line_errors(pets, tmp_path):
   data_dir = str(tmp_path / "d")
   command = [sys.executable, "-m", "mmjax.data.build", f"--images_dir={pets[0]}",
              f"--data_dir={data_dir}"]
-  env = {**os.environ, "PYTHONPATH": REPO}
-  ok = subprocess.run(command + ["--name=my_pets", "--val_fraction=0.2"], cwd=REPO, env=env,
-                      capture_output=True, text=True, timeout=300)
+  ok = helpers.call(command + ["--name=my_pets", "--val_fraction=0.2"], timeout=300)
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert ok.stdout.startswith(f"Built label dataset 'my_pets' in {data_dir}/my_pets/1.0.0\n")
   assert "  skipped: 4\n" in ok.stdout and "Evaluate on its validation split:" in ok.stdout
   assert ok.stderr == ""
-  bad = subprocess.run(command + ["--name=My-Pets"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+  bad = helpers.call(command + ["--name=My-Pets"], timeout=300)
   assert bad.returncode == 2 and bad.stdout == ""
   assert bad.stderr.splitlines() == [
       "mmjax.data.build: error: --name 'My-Pets': TFDS dataset names are lowercase snake_case "

@@ -1,23 +1,22 @@
 """Config validation: every mistake fails before any device memory is allocated or anything
 is compiled, with a message naming the config key."""
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
 import helpers
+from conftest import CACHE_DIR, REPO
+from helpers import run_cli, usage_error
 from mmjax import cli
-from conftest import CACHE_DIR
-from test_train import REPO, command, environment
 
 
 def fails_via_cli(*overrides, devices=1):
   start = time.time()
-  proc = subprocess.run(command("mmjax.train", "/nonexistent/workdir", "/nonexistent/data",
-                                *overrides), cwd=REPO, env=environment(devices),
-                        capture_output=True, text=True, timeout=300)
+  proc = helpers.call(helpers.command("mmjax.train", "/nonexistent/workdir",
+                                      "/nonexistent/data", *overrides),
+                      devices=devices, timeout=300)
   assert proc.returncode != 0, proc.stdout[-2000:]
   return proc.stderr, time.time() - start
 
@@ -95,22 +94,6 @@ def test_valid_configs_pass():
 
 
 # --- One line, exit status 2, for every user mistake (the CLI as a user runs it) ---------
-def usage_error(proc, command="mmjax.train"):
-  """The process failed with exactly one stderr line `<command>: error: ...`; returns it."""
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
-  assert lines[0].startswith(f"{command}: error: "), lines[0]
-  return lines[0]
-
-
-def run_cli(module, *args, config=f"{REPO}/configs/shapes.py:coca_unicl_prefix,tiny", env=None,
-        user=None):
-  return subprocess.run([sys.executable, "-m", module, f"--config={config}", *args], cwd=REPO,
-                        env={**environment(), **(env or {})}, capture_output=True, text=True,
-                        timeout=600, user=user)
-
-
 def test_unknown_config_key_is_one_line():
   line = usage_error(run_cli("mmjax.train", "--workdir=/nonexistent/w", "--config.bogus=1"))
   assert "unknown config key 'bogus' (--config.bogus=1)" in line
@@ -199,8 +182,7 @@ def test_read_only_data_dir_suggests_a_tokenizer_path(tmp_path, data_dir):
   import shutil
   read_only = str(tmp_path / "datasets")
   shutil.copytree(os.path.join(data_dir, "shapes"), os.path.join(read_only, "shapes"))
-  train = [sys.executable, "-m", "mmjax.train",
-           f"--config={REPO}/configs/shapes.py:coca_unicl_prefix,tiny",
+  train = [sys.executable, "-m", "mmjax.train", f"--config={helpers.SHAPES_TINY}",
            f"--workdir={tmp_path / 'w'}", f"--config.data_dir={read_only}"]
   if os.geteuid() == 0:
     if shutil.which("unshare") is None:
@@ -211,8 +193,7 @@ def test_read_only_data_dir_suggests_a_tokenizer_path(tmp_path, data_dir):
     for path, _, _ in os.walk(read_only):
       os.chmod(path, 0o555)
   try:
-    proc = subprocess.run(train, cwd=REPO, env=environment(), capture_output=True, text=True,
-                          timeout=600)
+    proc = helpers.call(train)
   finally:
     for path, _, _ in os.walk(read_only):
       os.chmod(path, 0o755)

@@ -1,6 +1,6 @@
-"""Shapes build, TF-free reading, Grain pipeline determinism/topology, mocks, bad records."""
+"""Shapes build, TF-free reading, Grain pipeline determinism/topology, mocks, bad records,
+FLAVA's modality views and unimodal phase."""
 import io
-import os
 import sys
 
 import numpy as np
@@ -10,38 +10,16 @@ from PIL import Image
 
 import helpers
 from configs import schema
-from configs import shapes as shapes_config
+from conftest import REPO
+from helpers import data_config, take, write_bad_folder
 from mmjax import errors, vocabulary
 from mmjax.data import tokenizer as tk
-from mmjax.data import build, pipeline, shapes, sources
-
-
-def make_config(data_dir, **overrides):
-  c = shapes_config.get_config()
-  c.unlock()
-  c.data_dir = data_dir
-  c.batch_size = 16
-  for k, v in overrides.items():
-    obj = c
-    *path, last = k.split(".")
-    for p in path:
-      obj = obj[p]
-    obj[last] = v
-  return c
+from mmjax.data import pipeline, shapes, sources
 
 
 @pytest.fixture(scope="session")
 def tokenizer(data_dir):
-  return tk.get_tokenizer(make_config(data_dir))
-
-
-def take(config, tok, n, start_step=0, process_index=0, process_count=1):
-  it = pipeline.make_train_iterator(config, tok, start_step=start_step,
-                                    process_index=process_index, process_count=process_count)
-  try:
-    return [next(it) for _ in range(n)]
-  finally:
-    it.close()
+  return tk.get_tokenizer(data_config(data_dir))
 
 
 def test_shapes_read_through_data_source(data_dir):
@@ -65,7 +43,7 @@ def test_shapes_deterministic():
 
 
 def test_batch_fields(data_dir, tokenizer):
-  c = make_config(data_dir)
+  c = data_config(data_dir)
   (b,) = take(c, tokenizer, 1)
   assert b["image"].shape == (16, 64, 64, 3) and b["image"].dtype == np.float32
   assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].std() > 0.05
@@ -88,9 +66,9 @@ def test_batch_fields(data_dir, tokenizer):
 
 
 def test_same_seed_same_batches_other_seed_differs(data_dir, tokenizer):
-  a = take(make_config(data_dir), tokenizer, 2)
-  b = take(make_config(data_dir), tokenizer, 2)
-  c = take(make_config(data_dir, seed=1), tokenizer, 2)
+  a = take(data_config(data_dir), tokenizer, 2)
+  b = take(data_config(data_dir), tokenizer, 2)
+  c = take(data_config(data_dir, seed=1), tokenizer, 2)
   for x, y in zip(a, b):
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
@@ -98,7 +76,7 @@ def test_same_seed_same_batches_other_seed_differs(data_dir, tokenizer):
 
 
 def test_global_batch_independent_of_process_count(data_dir, tokenizer):
-  c = make_config(data_dir)
+  c = data_config(data_dir)
   ref = take(c, tokenizer, 2)
   for n in (2, 4):
     parts = [take(c, tokenizer, 2, process_index=p, process_count=n) for p in range(n)]
@@ -109,7 +87,7 @@ def test_global_batch_independent_of_process_count(data_dir, tokenizer):
 
 
 def test_start_step_resumes(data_dir, tokenizer):
-  c = make_config(data_dir)
+  c = data_config(data_dir)
   fresh = take(c, tokenizer, 4)
   (resumed,) = take(c, tokenizer, 1, start_step=3)
   for k in resumed:
@@ -125,7 +103,7 @@ def test_epochs_reshuffle():
 
 
 def test_mix_fractions(data_dir, tokenizer):
-  c = make_config(data_dir, **{"data.sources.labels.weight": 0.75,
+  c = data_config(data_dir, **{"data.sources.labels.weight": 0.75,
                                "data.sources.captions.weight": 0.25})
   batches = take(c, tokenizer, 5)
   src = np.concatenate([b["source"] for b in batches])
@@ -133,7 +111,7 @@ def test_mix_fractions(data_dir, tokenizer):
 
 
 def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
-  c = make_config(data_dir, **{"data.sources.labels.weight": 0.0})
+  c = data_config(data_dir, **{"data.sources.labels.weight": 0.0})
   (b,) = take(c, tokenizer, 1)
   assert (b["source"] == 0).all() and (b["text_type"] == 0).all() and (b["label"] == -1).all()
 
@@ -141,7 +119,7 @@ def test_a_source_with_weight_zero_is_off(data_dir, tokenizer):
 def test_load_eval_split(data_dir):
   """An evaluator's split, read from its config entry (evals.linear_probe: shapes/labels,
   evals.retrieval: shapes/captions; the probe's train_split by split_key)."""
-  c = make_config(data_dir)
+  c = data_config(data_dir)
   e = pipeline.load_eval_split(c, "linear_probe", num_examples=20)  # shapes/labels
   assert e["images"].shape == (20, 64, 64, 3) and e["labels"].shape == (20,)
   assert len(e["class_names"]) == 64
@@ -155,7 +133,7 @@ def test_load_eval_split(data_dir):
 
 def test_mock_imagenet_and_cifar(tmp_path):
   """Catalog datasets (their real TFDS builders and class lists) under tfds' mock."""
-  c = make_config(str(tmp_path))
+  c = data_config(str(tmp_path))
   c.data.sources = {
       "cifar": schema.source("cifar10", kind="label", label_key="label", weight=0.5),
       "imagenet": schema.source("imagenet2012", kind="label", label_key="label", weight=0.5)}
@@ -171,25 +149,6 @@ def test_mock_imagenet_and_cifar(tmp_path):
   assert (b["label"] < 1010).all() and (b["text_type"] == 1).all()
 
 
-def write_bad_folder(name, data_dir, size=(30, 40)):
-  """A label dataset of 12 records, 2 of them undecodable (corrupt, zero bytes), as a
-  builder that stores bytes unchecked (e.g. a web-scale one) writes it."""
-  rng = np.random.default_rng(0)
-  examples = []
-  for label, cls in enumerate(("cat", "dog")):
-    for i in range(5):
-      buf = io.BytesIO()
-      Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(buf, format="JPEG")
-      examples.append({"image": buf.getvalue(), "file_name": f"{cls}/{i}.jpg", "label": label})
-  examples.append({"image": b"\xff\xd8\xff\xe0 not really a jpeg", "file_name": "cat/corrupt.jpg",
-                   "label": 0})
-  examples.append({"image": b"", "file_name": "dog/empty.jpg", "label": 1})
-  features = {"image": tfds.features.Image(shape=(None, None, 3)),
-              "file_name": tfds.features.Text(),
-              "label": tfds.features.ClassLabel(names=["cat", "dog"])}
-  build.write_dataset(name, data_dir, features, {"train": examples})
-
-
 @pytest.fixture
 def bad_folder(tmp_path):
   write_bad_folder("bad_folder", str(tmp_path / "data"))
@@ -199,7 +158,7 @@ def bad_folder(tmp_path):
 def test_bad_records_substituted_and_counted(bad_folder, tokenizer):
   src = tfds.data_source("bad_folder", split="train", data_dir=bad_folder)
   assert len(src) == 12
-  c = make_config(bad_folder, batch_size=12)
+  c = data_config(bad_folder, batch_size=12)
   c.data.tokenizer.path = ""
   c.data.sources = {"folder": schema.source(
       "bad_folder", kind="label", label_key="label", weight=1.0)}
@@ -231,15 +190,11 @@ def test_nested_feature_keys_are_paths():
 
 def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir):
   import json
-  import subprocess
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run(
-      [sys.executable, "-m", "mmjax.data.preview", "--config", f"{repo}/configs/shapes.py",
+  out = helpers.call(
+      [sys.executable, "-m", "mmjax.data.preview", "--config", f"{REPO}/configs/shapes.py",
        "--out", str(tmp_path / "batch.png"), "--num_batches", "8", "--json",
        f"--config.data_dir={data_dir}", "--config.data.sources.labels.weight=0.3",
-       "--config.data.sources.captions.weight=0.7"],
-      cwd=repo, env={**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"},
-      capture_output=True, text=True, timeout=300, check=True)
+       "--config.data.sources.captions.weight=0.7"], timeout=300, check=True)
   stats = json.loads(out.stdout.strip().splitlines()[-1])
   assert stats["weights_per_source"] == {"labels": 0.3, "captions": 0.7}
   for name, weight in stats["weights_per_source"].items():
@@ -249,7 +204,7 @@ def test_preview_json_reports_mix_fractions_close_to_weights(tmp_path, data_dir)
 
 def test_missing_split_and_feature_name_the_config_key(tmp_path):
   write_bad_folder("no_validation", str(tmp_path))
-  c = make_config(str(tmp_path))
+  c = data_config(str(tmp_path))
   c.evals.zeroshot.dataset = "no_validation"
   with pytest.raises(errors.UsageError, match=r"dataset 'no_validation' has no split "
                      r"'validation' \(config evals.zeroshot.split\); it has train \(.*"
@@ -328,7 +283,7 @@ def test_held_out_classes_never_reach_a_training_batch(data_dir, tokenizer):
   """One whole epoch of the label source (a shuffle is a permutation): every label id and
   every label prompt is of a seen class; the tokenizer's label prompts too. Captions do
   show and name held-out combinations (the transfer the zero-shot evaluation measures)."""
-  c = make_config(data_dir, batch_size=200, **{"data.sources.captions.weight": 0.0})
+  c = data_config(data_dir, batch_size=200, **{"data.sources.captions.weight": 0.0})
   assert c.data.sources.labels.name == "shapes/labels_seen"
   assert pipeline.label_texts(c) == list(shapes.SEEN_CLASS_NAMES)
   batches = take(c, tokenizer, 20)  # 20 x 200 = the 4000 training records
@@ -340,8 +295,51 @@ def test_held_out_classes_never_reach_a_training_batch(data_dir, tokenizer):
   for label, prompt in zip(labels, prompts):
     assert shapes.SEEN_CLASS_NAMES[label] in prompt
     assert not any(name in prompt for name in unseen), prompt
-  texts = pipeline.train_texts(make_config(data_dir))
+  texts = pipeline.train_texts(data_config(data_dir))
   templates = c.data.label_templates
   assert all(t.format(n) in texts for n in shapes.SEEN_CLASS_NAMES for t in templates)
   assert not any(t.format(n) in texts for n in unseen for t in templates)
   assert all(any(n in text for text in texts) for n in unseen)  # in captions only
+
+
+# --- FLAVA: modality views and the unimodal phase (configs/flava.py) ----------------------
+def test_unimodal_phase_batches_hold_only_unimodal_sources(data_dir):
+  """loss.unimodal_steps=2: steps 0 and 1 are image-only and text-only examples, steps 2
+  on the whole mixture; a resume at step 1 or 3 reads the uninterrupted run's batches."""
+  config = helpers.flava_config(data_dir=data_dir, batch_size=32, **{"loss.unimodal_steps": 2})
+  tokenizer = tk.get_tokenizer(config)
+  fresh = take(config, tokenizer, 4)
+  for b in fresh[:2]:
+    assert not b["paired"].any()
+    image_only = (b["has_image"] == 1) & (b["has_text"] == 0)
+    assert image_only.any() and (~image_only).any()  # both unimodal sources
+  for b in fresh[2:]:
+    assert b["paired"].any() and not b["paired"].all()
+  for start, resumed in ((1, take(config, tokenizer, 2, start_step=1)),
+                         (3, take(config, tokenizer, 1, start_step=3))):
+    for offset, batch in enumerate(resumed):
+      for key in batch:
+        np.testing.assert_array_equal(batch[key], fresh[start + offset][key])
+
+
+def test_a_unimodal_phase_without_unimodal_sources_is_one_line(data_dir):
+  config = helpers.flava_config(data_dir=data_dir, **{"data.sources.images.weight": 0.0,
+                                                     "data.sources.texts.weight": 0.0})
+  with pytest.raises(errors.UsageError, match=r"loss.unimodal_steps=50: the unimodal phase "
+                     "needs a source with modality 'image' or 'text'"):
+    pipeline.global_train_dataset(config, tk.get_tokenizer(config))
+
+
+def test_pipeline_emits_modality_views(data_dir):
+  config = helpers.flava_config(data_dir=data_dir, batch_size=64, **{"loss.unimodal_steps": 0})
+  (batch,) = take(config, tk.get_tokenizer(config), 1)
+  keys = sorted(config.data.sources.keys())  # source id = sorted key index
+  modality = np.array([config.data.sources[k].modality for k in keys])[batch["source"]]
+  np.testing.assert_array_equal(batch["paired"], modality == "paired")
+  np.testing.assert_array_equal(batch["has_image"], modality != "text")
+  np.testing.assert_array_equal(batch["has_text"], modality != "image")
+  assert (batch["text"][modality == "image"] == 0).all()
+  assert (batch["image"][modality == "text"] == 0).all()
+  assert (batch["text"][modality != "image", 0] == vocabulary.BOS_ID).all()
+  assert np.abs(batch["image"][modality != "text"]).sum() > 0
+  assert set(modality) == {"paired", "image", "text"}

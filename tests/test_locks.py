@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+import helpers
+from conftest import REPO
+from helpers import command, environment
 from mmjax import errors, locks
-from test_train import REPO, command, environment
-from test_writers import gcs  # noqa: F401 (fixture: gs:// in memory)
 
 
 def test_local_second_holder_is_refused_naming_the_first(tmp_path):
@@ -40,8 +41,7 @@ time.sleep(600)
 
 def test_local_lock_of_a_killed_process_does_not_block(tmp_path):
   proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
-                          text=True)
+                          env=environment(), stdout=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline().strip() == "held"
     with pytest.raises(locks.WorkdirInUseError, match=f"pid {proc.pid}"):
@@ -186,8 +186,7 @@ def test_two_trainers_on_one_workdir_and_a_killed_one(tmp_path, data_dir):
       time.sleep(0.1)
     assert first.poll() is None, first.stderr.read()[-2000:]
     start = time.time()
-    second = subprocess.run(command("mmjax.train", workdir, data_dir), cwd=REPO,
-                            env=environment(), capture_output=True, text=True, timeout=300)
+    second = helpers.call(command("mmjax.train", workdir, data_dir), timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert second.stderr.strip().splitlines() == [
         f"mmjax.train: error: work directory {workdir} is in use by another training job "
@@ -198,8 +197,6 @@ def test_two_trainers_on_one_workdir_and_a_killed_one(tmp_path, data_dir):
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-  restart = subprocess.run(command("mmjax.train", workdir, data_dir, "--config.total_steps=2",
-                                   "--config.eval_every_steps=0"),
-                           cwd=REPO, env=environment(), capture_output=True, text=True,
-                           timeout=600)
+  restart = helpers.call(command("mmjax.train", workdir, data_dir, "--config.total_steps=2",
+                                 "--config.eval_every_steps=0"))
   assert restart.returncode == 0, restart.stderr[-2000:]

@@ -110,22 +110,30 @@ def _assert_close(got, want, tol):
 # Reference sanity: the analytic NumPy gradient agrees with finite differences.
 # ---------------------------------------------------------------------------------------
 
+def assert_matches_finite_differences(reference, x, y, labels, *scalars):
+  """reference(x, y, labels, *scalars) -> (loss, d_x, d_y, *d_scalars) in float64: its
+  analytic gradients equal central differences (eps 1e-6) at a few entries of x and y and
+  at every scalar."""
+  _, dx, dy, *d_scalars = reference(x, y, labels, *scalars)
+  loss = lambda x, y, *s: reference(x, y, labels, *s)[0]
+  eps = 1e-6
+  for which, grad in ((0, dx), (1, dy)):
+    for idx in [(0, 0), (2, 3), (5, 7)]:
+      plus, minus = [x.copy(), y.copy()], [x.copy(), y.copy()]
+      plus[which][idx] += eps
+      minus[which][idx] -= eps
+      fd = (loss(*plus, *scalars) - loss(*minus, *scalars)) / (2 * eps)
+      assert abs(fd - grad[idx]) < 1e-7, (which, idx, fd, grad[idx])
+  for i, grad in enumerate(d_scalars):
+    step = np.eye(len(scalars))[i] * eps
+    fd = (loss(x, y, *(np.array(scalars) + step)) - loss(x, y, *(np.array(scalars) - step))
+          ) / (2 * eps)
+    assert abs(fd - grad) < 1e-7, (i, fd, grad)
+
+
 def test_reference_gradient_matches_finite_differences():
   x, y, lab = _inputs("mixed", seed=1, nb=6)
-  x, y = np.float64(x), np.float64(y)
-  _, dx, dy, ds = ref_unicl(x, y, lab, SCALE)
-  eps = 1e-6
-  for arr, grad, which in ((x, dx, 0), (y, dy, 1)):
-    for idx in [(0, 0), (2, 3), (5, 7)]:
-      plus, minus = arr.copy(), arr.copy()
-      plus[idx] += eps
-      minus[idx] -= eps
-      args_p = (plus, y) if which == 0 else (x, plus)
-      args_m = (minus, y) if which == 0 else (x, minus)
-      fd = (ref_unicl(*args_p, lab, SCALE)[0] - ref_unicl(*args_m, lab, SCALE)[0]) / (2 * eps)
-      assert abs(fd - grad[idx]) < 1e-7, (which, idx, fd, grad[idx])
-  fd = (ref_unicl(x, y, lab, SCALE + eps)[0] - ref_unicl(x, y, lab, SCALE - eps)[0]) / (2 * eps)
-  assert abs(fd - ds) < 1e-7
+  assert_matches_finite_differences(ref_unicl, np.float64(x), np.float64(y), lab, SCALE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,20 +164,29 @@ def _mesh(shape):
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-@pytest.mark.parametrize("shape,kind,chunk", [
+def _sharded_inputs(shape, kind):
+  """The mesh of `shape` and _inputs(kind) (seeded by the shape), on the host and
+  batch-sharded over the mesh: (mesh, (x, y, labels), [x, y, labels] sharded)."""
+  assert jax.device_count() == 8
+  x, y, lab = _inputs(kind, seed=sum(shape))
+  mesh = _mesh(shape)
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  return mesh, (x, y, lab), [jax.device_put(a, sh) for a in (x, y, lab)]
+
+
+# (mesh shape, label kind, chunk size): the sharded cases both losses are checked on.
+SHARDED_CASES = [
     ((8, 1, 1), "mixed", None),
     ((8, 1, 1), "half_one_class", 2),
     ((4, 2, 1), "mixed", 2),
     ((4, 2, 1), "captions", None),
     ((2, 2, 2), "half_one_class", None),
-    ((2, 2, 2), "all_labels", 4),
-])
+]
+
+
+@pytest.mark.parametrize("shape,kind,chunk", [*SHARDED_CASES, ((2, 2, 2), "all_labels", 4)])
 def test_sharded_matches_unsharded_and_numpy(shape, kind, chunk):
-  assert jax.device_count() == 8
-  x, y, lab = _inputs(kind, seed=sum(shape))
-  mesh = _mesh(shape)
-  sh = NamedSharding(mesh, P(("data", "fsdp")))
-  args = [jax.device_put(a, sh) for a in (x, y, lab)]
+  mesh, (x, y, lab), args = _sharded_inputs(shape, kind)
   with jax.set_mesh(mesh):
     got = _jax_value_and_grads(*args, SCALE, mesh=mesh, chunk_size=chunk)
   dense = _jax_value_and_grads(x, y, lab, SCALE)
@@ -263,23 +280,8 @@ def _assert_siglip_close(got, want, tol):
 
 def test_siglip_reference_gradient_matches_finite_differences():
   x, y, lab = _inputs("mixed", seed=1, nb=6)
-  x, y = np.float64(x), np.float64(y)
-  loss = lambda *a: ref_siglip(*a)[0]
-  _, dx, dy, ds, db = ref_siglip(x, y, lab, SCALE, BIAS)
-  eps = 1e-6
-  for arr, grad, which in ((x, dx, 0), (y, dy, 1)):
-    for idx in [(0, 0), (2, 3), (5, 7)]:
-      plus, minus = arr.copy(), arr.copy()
-      plus[idx] += eps
-      minus[idx] -= eps
-      args_p = (plus, y) if which == 0 else (x, plus)
-      args_m = (minus, y) if which == 0 else (x, minus)
-      fd = (loss(*args_p, lab, SCALE, BIAS) - loss(*args_m, lab, SCALE, BIAS)) / (2 * eps)
-      assert abs(fd - grad[idx]) < 1e-7, (which, idx, fd, grad[idx])
-  fd = (loss(x, y, lab, SCALE + eps, BIAS) - loss(x, y, lab, SCALE - eps, BIAS)) / (2 * eps)
-  assert abs(fd - ds) < 1e-7
-  fd = (loss(x, y, lab, SCALE, BIAS + eps) - loss(x, y, lab, SCALE, BIAS - eps)) / (2 * eps)
-  assert abs(fd - db) < 1e-7
+  assert_matches_finite_differences(ref_siglip, np.float64(x), np.float64(y), lab, SCALE,
+                                    BIAS)
 
 
 @pytest.mark.parametrize("kind", ["mixed", "captions", "all_labels", "half_one_class"])
@@ -300,20 +302,12 @@ def test_siglip_labels_and_bias_matter():
 
 
 @pytest.mark.parametrize("shape,kind,chunk", [
-    ((8, 1, 1), "mixed", None),
-    ((8, 1, 1), "half_one_class", 2),
-    ((4, 2, 1), "mixed", 2),
-    ((4, 2, 1), "captions", None),
-    ((2, 2, 2), "half_one_class", None),
+    *SHARDED_CASES,
     ((2, 1, 4), "all_labels", 4),
     ((1, 1, 8), "mixed", None),  # no batch parallelism: one device's ring, 8-way tensor
 ])
 def test_siglip_sharded_matches_dense_and_numpy(shape, kind, chunk):
-  assert jax.device_count() == 8
-  x, y, lab = _inputs(kind, seed=sum(shape))
-  mesh = _mesh(shape)
-  sh = NamedSharding(mesh, P(("data", "fsdp")))
-  args = [jax.device_put(a, sh) for a in (x, y, lab)]
+  mesh, (x, y, lab), args = _sharded_inputs(shape, kind)
   with jax.set_mesh(mesh):
     got = _siglip_value_and_grads(*args, SCALE, BIAS, mesh=mesh, chunk_size=chunk)
   _assert_siglip_close(got, _siglip_value_and_grads(x, y, lab, SCALE, BIAS), 1e-5)

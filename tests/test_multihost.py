@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from test_train import REPO, command, environment, metrics, run
+from conftest import REPO
+from helpers import command, environment, metrics, run
 
 pytestmark = pytest.mark.slow
 

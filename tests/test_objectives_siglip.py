@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import helpers
+from helpers import assert_trees_close, loss_and_grads
 from mmjax import cli, losses, objectives, optimizer
 from mmjax.objectives.siglip import SiglipObjective
-from test_step import assert_trees_close, loss_and_grads
 
 
 @pytest.fixture(scope="module")

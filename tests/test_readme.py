@@ -10,7 +10,6 @@ import ast
 import json
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -101,10 +100,8 @@ def config_from(args_file: str, home: str):
 def recipe(tmp_path_factory):
   home = str(tmp_path_factory.mktemp("home"))
   expected = write_user_files(home)
-  env = {**os.environ, "HOME": home, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-         "JAX_NUM_CPU_DEVICES": "1", "VENV_PYTHON": sys.executable, "XLA_CACHE": CACHE_DIR}
-  proc = subprocess.run(["bash", "-e", "-c", SHIM + readme_block()], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=1200)
+  proc = helpers.call(["bash", "-e", "-c", SHIM + readme_block()], timeout=1200,
+                      env={"HOME": home, "VENV_PYTHON": sys.executable, "XLA_CACHE": CACHE_DIR})
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
   return home, expected, proc.stdout
 

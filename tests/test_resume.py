@@ -16,7 +16,9 @@ import time
 
 import pytest
 
-from test_train import REPO, command, environment, metrics, run
+from conftest import REPO
+from helpers import FLAVA_TINY, command, environment, metrics, run
+from mmjax.objectives import flava
 
 TOTAL = 40
 FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
@@ -24,11 +26,7 @@ FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every_steps=1",
 
 
 def train(workdir, data_dir, *overrides, expect=0, env=None):
-  proc = subprocess.run(command("mmjax.train", workdir, data_dir, *FLAGS, *overrides),
-                        cwd=REPO, env={**environment(), **(env or {})}, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
+  return run("mmjax.train", workdir, data_dir, *FLAGS, *overrides, expect=expect, env=env)
 
 
 def steps_in(workdir):
@@ -145,3 +143,27 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
   # Step 8 is due for a checkpoint, but it contains the bad step: only step 4 is committed.
   assert steps_in(workdir) == [4] and not leftovers(workdir)
   assert [m["step"] for m in metrics(workdir)] == list(range(1, 8))
+
+
+def test_preempted_in_the_unimodal_phase_resumes_into_the_joint_phase(tmp_path, data_dir):
+  """SIGTERM at step 3 of 8 (unimodal phase: steps 1-4), restart: the resumed run switches
+  to all six objectives at the same step and logs the uninterrupted run's losses bitwise."""
+  small = ["--config.total_steps=8", "--config.batch_size=8", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=4", "--config.eval_every_steps=0",
+           "--config.loss.unimodal_steps=4"]
+  def logged(workdir):
+    return {m["step"]: m for m in metrics(workdir) if "loss" in m}
+
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  run("mmjax.train", reference, data_dir, *small, config=FLAVA_TINY)
+  out = run("mmjax.train", resumed, data_dir, *small, expect=42, config=FLAVA_TINY,
+            env={"MMJAX_DEBUG_SIGTERM_AT_STEP": "3"}).stdout
+  assert "Preempted: saved step 3" in out
+  out = run("mmjax.train", resumed, data_dir, *small, config=FLAVA_TINY).stdout
+  assert "at step 3" in out and "step 4/" in out
+  ref, res = logged(reference), logged(resumed)
+  assert sorted(res) == sorted(ref) == list(range(1, 9))
+  assert [ref[s]["joint_phase"] for s in ref] == [0, 0, 0, 0, 1, 1, 1, 1]
+  for s in range(1, 9):
+    assert {k: res[s][k] for k in flava.LOSS_KEYS + ("loss", "joint_phase")} == \
+        {k: ref[s][k] for k in flava.LOSS_KEYS + ("loss", "joint_phase")}, s

@@ -7,33 +7,12 @@ import pytest
 
 import helpers
 from configs import coca
+from helpers import assert_trees_close, loss_and_grads
 
 
 def setup(mesh_shape=(1, 1, 1), preset="coca_unicl_prefix", **overrides):
   config = helpers.tiny_config(preset, **{"mesh.shape": mesh_shape, **overrides})
   return (config, *helpers.step_setup(config, math.prod(mesh_shape)))
-
-
-def loss_and_grads(mesh_shape, preset="coca_unicl_prefix", **overrides):
-  config, rt, state = setup(mesh_shape, preset, **overrides)
-  with rt.activate():
-    batch = rt.global_batch(helpers.synthetic_batch(config))
-    grads_fn = jax.jit(rt.objective.grads, in_shardings=(rt.shardings.params, rt.batch_sharding,
-                                                         None))
-    loss, aux, grads = grads_fn(state.params, batch, state.step)
-  return float(loss), jax.device_get(grads), state
-
-
-def assert_trees_close(a, b, rtol):
-  """Relative to the whole gradient: some gradients are exactly zero in exact arithmetic
-  (e.g. attention key biases) and only float noise per leaf."""
-  scale = max(np.abs(y).max() for y in jax.tree.leaves(b))
-  diff = [(jax.tree_util.keystr(path), np.abs(x - y).max())
-          for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b))]
-  worst = max(diff, key=lambda d: d[1])
-  assert worst[1] <= rtol * scale, worst
-  norm = lambda t: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(t)))
-  assert norm(jax.tree.map(np.subtract, a, b)) <= rtol * norm(b)
 
 
 @pytest.fixture(scope="module")

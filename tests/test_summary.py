@@ -1,16 +1,18 @@
-"""mmjax.summary: parameter counts against the CoCa paper's Table 1, FLOPs against XLA."""
+"""mmjax.summary: parameter counts against the CoCa paper's Table 1 and FLAVA's encoder sizes,
+FLOPs against XLA."""
 import json
-import os
-import subprocess
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 import helpers
 from configs import coca, flava
+from conftest import REPO
 from mmjax import objectives, runtime, summary
+from mmjax.objectives.flava import FlavaObjective
 
 # Table 1 of arXiv 2205.01917: (image encoder, decoder, total), the total being their sum.
 PAPER = {"base": (86e6, 297e6, 383e6), "large": (303e6, 484e6, 787e6),
@@ -53,17 +55,8 @@ def _tiny_flop_config(**overrides):
   """configs/coca.py:tiny, unrolled (HLO cost analysis counts a scanned layer's while-loop
   body once, not per layer) and with the dense contrastive loss (the ring loss needs a mesh
   and recomputes logits in its backward pass)."""
-  config = coca.get_config("tiny")
-  with config.unlocked():
-    config.model.scan_layers = False
-    config.loss.sharded = False
-    for key, value in overrides.items():
-      target = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
-  return config
+  return helpers.override(coca.get_config("tiny"), **{"model.scan_layers": False,
+                                                      "loss.sharded": False, **overrides})
 
 
 def _lowered_grad(config):
@@ -108,13 +101,9 @@ def test_flops_terms_match_xla(tiny_lowered_flops, override):
 
 
 def test_cli_json_giant_is_fast():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
   start = time.monotonic()
-  out = subprocess.run([sys.executable, "-m", "mmjax.summary",
-                        "--config", os.path.join(repo, "configs/coca.py:giant"), "--json"],
-                       capture_output=True, text=True, env=env, cwd=repo, timeout=120,
-                       check=True)
+  out = helpers.call([sys.executable, "-m", "mmjax.summary", "--config",
+                      f"{REPO}/configs/coca.py:giant", "--json"], timeout=120, check=True)
   elapsed = time.monotonic() - start
   s = json.loads(out.stdout)
   assert s["params_total"] == 2_212_248_961
@@ -140,3 +129,34 @@ def test_model_flops_per_example_is_the_summary_total():
   flava_config = flava.get_config("tiny")
   assert summary.model_flops_per_example(flava_config) == summary.summarize(
       flava_config)["flops_per_example"] > 0
+
+
+def test_summary_flava_flops_match_xla():
+  """The FLOPs formula (matmuls only) against XLA's cost analysis of the lowered gradient of
+  the real FLAVA loss (unrolled layers: a scanned body is counted once). XLA also counts
+  norms, GELU, softmax, the losses and the masking, so the formula lands a little below."""
+  config = helpers.flava_config(**{"model.scan_layers": False})
+  rt = runtime.build(config, jax.devices()[:1], params_only=True)
+  objective = FlavaObjective(config, rt.model)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rt.abstract_state)
+  lowered = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jnp.int32(100))[0])).lower(
+      params, runtime.batch_spec(config))
+  cost = lowered.cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / config.batch_size
+  s = summary.summarize(config)
+  assert 0.85 < s["flops_per_example"] / xla <= 1.0, (s["flops_per_example"], xla)
+  assert s["flops_per_step"] == s["flops_per_example"] * config.batch_size
+  assert summary.model_flops_per_example(config) == s["flops_per_example"]  # the MFU metric
+
+
+def test_summary_reports_flava_parts():
+  s = summary.summarize(flava.get_config("full"))
+  # ViT-B/16 at 224 px: 86M; BERT-base-shaped text encoder (30,522 ids + [MASK]): 109M.
+  assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
+  assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
+  assert s["params_total"] == sum(s["params_by_module"].values())
+  table = summary.format_table(s)
+  assert "FLAVA flava:full" in table and "training FLOPs per example" in table
+  # Two ViT-B/16 passes (clean + masked), training (3 x), 2 FLOPs per multiply-add, 84.9M
+  # block weights, 197 tokens: the "6 x params x tokens" rule, twice.
+  assert s["flops_by_part"]["image_encoder"] > 2 * 6 * 84.9e6 * 197

@@ -1,42 +1,13 @@
-"""End-to-end runs of the CLIs on the tiny shapes config (real data, Grain, Orbax, jit)."""
+"""End-to-end runs of the CLIs on the tiny shapes and FLAVA configs (real data, Grain, Orbax,
+jit)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import helpers
-from conftest import CACHE_DIR, REPO
+from helpers import FLAVA_TINY, metrics, run
 from mmjax import summary, train
-
-
-def command(module, workdir, data_dir, *overrides, preset="coca_unicl_prefix"):
-  return [sys.executable, "-m", module, f"--config={REPO}/configs/shapes.py:{preset},tiny",
-          f"--workdir={workdir}", f"--config.data_dir={data_dir}",
-          f"--config.compilation_cache_dir={CACHE_DIR}", *overrides]
-
-
-def environment(devices=1):
-  return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-          "JAX_NUM_CPU_DEVICES": str(devices)}
-
-
-def run(module, workdir, data_dir, *overrides, devices=1, expect=0, env=None, **kw):
-  proc = subprocess.run(command(module, workdir, data_dir, *overrides, **kw), cwd=REPO,
-                        env={**environment(devices), **(env or {})}, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc
-
-
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def losses_by_step(workdir):
-  return {m["step"]: m["loss"] for m in metrics(workdir) if "loss" in m}
 
 
 def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
@@ -92,9 +63,8 @@ def test_skipped_records_are_counted_exactly_across_resumes(tmp_path, data_dir):
   (50/50 mix, batch 16) for 12 steps = 8 epochs = 16 bad draws, 16 records skipped. A run
   preempted at step 4 and at step 8 and resumed twice reports exactly the uninterrupted
   run's cumulative counts at every step."""
-  from test_data import write_bad_folder
   folder_dir = str(tmp_path / "datasets")
-  write_bad_folder("pets", folder_dir)
+  helpers.write_bad_folder("pets", folder_dir)
   flags = ("--config.total_steps=12", "--config.log_every_steps=1",
            "--config.checkpoint_every_steps=0", "--config.eval_every_steps=0",
            "--config.data.sources.labels.name=pets",
@@ -118,9 +88,8 @@ def test_skipped_records_are_counted_exactly_across_resumes(tmp_path, data_dir):
 def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir):
   """1 in 6 draws of the label source is bad; against a 5% limit the evidence is in after
   about 54 draws (7 steps of 8): the run stops naming the source, its counts and the key."""
-  from test_data import write_bad_folder
   folder_dir = str(tmp_path / "datasets")
-  write_bad_folder("pets", folder_dir)
+  helpers.write_bad_folder("pets", folder_dir)
   proc = run("mmjax.train", str(tmp_path / "run"), data_dir, "--config.total_steps=40",
              "--config.eval_every_steps=0", "--config.data.sources.labels.name=pets",
              f"--config.data.sources.labels.data_dir={folder_dir}",
@@ -131,6 +100,32 @@ def test_a_source_past_max_skip_fraction_stops_with_one_line(tmp_path, data_dir)
   assert "examples drew an undecodable image" in lines[0]
   assert "above config data.max_skip_fraction=0.05 with 99.99% confidence" in lines[0]
   assert "step 40/40" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
+  """Train 2 steps (checkpoint + in-loop evaluation), then `python -m mmjax.evaluate` on the
+  checkpoint: zero-shot, retrieval and linear probe run and give the trainer's numbers."""
+  workdir = str(tmp_path / "flava")
+  small = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
+           "--config.loss.unimodal_steps=1", "--config.eval_batch_size=32",
+           "--config.evals.zeroshot.num_examples=32", "--config.evals.retrieval.num_examples=32",
+           "--config.evals.seen_classes.num_examples=32",
+           "--config.evals.linear_probe.num_train=128",
+           "--config.evals.linear_probe.num_examples=32"]
+  run("mmjax.train", workdir, data_dir, *small, config=FLAVA_TINY)
+  trained = [m for m in metrics(workdir) if "linear_probe/shapes_labels/top1" in m][-1]
+  out = run("mmjax.evaluate", workdir, data_dir, *small, config=FLAVA_TINY).stdout
+  with open(os.path.join(workdir, "eval", "step_2.json")) as f:
+    evaluated = json.load(f)
+  for key in ("zeroshot/shapes_labels_unseen/top1", "seen_classes/shapes_labels_seen/top1",
+              "retrieval/shapes_captions/i2t_r10",
+              "linear_probe/shapes_labels/top1"):
+    assert key in evaluated and key in out, key
+  for key, value in evaluated.items():
+    if key != "step":
+      assert value == pytest.approx(trained[key], abs=1e-6), key
 
 
 def test_profile_window_writes_a_trace_of_those_steps(tmp_path, data_dir):

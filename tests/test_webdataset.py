@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import fcntl
 import gzip
-import importlib
 import io
 import json
 import os
@@ -21,17 +20,15 @@ import sys
 import tarfile
 import time
 
-import fsspec
 import numpy as np
 import pytest
 import skimage.data
 import tensorflow_datasets as tfds
 from etils import epath
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from conftest import CACHE_DIR, REPO
+import helpers
+from conftest import REPO
 from mmjax.data import webdataset, webdataset_build
 
 BEAM_1_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
@@ -323,8 +320,7 @@ def build_cli(pattern, name, data_dir, *extra, beam=(), expect=0):
          f"--data_dir={data_dir}", *extra]
   if beam:
     cmd += ["--", *beam]
-  proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
-                        capture_output=True, text=True, timeout=600)
+  proc = helpers.call(cmd)
   assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -367,30 +363,6 @@ def test_one_and_two_workers_give_the_same_dataset_and_an_exact_report(corpus, t
   assert (f"--config.data.sources.captions.name=web_captions "
           f"--config.data.sources.captions.data_dir={dir1}") in out1
   assert not [p for p in os.listdir(f"{dir1}/web_captions") if p.startswith("incomplete")]
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-  """gs:// served from memory: fsspec's memory filesystem under the gs/gcs protocols, which
-  etils.epath (and so mmjax) uses for gs:// when TensorFlow is absent. Paths come back
-  without a leading slash, as gcsfs returns them (epath's glob prepends gs://)."""
-
-  class FakeGCS(MemoryFileSystem):
-    protocol, root_marker, store, pseudo_dirs = ("gs", "gcs"), "", {}, [""]
-
-    @classmethod
-    def _strip_protocol(cls, path):
-      path = str(path)
-      for prefix in ("gs://", "gcs://"):
-        path = path.removeprefix(prefix)
-      return path.strip("/")
-
-  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
-  for name in ("gs", "gcs"):
-    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, FakeGCS)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  yield fsspec.filesystem("gs")
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_gs_shards_to_gs_dataset_match_the_local_build(corpus, two_worker_counts, gcs):
@@ -482,9 +454,8 @@ def test_a_skip_is_fatal_with_the_flag_and_leaves_no_dataset(corpus, tmp_path):
     (("--webdataset=/x/a.tar", "--name=x", "--captions_file=c.csv"), "exactly one of"),
 ])
 def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
-  proc = subprocess.run([sys.executable, "-m", "mmjax.data.build", *args,
-                         f"--data_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+  proc = helpers.call([sys.executable, "-m", "mmjax.data.build", *args,
+                       f"--data_dir={tmp_path}"], timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[0]]
   assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -505,11 +476,10 @@ def test_no_readable_shard_and_an_existing_dataset_are_errors(corpus, tmp_path, 
 
 
 def test_dry_run_prints_the_dataflow_invocation_and_reads_nothing(tmp_path):
-  proc = subprocess.run(
+  proc = helpers.call(
       [sys.executable, "-m", "mmjax.data.build", "--webdataset=gs://b/cc/{00000..01242}.tar",
        "--name=cc12m", "--data_dir=gs://b/tfds", "--runner=DataflowRunner", "--min_image_side=64",
        "--dry_run", "--", "--project=p", "--region=us-central1", "--temp_location=gs://b/tmp"],
-      cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
       timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = proc.stdout
@@ -529,22 +499,14 @@ def test_tiny_training_run_reads_the_built_datasets(corpus, two_worker_counts, t
       pattern=corpus["lab_pattern"], name="web_cls", data_dir=label_dir,
       rules=webdataset.SampleRules(label="cls")), beam_args=BEAM_1_PROCESS)
   workdir, caption_dir = str(tmp_path / "run"), two_worker_counts[1][0]
-  proc = subprocess.run(
-      [sys.executable, "-m", "mmjax.train",
-       f"--config={REPO}/configs/shapes.py:coca_unicl_prefix,tiny",
-       f"--workdir={workdir}", f"--config.data_dir={tmp_path}/tokenizer_cache",
-       f"--config.compilation_cache_dir={CACHE_DIR}", "--config.total_steps=2",
-       "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
-       "--config.eval_every_steps=0",
-       "--config.data.sources.captions.name=web_captions",
-       f"--config.data.sources.captions.data_dir={caption_dir}",
-       "--config.data.sources.labels.name=web_cls",
-       f"--config.data.sources.labels.data_dir={label_dir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"})
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  with open(f"{workdir}/metrics.jsonl") as f:
-    logged = [json.loads(line) for line in f if '"loss"' in line]
+  helpers.run("mmjax.train", workdir, f"{tmp_path}/tokenizer_cache", "--config.total_steps=2",
+              "--config.log_every_steps=1", "--config.checkpoint_every_steps=2",
+              "--config.eval_every_steps=0",
+              "--config.data.sources.captions.name=web_captions",
+              f"--config.data.sources.captions.data_dir={caption_dir}",
+              "--config.data.sources.labels.name=web_cls",
+              f"--config.data.sources.labels.data_dir={label_dir}")
+  logged = [m for m in helpers.metrics(workdir) if "loss" in m]
   assert [m["step"] for m in logged] == [1, 2]
   assert all(np.isfinite(m["loss"]) for m in logged)
   assert logged[-1]["data/skipped"] == 0  # every bad sample was left out at build time
@@ -622,8 +584,7 @@ def test_a_killed_build_leaves_nothing_readable_and_a_rerun_completes(corpus, tm
   data_dir = tmp_path / "data"
   cmd = [sys.executable, "-m", "mmjax.data.build", f"--webdataset={shards}/*.tar", "--name=killed",
          f"--data_dir={data_dir}", "--", "--direct_num_workers=2"]
-  env = {**os.environ, "PYTHONPATH": REPO}
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=helpers.environment(), start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not list(data_dir.glob("killed/incomplete.*/killed-train.array_record-*-of-00040")):
@@ -635,7 +596,7 @@ def test_a_killed_build_leaves_nothing_readable_and_a_rerun_completes(corpus, tm
   assert [p.name.startswith("incomplete.") for p in (data_dir / "killed").iterdir()] == [True]
   with pytest.raises(Exception):
     tfds.data_source("killed", split="train", data_dir=str(data_dir))
-  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  rerun = helpers.call(cmd)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "leftover directories of killed builds" in rerun.stdout
   plan = corpus["cap_plan"]

@@ -1,89 +1,22 @@
 """metrics.jsonl / TensorBoard / eval outputs on a local disk and on gs://.
 
-gs:// runs offline against FakeGCS: an in-memory fsspec filesystem registered as `gs`/`gcs`
-(what etils.epath, and so mmjax, uses for gs:// when TensorFlow is absent) that, like GCS,
-has no append (gcsfs silently turns mode "a" into an overwrite, fsspec/gcsfs#533: here it
-raises) and shows a file only once it is closed. tensorboardX's gs:// writer (which needs
+gs:// runs offline against FakeGCS (tests/conftest.py, the `gcs` fixture): an in-memory
+fsspec filesystem registered as `gs`/`gcs` (what etils.epath, and so mmjax, uses for gs://
+when TensorFlow is absent) that, like GCS, has no append (gcsfs silently turns mode "a"
+into an overwrite, fsspec/gcsfs#533: here it raises) and shows a file only once it is
+closed. tensorboardX's gs:// writer (which needs
 google-cloud-storage and credentials) is replaced by one uploading to FakeGCS the same way.
 Orbax's gs:// checkpoints go through tensorstore's own GCS driver and are not faked here.
 """
-import importlib
-import io
 import json
 
-import fsspec
 import numpy as np
 import pytest
 from etils import epath
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
-from tensorboardX import record_writer
 
+from conftest import FakeGCS
 from mmjax import writers
-
-
-class FakeGCS(MemoryFileSystem):
-  protocol = ("gs", "gcs")
-  store = {}  # not shared with memory://
-  pseudo_dirs = [""]
-  modes = []  # every mode a file was opened with
-
-  @classmethod
-  def _strip_protocol(cls, path):
-    path = str(path)
-    for prefix in ("gs://", "gcs://"):
-      path = path.removeprefix(prefix)
-    path = path.strip("/")
-    return "/" + path if path else ""
-
-  def _open(self, path, mode="rb", **kwargs):
-    FakeGCS.modes.append(mode)
-    if "a" in mode or "+" in mode:
-      raise OSError(f"GCS objects cannot be appended to or updated in place ({mode=})")
-    return super()._open(path, mode, **kwargs)
-
-
-class FakeGCSEventFile:
-  """tensorboardX's GCSRecordWriter, uploading to FakeGCS: the whole buffer on each flush."""
-
-  def __init__(self, path):
-    self.path, self.buffer = path, io.BytesIO()
-
-  def write(self, data):
-    self.buffer.write(data)
-
-  def flush(self):
-    with fsspec.filesystem("gs").open(self.path, "wb") as f:
-      f.write(self.buffer.getvalue())
-
-  def close(self):
-    self.flush()
-
-
-class FakeGCSEventFactory:
-  def open(self, path):
-    return FakeGCSEventFile(path)
-
-  def directory_check(self, path):
-    pass
-
-
-@pytest.fixture
-def gcs(monkeypatch):
-  """A clean FakeGCS behind gs:// for epath (fsspec backend) and tensorboardX."""
-  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
-  for name in ("gs", "gcs"):  # registered for this test only (monkeypatch restores it)
-    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, FakeGCS)
-  monkeypatch.setitem(record_writer.REGISTERED_FACTORIES, "gs", FakeGCSEventFactory())
-  FakeGCS.clear_instance_cache()
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  FakeGCS.store.clear()
-  FakeGCS.pseudo_dirs[:] = [""]
-  FakeGCS.modes.clear()
-  yield fsspec.filesystem("gs")
-  FakeGCS.clear_instance_cache()
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def read_jsonl(path):

@@ -1,36 +1,20 @@
-"""FLAVA: losses against float64 NumPy references, masking statistics, ITM negatives, a
-jitted train step through mmjax.step, the sharded loss against one device, evaluator
-signatures, the linear probe on frozen features, the eval CLI on a FLAVA checkpoint and
-the modality views of the data pipeline.
+"""The FLAVA objective (mmjax.objectives.flava): its losses against float64 NumPy references
+(each loss and the whole objective with its row rules and phase switch), masking
+statistics, ITM negatives, masks as a function of seed and step, a jitted train step
+through the runtime with the evaluators' embeddings, and the sharded loss against one
+device. The model: tests/test_models_flava.py; its data views: tests/test_data.py.
 
 CPU compiles dominate: every distinct program is jitted once (losses share one program).
 """
-import json
-import math
-import os
-import subprocess
-import sys
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import helpers
-from configs import flava as flava_configs
-from conftest import CACHE_DIR, REPO
-from mmjax import evaluators, losses, models, runtime, summary, vocabulary
-from mmjax.data import pipeline
-from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.evaluators import linear_probe
-from mmjax.models import vit
-from mmjax.models.flava import FlavaConfig
+from helpers import flava_batch, flava_config, init_params
+from mmjax import evaluators, losses, models
 from mmjax.objectives import flava as fo
-
-
-def tiny_config(**overrides):
-  return helpers.override(flava_configs.get_config("tiny"), **overrides)
 
 
 # --- float64 NumPy references --------------------------------------------------------------
@@ -214,31 +198,8 @@ def test_itm_negatives_never_their_own_caption():
   assert abs(swap[2:][paired[2:] & multi].mean() - 0.5) < 0.03
 
 
-def flava_batch(config, seed=0):
-  """Paired, image-only and text-only examples, as the pipeline emits them."""
-  rng = np.random.default_rng(seed)
-  b, length, size = config.batch_size, config.data.max_text_len, config.data.image_size
-  vocab = config.model.text.vocab_size
-  text = np.zeros((b, length), np.int32)
-  for i in range(b):
-    n = rng.integers(4, length + 1)
-    text[i, 0], text[i, n - 1] = 2, 1
-    text[i, 1:n - 1] = rng.integers(4, vocab, n - 2)
-  kind = np.arange(b) % 4  # 0, 1 paired; 2 image-only; 3 text-only
-  paired = (kind < 2).astype(np.int32)
-  has_image = (kind != 3).astype(np.int32)
-  has_text = (kind != 2).astype(np.int32)
-  text[has_text == 0] = 0
-  image = rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32)
-  image[has_image == 0] = 0
-  label = np.where(kind == 0, rng.integers(0, 3, b), -1).astype(np.int32)
-  return dict(image=image, text=text, label=label, text_type=np.zeros(b, np.int32),
-              source=kind.astype(np.int32), skipped=np.zeros(b, np.int32),
-              has_image=has_image, has_text=has_text, paired=paired)
-
-
 def test_tiny_flava_train_step_and_evaluators():
-  config = tiny_config(batch_size=8, **{"loss.unimodal_steps": 1,
+  config = flava_config(batch_size=8, **{"loss.unimodal_steps": 1,
                                         "loss.itm_negative_rate": 0.5})
   rt, state = helpers.step_setup(config, num_devices=1)
   batch = flava_batch(config)
@@ -269,15 +230,11 @@ def test_tiny_flava_train_step_and_evaluators():
 
 def flava_loss_and_grads(mesh_shape):
   """The jitted FLAVA loss and gradients of one batch (joint phase, ITM swaps) on a mesh."""
-  config = tiny_config(batch_size=8, **{"mesh.shape": mesh_shape,
+  config = flava_config(batch_size=8, **{"mesh.shape": mesh_shape,
                                         "loss.itm_negative_rate": 0.5})
-  rt, state = helpers.step_setup(config, math.prod(mesh_shape))
-  with rt.activate():
-    batch = rt.global_batch(flava_batch(config))
-    grads = jax.jit(rt.objective.grads, in_shardings=(rt.shardings.params, rt.batch_sharding,
-                                                      None))
-    loss, aux, g = grads(state.params, batch, jnp.int32(config.loss.unimodal_steps))
-  return float(loss), jax.device_get(aux), jax.device_get(g)
+  loss, aux, grads, _ = helpers.objective_grads(config, flava_batch(config),
+                                                jnp.int32(config.loss.unimodal_steps))
+  return loss, aux, grads
 
 
 @pytest.fixture(scope="module")
@@ -294,15 +251,11 @@ def test_sharded_pretrain_loss_matches_one_device(one_device_reference, mesh_sha
   assert loss == pytest.approx(ref_loss, rel=1e-5)
   for key in fo.LOSS_KEYS:
     assert aux[key] == pytest.approx(ref_aux[key], rel=1e-5, abs=1e-6), key
-  # Gradients, relative to the whole gradient (some leaves are float noise around zero).
-  scale = max(np.abs(x).max() for x in jax.tree.leaves(ref_grads))
-  worst = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(grads),
-                                                   jax.tree.leaves(ref_grads)))
-  assert worst <= 1e-5 * scale, worst
+  helpers.assert_trees_close(grads, ref_grads, rtol=1e-5)
 
 
 def test_masks_are_a_function_of_seed_and_step():
-  config = tiny_config(batch_size=8)
+  config = flava_config(batch_size=8)
   objective = fo.FlavaObjective(config, models.build_model(config))
   batch = {k: jnp.asarray(v) for k, v in flava_batch(config).items()}
   make = jax.jit(objective.make_inputs)
@@ -319,7 +272,7 @@ def test_loss_rows_mlm_on_text_only_data_unless_asked(mlm_on_paired):
   """Per example: MLM on text-only rows (paper, torchmultimodal), the paired captions only
   with loss.mlm_on_paired; MIM on image-only rows; MMM on matched pairs; ITM and
   contrastive on pairs."""
-  config = tiny_config(batch_size=8)
+  config = flava_config(batch_size=8)
   batch = {k: jnp.asarray(v) for k, v in flava_batch(config).items()}
   kind = np.arange(8) % 4  # flava_batch: 0, 1 paired; 2 image-only; 3 text-only
   match = jnp.asarray([True, False] * 4)
@@ -364,7 +317,7 @@ def test_loss_equals_float64_reference_and_switches_phase_at_the_configured_step
   """Steps 2 and 3 with loss.unimodal_steps=3: every loss equals its float64 reference
   (MLM weighted over exactly the rows loss_rows names), the total is MLM + MIM at step 2
   and all six at step 3."""
-  config = tiny_config(batch_size=16, **{"loss.unimodal_steps": 3, "loss.mlm_rate": 0.5,
+  config = flava_config(batch_size=16, **{"loss.unimodal_steps": 3, "loss.mlm_rate": 0.5,
                                          "loss.itm_negative_rate": 0.5,
                                          "loss.mlm_on_paired": mlm_on_paired})
   model = models.build_model(config)
@@ -392,235 +345,3 @@ def test_loss_equals_float64_reference_and_switches_phase_at_the_configured_step
     expected = sum(reference[k] for k in fo.LOSS_KEYS if joint or k in ("mlm_loss",
                                                                          "mim_loss"))
     assert float(loss) == pytest.approx(expected, rel=1e-5)
-
-
-def test_unimodal_phase_batches_hold_only_unimodal_sources(data_dir):
-  """loss.unimodal_steps=2: steps 0 and 1 are image-only and text-only examples, steps 2
-  on the whole mixture; a resume at step 1 or 3 reads the uninterrupted run's batches."""
-  config = tiny_config(data_dir=data_dir, batch_size=32, **{"loss.unimodal_steps": 2})
-  tokenizer = tokenizer_lib.get_tokenizer(config)
-
-  def take(start_step, n):
-    it = pipeline.make_train_iterator(config, tokenizer, start_step=start_step,
-                                      process_index=0, process_count=1)
-    try:
-      return [next(it) for _ in range(n)]
-    finally:
-      it.close()
-
-  fresh = take(0, 4)
-  for b in fresh[:2]:
-    assert not b["paired"].any()
-    image_only = (b["has_image"] == 1) & (b["has_text"] == 0)
-    assert image_only.any() and (~image_only).any()  # both unimodal sources
-  for b in fresh[2:]:
-    assert b["paired"].any() and not b["paired"].all()
-  for start, resumed in ((1, take(1, 2)), (3, take(3, 1))):
-    for offset, batch in enumerate(resumed):
-      for key in batch:
-        np.testing.assert_array_equal(batch[key], fresh[start + offset][key])
-
-
-def test_a_unimodal_phase_without_unimodal_sources_is_one_line(data_dir):
-  from mmjax import errors
-  config = tiny_config(data_dir=data_dir, **{"data.sources.images.weight": 0.0,
-                                             "data.sources.texts.weight": 0.0})
-  with pytest.raises(errors.UsageError, match=r"loss.unimodal_steps=50: the unimodal phase "
-                     "needs a source with modality 'image' or 'text'"):
-    pipeline.global_train_dataset(config, tokenizer_lib.get_tokenizer(config))
-
-
-def init_params(config, model):
-  batch = flava_batch(config)
-  return nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["image"],
-                                      batch["text"])["params"])
-
-
-def test_image_encoder_is_the_shared_vit_with_a_mask_token():
-  config = tiny_config(batch_size=4)
-  model = models.build_model(config)
-  params = init_params(config, model)
-  assert sorted(params["vision"]) == ["cls", "encoder", "ln_post", "mask_token",
-                                      "patch_embed", "pos_embed"]
-  # Token table rows (vocab + [MASK]) padded so the `vocab` axis splits over tensor devices.
-  rows = params["token_embed"]["embedding"].shape[0]
-  assert rows % 128 == 0 and rows >= config.model.text.vocab_size + 1
-  n, size = FlavaConfig.from_config(config).num_patches, config.data.image_size
-  rng = np.random.default_rng(4)
-  images = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
-  other = rng.uniform(-1, 1, (4, size, size, 3)).astype(np.float32)
-  run = jax.jit(lambda p, x, m: model.apply(
-      {"params": p}, x, m,
-      method=lambda f, x, m: (f.image_tokens(x, m), f.image_tokens(x), f.image_features(x),
-                              f.image_proj(f.image_features(x)), f.encode_image(x)[0])))
-  none, every = np.zeros((4, n), bool), np.ones((4, n), bool)
-  masked_none, unmasked, features, projected, embedding = jax.device_get(
-      run(params, images, none))
-  other_none = jax.device_get(run(params, other, none))[0]
-  masked_all = jax.device_get(run(params, images, every))[0]
-  other_all = jax.device_get(run(params, other, every))[0]
-  # An all-False mask is the plain encoder; different images give different tokens ...
-  np.testing.assert_array_equal(masked_none, unmasked)
-  assert np.abs(masked_none - other_none).max() > 1e-2
-  # ... but with every patch replaced by the mask token the image no longer matters.
-  np.testing.assert_allclose(masked_all, other_all, atol=1e-6)
-  # Probe features: the image encoder's CLS output, which image_proj maps to the embedding.
-  assert features.shape == (4, config.model.vision.width) and features.dtype == np.float32
-  np.testing.assert_array_equal(features, unmasked[:, 0])
-  np.testing.assert_allclose(projected, embedding, rtol=1e-5, atol=1e-6)
-  # A ViT built without a mask token refuses a mask (CoCa's parameter tree is unchanged).
-  with pytest.raises(ValueError, match="mask_token=True"):
-    vit.ViT(config.model.patch_size, 8, 1, 16, 2).init(jax.random.key(0), images[:1],
-                                                        none[:1])
-
-
-def test_linear_probe_reads_image_features_and_beats_chance():
-  """Synthetic separable classes (one colour per class, noisy) through a random-init tiny
-  FLAVA: the probe reads `Embedder.features` (the model's image_features), never the
-  contrastive embedding, and classifies far above chance (0.25)."""
-  config = tiny_config(batch_size=8)
-  rt = runtime.build(config, jax.devices()[:1], params_only=True)
-  model, mesh = rt.model, rt.mesh
-  params = init_params(config, model)
-  rng = np.random.default_rng(6)
-  colours = rng.uniform(-0.8, 0.8, (4, 3))
-
-  size = config.data.image_size
-
-  def split(n):
-    y = rng.integers(0, 4, n).astype(np.int32)
-    x = colours[y][:, None, None, :] + rng.normal(0, 0.1, (n, size, size, 3))
-    return np.clip(x, -1, 1).astype(np.float32), y
-
-  (train_x, train_y), (test_x, test_y) = split(128), split(64)
-
-  class Spy(evaluators.Embedder):
-    calls = 0
-
-    def features(self, params, images):
-      Spy.calls += 1
-      return super().features(params, images)
-
-    def images(self, params, images):
-      raise AssertionError("the linear probe read the contrastive embedding")
-
-  probe = linear_probe.LinearProbe.from_arrays("linear_probe/synthetic", train_x, train_y, test_x, test_y,
-                                               num_classes=4)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-    result = probe(Spy(model, mesh, config.mesh.rules, batch_size=64), params)
-  assert Spy.calls == 2
-  assert result["linear_probe/synthetic/top1"] > 0.9, result
-
-
-def test_pipeline_emits_modality_views(data_dir):
-  config = tiny_config(data_dir=data_dir, batch_size=64, **{"loss.unimodal_steps": 0})
-  tokenizer = tokenizer_lib.get_tokenizer(config)
-  it = pipeline.make_train_iterator(config, tokenizer, start_step=0, process_index=0,
-                                    process_count=1)
-  batch = next(it)
-  it.close()
-  keys = sorted(config.data.sources.keys())  # source id = sorted key index
-  modality = np.array([config.data.sources[k].modality for k in keys])[batch["source"]]
-  np.testing.assert_array_equal(batch["paired"], modality == "paired")
-  np.testing.assert_array_equal(batch["has_image"], modality != "text")
-  np.testing.assert_array_equal(batch["has_text"], modality != "image")
-  assert (batch["text"][modality == "image"] == 0).all()
-  assert (batch["image"][modality == "text"] == 0).all()
-  assert (batch["text"][modality != "image", 0] == vocabulary.BOS_ID).all()
-  assert np.abs(batch["image"][modality != "text"]).sum() > 0
-  assert set(modality) == {"paired", "image", "text"}
-
-
-def test_summary_flava_flops_match_xla():
-  """The FLOPs formula (matmuls only) against XLA's cost analysis of the lowered gradient of
-  the real FLAVA loss (unrolled layers: a scanned body is counted once). XLA also counts
-  norms, GELU, softmax, the losses and the masking, so the formula lands a little below."""
-  config = tiny_config(**{"model.scan_layers": False})
-  rt = runtime.build(config, jax.devices()[:1], params_only=True)
-  objective = fo.FlavaObjective(config, rt.model)
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rt.abstract_state)
-  lowered = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jnp.int32(100))[0])).lower(
-      params, runtime.batch_spec(config))
-  cost = lowered.cost_analysis()
-  xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / config.batch_size
-  s = summary.summarize(config)
-  assert 0.85 < s["flops_per_example"] / xla <= 1.0, (s["flops_per_example"], xla)
-  assert s["flops_per_step"] == s["flops_per_example"] * config.batch_size
-  assert summary.model_flops_per_example(config) == s["flops_per_example"]  # the MFU metric
-
-
-def test_summary_reports_flava_parts():
-  s = summary.summarize(flava_configs.get_config("full"))
-  # ViT-B/16 at 224 px: 86M; BERT-base-shaped text encoder (30,522 ids + [MASK]): 109M.
-  assert s["params_image_encoder"] == pytest.approx(85.8e6, rel=0.01)
-  assert s["params_text_encoder"] == pytest.approx(108.5e6, rel=0.01)
-  assert s["params_total"] == sum(s["params_by_module"].values())
-  table = summary.format_table(s)
-  assert "FLAVA flava:full" in table and "training FLOPs per example" in table
-  # Two ViT-B/16 passes (clean + masked), training (3 x), 2 FLOPs per multiply-add, 84.9M
-  # block weights, 197 tokens: the "6 x params x tokens" rule, twice.
-  assert s["flops_by_part"]["image_encoder"] > 2 * 6 * 84.9e6 * 197
-
-
-def flava_cli(module, workdir, data_dir, *overrides, expect=0, env=None):
-  command = [sys.executable, "-m", module, f"--config={REPO}/configs/flava.py:tiny",
-             f"--workdir={workdir}", f"--config.data_dir={data_dir}",
-             f"--config.compilation_cache_dir={CACHE_DIR}", *overrides]
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
-         **(env or {})}
-  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return proc.stdout
-
-
-def test_preempted_in_the_unimodal_phase_resumes_into_the_joint_phase(tmp_path, data_dir):
-  """SIGTERM at step 3 of 8 (unimodal phase: steps 1-4), restart: the resumed run switches
-  to all six objectives at the same step and logs the uninterrupted run's losses bitwise."""
-  small = ["--config.total_steps=8", "--config.batch_size=8", "--config.log_every_steps=1",
-           "--config.checkpoint_every_steps=4", "--config.eval_every_steps=0",
-           "--config.loss.unimodal_steps=4"]
-  def logged(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
-
-  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
-  flava_cli("mmjax.train", reference, data_dir, *small)
-  out = flava_cli("mmjax.train", resumed, data_dir, *small, expect=42,
-                  env={"MMJAX_DEBUG_SIGTERM_AT_STEP": "3"})
-  assert "Preempted: saved step 3" in out
-  out = flava_cli("mmjax.train", resumed, data_dir, *small)
-  assert "at step 3" in out and "step 4/" in out
-  ref, res = logged(reference), logged(resumed)
-  assert sorted(res) == sorted(ref) == list(range(1, 9))
-  assert [ref[s]["joint_phase"] for s in ref] == [0, 0, 0, 0, 1, 1, 1, 1]
-  for s in range(1, 9):
-    assert {k: res[s][k] for k in fo.LOSS_KEYS + ("loss", "joint_phase")} == \
-        {k: ref[s][k] for k in fo.LOSS_KEYS + ("loss", "joint_phase")}, s
-
-
-@pytest.mark.slow
-def test_evaluate_cli_on_a_flava_checkpoint(tmp_path, data_dir):
-  """Train 2 steps (checkpoint + in-loop evaluation), then `python -m mmjax.evaluate` on the
-  checkpoint: zero-shot, retrieval and linear probe run and give the trainer's numbers."""
-  workdir = str(tmp_path / "flava")
-  small = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every_steps=1",
-           "--config.checkpoint_every_steps=2", "--config.eval_every_steps=2",
-           "--config.loss.unimodal_steps=1", "--config.eval_batch_size=32",
-           "--config.evals.zeroshot.num_examples=32", "--config.evals.retrieval.num_examples=32",
-           "--config.evals.seen_classes.num_examples=32",
-           "--config.evals.linear_probe.num_train=128",
-           "--config.evals.linear_probe.num_examples=32"]
-  flava_cli("mmjax.train", workdir, data_dir, *small)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    trained = [m for m in map(json.loads, f) if "linear_probe/shapes_labels/top1" in m][-1]
-  out = flava_cli("mmjax.evaluate", workdir, data_dir, *small)
-  with open(os.path.join(workdir, "eval", "step_2.json")) as f:
-    evaluated = json.load(f)
-  for key in ("zeroshot/shapes_labels_unseen/top1", "seen_classes/shapes_labels_seen/top1",
-              "retrieval/shapes_captions/i2t_r10",
-              "linear_probe/shapes_labels/top1"):
-    assert key in evaluated and key in out, key
-  for key, value in evaluated.items():
-    if key != "step":
-      assert value == pytest.approx(trained[key], abs=1e-6), key
