@@ -131,3 +131,15 @@ def test_linear_probe_reads_image_features_and_beats_chance():
     result = probe(Spy(model, mesh, config.mesh.rules, batch_size=64), params)
   assert Spy.calls == 2
   assert result["linear_probe/synthetic/top1"] > 0.9, result
+
+
+def test_logistic_fit_past_its_iteration_limit_warns_and_returns():
+  """A fit cut short by max_iter returns its weights with a RuntimeWarning saying so (an
+  evaluation inside a training run must not end it)."""
+  rng = np.random.default_rng(0)
+  y = rng.integers(0, 8, 64)
+  x = rng.normal(size=(8, 16))[y] + rng.normal(size=(64, 16))
+  with pytest.warns(RuntimeWarning, match=r"stopped at 3 iterations short of the optimum "
+                    r"of lambda=1e-05.*l2_grid"):
+    w = linear_probe.logistic_fit(x, y, 8, 1e-5, max_iter=3)
+  assert w.shape == (17, 8) and np.abs(w).max() > 0

@@ -30,6 +30,7 @@ Reports `linear_probe/<dataset>/top1` and `.../lambda` (the entry's key instead 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import ml_collections
@@ -58,10 +59,15 @@ def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
 # (lambda = 0, no strong convexity) a fixed tolerance is all there is.
 OPTIMUM_TOL = 1e-3
 UNREGULARISED_GTOL = 1e-7
+# Iterations per fit before giving up with a warning: near-separable features at the
+# smallest lambdas converge slowly (the trained shapes CoCa's probe, lambda down to 1e-5 on
+# 3200-4000 images x 129 features x 64 classes, was still fitting after 25 min on the
+# loaded 2-core CPU with a limit of 20000).
+MAX_ITER = 3000
 
 
 def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
-                 init: np.ndarray | None = None, max_iter: int = 20_000,
+                 init: np.ndarray | None = None, max_iter: int = MAX_ITER,
                  gtol: float | None = None) -> np.ndarray:
   """Multinomial logistic regression: x [n, d], y int [n] -> weights [d + 1, C] (last row =
   bias), minimising mean cross-entropy + l2/2 * |W without bias|^2 by L-BFGS from `init`
@@ -77,7 +83,9 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
   8-device trainer on an AVX-512 CPU. (The unpenalised biases are only determined up to a
   common shift, which no prediction sees; a class without training examples has its bias
   driven towards -inf, so it is never predicted.)
-  The ftol of 64 machine epsilons leaves the gradient test in charge.
+  The ftol of 64 machine epsilons leaves the gradient test in charge. After `max_iter`
+  iterations it stops with a RuntimeWarning saying the weights are short of the optimum
+  (an evaluation must not end a training run).
   """
   if gtol is None:
     gtol = OPTIMUM_TOL * l2 if l2 > 0 else UNREGULARISED_GTOL
@@ -103,10 +111,12 @@ def logistic_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
       objective, start, jac=True, method="L-BFGS-B",
       options={"maxiter": max_iter, "gtol": gtol, "ftol": 64 * np.finfo(float).eps})
   if result.nit >= max_iter:
-    raise RuntimeError(f"linear probe: L-BFGS did not reach the optimum of lambda={l2} in "
-                       f"{max_iter} iterations (largest gradient component "
-                       f"{np.abs(result.jac).max():.3g} > {gtol:.3g}); raise the smallest "
-                       "config evals.linear_probe.l2_grid value")
+    # An evaluation must never end a training run; say plainly what the number is worth.
+    warnings.warn(f"linear probe: L-BFGS stopped at {max_iter} iterations short of the optimum "
+                  f"of lambda={l2} (largest gradient component {np.abs(result.jac).max():.3g} "
+                  f"> {gtol:.3g}): its score may depend on the start and on float rounding; "
+                  "drop the smallest config evals.<key>.l2_grid values to converge",
+                  RuntimeWarning, stacklevel=2)
   return result.x.reshape(d + 1, num_classes)
 
 
