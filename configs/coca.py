@@ -105,7 +105,7 @@ PRESET_MEMORY = {
     ("large", "h100x8"): (256, "dots_with_no_batch_dims"),
     ("giant", "v4_32"): (64, "full"),
     ("giant", "v5p_128"): (128, "dots_with_no_batch_dims"),
-    ("giant", "h100x8"): (256, "dots_with_no_batch_dims"),
+    ("giant", "h100x8"): (64, "dots_with_no_batch_dims"),
 }
 
 
