@@ -131,9 +131,10 @@ def main() -> None:
   header = (f"Measured {datetime.date.today()} on {cpu_model()}, commit {commit}, with "
             f"`python benchmarks/readme_figures.py --workdir W --repeats {args.repeats}"
             + (f" --cpus {args.cpus}" if args.cpus else "") + "` (training "
-            f"{first['wall_s'] / 60:.1f} min for {steps} steps; "
-            + ("every repeat gave identical figures" if all(same.values()) else
-               "repeats differ: " + ", ".join(n for n, ok in same.items() if not ok))
+            f"{first['wall_s'] / 60:.1f} min for {steps} steps with its evaluations"
+            + ("" if len(same) < 2 else "; every repeat gave identical figures"
+               if all(same.values()) else
+               "; repeats differ: " + ", ".join(n for n, ok in same.items() if not ok))
             + "):")
   block = header + "\n\n" + table(first, runs["random_init"], steps)
   print("\n" + block)

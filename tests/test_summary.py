@@ -53,10 +53,13 @@ def test_vocab_64000_fits_the_paper_and_65536_does_not():
 
 def _tiny_flop_config(**overrides):
   """configs/coca.py:tiny, unrolled (HLO cost analysis counts a scanned layer's while-loop
-  body once, not per layer) and with the dense contrastive loss (the ring loss needs a mesh
-  and recomputes logits in its backward pass)."""
+  body once, not per layer), with the plain captioning head (the fused one loops over token
+  chunks: counted once, too) and the dense contrastive loss (the ring loss needs a mesh and
+  recomputes logits in its backward pass)."""
   return helpers.override(coca.get_config("tiny"), **{"model.scan_layers": False,
-                                                      "loss.sharded": False, **overrides})
+                                                      "loss.sharded": False,
+                                                      "loss.caption_chunk_size": 0,
+                                                      **overrides})
 
 
 def _lowered_grad(config):
