@@ -468,12 +468,7 @@ def with_overrides(config: ml_collections.ConfigDict,
                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """A locked copy of `config` with dotted-key overrides."""
   new = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = new
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  new.update_from_flattened_dict(overrides)
   new.lock()
   return new
 

@@ -27,12 +27,7 @@ from mmjax.data import build, pipeline
 def override(config, **overrides):
   """Unlocks, sets dotted keys ("model.dtype"), locks again; returns the same config."""
   config.unlock()
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   config.lock()
   return config
 
