@@ -23,17 +23,22 @@ and mmjax's same architecture are timed on the same device.
 
 The last line is one JSON object with every figure.
 
-On the lent H100/H200 machines (jax, flax, optax, orbax preinstalled) this script needs only
-ml_collections besides: download it here and carry it (the device tool's `carry`):
-  pip download --no-deps -d .gpu_wheels ml_collections
-  # device command: pip install -q --no-deps .gpu_wheels/*.whl && \
-  #   XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=. python benchmarks/gpu.py
-torch + open_clip wheels exceed what can be carried (64 MiB), so the open_clip figure is
-taken only where the GPU image has them.
+On the lent H100/H200 machines (jax, flax, optax, orbax, torch preinstalled; nothing can be
+downloaded there) mmjax's imports also need grain, tensorflow-datasets and what they import
+(array_record, dm-tree, googleapis-common-protos, immutabledict, portpicker, promise,
+simple-parsing, tensorflow-metadata, toml, docstring-parser), ml_collections, and
+pycocoevalcap's bleu/cider modules (its wheel is 104 MB of Java; the Python modules are
+enough). Unpack the cp312 wheels into an ignored folder, carry it (the device tool's
+`carry`, 64 MiB in all) and put it first on PYTHONPATH:
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 PYTHONPATH=.gpu/site:. python benchmarks/gpu.py --isolate
+open_clip 3.3.0 (+ ftfy, wcwidth) is small enough to carry too; torch is on the machine.
+Figures and the exact commands: benchmarks/RESULTS.md, "GPU".
 """
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import traceback
 
 import jax
@@ -50,6 +55,16 @@ VARIANTS = {
     "288_scan_dots_b256": (288, 18, 256, dict(remat_policy="dots_with_no_batch_dims")),
     "224_unrolled_noremat_b128": (224, 16, 128, dict(remat_policy="none", scan_layers=False)),
     "288_scan_full_b512": (288, 18, 512, dict(remat_policy="full")),
+    # model.attention_impl="cudnn": cuDNN flash attention where its shapes allow (the ViT,
+    # caption pooler and unimodal decoder at these sizes; mmjax.models.layers.cudnn_supports).
+    "288_scan_noremat_b128_cudnn": (288, 18, 128, dict(remat_policy="none",
+                                                       attention_impl="cudnn")),
+    "288_scan_dots_b256_cudnn": (288, 18, 256, dict(remat_policy="dots_with_no_batch_dims",
+                                                    attention_impl="cudnn")),
+    "288_scan_noremat_b256_cudnn": (288, 18, 256, dict(remat_policy="none",
+                                                       attention_impl="cudnn")),
+    "288_scan_dots_b512_cudnn": (288, 18, 512, dict(remat_policy="dots_with_no_batch_dims",
+                                                    attention_impl="cudnn")),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)[:4]
 # --reduced: the same code on configs/coca.py:tiny, sized for a CPU test (bf16 on one).
@@ -91,6 +106,7 @@ def bench_variant(name, base, image_size, patch_size, batch, overrides, args, pe
     if kind != "out_of_memory":
       traceback.print_exc()
     return {**out, "error": kind}
+  out.update(memory_of(run.compiled))
   step_s, host_step_s = statistics.median(times), statistics.median(host_times)
   tflops = batch * flops_per_example / step_s / 1e12
   out.update(compile_s=round(compile_s, 2), step_s=round(step_s, 5),
@@ -102,6 +118,40 @@ def bench_variant(name, base, image_size, patch_size, batch, overrides, args, pe
         f"{batch / step_s:.1f} ex/s, {tflops:.1f} TFLOP/s"
         + (f", MFU {100 * tflops * 1e12 / peak:.1f}%" if peak else ""), flush=True)
   return out
+
+
+def memory_of(compiled) -> dict:
+  """The compiler's per-device figures (what `mmjax.aot` reports ahead of time: arguments +
+  temporaries + outputs not aliased) and, where the backend keeps them, the allocator's
+  measured peak of this process (so one variant per process: `--isolate`)."""
+  m = compiled.memory_analysis()
+  out = {}
+  if m is not None:
+    compiled_total = (m.argument_size_in_bytes + m.temp_size_in_bytes
+                      + m.output_size_in_bytes - m.alias_size_in_bytes)
+    out.update(compiled_temp_bytes=m.temp_size_in_bytes,
+               compiled_argument_bytes=m.argument_size_in_bytes,
+               compiled_total_bytes=compiled_total)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out.update(peak_bytes_in_use=stats["peak_bytes_in_use"], bytes_limit=stats.get("bytes_limit"))
+  return out
+
+
+def isolated(name: str, args) -> dict:
+  """One variant in a fresh process of this script: its own allocator peak, and an
+  out-of-memory or crash that cannot affect the next variant."""
+  command = [sys.executable, __file__, "--variants", name, "--steps", str(args.steps),
+             "--warmup", str(args.warmup), "--text_len", str(args.text_len),
+             "--peak_tflops", str(args.peak_tflops), "--openclip_batch", "0"]
+  command += ["--reduced"] if args.reduced else []
+  proc = subprocess.run(command, capture_output=True, text=True)
+  sys.stdout.write(proc.stdout[:proc.stdout.rfind("\n{")] + "\n" if "{" in proc.stdout
+                   else proc.stdout + proc.stderr[-2000:])
+  try:
+    return json.loads(proc.stdout.strip().splitlines()[-1])["variants"][name]
+  except (IndexError, ValueError, KeyError):
+    return {"error": f"process exited {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}
 
 
 def bench_openclip(batch: int, args) -> dict:
@@ -140,6 +190,8 @@ def main() -> None:
   parser.add_argument("--peak_tflops", type=float, default=0.0)
   parser.add_argument("--openclip_batch", type=int, default=128, help="0 = skip open_clip")
   parser.add_argument("--profile_dir", default="", help="trace the first variant's steps")
+  parser.add_argument("--isolate", action="store_true",
+                      help="each variant in a fresh process (per-variant peak memory)")
   args = parser.parse_args()
 
   device = jax.devices()[0]
@@ -156,7 +208,8 @@ def main() -> None:
              "steps": args.steps, "variants": {}}
   print(f"{device.device_kind}: peak {peak and peak / 1e12} TFLOP/s (dense bf16)", flush=True)
   for name in names:
-    results["variants"][name] = bench_variant(name, base, *table[name], args, peak)
+    results["variants"][name] = (isolated(name, args) if args.isolate else
+                                 bench_variant(name, base, *table[name], args, peak))
   ok = {k: v for k, v in results["variants"].items() if "mfu" in v}
   if ok:
     best = max(ok, key=lambda k: ok[k]["model_tflops_per_s"])

@@ -158,6 +158,9 @@ def _common_model(name: str) -> ConfigDict:
   # mmjax.models.layers.REMAT_POLICIES (full, dots, dots_with_no_batch_dims, save_qkv_proj,
   # save_attention_recompute_mlp, offload_*; the guide's memory knobs compare them).
   m.remat_policy = "none"
+  # jax.nn.dot_product_attention's implementation: "xla" (any backend) or "cudnn" (cuDNN
+  # fused flash attention: NVIDIA GPUs, bfloat16 compute; mmjax.models.layers).
+  m.attention_impl = "xla"
   return m
 
 

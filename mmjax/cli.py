@@ -180,6 +180,13 @@ def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[st
   if config.model.remat_policy not in ("none", *layers.REMAT_POLICIES):
     problems.append(f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
                     f"{['none', *layers.REMAT_POLICIES]}")
+  impl = config.model.attention_impl
+  if impl not in layers.ATTENTION_IMPLEMENTATIONS:
+    problems.append(f"config model.attention_impl={impl!r}: choose one of "
+                    f"{list(layers.ATTENTION_IMPLEMENTATIONS)}")
+  elif impl == "cudnn" and config.model.dtype not in ("bfloat16", "float16"):
+    problems.append(f"config model.attention_impl='cudnn' needs model.dtype='bfloat16' (or "
+                    f"'float16'), not {config.model.dtype!r}; or use attention_impl='xla'")
   builders = (models.build_model, optimizer.make_optimizer,
               lambda c: objectives.build(c, models.build_model(c), mesh=None))
   for build in builders[:2] if problems else builders:

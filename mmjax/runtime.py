@@ -25,7 +25,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from mmjax import models, objectives, optimizer as optimizer_lib, sharding, state as state_lib
+from mmjax import errors, models, objectives, optimizer as optimizer_lib, sharding
+from mmjax import state as state_lib
 from mmjax import step as step_lib
 from mmjax.data import sources
 
@@ -104,6 +105,11 @@ def build(config: ml_collections.ConfigDict, devices: Sequence[Any] | None = Non
   device memory and creates no concrete array, so it also runs over abstract devices
   (ahead-of-time compilation)."""
   mesh = sharding.make_mesh(config, devices)
+  platform = mesh.devices.flat[0].platform
+  if config.model.attention_impl == "cudnn" and platform not in ("gpu", "cuda"):
+    raise errors.ConfigError(
+        f"config model.attention_impl='cudnn' runs only on NVIDIA GPUs, these devices are "
+        f"{platform!r}: use --config.model.attention_impl=xla")
   model = models.build_model(config)
   optimizer = schedule = objective = None
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):

@@ -63,6 +63,10 @@ def test_batch_not_divisible_fails_before_compiling():
      r"'save_attention_recompute_mlp'"),
     ({"loss.caption_chunk_size": -1}, 1, r"loss.caption_chunk_size=-1"),
     ({"profile.num_steps": -2}, 1, r"profile.num_steps=-2"),
+    ({"model.attention_impl": "flash"}, 1,
+     r"^config model.attention_impl='flash': choose one of \['xla', 'cudnn'\]$"),
+    ({"model.attention_impl": "cudnn"}, 1,
+     r"^config model.attention_impl='cudnn' needs model.dtype='bfloat16'"),
 ])
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import helpers
-from mmjax import losses, models
+from mmjax import errors, losses, models, runtime
 from mmjax.models import layers
 from mmjax.models import text as text_lib
 
@@ -222,3 +222,60 @@ def test_bfloat16_loss_close_to_float32():
   f32, b16 = float(loss(model)), float(loss(bf16))
   assert abs(b16 - f32) / f32 < 2e-2
   assert f32 != b16  # bf16 really ran in bf16
+
+
+@pytest.mark.parametrize("make_config", [
+    lambda: helpers.tiny_config(),
+    lambda: helpers.tiny_config(**{"model.pooler": "openclip", "model.embed_dim": 32,
+                                   "model.text.multimodal_block": "openclip"}),
+    lambda: helpers.flava_config()], ids=["coca", "coca_openclip_layout", "flava"])
+def test_attention_impl_reaches_every_attention_call(monkeypatch, make_config):
+  """model.attention_impl is passed to every jax.nn.dot_product_attention of the forward
+  pass (the ViT, both poolers, both decoders / FLAVA's encoders). cuDNN needs a GPU, so the
+  spy records the argument and computes with XLA; every shape counts as cuDNN's here."""
+  xla_attention = jax.nn.dot_product_attention
+  seen = []
+
+  def spy(*args, implementation=None, **kwargs):
+    seen.append(implementation)
+    return xla_attention(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  monkeypatch.setattr(layers, "cudnn_supports", lambda q, k: True)  # tested below
+  config = helpers.override(make_config(), **{"model.attention_impl": "cudnn",
+                                              "model.scan_layers": False})
+  model = models.build_model(config)
+  batch = (helpers.flava_batch if config.model.name == "flava" else helpers.synthetic_batch)(
+      config)
+  inputs = batch["image"], batch["text"], batch["text_type"]
+  jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *inputs))
+  assert seen and set(seen) == {"cudnn"}, seen
+  seen.clear()
+  config = helpers.override(config, **{"model.attention_impl": "xla"})
+  model = models.build_model(config)
+  jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), *inputs))
+  assert seen and set(seen) == {"xla"}, seen
+
+
+def test_cudnn_attention_off_gpu_is_one_config_error():
+  config = helpers.tiny_config(**{"model.attention_impl": "cudnn", "model.dtype": "bfloat16"})
+  with pytest.raises(errors.ConfigError, match=r"^config model.attention_impl='cudnn' runs "
+                     r"only on NVIDIA GPUs, these devices are 'cpu': use "
+                     r"--config.model.attention_impl=xla$"):
+    runtime.build(config, jax.devices()[:1])
+
+
+@pytest.mark.parametrize("dtype, t, s, head_dim, expected", [
+    (jnp.bfloat16, 256, 256, 64, True),  # CoCa-Base ViT, captioning pooler
+    (jnp.float16, 64, 64, 88, True),  # CoCa-Giant's head dim 1408 / 16
+    (jnp.bfloat16, 1, 256, 64, False),  # the 1-query contrastive pooler
+    (jnp.bfloat16, 63, 256, 64, False),  # a 63-token multimodal decoder's cross-attention
+    (jnp.bfloat16, 64, 63, 64, False),
+    (jnp.float32, 256, 256, 64, False),
+    (jnp.bfloat16, 256, 256, 100, False),
+    (jnp.bfloat16, 256, 256, 136, False),
+])
+def test_cudnn_supports_only_shapes_cudnn_trains(dtype, t, s, head_dim, expected):
+  q = jax.ShapeDtypeStruct((2, t, 4, head_dim), dtype)
+  k = jax.ShapeDtypeStruct((2, s, 4, head_dim), dtype)
+  assert layers.cudnn_supports(q, k) is expected

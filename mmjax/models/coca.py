@@ -97,6 +97,7 @@ class AttentionPooler(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   norm_eps: float = 1e-6
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -108,7 +109,7 @@ class AttentionPooler(nn.Module):
     q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
     context = layers.LayerNorm(**kw, name="ln_k")(x)
     out = layers.Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name="attn")(q, context)
+                           implementation=self.attention_impl, name="attn")(q, context)
     return layers.LayerNorm(**kw, name="ln_out")(out)
 
 
@@ -125,7 +126,8 @@ class CoCa(nn.Module):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
-                 norm_eps=c.norm_eps)
+                 norm_eps=c.norm_eps, attention_impl=c.attention_impl)
+    pool = dict(**kw, norm_eps=c.norm_eps, attention_impl=c.attention_impl)
     self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
                           c.vision_heads, **stack, **kw, patch_bias=c.vision_patch_bias,
                           class_token=c.vision_class_token, ln_pre=c.vision_ln_pre,
@@ -135,12 +137,11 @@ class CoCa(nn.Module):
       # One pooler: query 0 is the contrastive embedding, queries 1.. the caption tokens;
       # its output LayerNorm is open_clip's ln_post.
       self.caption_pooler = AttentionPooler(c.num_caption_queries + 1, c.text_width,
-                                            pooler_heads, **kw, norm_eps=c.norm_eps)
+                                            pooler_heads, **pool)
     else:
       self.caption_pooler = AttentionPooler(c.num_caption_queries, c.text_width, pooler_heads,
-                                            **kw, norm_eps=c.norm_eps)
-      self.contrastive_pooler = AttentionPooler(1, c.text_width, pooler_heads, **kw,
-                                                norm_eps=c.norm_eps)
+                                            **pool)
+      self.contrastive_pooler = AttentionPooler(1, c.text_width, pooler_heads, **pool)
     self.token_embed = nn.Embed(
         c.vocab_size, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))

@@ -33,6 +33,7 @@ class ModelConfig:
   param_dtype: str  # model.param_dtype
   scan_layers: bool  # model.scan_layers
   remat_policy: str  # model.remat_policy
+  attention_impl: str  # model.attention_impl
 
   @property
   def num_patches(self) -> int:
@@ -51,4 +52,4 @@ class ModelConfig:
         embed_dim=m.embed_dim, logit_scale_init=m.logit_scale_init,
         logit_scale_max=m.logit_scale_max, activation=m.activation,
         dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy)
+        remat_policy=m.remat_policy, attention_impl=m.attention_impl)

@@ -97,6 +97,7 @@ class TextEncoder(nn.Module):
   remat_policy: str = "none"
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
@@ -108,7 +109,7 @@ class TextEncoder(nn.Module):
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=False, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="encoder")(x, padding_mask(valid))
+        attention_impl=self.attention_impl, name="encoder")(x, padding_mask(valid))
     return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x)
 
 
@@ -138,7 +139,8 @@ class Flava(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation)
+    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
+                 attention_impl=c.attention_impl)
     self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
                           c.vision_heads, **stack, **kw, class_token=True, mask_token=True)
     self.token_embed = nn.Embed(

@@ -125,6 +125,25 @@ class LayerNorm(nn.Module):
         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="norm")(x)
 
 
+# model.attention_impl -> jax.nn.dot_product_attention's `implementation`. "xla": XLA's
+# softmax(q k^T) v, which materialises the [B, heads, T, S] logits; "cudnn": cuDNN's fused
+# flash attention (NVIDIA GPUs only), which keeps only per-row softmax statistics, for
+# every attention whose shapes cuDNN takes (`cudnn_supports`), XLA for the others.
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def cudnn_supports(q: jax.Array, k: jax.Array) -> bool:
+  """Whether cuDNN flash attention trains on q [B, T, H, Dh] over k [B, S, H, Dh]: bfloat16 or
+  float16, head dim a multiple of 8 and <= 128 (256 only on Hopper, which an ahead-of-time
+  compile cannot ask the device about), and T and S even: jax's training path checks the
+  bias rule "sequence lengths even" even when there is no bias (jax 0.10-0.11,
+  cudnn/fused_attention_stablehlo.py), so CoCa's 1-query contrastive pooler and a 63-token
+  multimodal decoder stay on XLA."""
+  (_, t, _, head_dim), s = q.shape, k.shape[1]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+          and t % 2 == 0 and s % 2 == 0)
+
+
 class Attention(nn.Module):
   """Multi-head attention of `x` [B, T, D] over `context` [B, S, Dc] (self-attention if None).
 
@@ -142,6 +161,7 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   decode: bool = False
+  implementation: str = "xla"  # model.attention_impl: one of ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *,
@@ -162,7 +182,11 @@ class Attention(nn.Module):
 
     q, k, v = (checkpoint_name(y, QKV_PROJ) for y in (
         heads(x, "query"), heads(context, "key"), heads(context, "value")))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+    implementation = self.implementation
+    if implementation == "cudnn" and not cudnn_supports(q, k):
+      implementation = "xla"
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                       implementation=implementation)
     out = checkpoint_name(out.reshape(batch, length, width), ATTENTION_CONTEXT)
     return checkpoint_name(dense("out", ("heads", "embed"))(out), ATTENTION_OUT)
 
@@ -285,19 +309,21 @@ class TransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   norm_eps: float = 1e-6
   decode: bool = False  # K/V caches (see Attention); context None = cached image K/V
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attn = dict(**kw, decode=self.decode, implementation=self.attention_impl)
     x = constrain(x, ("batch", "length", "embed"))
     h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_self")(x)
     # A mask already encodes causality; is_causal alone lets XLA/cuDNN skip the mask tensor.
-    x = x + Attention(self.num_heads, **kw, decode=self.decode, name="self_attn")(
+    x = x + Attention(self.num_heads, **attn, name="self_attn")(
         h, mask=mask, is_causal=self.causal and mask is None)
     if self.cross_attention:
       h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_cross")(x)
-      x = x + Attention(self.num_heads, **kw, decode=self.decode, name="cross_attn")(
+      x = x + Attention(self.num_heads, **attn, name="cross_attn")(
           h, context, cross=True)
     h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_mlp")(x)
     x = x + Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(h)
@@ -323,6 +349,7 @@ class TransformerStack(nn.Module):
   norm_eps: float = 1e-6
   block: Any = None
   decode: bool = False  # per-layer K/V caches; under scan stacked on the layers axis
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -339,7 +366,8 @@ class TransformerStack(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
               cross_attention=self.cross_attention, activation=self.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps)
+              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
+              attention_impl=self.attention_impl)
     if self.decode:
       kw["decode"] = True
     if self.scan:

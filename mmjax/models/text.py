@@ -42,6 +42,7 @@ class CrossAttentionBlock(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   norm_eps: float = 1e-6
   decode: bool = False
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
@@ -49,7 +50,8 @@ class CrossAttentionBlock(nn.Module):
     norm = lambda name: layers.LayerNorm(**kw, epsilon=self.norm_eps, name=name)
     if context is not None or not self.decode:
       context = norm("ln_kv")(context)
-    x = x + layers.Attention(self.num_heads, **kw, decode=self.decode, name="attn")(
+    x = x + layers.Attention(self.num_heads, **kw, decode=self.decode,
+                                 implementation=self.attention_impl, name="attn")(
         norm("ln_q")(x), context, cross=True)
     return x + layers.Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(norm("ln_mlp")(x))
 
@@ -67,13 +69,14 @@ class OpenClipMultimodalBlock(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   norm_eps: float = 1e-6
   decode: bool = False  # K/V caches, as layers.TransformerBlock
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
               dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-              decode=self.decode)
+              decode=self.decode, attention_impl=self.attention_impl)
     x, _ = layers.TransformerBlock(**kw, causal=self.causal, name="self_block")(x, mask)
     x = CrossAttentionBlock(**kw, name="cross_block")(x, context)
     return layers.constrain(x, ("batch", "length", "embed")), None
@@ -107,6 +110,7 @@ class UnimodalDecoder(nn.Module):
   norm_eps: float = 1e-6
   cls_mask: str = "correct"  # "correct" | "legacy" (open_clip's shipped CoCa weights)
   decode: bool = False
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array | None, text_type: jax.Array | None, *,
@@ -139,7 +143,8 @@ class UnimodalDecoder(nn.Module):
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         causal=True, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        norm_eps=self.norm_eps, name="decoder")(x, unimodal_mask(key_valid))
+        norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+        name="decoder")(x, unimodal_mask(key_valid))
     cls_out = layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
                                name="ln_cls")(x[:, -1])
     return x[:, :-1], cls_out
@@ -188,6 +193,7 @@ class MultimodalDecoder(nn.Module):
   norm_eps: float = 1e-6
   block: str = "fused"
   decode: bool = False  # K/V caches; image_tokens=None then reuses the cached image K/V
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
@@ -198,7 +204,7 @@ class MultimodalDecoder(nn.Module):
         causal=True, cross_attention=True, activation=self.activation, scan=self.scan,
         remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
         norm_eps=self.norm_eps, block=_MULTIMODAL_BLOCKS[self.block], decode=self.decode,
-        name="decoder")(x, None, image_tokens)
+        attention_impl=self.attention_impl, name="decoder")(x, None, image_tokens)
     return layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
                             name="ln_final")(x)
 

@@ -35,6 +35,7 @@ class ViT(nn.Module):
   ln_pre: bool = False
   ln_post: bool = True
   mask_token: bool = False
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
@@ -73,5 +74,5 @@ class ViT(nn.Module):
         num_layers=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         activation=self.activation, scan=self.scan, remat_policy=self.remat_policy,
         dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-        name="encoder")(x)
+        attention_impl=self.attention_impl, name="encoder")(x)
     return norm("ln_post")(x) if self.ln_post else x
