@@ -4,8 +4,9 @@ targets (arXiv 2204.03610) and CLIP as the case where every pair is its own clas
   loss = loss.contrastive_weight * contrastive + loss.caption_weight * captioning
 
 Batch (global arrays, leading dim B sharded over the mesh's batch axes):
-  image float32 [B, H, W, 3]; text int32 [B, L]; label int32 [B] (-1: caption, no class);
-  text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
+  image uint8 [B, H, W, 3] (the model maps pixels to [-1, 1] per micro-batch,
+  `mmjax.models.vit.normalize_images`); text int32 [B, L]; label int32 [B] (-1: caption, no
+  class); text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
 The contrastive term is the memory-linear ring of `losses.unicl_loss` (loss.sharded) or the
 dense B x B form; captioning is next-token cross-entropy over real tokens (padding never
 counts), over captions and, with loss.caption_loss_on_labels, label prompts too. With
