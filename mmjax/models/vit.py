@@ -8,9 +8,10 @@ import numpy as np
 from mmjax.models import layers
 
 # uint8 pixel x -> x * (2/255) - 1, as float32(x) * float32(2/255) - 1 in NumPy: two roundings,
-# the product's and the difference's. XLA contracts a multiply feeding an add into one fused
-# multiply-add on CPU and GPU, which skips the product's rounding and moves 158 of the 256
-# values by one ulp. So the product is summed from two exact ones: PIXEL_SCALE_HI keeps the
+# the product's and the difference's. XLA:CPU contracts that multiply and subtract into one
+# fused multiply-add, which skips the product's rounding and moves 158 of the 256 values by
+# one ulp (jax 0.10.2); XLA:GPU did not in a check on an H200 (jax 0.11.2), and nothing says
+# it never will. So the product is summed from two exact ones: PIXEL_SCALE_HI keeps the
 # scale's top 16 significant bits (8-bit x times it fits float32's 24), PIXEL_SCALE_LO =
 # PIXEL_SCALE - PIXEL_SCALE_HI its last 8; their sum is rounded once, to float32(x * PIXEL_SCALE),
 # whether or not a multiply-add computes it.
@@ -24,7 +25,9 @@ def normalize_images(images: jax.Array, dtype: layers.Dtype = jnp.float32) -> ja
 
   uint8 (what the data pipeline emits, `mmjax.data.transforms`): pixel x becomes
   x * (2/255) - 1, computed in float32 bit for bit as NumPy's float32 `x * (2/255) - 1`
-  (the host conversion of earlier versions) on every backend, then cast to `dtype`.
+  (the host conversion of earlier versions; checked on CPU and an H200), then cast to
+  `dtype`. XLA may still fold a constant added right after it into the -1 (CoCa's CLIP
+  normalisation adds the 1 back), which can only drop a rounding.
   Floating point (open_clip parity inputs, hand-made arrays): taken as already in [-1, 1]
   and only cast to `dtype`. Any other dtype is refused (TypeError).
 
