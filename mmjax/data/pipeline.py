@@ -183,11 +183,11 @@ def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples
   class_names and text_key), deterministically.
 
   Returns images uint8 [N, H, W, 3] (resize + centre crop to config.data.image_size;
-  pixels, as in training batches); with a label_key: labels int32 [N] (the dataset's own class ids)
-  and class_names list[str] (resolved by `classnames.resolve_class_names`; WordNet ids are
-  refused `for_prompts` unless data.allow_wordnet_ids); with a text_key: texts
-  list[list[str]] (all non-blank captions per image). N = min(num_examples, split size).
-  Bad records are substituted as in training.
+  pixels, as in training batches); with a label_key: labels int32 [N] (the dataset's own
+  class ids) and class_names list[str] (resolved by `classnames.resolve_class_names`;
+  WordNet ids are refused `for_prompts` unless data.allow_wordnet_ids); with a text_key:
+  texts list[list[str]] (all non-blank captions per image).
+  N = min(num_examples, split size). Bad records are substituted as in training.
   """
   e = config.evals[key]
   label_key = e.label_key if "label_key" in e else ""

@@ -2,8 +2,9 @@
 
 Three encoders built from `layers.TransformerStack` (pre-LN blocks, scanned or unrolled):
   * image encoder: `vit.ViT` (uint8 pixels normalised on entry, `vit.normalize_images`)
-    with a prepended learned CLS token, learned positions and a final LayerNorm; masked patches (MIM / MMM) have their embedding replaced by its
-    learned mask token (BEiT, `vit.ViT(mask_token=True)`).
+    with a prepended learned CLS token, learned positions and a final LayerNorm; masked
+    patches (MIM / MMM) have their embedding replaced by its learned mask token (BEiT,
+    `vit.ViT(mask_token=True)`).
   * text encoder: bidirectional (causal=False) with a padding mask; BOS is the text CLS.
   * multimodal encoder: over [mm CLS, projected image tokens (CLS + N), projected text
     tokens (L)] with a padding mask on the text part.

@@ -13,8 +13,8 @@ from mmjax.models import layers
 # one ulp (jax 0.10.2); XLA:GPU did not in a check on an H200 (jax 0.11.2), and nothing says
 # it never will. So the product is summed from two exact ones: PIXEL_SCALE_HI keeps the
 # scale's top 16 significant bits (8-bit x times it fits float32's 24), PIXEL_SCALE_LO =
-# PIXEL_SCALE - PIXEL_SCALE_HI its last 8; their sum is rounded once, to float32(x * PIXEL_SCALE),
-# whether or not a multiply-add computes it.
+# PIXEL_SCALE - PIXEL_SCALE_HI its last 8; their sum is rounded once, to
+# float32(x * PIXEL_SCALE), whether or not a multiply-add computes it.
 PIXEL_SCALE = np.float32(2.0 / 255.0)
 PIXEL_SCALE_HI = (np.array(PIXEL_SCALE).view(np.uint32) & 0xFFFFFF00).view(np.float32)[()]
 PIXEL_SCALE_LO = np.float32(PIXEL_SCALE - PIXEL_SCALE_HI)

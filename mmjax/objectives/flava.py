@@ -39,8 +39,9 @@ DALL-E's pretrained dVAE, a codebook of 8192 at 112 px, which cannot be download
     variance (MAE), regressed with mean squared error over the patch's p*p*3 values.
   * "codebook": `loss.codebook_path` is an .npz with `centroids` float [K, p*p*3] in the
     pixel space the model sees ([-1, 1]: uint8 pixel x is x * 2/255 - 1,
-    `vit.normalize_images`; each patch flattened in (row, col, channel) order); a patch's target is the index of its nearest centroid (squared L2) and the head
-    classifies it with cross-entropy. `fit_patch_codebook` makes one by k-means on
+    `vit.normalize_images`; each patch flattened in (row, col, channel) order); a patch's
+    target is the index of its nearest centroid (squared L2) and the head classifies it
+    with cross-entropy. `fit_patch_codebook` makes one by k-means on
     training images (a stand-in for the paper's dVAE tokens). A dVAE's tokens can be used
     the same way once exported as such centroids; a learned encoder is not supported.
 
