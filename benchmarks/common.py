@@ -27,13 +27,13 @@ def cpu_model() -> str:
 
 
 def random_batch(config, seed: int = 0, labels: bool = True) -> dict[str, np.ndarray]:
-  """A batch of `runtime.batch_spec(config)`: uniform images, random tokens, half of the rows
-  labelled (labels=False: CLIP targets, every row its own class), paired examples."""
+  """A batch of `runtime.batch_spec(config)`: uniform uint8 pixels, random tokens, half of
+  the rows labelled (labels=False: CLIP targets, every row its own class), paired examples."""
   rng = np.random.default_rng(seed)
   spec = runtime.batch_spec(config)
   b = config.batch_size
   out = {k: np.zeros(v.shape, v.dtype) for k, v in spec.items()}
-  out["image"] = rng.uniform(-1, 1, spec["image"].shape).astype(np.float32)
+  out["image"] = rng.integers(0, 256, spec["image"].shape, dtype=np.uint8)
   out["text"] = rng.integers(3, config.model.text.vocab_size, spec["text"].shape,
                              dtype=np.int32)
   out["label"] = (np.where(rng.random(b) < 0.5, rng.integers(0, 1000, b), -1) if labels

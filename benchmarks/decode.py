@@ -31,14 +31,14 @@ from mmjax.vocabulary import EOS_ID
 
 
 def build(new_tokens: int, batch: int):
-  """(model, params, images [batch, H, W, 3]) for a window of new_tokens."""
+  """(model, params, images uint8 [batch, H, W, 3]) for a window of new_tokens."""
   config = shapes.get_config()
   config.unlock()
   config.data.max_text_len = new_tokens + 1
   config.lock()
   model = models.build_model(config)
   size, length = config.data.image_size, config.data.max_text_len
-  images = jax.random.uniform(jax.random.key(1), (batch, size, size, 3), minval=-1, maxval=1)
+  images = jax.random.randint(jax.random.key(1), (batch, size, size, 3), 0, 256, jnp.uint8)
   text = jnp.full((batch, length), 2, jnp.int32)
   params = jax.jit(lambda: flax.linen.unbox(model.init(
       jax.random.key(0), images, text, jnp.zeros((batch,), jnp.int32))["params"]))()

@@ -85,7 +85,8 @@ def main() -> None:
   size = config.data.image_size
   images = np.random.default_rng(0).uniform(-1, 1, (args.batch, size, size, 3)).astype(
       np.float32)
-  # mmjax takes pipeline-range images in [-1, 1] and applies CLIP's normalisation inside
+  # mmjax takes floating-point images as already in [-1, 1] (the pipeline's uint8 pixels
+  # would be mapped there first) and applies CLIP's normalisation inside
   # (model.image_norm="clip"); open_clip takes them normalised.
   mean = np.asarray(open_clip.OPENAI_DATASET_MEAN, np.float32).reshape(1, 3, 1, 1)
   std = np.asarray(open_clip.OPENAI_DATASET_STD, np.float32).reshape(1, 3, 1, 1)

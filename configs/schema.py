@@ -186,7 +186,7 @@ def coca_model() -> ConfigDict:
   m.prefix_length = 1  # learned prefix tokens per text type (prefix conditioning); 0 = off
   m.num_text_types = 2  # 0 = caption, 1 = label prompt (mmjax.vocabulary.TEXT_TYPES)
   m.norm_eps = 1e-6  # every LayerNorm; open_clip (torch): 1e-5
-  m.image_norm = "none"  # none | clip (pipeline [-1, 1] -> CLIP mean/std, open_clip weights)
+  m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for open_clip weights)
   m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
   m.logit_bias_init = -10.0  # its value at init (SigLIP paper)
   return m

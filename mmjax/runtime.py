@@ -30,8 +30,10 @@ from mmjax import state as state_lib
 from mmjax import step as step_lib
 from mmjax.data import sources
 
-# Batch fields: name -> (dtype, trailing shape given the config). Every pipeline batch has
-# all of them (`mmjax.data.pipeline.TrainIterator`): image, text, label, text_type (the
+# Batch fields. Every pipeline batch has all of them (`mmjax.data.pipeline.TrainIterator`):
+# image (uint8 pixels, normalised to [-1, 1] on the device by the model's image entry,
+# `mmjax.models.vit.normalize_images`: a quarter of float32's bytes in host memory, in the
+# host-to-device copy and in the device's batch buffers), text, label, text_type (the
 # example's text kind), source (mixture index), skipped (records substituted to make the
 # example) and FLAVA's modality flags has_image, has_text, paired.
 BATCH_FIELDS = ("image", "text", "label", "text_type", "source", "skipped", "has_image",
@@ -40,10 +42,12 @@ BATCH_FIELDS = ("image", "text", "label", "text_type", "source", "skipped", "has
 
 def batch_spec(config: ml_collections.ConfigDict,
                batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a global batch (`config.batch_size` rows unless given)."""
+  """Shapes and dtypes of a global batch (`config.batch_size` rows unless given): image
+  uint8 [B, S, S, 3] (S = data.image_size), text int32 [B, data.max_text_len], every other
+  field int32 [B]."""
   b = config.batch_size if batch_size is None else batch_size
   size, length = config.data.image_size, config.data.max_text_len
-  spec = {"image": ((b, size, size, 3), np.float32), "text": ((b, length), np.int32)}
+  spec = {"image": ((b, size, size, 3), np.uint8), "text": ((b, length), np.int32)}
   return {name: jax.ShapeDtypeStruct(*spec.get(name, ((b,), np.int32)))
           for name in BATCH_FIELDS}
 

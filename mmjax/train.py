@@ -15,8 +15,10 @@ Fault injection for tests (environment variables, deliberately not config keys: 
 reach a checkpoint's config and cannot be set by accident in a real run):
   MMJAX_DEBUG_SIGTERM_AT_STEP=N  this process sends itself SIGTERM right after dispatching
                                  update N, exercising the real preemption path.
-  MMJAX_DEBUG_NAN_AT_STEP=N      the batch of update N gets a NaN pixel in this process's
-                                 slice, exercising the real non-finite guard.
+  MMJAX_DEBUG_NAN_AT_STEP=N      the batch of update N gets a token id outside every
+                                 vocabulary in this process's slice (`poison_batches`), whose
+                                 embedding is NaN: a non-finite loss and gradients that
+                                 exercise the real non-finite guard.
 """
 import collections
 import itertools
@@ -87,13 +89,20 @@ def _debug_step(name: str) -> int | None:
   return int(value) if value else None
 
 
+# A token id no embedding table has: jnp.take (nn.Embed's lookup) fills an out-of-range
+# row with NaN, which reaches the loss and the gradients through the text encoders.
+POISON_TOKEN_ID = np.iinfo(np.int32).max
+
+
 def poison_batches(batches: Iterator[dict[str, np.ndarray]], start_step: int,
                    nan_at_step: int | None) -> Iterator[dict[str, np.ndarray]]:
-  """Passes batches through; the one for update `nan_at_step` (1-based) gets a NaN pixel."""
+  """Passes batches through; in the one for update `nan_at_step` (1-based) every row's
+  first token becomes POISON_TOKEN_ID (uint8 pixels cannot hold a NaN). Every row: a loss
+  may read only some rows' texts (FLAVA's MLM: the text-only ones)."""
   for done, batch in enumerate(batches, start=start_step + 1):
     if done == nan_at_step:
-      batch = {**batch, "image": batch["image"].copy()}
-      batch["image"][0, 0, 0, 0] = np.nan
+      batch = {**batch, "text": batch["text"].copy()}
+      batch["text"][:, 0] = POISON_TOKEN_ID
     yield batch
 
 

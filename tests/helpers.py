@@ -64,7 +64,7 @@ def synthetic_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   label = rng.integers(0, 4, size=b).astype(np.int32)
   label[: b // 2] = -1
   ones, zeros = np.ones(b, np.int32), np.zeros(b, np.int32)
-  return dict(image=rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32), text=text,
+  return dict(image=rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), text=text,
               label=label, text_type=(label >= 0).astype(np.int32),
               source=(label >= 0).astype(np.int32),  # sorted source keys: captions, labels
               skipped=zeros, has_image=ones, has_text=ones, paired=ones)
@@ -86,7 +86,7 @@ def flava_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   has_image = (kind != 3).astype(np.int32)
   has_text = (kind != 2).astype(np.int32)
   text[has_text == 0] = 0
-  image = rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32)
+  image = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
   image[has_image == 0] = 0
   label = np.where(kind == 0, rng.integers(0, 3, b), -1).astype(np.int32)
   return dict(image=image, text=text, label=label, text_type=np.zeros(b, np.int32),

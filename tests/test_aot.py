@@ -62,10 +62,10 @@ def test_tiny_on_v4_report_is_consistent(tiny_report):
   assert report["headroom_fraction"] == pytest.approx(
       (capacity - report["memory_per_device_bytes"]) / capacity)
   # The shard sizes: 16 examples over 4 devices, parameters replicated (mesh 4x1x1); a row
-  # is an f32 image, int32 tokens and 7 int32 flags (label ... paired).
+  # is a uint8 image, int32 tokens and 7 int32 flags (label ... paired).
   config = cli.load_config(TINY)
   size = config.data.image_size
-  per_device = 4 * (size * size * 3 * 4 + config.data.max_text_len * 4 + 7 * 4)
+  per_device = 4 * (size * size * 3 + config.data.max_text_len * 4 + 7 * 4)
   assert memory["batch"] == per_device
   # remat none, one micro-batch: the compiled matmuls are the model's FLOPs (the formula's
   # contrastive-loss term aside, < 0.1%) plus the fused caption head's padding: its

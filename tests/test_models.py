@@ -1,4 +1,4 @@
-"""CoCa model: layouts, masking, prefix conditioning, mixed precision."""
+"""CoCa model: image normalisation, layouts, masking, prefix conditioning, mixed precision."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import helpers
 from mmjax import errors, losses, models, runtime
 from mmjax.models import layers
 from mmjax.models import text as text_lib
+from mmjax.models import vit
 
 
 # Compiles dominate on CPU: init and apply are jitted, and cached per model.
@@ -27,6 +28,54 @@ def apply(model, params, batch):
     _APPLY[model] = jax.jit(lambda p, b: model.apply({"params": p}, b["image"], b["text"],
                                                      b["text_type"]))
   return jax.device_get(_APPLY[model](params, batch))
+
+
+def float_pixels(images: np.ndarray) -> np.ndarray:
+  """uint8 -> float32 in [-1, 1] as the data pipeline computed it on the host before images
+  travelled as uint8: NumPy float32, x * (2/255) - 1."""
+  return np.asarray(images, np.float32) * (2.0 / 255.0) - 1.0
+
+
+def test_normalize_images_maps_every_pixel_value_as_the_host_did():
+  pixels = np.arange(256, dtype=np.uint8).reshape(4, 4, 16)
+  reference = pixels.astype(np.float64) * (2 / 255) - 1  # float64, then compared in float32
+  for fn in (vit.normalize_images, jax.jit(vit.normalize_images)):  # eager and fused
+    out = np.asarray(fn(pixels))
+    assert out.dtype == np.float32 and out.shape == pixels.shape
+    # float32(2/255) is off by <= 2**-31 (x 255) and two roundings add <= 2 * 2**-25.
+    np.testing.assert_allclose(out, reference, rtol=0, atol=255 * 2.0 ** -31 + 2.0 ** -24)
+    assert out.min() == -1 and out.max() == 1
+    np.testing.assert_array_equal(out, float_pixels(pixels))  # bit for bit
+  bf16 = jax.jit(vit.normalize_images, static_argnums=1)(pixels, jnp.bfloat16)
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(bf16), float_pixels(pixels).astype(jnp.bfloat16))
+
+
+def test_normalize_images_takes_floats_as_they_are_and_refuses_other_types():
+  floats = np.random.default_rng(0).uniform(-1, 1, (2, 4, 4, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(vit.normalize_images(floats)), floats)
+  np.testing.assert_array_equal(np.asarray(vit.normalize_images(floats, jnp.bfloat16)),
+                                floats.astype(jnp.bfloat16))
+  with pytest.raises(TypeError, match="int32"):
+    vit.normalize_images(np.zeros((1, 4, 4, 3), np.int32))
+
+
+@pytest.mark.parametrize("overrides,tolerance", [({}, 0), ({"model.dtype": "bfloat16"}, 0),
+                                                 ({"model.image_norm": "clip"}, 1e-5)])
+def test_uint8_images_give_the_outputs_of_their_float_pixels(overrides, tolerance):
+  """The model's image entry normalises uint8 exactly as the host did: the same outputs bit
+  for bit. With CLIP's normalisation, XLA folds ((x * 2/255 - 1) + 1) / 2 on uint8 x into
+  (x * 2/255) / 2 (it reassociates the constants), one rounding fewer than from floats:
+  outputs agree to float32 precision, not bit for bit."""
+  config = helpers.tiny_config(**overrides)
+  batch = helpers.synthetic_batch(config)
+  assert batch["image"].dtype == np.uint8
+  model, params = init(config, batch)
+  out = apply(model, params, batch)
+  reference = apply(model, params, {**batch, "image": float_pixels(batch["image"])})
+  for key in out:
+    np.testing.assert_allclose(out[key], reference[key], rtol=tolerance, atol=tolerance,
+                               err_msg=key)
 
 
 def test_scanned_and_unrolled_layouts_give_equal_outputs_and_gradients():

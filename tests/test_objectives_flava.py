@@ -296,7 +296,7 @@ def np_flava_losses(batch, inputs, out, patch_size, mlm_on_paired):
   mlm_rows = text_only | (paired if mlm_on_paired else False)
   matched = paired & inputs["match"]
   sel, patch_mask, targets = inputs["selected"], inputs["patch_mask"], inputs["targets_text"]
-  patches = np_patchify(f64(batch["image"]), patch_size)
+  patches = np_patchify(f64(batch["image"]) * (2 / 255) - 1, patch_size)  # pixels -> [-1, 1]
   pixels = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(
       patches.var(-1, keepdims=True) + 1e-6)
   return dict(

@@ -53,7 +53,7 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
 
   size, length = config.data.image_size, config.data.max_text_len
   rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)  # pipeline range
+  images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)  # taken as [-1, 1]
   text = openclip_tokenizer.OpenClipTokenizer().encode(
       [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], length)
   text[-1] = openclip_tokenizer.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row

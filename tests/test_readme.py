@@ -168,5 +168,7 @@ def test_the_first_training_batch_holds_the_expected_pixels(recipe):
   finally:
     it.close()
   for image in batch["image"]:
-    distance = np.abs(references - image[None]).reshape(len(references), -1).max(1)
+    assert image.dtype == np.uint8
+    distance = np.abs(references.astype(np.int16) - image[None]).reshape(len(references),
+                                                                       -1).max(1)
     assert distance.min() == 0.0

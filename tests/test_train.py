@@ -3,6 +3,7 @@ jit)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 import helpers
@@ -158,3 +159,27 @@ def test_each_evaluator_runs_on_its_own_schedule():
                  if train.is_due(s, train.evaluation_interval(config.evals[key], config), 10)]
            for key in ("retrieval", "captioning", "linear_probe")}
   assert steps == {"retrieval": [4, 8, 10], "captioning": [3, 6, 9, 10], "linear_probe": [10]}
+
+
+@pytest.mark.parametrize("preset", ["coca", "flava"])
+def test_poisoned_batch_makes_the_step_nonfinite(preset):
+  """MMJAX_DEBUG_NAN_AT_STEP's fault (`train.poison_batches`; uint8 pixels hold no NaN):
+  only the batch of that update changes, in its first text column, and under either
+  objective its loss is non-finite and the real train step's guard skips it."""
+  if preset == "flava":
+    config = helpers.flava_config(batch_size=8, **{"mesh.shape": (1, 1, 1)})
+    batch = helpers.flava_batch(config)
+  else:
+    config = helpers.tiny_config(**{"mesh.shape": (1, 1, 1)})
+    batch = helpers.synthetic_batch(config)
+  out = list(train.poison_batches(iter([batch, batch, batch]), start_step=4, nan_at_step=6))
+  assert out[0] is batch and out[2] is batch
+  poisoned = out[1]
+  assert (poisoned["text"][:, 0] == train.POISON_TOKEN_ID).all()
+  np.testing.assert_array_equal(poisoned["text"][:, 1:], batch["text"][:, 1:])
+  assert all(poisoned[k] is batch[k] for k in batch if k != "text")
+  rt, state = helpers.step_setup(config, 1)
+  with rt.activate():
+    _, metrics = rt.jit_train_step()(state, rt.global_batch(poisoned))
+  assert not np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+  assert int(metrics["nonfinite_steps"]) == 1

@@ -119,7 +119,8 @@ class TrainIterator:
   """Yields this process's slices of successive global batches as dicts of numpy arrays.
 
   Fields, with b = batch_size // process_count:
-    image float32 [b, H, W, 3] in [-1, 1]; text int32 [b, max_text_len];
+    image uint8 [b, H, W, 3] (pixels; the model maps them to [-1, 1] on the device,
+    `mmjax.models.vit.normalize_images`); text int32 [b, max_text_len];
     label int32 [b] (unified class id, -1 for captions); text_type int32 [b] (0 caption,
     1 label prompt); source int32 [b] (sorted source-key index); skipped int32 [b]
     (records substituted to produce each example); has_image, has_text, paired int32 [b]
@@ -181,12 +182,12 @@ def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples
   names (its dataset, `split_key` split, image_key and, if it has them, label_key,
   class_names and text_key), deterministically.
 
-  Returns images float32 [N, H, W, 3] in [-1, 1] (resize + centre crop to
-  config.data.image_size); with a label_key: labels int32 [N] (the dataset's own class ids)
-  and class_names list[str] (resolved by `classnames.resolve_class_names`; WordNet ids are
-  refused `for_prompts` unless data.allow_wordnet_ids); with a text_key: texts
-  list[list[str]] (all non-blank captions per image). N = min(num_examples, split size).
-  Bad records are substituted as in training.
+  Returns images uint8 [N, H, W, 3] (resize + centre crop to config.data.image_size;
+  pixels, as in training batches); with a label_key: labels int32 [N] (the dataset's own
+  class ids) and class_names list[str] (resolved by `classnames.resolve_class_names`;
+  WordNet ids are refused `for_prompts` unless data.allow_wordnet_ids); with a text_key:
+  texts list[list[str]] (all non-blank captions per image).
+  N = min(num_examples, split size). Bad records are substituted as in training.
   """
   e = config.evals[key]
   label_key = e.label_key if "label_key" in e else ""
@@ -206,7 +207,7 @@ def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples
                                 text_key=text_key)
   n = min(int(num_examples), len(src))
   size = int(config.data.image_size)
-  images = np.empty((n, size, size, 3), np.float32)
+  images = np.empty((n, size, size, 3), np.uint8)
   labels, texts = np.empty((n,), np.int32), []
   for i in range(n):
     rec = src[i]

@@ -28,15 +28,14 @@ _CELL, _TEXT_H, _COLS = 128, 44, 8
 
 
 def batch_grid(batch: dict[str, np.ndarray], texts: list[str], keys: list[str]) -> Image.Image:
-  """A grid image of a batch: image [b, H, W, 3] in [-1, 1] with text/source/type below."""
+  """A grid image of a batch: image uint8 [b, H, W, 3] with text/source/type below."""
   n = len(texts)
   rows = (n + _COLS - 1) // _COLS
   grid = Image.new("RGB", (_COLS * _CELL, rows * (_CELL + _TEXT_H)), "white")
   draw = ImageDraw.Draw(grid)
   for i in range(n):
     x, y = (i % _COLS) * _CELL, (i // _COLS) * (_CELL + _TEXT_H)
-    img = ((batch["image"][i] + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    grid.paste(Image.fromarray(img).resize((_CELL, _CELL), Image.NEAREST), (x, y))
+    grid.paste(Image.fromarray(batch["image"][i]).resize((_CELL, _CELL), Image.NEAREST), (x, y))
     kind = "label" if batch["text_type"][i] == 1 else "caption"
     words, lines = texts[i].split(), [""]
     for w in words:  # wrap to the cell width

@@ -19,7 +19,8 @@ from mmjax.data.tokenizer import Tokenizer
 
 # A source's `modality` (FLAVA's unimodal data): which half of each record is kept.
 #   "paired": image and text (default); "image": the text is dropped (all PAD);
-#   "text": the image is dropped (zeros). `kind` still says how records are read.
+#   "text": the image is dropped (all pixels 0, which no loss reads: see
+#   mmjax.objectives.flava). `kind` still says how records are read.
 MODALITIES = ("paired", "image", "text")
 
 
@@ -32,25 +33,23 @@ def source_modalities(config: ml_collections.ConfigDict, keys: Sequence[str]) ->
   return out
 
 
-def to_float(img: Image.Image) -> np.ndarray:
-  """uint8 PIL image -> float32 [H, W, 3] in [-1, 1]."""
-  return np.asarray(img, np.float32) * (2.0 / 255.0) - 1.0
-
-
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1]: largest centred square, resized."""
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: the largest centred square, resized
+  (bilinear). The model maps pixels to [-1, 1] on the device (`vit.normalize_images`)."""
   h, w = image.shape[:2]
+  if (h, w) == (size, size):
+    return image
   s = min(h, w)
   y0, x0 = (h - s) // 2, (w - s) // 2
-  img = Image.fromarray(image)
-  if (h, w) != (size, size):
-    img = img.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + s, y0 + s))
-  return to_float(img)
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR,
+                                                  box=(x0, y0, x0 + s, y0 + s)))
 
 
 def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
                         min_area: float) -> np.ndarray:
-  """Inception-style crop of area fraction in [min_area, 1], aspect in [3/4, 4/3]."""
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: an Inception-style crop of area fraction in
+  [min_area, 1] and aspect in [3/4, 4/3], resized (bilinear); the centre crop when ten
+  draws find none that fits."""
   h, w = image.shape[:2]
   for _ in range(10):
     area = h * w * rng.uniform(min_area, 1.0)
@@ -58,9 +57,8 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
     cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
     if 0 < cw <= w and 0 < ch <= h:
       x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-      img = Image.fromarray(image).resize((size, size), Image.BILINEAR,
-                                          box=(x0, y0, x0 + cw, y0 + ch))
-      return to_float(img)
+      return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR,
+                                                      box=(x0, y0, x0 + cw, y0 + ch)))
   return center_crop_resize(image, size)
 
 
@@ -91,7 +89,7 @@ class TrainTransform(grain.transforms.RandomMap):
     else:  # several paraphrases: a random one
       text = rec["texts"][rng.integers(len(rec["texts"]))]
     out = {
-        "image": np.ascontiguousarray(image, np.float32),
+        "image": np.ascontiguousarray(image, np.uint8),
         "text": self.tokenizer.encode([text], self.max_len)[0],
         "label": np.int32(rec["label"]),
         "text_type": np.int32(vocabulary.LABEL if is_label else vocabulary.CAPTION),

@@ -40,7 +40,7 @@ def sample_grid(evaluators: list[Any], embedder: Embedder, params: Any) -> np.nd
 
 def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]] | None,
                 *, scale: int = 4, columns: int = 0) -> np.ndarray:
-  """images float [N, H, W, 3] in [-1, 1] -> uint8 grid [rows * cell_h, cols * cell_w, 3]
+  """images uint8 [N, H, W, 3] -> uint8 grid [rows * cell_h, cols * cell_w, 3]
   with each image upscaled `scale`x (nearest) above its caption and top-3 classes."""
   font = ImageFont.load_default()
   n, size = len(images), images.shape[1] * scale
@@ -60,8 +60,7 @@ def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]
   draw = ImageDraw.Draw(canvas)
   for i in range(n):
     x, y = (i % columns) * cell_w + pad, (i // columns) * cell_h + pad
-    pixels = np.clip((images[i] + 1) * 127.5, 0, 255).round().astype(np.uint8)
-    canvas.paste(Image.fromarray(pixels).resize((size, size), Image.NEAREST), (x, y))
+    canvas.paste(Image.fromarray(images[i]).resize((size, size), Image.NEAREST), (x, y))
     for j, line in enumerate(texts[i]):
       colour = "black" if j < len(texts[i]) - (3 if classes else 0) else (40, 40, 160)
       draw.text((x, y + size + 2 + j * line_h), line, fill=colour, font=font)

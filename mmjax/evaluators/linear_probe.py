@@ -191,7 +191,8 @@ class LinearProbe(Evaluator):
                   l2_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
                   holdout_fraction: float = 0.2,
                   classifier: str = "logistic") -> "LinearProbe":
-    """A probe over images already in memory (float [N, H, W, 3] in [-1, 1], labels int);
+    """A probe over images already in memory ([N, H, W, 3] as the model takes them: uint8
+    pixels or floating point in [-1, 1]; labels int);
     metrics are named `<name>/top1` and `<name>/lambda`."""
     probe = cls.__new__(cls)
     probe._set(name, train_images, train_labels, test_images, test_labels, num_classes,

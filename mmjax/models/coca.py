@@ -45,7 +45,7 @@ class CoCaConfig(model_config.ModelConfig):
   vision_ln_post: bool = True  # LayerNorm after the blocks (open_clip CoCa: none)
   text_cls_mask: str = "correct"  # "legacy": open_clip's shipped CoCa weights' CLS mask
   multimodal_block: str = "fused"  # "openclip": self-attn+MLP then cross-attn+MLP
-  image_norm: str = "none"  # "clip": map pipeline images in [-1, 1] to CLIP mean/std
+  image_norm: str = "none"  # "clip": map the [-1, 1] inputs to CLIP mean/std
   logit_bias: bool = False  # a learned logit bias for sigmoid losses (SigLIP)
   logit_bias_init: float = -10.0
 
@@ -114,8 +114,9 @@ class AttentionPooler(nn.Module):
 
 
 class CoCa(nn.Module):
-  """Batch inputs: images float [B, H, W, 3]; text int32 [B, L] (BOS ... EOS PAD...);
-  text_type int32 [B]. The decoders read text[:, :-1] and predict text[:, 1:].
+  """Batch inputs: images [B, H, W, 3], uint8 pixels or floating point in [-1, 1]
+  (`vit.normalize_images`); text int32 [B, L] (BOS ... EOS PAD...); text_type int32 [B].
+  The decoders read text[:, :-1] and predict text[:, 1:].
 
   `decode=True` gives the same parameters with K/V-cached text decoders for autoregressive
   captioning (`decode_prefill`, `decode_step`; driven by `mmjax.decode`)."""
@@ -162,13 +163,13 @@ class CoCa(nn.Module):
           "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
 
   def pool_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images [B, H, W, 3] -> (contrastive pooler output [B, D] before the projection,
-    caption tokens [B, Q, D])."""
+    """images [B, H, W, 3] (uint8 or [-1, 1], see the class) -> (contrastive pooler output
+    [B, D] before the projection, caption tokens [B, Q, D])."""
     norm = IMAGE_NORMS[self.config.image_norm]
     if norm is not None:
-      # Pipeline images are in [-1, 1]; the checkpoint expects (pixel/255 - mean) / std.
+      # The checkpoint expects (pixel/255 - mean) / std: from the [-1, 1] inputs.
       mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
-      images = ((images.astype(jnp.float32) + 1.0) / 2.0 - mean) / std
+      images = ((vit.normalize_images(images, jnp.float32) + 1.0) / 2.0 - mean) / std
     tokens = self.vision(images)
     if self.config.pooler == "openclip":
       pooled = self.caption_pooler(tokens)

@@ -1,9 +1,10 @@
 """FLAVA: A Foundational Language And Vision Alignment model (arXiv 2112.04482).
 
 Three encoders built from `layers.TransformerStack` (pre-LN blocks, scanned or unrolled):
-  * image encoder: `vit.ViT` with a prepended learned CLS token, learned positions and a
-    final LayerNorm; masked patches (MIM / MMM) have their embedding replaced by its
-    learned mask token (BEiT, `vit.ViT(mask_token=True)`).
+  * image encoder: `vit.ViT` (uint8 pixels normalised on entry, `vit.normalize_images`)
+    with a prepended learned CLS token, learned positions and a final LayerNorm; masked
+    patches (MIM / MMM) have their embedding replaced by its learned mask token (BEiT,
+    `vit.ViT(mask_token=True)`).
   * text encoder: bidirectional (causal=False) with a padding mask; BOS is the text CLS.
   * multimodal encoder: over [mm CLS, projected image tokens (CLS + N), projected text
     tokens (L)] with a padding mask on the text part.
@@ -133,7 +134,9 @@ class Head(nn.Module):
 
 
 class Flava(nn.Module):
-  """Batch inputs: images float [B, H, W, 3]; text int32 [B, L] (BOS ... EOS PAD...)."""
+  """Batch inputs: images [B, H, W, 3], uint8 pixels or floating point in [-1, 1]
+  (`vit.normalize_images`, applied by the image encoder); text int32 [B, L]
+  (BOS ... EOS PAD...)."""
   config: FlavaConfig
 
   def setup(self):
@@ -245,7 +248,7 @@ class Flava(nn.Module):
     """Everything the FLAVA objectives need, in one call.
 
     Args:
-      images: float [B, H, W, 3].
+      images: [B, H, W, 3], uint8 pixels or floating point in [-1, 1] (see the class).
       patch_mask: bool [B, N], patches replaced by the mask token (MIM / MMM image).
       text_ids: int32 [B, L], the clean captions (contrastive).
       mm_text_ids: int32 [B, L], the MLM-masked texts (after ITM caption swaps).

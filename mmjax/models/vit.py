@@ -1,13 +1,51 @@
-"""Vision Transformer image encoder (patch embedding, learned positions, pre-LN blocks)."""
+"""Vision Transformer image encoder (patch embedding, learned positions, pre-LN blocks), and
+`normalize_images`: where the pipeline's uint8 pixels become the model's inputs in [-1, 1]."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.models import layers
 
+# uint8 pixel x -> x * (2/255) - 1, as float32(x) * float32(2/255) - 1 in NumPy: two roundings,
+# the product's and the difference's. XLA:CPU contracts that multiply and subtract into one
+# fused multiply-add, which skips the product's rounding and moves 158 of the 256 values by
+# one ulp (jax 0.10.2); XLA:GPU did not in a check on an H200 (jax 0.11.2), and nothing says
+# it never will. So the product is summed from two exact ones: PIXEL_SCALE_HI keeps the
+# scale's top 16 significant bits (8-bit x times it fits float32's 24), PIXEL_SCALE_LO =
+# PIXEL_SCALE - PIXEL_SCALE_HI its last 8; their sum is rounded once, to
+# float32(x * PIXEL_SCALE), whether or not a multiply-add computes it.
+PIXEL_SCALE = np.float32(2.0 / 255.0)
+PIXEL_SCALE_HI = (np.array(PIXEL_SCALE).view(np.uint32) & 0xFFFFFF00).view(np.float32)[()]
+PIXEL_SCALE_LO = np.float32(PIXEL_SCALE - PIXEL_SCALE_HI)
+
+
+def normalize_images(images: jax.Array, dtype: layers.Dtype = jnp.float32) -> jax.Array:
+  """Pipeline images -> model inputs in [-1, 1], [B, H, W, 3] -> [B, H, W, 3] `dtype`.
+
+  uint8 (what the data pipeline emits, `mmjax.data.transforms`): pixel x becomes
+  x * (2/255) - 1, computed in float32 bit for bit as NumPy's float32 `x * (2/255) - 1`
+  (the host conversion of earlier versions; checked on CPU and an H200), then cast to
+  `dtype`. XLA may still fold a constant added right after it into the -1 (CoCa's CLIP
+  normalisation adds the 1 back), which can only drop a rounding.
+  Floating point (open_clip parity inputs, hand-made arrays): taken as already in [-1, 1]
+  and only cast to `dtype`. Any other dtype is refused (TypeError).
+
+  Called inside the jitted computation at the model's image entry, so a float copy exists
+  only for the images being encoded (one micro-batch), never for the whole uint8 batch.
+  """
+  if images.dtype == jnp.uint8:
+    x = images.astype(jnp.float32)
+    return ((x * PIXEL_SCALE_HI + x * PIXEL_SCALE_LO) - 1.0).astype(dtype)
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images.astype(dtype)
+  raise TypeError(f"images of dtype {images.dtype}: expected uint8 pixels (0..255) or "
+                  "floating point in [-1, 1]")
+
 
 class ViT(nn.Module):
-  """images [B, H, W, 3] -> tokens [B, N, width], N = (H/p)*(W/p) (+1 with `class_token`).
+  """images [B, H, W, 3] uint8 pixels or floating point in [-1, 1] (`normalize_images`)
+  -> tokens [B, N, width], N = (H/p)*(W/p) (+1 with `class_token`).
 
   The defaults are mmjax's ViT: biased patch embedding, no class token, a final LayerNorm.
   open_clip's (OpenAI CLIP's) ViT: bias-free patch embedding, a class token first in the
@@ -47,7 +85,7 @@ class ViT(nn.Module):
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                (None, None, None, "embed")),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
-                name="patch_embed")(images.astype(self.dtype))
+                name="patch_embed")(normalize_images(images, self.dtype))
     batch, h, w, width = x.shape
     x = x.reshape(batch, h * w, width)
     if self.mask_token:

@@ -4,8 +4,9 @@ targets (arXiv 2204.03610) and CLIP as the case where every pair is its own clas
   loss = loss.contrastive_weight * contrastive + loss.caption_weight * captioning
 
 Batch (global arrays, leading dim B sharded over the mesh's batch axes):
-  image float32 [B, H, W, 3]; text int32 [B, L]; label int32 [B] (-1: caption, no class);
-  text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
+  image uint8 [B, H, W, 3] (the model maps pixels to [-1, 1] per micro-batch,
+  `mmjax.models.vit.normalize_images`); text int32 [B, L]; label int32 [B] (-1: caption, no
+  class); text_type int32 [B] (mmjax.vocabulary.TEXT_TYPES).
 The contrastive term is the memory-linear ring of `losses.unicl_loss` (loss.sharded) or the
 dense B x B form; captioning is next-token cross-entropy over real tokens (padding never
 counts), over captions and, with loss.caption_loss_on_labels, label prompts too. With
@@ -125,20 +126,21 @@ class CocaObjective:
     one micro-batch's.
     """
     c, k = self.c, self.accum_steps
-    micro = jax.tree.map(lambda x: split_microbatches(x, k), batch)
+    micro = jax.tree.map(lambda x: interleave_microbatches(x, k), batch)
+    take = lambda tree, j: jax.tree.map(lambda x: microbatch(x, j), tree)
 
-    def embed(mb: Batch) -> tuple[jax.Array, jax.Array]:
-      out = self.forward(params, mb, with_captions=False)
+    def embed(j: jax.Array) -> tuple[jax.Array, jax.Array]:
+      out = self.forward(params, take(micro, j), with_captions=False)
       return out["image_emb"], out["text_emb"]
 
-    image_emb, text_emb = jax.tree.map(merge_microbatches, jax.lax.map(embed, micro))
+    image_emb, text_emb = jax.tree.map(merge_microbatches, jax.lax.map(embed, jnp.arange(k)))
     scale = self.model.apply({"params": params}, method="logit_scale")
     bias = self.model.apply({"params": params}, method="logit_bias")
     labels = self.contrastive_labels(batch)
     contrastive, (d_image, d_text, d_scale, d_bias) = jax.value_and_grad(
         self.contrastive, argnums=(0, 1, 3, 4))(image_emb, text_emb, labels, scale, bias)
     num_tokens = jnp.maximum(self.caption_mask(batch).sum(), 1.0)
-    cotangents = jax.tree.map(lambda x: split_microbatches(x, k), (d_image, d_text))
+    cotangents = jax.tree.map(lambda x: interleave_microbatches(x, k), (d_image, d_text))
 
     def surrogate(p: Any, mb: Batch, d_img: jax.Array, d_txt: jax.Array):
       """Its gradient wrt p is this micro-batch's share of the full-batch gradient."""
@@ -151,26 +153,38 @@ class CocaObjective:
                  else jnp.zeros(()))
       return value + c.caption_weight * caption / num_tokens, caption
 
-    def accumulate(carry, xs):
+    def accumulate(carry, j):
       grads, caption_total = carry
-      g, caption = jax.grad(surrogate, has_aux=True)(params, *xs)
+      g, caption = jax.grad(surrogate, has_aux=True)(params, take(micro, j),
+                                                     *take(cotangents, j))
       return (jax.tree.map(jnp.add, grads, g), caption_total + caption), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, caption_total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())),
-                                             (micro, *cotangents))
+                                             jnp.arange(k))
     caption = caption_total / num_tokens
     loss = c.contrastive_weight * contrastive + c.caption_weight * caption
     return loss, self.metrics(contrastive, caption, scale, bias), grads
 
 
-def split_microbatches(x: jax.Array, k: int) -> jax.Array:
-  """[B, ...] -> [k, B/k, ...], micro-batch j = rows j, j+k, ...: each device keeps its rows."""
+def interleave_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [B/k, k, ...]: micro-batch j (`microbatch(., j)`) is rows j, j+k, ...
+
+  Each device keeps its rows (the leading axis keeps the batch sharding) and the split is a
+  reshape, so the batch is never copied: a micro-batch is sliced out where it lies.
+  Stacking the micro-batches first ([k, B/k, ...], a transpose) to scan over them made XLA
+  copy the whole batch every step (a second copy of the images, the largest input)."""
   if x.shape[0] % k:
     raise ValueError(f"config grad_accum_steps={k} does not divide the batch {x.shape[0]}")
-  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return x.reshape(x.shape[0] // k, k, *x.shape[1:])
+
+
+def microbatch(x: jax.Array, j: jax.Array) -> jax.Array:
+  """Micro-batch j of `interleave_microbatches`' [B/k, k, ...] -> [B/k, ...]."""
+  return jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
 
 
 def merge_microbatches(x: jax.Array) -> jax.Array:
-  """Inverse of `split_microbatches`."""
+  """Micro-batch results stacked in order [k, B/k, ...] -> [B, ...] in batch row order (row
+  i of micro-batch j is batch row i * k + j)."""
   return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])

@@ -38,9 +38,10 @@ DALL-E's pretrained dVAE, a codebook of 8192 at 112 px, which cannot be download
   * "pixels" (default): the masked patch's pixels, normalised per patch to zero mean / unit
     variance (MAE), regressed with mean squared error over the patch's p*p*3 values.
   * "codebook": `loss.codebook_path` is an .npz with `centroids` float [K, p*p*3] in the
-    pixel space the model sees ([-1, 1], each patch flattened in (row, col, channel)
-    order); a patch's target is the index of its nearest centroid (squared L2) and the head
-    classifies it with cross-entropy. `fit_patch_codebook` makes one by k-means on
+    pixel space the model sees ([-1, 1]: uint8 pixel x is x * 2/255 - 1,
+    `vit.normalize_images`; each patch flattened in (row, col, channel) order); a patch's
+    target is the index of its nearest centroid (squared L2) and the head classifies it
+    with cross-entropy. `fit_patch_codebook` makes one by k-means on
     training images (a stand-in for the paper's dVAE tokens). A dVAE's tokens can be used
     the same way once exported as such centroids; a learned encoder is not supported.
 
@@ -61,6 +62,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.losses import itm_bce, masked_contrastive_loss, patch_mse, token_ce
+from mmjax.models import vit
 from mmjax.models.flava import FlavaConfig
 from mmjax.vocabulary import FIRST_REGULAR_ID
 
@@ -211,13 +213,15 @@ def load_codebook(path: str, patch_values: int) -> np.ndarray:
 
 def fit_patch_codebook(images: np.ndarray, patch_size: int, num_codes: int,
                        iterations: int = 20, seed: int = 0) -> np.ndarray:
-  """k-means (Lloyd) on the patches of `images` float [N, H, W, 3] in [-1, 1].
+  """k-means (Lloyd) on the patches of `images` [N, H, W, 3], uint8 pixels (as the data
+  pipeline emits them) or floating point in [-1, 1], in the model's pixel space [-1, 1].
 
   Returns centroids float32 [num_codes, patch_size**2 * 3]; save them with
   `np.savez(path, centroids=...)` and set loss.mim_target='codebook',
   loss.codebook_path=path, loss.codebook_size=num_codes.
   """
-  x = np.asarray(patchify(jnp.asarray(images), patch_size)).reshape(-1, patch_size ** 2 * 3)
+  pixels = vit.normalize_images(jnp.asarray(images), jnp.float32)
+  x = np.asarray(patchify(pixels, patch_size)).reshape(-1, patch_size ** 2 * 3)
   x = x.astype(np.float64)
   rng = np.random.default_rng(seed)
   centroids = x[rng.choice(len(x), num_codes, replace=len(x) < num_codes)]
@@ -265,8 +269,9 @@ class FlavaObjective:
                          f"{self.f.codebook_path} has {len(self.centroids)} centroids")
 
   def mim_targets(self, images: jax.Array) -> jax.Array:
-    """[B, N, P] float (pixels) or int32 [B, N] (codebook)."""
-    patches = patchify(images.astype(jnp.float32), self.c.patch_size)
+    """images [B, H, W, 3] (uint8 pixels or [-1, 1], as the model's) -> [B, N, P] float
+    (pixels) or int32 [B, N] (codebook), from the pixels the model sees in [-1, 1]."""
+    patches = patchify(vit.normalize_images(images, jnp.float32), self.c.patch_size)
     if self.centroids is None:
       return normalized_pixels(patches)
     return codebook_codes(patches, jnp.asarray(self.centroids))
