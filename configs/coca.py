@@ -32,8 +32,28 @@ Mesh presets (append to the variant, e.g. `configs/coca.py:large,v5p_128`); mesh
            ways (pure data parallelism) would spend ~27 GB of each 80 GB GPU on it.
            Attention through cuDNN flash attention (model.attention_impl="cudnn").
 Each preset sets grad_accum_steps and model.remat_policy from PRESET_MEMORY (examples per
-device in one micro-batch, remat policy), chosen by compiling the step for the target with
-`python -m mmjax.aot`; the measured rows, dated, are in benchmarks/RESULTS.md. Exact gradient
+device in one micro-batch, remat policy): the largest micro-batch that fits with at least
+10% headroom and the least recompute, found by compiling the real step for the target
+(`python -m mmjax.aot --config configs/coca.py:base,v4_32 --topology v4-32`, 2026-11-30,
+uint8 images, fused caption loss; per device; rows dated in benchmarks/RESULTS.md):
+  preset          micro-batch x steps  remat                     memory / capacity  headroom
+  base,v4_32      256 x 16             dots_with_no_batch_dims   24.43 / 30.75 GiB  20.6%
+  base,v5p_128    512 x 2              dots_with_no_batch_dims   43.44 / 95.74 GiB  54.6%
+  base,h100x8     512 x 16             dots_with_no_batch_dims   45.52 / 71.20 GiB  36.1%
+  large,v4_32     128 x 32             dots_with_no_batch_dims   24.28 / 30.75 GiB  21.0%
+  large,v5p_128   512 x 2              dots_with_no_batch_dims   84.94 / 95.74 GiB  11.3%
+  large,h100x8    256 x 32             dots_with_no_batch_dims   45.29 / 71.20 GiB  36.4%
+  giant,v4_32     32 x 128             dots_with_no_batch_dims   16.13 / 30.75 GiB  47.5%
+  giant,v5p_128   128 x 8              dots_with_no_batch_dims   48.62 / 95.74 GiB  49.2%
+  giant,h100x8    128 x 64             dots_with_no_batch_dims   52.80 / 71.20 GiB  25.8%
+(H100 capacity: 90% of 80 GB, launch/gpu.sh's XLA_PYTHON_CLIENT_MEM_FRACTION.) On TPU the
+compiled FLOPs are 1.24 / 1.28 / 1.29x the model's (base / large / giant) with
+dots_with_no_batch_dims, and at most 0.02 of that is
+remat: gradient caching's embedding pass costs 0.23 / 0.27 / 0.28x whenever
+grad_accum_steps > 1 (XLA:GPU's count leaves out cuDNN's attention kernels).
+Twice the micro-batch fits only with save_attention_recompute_mlp (the MLP recomputed) for
+large,h100x8 (512: 11.5% headroom, 1.32x) and giant,v5p_128 (256: 67.28 GiB, 29.7%,
+1.39x); those presets keep the smaller micro-batch and the fewer FLOPs. Exact gradient
 caching keeps all 65,536 negatives whatever the micro-batch; tune it with
 --config.grad_accum_steps.
 
@@ -102,15 +122,15 @@ GPU_MESHES = ("h100x8",)
 # by compiling for the target with `python -m mmjax.aot` (figures: benchmarks/RESULTS.md);
 # grad_accum_steps = batch_size / (devices x micro-batch).
 PRESET_MEMORY = {
-    ("base", "v4_32"): (128, "dots_with_no_batch_dims"),
-    ("base", "v5p_128"): (256, "dots_with_no_batch_dims"),
-    ("base", "h100x8"): (256, "dots_with_no_batch_dims"),
-    ("large", "v4_32"): (64, "dots_with_no_batch_dims"),
-    ("large", "v5p_128"): (256, "dots_with_no_batch_dims"),
+    ("base", "v4_32"): (256, "dots_with_no_batch_dims"),
+    ("base", "v5p_128"): (512, "dots_with_no_batch_dims"),
+    ("base", "h100x8"): (512, "dots_with_no_batch_dims"),
+    ("large", "v4_32"): (128, "dots_with_no_batch_dims"),
+    ("large", "v5p_128"): (512, "dots_with_no_batch_dims"),
     ("large", "h100x8"): (256, "dots_with_no_batch_dims"),
-    ("giant", "v4_32"): (64, "full"),
+    ("giant", "v4_32"): (32, "dots_with_no_batch_dims"),
     ("giant", "v5p_128"): (128, "dots_with_no_batch_dims"),
-    ("giant", "h100x8"): (64, "dots_with_no_batch_dims"),
+    ("giant", "h100x8"): (128, "dots_with_no_batch_dims"),
 }
 
 
