@@ -194,18 +194,10 @@ SHAPES_TINY = f"{REPO}/configs/shapes.py:coca_unicl_prefix,tiny"
 FLAVA_TINY = f"{REPO}/configs/flava.py:tiny"
 
 
-# XLA:CPU ends a process whose fake devices do not all reach a collective within 40 s. On
-# 2 busy cores 8 device threads can wait longer than that without any deadlock (seen with
-# a loaded CI machine); the tests' subprocesses allow 10 minutes.
-_COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_terminate_timeout_seconds=600 "
-                        "--xla_cpu_collective_timeout_seconds=600")
-
-
 def environment(devices: int = 1) -> dict[str, str]:
   """A subprocess's environment: this checkout importable, JAX on `devices` CPU devices."""
-  xla_flags = f"{os.environ.get('XLA_FLAGS', '')} {_COLLECTIVE_TIMEOUTS}".strip()
   return {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-          "JAX_NUM_CPU_DEVICES": str(devices), "XLA_FLAGS": xla_flags}
+          "JAX_NUM_CPU_DEVICES": str(devices)}
 
 
 def command(module: str, workdir: str, data_dir: str, *overrides: str,
