@@ -10,6 +10,7 @@ import tempfile
 # initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import mmjax  # noqa: F401  (sizes XLA:CPU's thread pool, which must precede JAX's backend)
 import fsspec
 import jax
 import pytest
