@@ -35,10 +35,11 @@ PRESETS = [(f"configs/coca.py:{variant},{mesh}", target)
 PRESETS += [("configs/flava.py:full", "v4-32"), ("configs/flava.py:full", "h100x8")]
 
 
-def run_one(spec: str, target: str, timeout_s: int) -> dict:
-  """One mmjax.aot run in a fresh process; its JSON report (or the error)."""
+def run_one(spec: str, target: str, timeout_s: int, *overrides: str) -> dict:
+  """One mmjax.aot run in a fresh process (`overrides`: `--config.KEY=VALUE` flags); its JSON
+  report (or the error)."""
   command = [sys.executable, "-m", "mmjax.aot", "--config", spec, "--topology", target,
-             "--json"]
+             "--json", *overrides]
   start = time.perf_counter()
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})

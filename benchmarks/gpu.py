@@ -146,10 +146,10 @@ def isolated(name: str, args) -> dict:
              "--peak_tflops", str(args.peak_tflops), "--openclip_batch", "0"]
   command += ["--reduced"] if args.reduced else []
   proc = subprocess.run(command, capture_output=True, text=True)
-  sys.stdout.write(proc.stdout[:proc.stdout.rfind("\n{")] + "\n" if "{" in proc.stdout
-                   else proc.stdout + proc.stderr[-2000:])
+  lines = proc.stdout.strip().splitlines()  # the child's progress, then its JSON line
+  print("\n".join(lines[:-1]) if lines else proc.stderr[-2000:], flush=True)
   try:
-    return json.loads(proc.stdout.strip().splitlines()[-1])["variants"][name]
+    return json.loads(lines[-1])["variants"][name]
   except (IndexError, ValueError, KeyError):
     return {"error": f"process exited {proc.returncode}", "stderr_tail": proc.stderr[-1500:]}
 

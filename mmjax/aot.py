@@ -259,7 +259,8 @@ def _memory_analysis(compiled: Any) -> dict[str, int] | None:
     return None
   return dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
               alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
-              peak=getattr(m, "peak_memory_in_bytes", None))
+              peak=getattr(m, "peak_memory_in_bytes", None),
+              host_temp=getattr(m, "host_temp_size_in_bytes", None))
 
 
 _OOM_FIGURES = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\) exceeds "

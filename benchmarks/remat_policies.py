@@ -1,0 +1,132 @@
+"""Memory against recompute per remat policy: CoCa base/large/giant, compiled ahead of time.
+
+  PYTHONPATH=. python benchmarks/remat_policies.py [--target h100x8] [--variants base,large]
+      [--policies none,full] [--write]
+
+One `python -m mmjax.aot --json` run per (variant, policy), each in a fresh process, on the
+variant's mesh preset for the target (`configs/coca.py:VARIANT,PRESET`) at the preset's
+micro-batch per device, as ONE gradient step (`grad_accum_steps=1`, batch = micro-batch x
+devices): without gradient caching's embedding pass, `compiled/model` FLOPs is the remat
+policy's recompute alone, and memory is one micro-batch's (an accumulating step adds a
+parameter-sized gradient sum). Attention is XLA's (`model.attention_impl=xla`) so that
+XLA:GPU counts every attention FLOP. `--write` replaces the target's table between the
+markers in benchmarks/RESULTS.md. The last stdout line is one JSON list of the rows. Needs
+`pip install -e '.[tpu-aot,gpu-aot]'`.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import aot_presets  # benchmarks/aot_presets.py
+from mmjax import cli
+
+GiB = 2**30
+PRESET_OF_TARGET = {"v4-32": "v4_32", "v5p-128": "v5p_128", "h100x8": "h100x8"}
+# Most memory first; the offload twins keep their activations in host memory.
+POLICIES = ("none", "dots", "dots_with_no_batch_dims", "save_attention_recompute_mlp",
+            "offload_attention_recompute_mlp", "save_qkv_proj", "offload_qkv_proj", "full")
+
+
+def markers(target: str) -> tuple[str, str]:
+  return f"<!-- remat_policies {target}:begin -->", f"<!-- remat_policies {target}:end -->"
+
+
+def measure(variant: str, target: str, policy: str, timeout_s: int) -> dict:
+  """One compile: the preset's global micro-batch (batch / grad_accum_steps) as a single
+  step under `policy`."""
+  spec = f"configs/coca.py:{variant},{PRESET_OF_TARGET[target]}"
+  config = cli.load_config(spec)
+  micro_batch = config.batch_size // config.grad_accum_steps
+  report = aot_presets.run_one(spec, target, timeout_s, "--config.model.attention_impl=xla",
+                               f"--config.model.remat_policy={policy}",
+                               f"--config.batch_size={micro_batch}",
+                               "--config.grad_accum_steps=1")
+  return dict(report, variant=variant, policy=policy, target=target)
+
+
+def host_bytes(r: dict) -> int | None:
+  """Host memory (pinned_host: offloaded activations) per device, from XLA's analysis."""
+  train = (r.get("programs") or {}).get("train") or {}
+  return (train.get("memory_analysis") or {}).get("host_temp")
+
+
+def row(r: dict) -> str:
+  name = f"{r['variant']}"
+  if "error" in r:
+    return f"| {name} | {r['policy']} | error: {r['error']} | | | | |"
+  need, have = r["memory_per_device_bytes"], r["device_memory_bytes"]
+  fits = (f"{100 * r['headroom_fraction']:.1f}%" if r["fits"] else "**no fit**")
+  host = host_bytes(r)
+  ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "n/a"
+  return (f"| {name} | {r['policy']} | {r['micro_batch_per_device']:g} | "
+          f"{need / GiB:.2f} / {have / GiB:.2f} | {fits} | "
+          f"{'' if not host else f'{host / GiB:.2f}'} | {ratio} | "
+          f"{r['lower_s'] + r['compile_s']:.0f} s |")
+
+
+def section(target: str, rows: list[str], versions: dict[str, str]) -> str:
+  begin, end = markers(target)
+  return "\n".join([
+      begin,
+      f"### Remat policies on {target} (`benchmarks/remat_policies.py --target {target}`)",
+      "",
+      f"`PYTHONPATH=. python benchmarks/remat_policies.py --target {target} --write`, "
+      f"{datetime.date.today().isoformat()}, on {aot_presets.cpu_model()} (compiles for the "
+      "target, no accelerator). Versions: "
+      + ", ".join(f"{k} {v}" for k, v in versions.items()) + ". Each row: the variant's "
+      f"`{PRESET_OF_TARGET[target]}` mesh preset at its micro-batch per device, as one "
+      "gradient step (`grad_accum_steps=1`), XLA attention; memory per device against "
+      "capacity; host: what the offload policies keep in host memory per device; "
+      "compiled/model: matmul FLOPs in the compiled HLO over the model's, i.e. the policy's "
+      "recompute.",
+      "",
+      "| variant | remat policy | micro-batch per device | memory / capacity (GiB) | "
+      "headroom | host (GiB) | compiled/model FLOPs | compile |",
+      "|---|---|---|---|---|---|---|---|",
+      *rows,
+      end])
+
+
+def write(target: str, text: str) -> None:
+  """Replaces the target's section of RESULTS.md, or appends it."""
+  begin, end = markers(target)
+  with open(aot_presets.RESULTS) as f:
+    current = f.read()
+  head, found, rest = current.partition(begin)
+  tail = rest.partition(end)[2] if found else "\n"
+  if not found:
+    head = current.rstrip("\n") + "\n\n"
+  with open(aot_presets.RESULTS, "w") as f:
+    f.write(head + text + tail)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--target", default="h100x8", choices=sorted(PRESET_OF_TARGET))
+  parser.add_argument("--variants", default="base,large,giant")
+  parser.add_argument("--policies", default=",".join(POLICIES))
+  parser.add_argument("--timeout_s", type=int, default=3600, help="per compile")
+  parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+  args = parser.parse_args()
+  results = []
+  for variant in args.variants.split(","):
+    for policy in args.policies.split(","):
+      print(f"remat_policies: {variant} {policy} on {args.target} ...", file=sys.stderr,
+            flush=True)
+      results.append(measure(variant, args.target, policy, args.timeout_s))
+      print(row(results[-1]), flush=True)
+  versions = next((r["versions"] for r in results if "versions" in r), {})
+  text = section(args.target, [row(r) for r in results], versions)
+  if args.write:
+    write(args.target, text)
+  print(text)
+  print(json.dumps([{k: r.get(k) for k in (
+      "variant", "policy", "target", "fits", "micro_batch_per_device", "memory_per_device_bytes",
+      "device_memory_bytes", "headroom_fraction", "flops_ratio", "lower_s", "compile_s",
+      "error")} | {"host_bytes": host_bytes(r)} for r in results]))
+
+
+if __name__ == "__main__":
+  main()
