@@ -25,7 +25,8 @@ from mmjax import cli
 GiB = 2**30
 PRESET_OF_TARGET = {"v4-32": "v4_32", "v5p-128": "v5p_128", "h100x8": "h100x8"}
 # Most memory first; the offload twins keep their activations in host memory.
-POLICIES = ("none", "dots", "dots_with_no_batch_dims", "save_attention_recompute_mlp",
+# ("dots" is left out: scanned layers' "none" is "dots", layers.SCANNED_NONE_POLICY.)
+POLICIES = ("none", "dots_with_no_batch_dims", "save_attention_recompute_mlp",
             "offload_attention_recompute_mlp", "save_qkv_proj", "offload_qkv_proj", "full")
 
 
@@ -52,17 +53,26 @@ def host_bytes(r: dict) -> int | None:
   return (train.get("memory_analysis") or {}).get("host_temp")
 
 
+def collective_bytes(r: dict) -> int | None:
+  """Result bytes of every collective in the compiled step, per device."""
+  train = (r.get("programs") or {}).get("train") or {}
+  kinds = train.get("collectives")
+  return sum(v["bytes"] for v in kinds.values()) if kinds else None
+
+
 def row(r: dict) -> str:
   name = f"{r['variant']}"
   if "error" in r:
-    return f"| {name} | {r['policy']} | error: {r['error']} | | | | |"
+    return f"| {name} | {r['policy']} | error: {r['error']} | | | | | | |"
   need, have = r["memory_per_device_bytes"], r["device_memory_bytes"]
   fits = (f"{100 * r['headroom_fraction']:.1f}%" if r["fits"] else "**no fit**")
   host = host_bytes(r)
   ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "n/a"
+  moved = collective_bytes(r)
   return (f"| {name} | {r['policy']} | {r['micro_batch_per_device']:g} | "
           f"{need / GiB:.2f} / {have / GiB:.2f} | {fits} | "
           f"{'' if not host else f'{host / GiB:.2f}'} | {ratio} | "
+          f"{'n/a' if moved is None else f'{moved / GiB:.2f}'} | "
           f"{r['lower_s'] + r['compile_s']:.0f} s |")
 
 
@@ -80,11 +90,12 @@ def section(target: str, rows: list[str], versions: dict[str, str]) -> str:
       "gradient step (`grad_accum_steps=1`), XLA attention; memory per device against "
       "capacity; host: what the offload policies keep in host memory per device; "
       "compiled/model: matmul FLOPs in the compiled HLO over the model's, i.e. the policy's "
-      "recompute.",
+      "recompute; collectives: result bytes of every collective in the step per device "
+      "(loops x trip count).",
       "",
       "| variant | remat policy | micro-batch per device | memory / capacity (GiB) | "
-      "headroom | host (GiB) | compiled/model FLOPs | compile |",
-      "|---|---|---|---|---|---|---|---|",
+      "headroom | host (GiB) | compiled/model FLOPs | collectives (GiB) | compile |",
+      "|---|---|---|---|---|---|---|---|---|",
       *rows,
       end])
 
@@ -109,6 +120,8 @@ def main() -> None:
   parser.add_argument("--policies", default=",".join(POLICIES))
   parser.add_argument("--timeout_s", type=int, default=3600, help="per compile")
   parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+  parser.add_argument("--reports", default="", help="append every full mmjax.aot report "
+                      "to this JSONL file")
   args = parser.parse_args()
   results = []
   for variant in args.variants.split(","):
@@ -117,6 +130,9 @@ def main() -> None:
             flush=True)
       results.append(measure(variant, args.target, policy, args.timeout_s))
       print(row(results[-1]), flush=True)
+      if args.reports:
+        with open(args.reports, "a") as f:
+          f.write(json.dumps(results[-1]) + "\n")
   versions = next((r["versions"] for r in results if "versions" in r), {})
   text = section(args.target, [row(r) for r in results], versions)
   if args.write:
@@ -125,7 +141,8 @@ def main() -> None:
   print(json.dumps([{k: r.get(k) for k in (
       "variant", "policy", "target", "fits", "micro_batch_per_device", "memory_per_device_bytes",
       "device_memory_bytes", "headroom_fraction", "flops_ratio", "lower_s", "compile_s",
-      "error")} | {"host_bytes": host_bytes(r)} for r in results]))
+      "error")} | {"host_bytes": host_bytes(r), "collective_bytes": collective_bytes(r)}
+      for r in results]))
 
 
 if __name__ == "__main__":
