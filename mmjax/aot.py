@@ -31,7 +31,8 @@ Per device, the report gives:
            compile with RESOURCE_EXHAUSTED; the report then quotes the compiler's figures).
   fits     total <= device memory, and the headroom (capacity - total) / capacity.
   FLOPs    compiled matmul FLOPs (`mmjax.hlo` over the compiled HLO; XLA's cost_analysis
-           counts a while loop's body once and gives nothing for GPUs ahead of time) against the model FLOPs of `mmjax.summary` (training, matmuls only) per device:
+           counts a while loop's body once and gives nothing for GPUs ahead of time)
+           against the model FLOPs of `mmjax.summary` (training, matmuls only) per device:
            the ratio is the recompute overhead (remat, the extra embedding pass of gradient
            caching, the contrastive loss's recomputed logits) plus non-matmul work.
   estimate TPU only: the compiler's cost-model step time (`optimal_seconds`) and the MFU it

@@ -75,7 +75,7 @@ def test_linear_probe_fits_solve_their_objectives():
 
 def test_logistic_fit_returns_the_optimum_whatever_the_start_or_rounding():
   """The tiny shapes probe's regime (128 examples, 64 classes, separable, lambda 1e-5): the
-  penalised weights must not depend on where L-BFGS starts (the lambda path warm-starts
+  penalised weights must not depend on where the solver starts (the lambda path warm-starts
   it) nor on float rounding of the features (8 vs 1 device, AVX2 vs AVX-512). With
   scikit-learn's fixed gtol=1e-4 the warm start stopped after one iteration: its weights
   were 0.22 away from the cold start's, and one test split scored 0.078 vs 0.094."""
