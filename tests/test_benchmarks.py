@@ -103,3 +103,35 @@ def test_ablation_script_trains_every_arm_and_seed(tmp_path, data_dir):
   assert out["cpu"] and out["steps"] == 2
   again = run_script(*args, timeout=600)  # finished runs are read back, not retrained
   assert again["runs"] == out["runs"]
+
+
+def test_remat_policies_table_rows_and_section_replacement(tmp_path, monkeypatch):
+  """benchmarks/remat_policies.py's rows from given mmjax.aot reports (no compile): host
+  memory of an offload policy, collective bytes summed over kinds, a failed compile's error;
+  --write replaces only its target's section of RESULTS.md."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import aot_presets
+  import remat_policies as rp
+  gib = 2**30
+  train = {"memory_analysis": {"host_temp": 3 * gib},
+           "collectives": {"all-gather": {"count": 4, "bytes": gib},
+                           "all-reduce": {"count": 2, "bytes": gib // 2}}}
+  report = dict(variant="base", policy="offload_qkv_proj", micro_batch_per_device=512.0,
+                memory_per_device_bytes=10 * gib, device_memory_bytes=80 * gib, fits=True,
+                headroom_fraction=0.875, flops_ratio=1.1234, lower_s=1.0, compile_s=9.0,
+                programs={"train": train})
+  assert rp.row(report) == ("| base | offload_qkv_proj | 512 | 10.00 / 80.00 | 87.5% | 3.00 | "
+                            "1.12 | 1.50 | 10 s |")
+  failed = rp.row(dict(variant="giant", policy="none", error="RESOURCE_EXHAUSTED"))
+  assert failed.startswith("| giant | none | error: RESOURCE_EXHAUSTED")
+  assert failed.count("|") == rp.row(report).count("|")
+  results = tmp_path / "RESULTS.md"
+  begin, end = rp.markers("h100x8")
+  results.write_text(f"intro\n\n{begin}\nold\n{end}\n\nkept\n")
+  monkeypatch.setattr(aot_presets, "RESULTS", str(results))
+  rp.write("h100x8", rp.section("h100x8", [rp.row(report)], {"jax": "0"}))
+  text = results.read_text()
+  assert "old" not in text and text.startswith("intro\n\n") and text.endswith("\n\nkept\n")
+  assert text.count(begin) == 1 and "| base | offload_qkv_proj |" in text
+  rp.write("v5p-128", rp.section("v5p-128", [failed], {}))  # no section yet: appended
+  assert results.read_text().rstrip().endswith(rp.markers("v5p-128")[1])
