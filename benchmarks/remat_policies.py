@@ -5,8 +5,8 @@
 
 One `python -m mmjax.aot --json` run per (variant, policy), each in a fresh process, on the
 variant's mesh preset for the target (`configs/coca.py:VARIANT,PRESET`) at the preset's
-micro-batch per device, as ONE gradient step (`grad_accum_steps=1`, batch = micro-batch x
-devices): without gradient caching's embedding pass, `compiled/model` FLOPs is the remat
+micro-batch per device, as ONE gradient step (`grad_accum_steps=1`, batch = the preset's
+batch / grad_accum_steps): without gradient caching's embedding pass, `compiled/model` FLOPs is the remat
 policy's recompute alone, and memory is one micro-batch's (an accumulating step adds a
 parameter-sized gradient sum). Attention is XLA's (`model.attention_impl=xla`) so that
 XLA:GPU counts every attention FLOP. `--write` replaces the target's table between the
@@ -16,7 +16,6 @@ markers in benchmarks/RESULTS.md. The last stdout line is one JSON list of the r
 import argparse
 import datetime
 import json
-import os
 import sys
 
 import aot_presets  # benchmarks/aot_presets.py
@@ -61,7 +60,7 @@ def collective_bytes(r: dict) -> int | None:
 
 
 def row(r: dict) -> str:
-  name = f"{r['variant']}"
+  name = r["variant"]
   if "error" in r:
     return f"| {name} | {r['policy']} | error: {r['error']} | | | | | | |"
   need, have = r["memory_per_device_bytes"], r["device_memory_bytes"]
