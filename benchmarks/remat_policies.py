@@ -1,15 +1,15 @@
 """Memory against recompute per remat policy: CoCa base/large/giant, compiled ahead of time.
 
   PYTHONPATH=. python benchmarks/remat_policies.py [--target h100x8] [--variants base,large]
-      [--policies none,full] [--write]
+      [--policies none,full] [--reports FILE.jsonl] [--write]
 
 One `python -m mmjax.aot --json` run per (variant, policy), each in a fresh process, on the
 variant's mesh preset for the target (`configs/coca.py:VARIANT,PRESET`) at the preset's
 micro-batch per device, as ONE gradient step (`grad_accum_steps=1`, batch = the preset's
-batch / grad_accum_steps): without gradient caching's embedding pass, `compiled/model` FLOPs is the remat
-policy's recompute alone, and memory is one micro-batch's (an accumulating step adds a
-parameter-sized gradient sum). Attention is XLA's (`model.attention_impl=xla`) so that
-XLA:GPU counts every attention FLOP. `--write` replaces the target's table between the
+batch / grad_accum_steps): without gradient caching's embedding pass, `compiled/model` FLOPs
+is the remat policy's recompute alone, and memory is one micro-batch's (an accumulating step
+adds a parameter-sized gradient sum). Attention is XLA's (`model.attention_impl=xla`) so
+that XLA:GPU counts every attention FLOP. `--write` replaces the target's table between the
 markers in benchmarks/RESULTS.md. The last stdout line is one JSON list of the rows. Needs
 `pip install -e '.[tpu-aot,gpu-aot]'`.
 """
@@ -46,16 +46,19 @@ def measure(variant: str, target: str, policy: str, timeout_s: int) -> dict:
   return dict(report, variant=variant, policy=policy, target=target)
 
 
+def _train_program(r: dict) -> dict:
+  """The train step's report within an mmjax.aot report ({} for a failed compile)."""
+  return (r.get("programs") or {}).get("train") or {}
+
+
 def host_bytes(r: dict) -> int | None:
   """Host memory (pinned_host: offloaded activations) per device, from XLA's analysis."""
-  train = (r.get("programs") or {}).get("train") or {}
-  return (train.get("memory_analysis") or {}).get("host_temp")
+  return (_train_program(r).get("memory_analysis") or {}).get("host_temp")
 
 
 def collective_bytes(r: dict) -> int | None:
   """Result bytes of every collective in the compiled step, per device."""
-  train = (r.get("programs") or {}).get("train") or {}
-  kinds = train.get("collectives")
+  kinds = _train_program(r).get("collectives")
   return sum(v["bytes"] for v in kinds.values()) if kinds else None
 
 

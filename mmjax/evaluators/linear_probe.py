@@ -14,8 +14,8 @@ Classifiers (`classifier`), both in float64 NumPy/SciPy, deterministic, a bias c
 that is not penalised:
   * "logistic" (default; CLIP's probe): multinomial logistic regression, mean
     cross-entropy + lambda/2 * |W|^2, minimised by trust-region Newton (scipy.optimize,
-    exact Hessian-vector products) with a stopping rule that pins the unique optimum (see `logistic_fit`), warm-started along
-    the lambda grid.
+    exact Hessian-vector products) with a stopping rule that pins the unique optimum (see
+    `logistic_fit`), warm-started along the lambda grid.
   * "ridge": closed-form ridge regression onto one-hot targets (a least-squares
     classifier), W = (X^T X + lambda * n * I)^-1 X^T Y. Milliseconds, but with many
     classes and few dimensions least squares is a poor classifier (a class's score is
