@@ -56,20 +56,33 @@ def run_one(spec: str, target: str, timeout_s: int, *overrides: str) -> dict:
               wall_s=round(wall_s, 1))
 
 
+def train_program(r: dict) -> dict:
+  """The train step's report within an mmjax.aot report ({} for a failed compile)."""
+  return (r.get("programs") or {}).get("train") or {}
+
+
+def collective_bytes(r: dict) -> int | None:
+  """Result bytes of every collective in the compiled train step, per device."""
+  kinds = train_program(r).get("collectives")
+  return sum(v["bytes"] for v in kinds.values()) if kinds else None
+
+
 def row(spec: str, target: str, r: dict) -> str:
   name, date = spec.removeprefix("configs/"), datetime.date.today().isoformat()
   if "error" in r:
-    return f"| `{name}` | {target} | error: {r['error']} | | | | | | | | {date} |"
+    return f"| `{name}` | {target} | error: {r['error']} | | | | | | | | | {date} |"
   need, have = r["memory_per_device_bytes"], r["device_memory_bytes"]
   fits = ("yes" if r["fits"] else "**no**") + (
       "" if r["fits"] and r["headroom_fraction"] >= 0.10 else " (< 10%)" if r["fits"] else "")
   ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "n/a"
   step = (f"{r['estimated_step_s']:.3g} s" if r.get("estimated_step_s") is not None
           else "dropped" if r["platform"] == "tpu" else "n/a (GPU)")
+  moved = collective_bytes(r)
   return (f"| `{name}` | {target} ({r['num_devices']} x {r['device_kind']}) | "
           f"{r['micro_batch_per_device']:g} x {r['grad_accum_steps']} | {r['remat_policy']} | "
           f"{need / GiB:.2f} / {have / GiB:.2f} | {100 * r['headroom_fraction']:.1f}% | "
-          f"{fits} | {ratio} | {step} | {r['lower_s'] + r['compile_s']:.0f} s | {date} |")
+          f"{fits} | {ratio} | {'n/a' if moved is None else f'{moved / GiB:.2f}'} | {step} | "
+          f"{r['lower_s'] + r['compile_s']:.0f} s | {date} |")
 
 
 def cpu_model() -> str:
@@ -101,14 +114,15 @@ def section(rows: dict[tuple[str, str], str], versions: dict[str, str]) -> str:
       "available HBM or 90% of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION of "
       "launch/gpu.sh); `compiled/model` is the matmul FLOPs in the compiled HLO (loops x "
       "trip count) over `mmjax.summary`'s model FLOPs: the recompute of remat and of "
-      "gradient caching's embedding pass. Step time: the TPU cost model's estimate when "
-      "plausible (`dropped` when negative or faster than the compiled FLOPs at peak); XLA:GPU "
-      "has none.",
+      "gradient caching's embedding pass. Collectives: result bytes of every collective "
+      "in the step per device (loops x trip count). Step time: the TPU cost model's "
+      "estimate when plausible (`dropped` when negative or faster than the compiled FLOPs "
+      "at peak); XLA:GPU has none.",
       "",
       "| preset | target | micro-batch per device x steps | remat | memory / capacity "
-      "(GiB) | headroom | fits | compiled/model FLOPs | est. step time | compile (lower + "
-      "compile) | date |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "(GiB) | headroom | fits | compiled/model FLOPs | collectives (GiB) | est. step time | "
+      "compile (lower + compile) | date |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   order = {(s.removeprefix("configs/"), t): i for i, (s, t) in enumerate(PRESETS)}
   lines += [rows[k] for k in sorted(rows, key=lambda k: order.get(k, len(order)))]
@@ -157,7 +171,8 @@ def main() -> None:
   print(json.dumps([dict(config=s, topology=t, **{k: r.get(k) for k in (
       "fits", "memory_per_device_bytes", "device_memory_bytes", "headroom_fraction",
       "micro_batch_per_device", "grad_accum_steps", "remat_policy", "flops_ratio",
-      "estimated_step_s", "lower_s", "compile_s", "error")}) for s, t, r in results]))
+      "estimated_step_s", "lower_s", "compile_s", "error")},
+      collective_bytes=collective_bytes(r)) for s, t, r in results]))
 
 
 if __name__ == "__main__":

@@ -135,3 +135,31 @@ def test_remat_policies_table_rows_and_section_replacement(tmp_path, monkeypatch
   assert text.count(begin) == 1 and "| base | offload_qkv_proj |" in text
   rp.write("v5p-128", rp.section("v5p-128", [failed], {}))  # no section yet: appended
   assert results.read_text().rstrip().endswith(rp.markers("v5p-128")[1])
+  rp.write("v5p-128", rp.section("v5p-128", [rp.row(report)], {}, per_device_batch=256), 256)
+  text = results.read_text()  # a --per_device_batch table is a section of its own
+  assert text.count("<!-- remat_policies v5p-128") == 4 and "| giant | none | error" in text
+  assert "v5p-128, 256 examples per device (`benchmarks/remat_policies.py --target v5p-128 " \
+         "--per_device_batch 256`)" in text
+
+
+def test_aot_presets_row_reports_summed_collective_bytes():
+  """benchmarks/aot_presets.py's row from a given mmjax.aot report (no compile)."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import aot_presets
+  gib = 2**30
+  report = dict(memory_per_device_bytes=24 * gib, device_memory_bytes=32 * gib, fits=True,
+                headroom_fraction=0.25, flops_ratio=1.2449, platform="tpu", num_devices=16,
+                device_kind="TPU v4", micro_batch_per_device=256.0, grad_accum_steps=16,
+                remat_policy="dots_with_no_batch_dims", lower_s=100.0, compile_s=358.0,
+                programs={"train": {"collectives": {"all-gather": {"count": 9, "bytes": gib},
+                                                    "reduce-scatter": {"count": 3,
+                                                                       "bytes": 3 * gib}}}})
+  line = aot_presets.row("configs/coca.py:base,v4_32", "v4-32", report)
+  assert line.startswith("| `coca.py:base,v4_32` | v4-32 (16 x TPU v4) | 256 x 16 | "
+                         "dots_with_no_batch_dims | 24.00 / 32.00 | 25.0% | yes | 1.24 | 4.00 "
+                         "| dropped | 458 s | ")
+  header = aot_presets.section({}, {}).splitlines()
+  columns = next(l for l in header if l.startswith("| preset")).count("|")
+  assert line.count("|") == columns
+  failed = aot_presets.row("configs/flava.py:full", "h100x8", {"error": "RESOURCE_EXHAUSTED"})
+  assert failed.count("|") == columns
