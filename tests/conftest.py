@@ -10,7 +10,11 @@ import tempfile
 # initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import mmjax  # noqa: F401  (sizes XLA:CPU's thread pool, which must precede JAX's backend)
+# 8 fake CPU devices, set before importing mmjax: it sizes XLA:CPU's thread pool for them,
+# which must precede JAX's backend.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+import mmjax  # noqa: F401
 import fsspec
 import jax
 import pytest
@@ -19,7 +23,6 @@ from etils.epath import backend as epath_backend
 from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX import record_writer
 
-jax.config.update("jax_num_cpu_devices", 8)
 CACHE_DIR = os.path.join(tempfile.gettempdir(), "mmjax_test_jax_cache")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
