@@ -8,6 +8,7 @@ import pytest
 import helpers
 from configs import coca
 from mmjax import hlo, train
+from mmjax.models import coca as coca_model
 from mmjax.objectives import coca as coca_objective
 from helpers import assert_trees_close, loss_and_grads
 
@@ -102,6 +103,26 @@ def test_accumulation_reads_each_microbatch_in_place():
                  if i.shape.startswith("u8[") and math.prod(hlo.shape_dims(i.shape)) == shard]
   assert whole_batch and {op for op, _ in whole_batch} <= {"parameter", "bitcast",
                                                             "get-tuple-element"}, whole_batch
+
+
+# What gradient caching's no-gradient pass computes: encode_image and encode_text_tokens.
+EMBEDDING_PARTS = ("patch_embedding", "vision_blocks", "caption_pooler", "contrastive_pooler",
+                   "unimodal", "projections")
+
+
+def test_accumulation_embeds_all_but_the_last_microbatch_without_gradients():
+  """The last micro-batch's forward is kept (its residuals) for its backward, so the
+  embedding pass runs k-1 micro-batches: 4 micro-batches add three quarters of the batch's
+  embedding forward to the matmul FLOPs of the one-step program (embedding every
+  micro-batch added all of it)."""
+  flops = {}
+  for k in (1, 4):
+    config = helpers.tiny_config(**{"grad_accum_steps": k})
+    rt = helpers.runtime.build(config, jax.devices()[:1])
+    flops[k] = hlo.analyze(rt.lower_train_step().compile().as_text()).matmul_flops
+  parts = coca_model.forward_flops(config)
+  embedding_pass = sum(parts[p] for p in EMBEDDING_PARTS) * config.batch_size
+  assert flops[4] - flops[1] == pytest.approx(0.75 * embedding_pass, rel=0.03)
 
 
 def test_nonfinite_batch_is_skipped_and_counted():

@@ -119,49 +119,69 @@ class CocaObjective:
   def accumulated_grads(self, params: Any, batch: Batch) -> tuple[jax.Array, dict, Any]:
     """Exact gradient accumulation for a contrastive loss (gradient caching).
 
-    1. Embed every micro-batch without gradients. 2. Differentiate the contrastive loss of
-    the whole batch with respect to the cached embeddings (and the logit scale and bias).
-    3. Re-run each micro-batch with gradients, back-propagating those embedding gradients
-    plus its caption loss. Every negative of the full batch is seen; activation memory is
-    one micro-batch's.
+    1. Embed micro-batches 0..k-2 without gradients; run the last micro-batch's whole
+    forward once, keeping its residuals (`jax.vjp`). 2. Differentiate the contrastive loss
+    of the whole batch with respect to the cached embeddings (and the logit scale and bias).
+    3. Back-propagate the last micro-batch from its residuals, then re-run each of the others
+    with gradients, back-propagating their embedding gradients plus their caption loss.
+    Every negative of the full batch is seen; activation memory is one micro-batch's, and
+    the embedding pass costs k-1 micro-batch forwards, not k (for k = 2 half of it).
     """
     c, k = self.c, self.accum_steps
     micro = jax.tree.map(lambda x: interleave_microbatches(x, k), batch)
     take = lambda tree, j: jax.tree.map(lambda x: microbatch(x, j), tree)
+    num_tokens = jnp.maximum(self.caption_mask(batch).sum(), 1.0)
 
     def embed(j: jax.Array) -> tuple[jax.Array, jax.Array]:
       out = self.forward(params, take(micro, j), with_captions=False)
       return out["image_emb"], out["text_emb"]
 
-    image_emb, text_emb = jax.tree.map(merge_microbatches, jax.lax.map(embed, jnp.arange(k)))
-    scale = self.model.apply({"params": params}, method="logit_scale")
-    bias = self.model.apply({"params": params}, method="logit_bias")
+    def terms(p: Any, mb: Batch) -> tuple[jax.Array, ...]:
+      """What a micro-batch's share of the loss depends on: embeddings [B/k, E], scale,
+      bias, and its summed caption cross-entropy."""
+      out = self.forward(p, mb, self.with_captions)
+      caption = self.caption_sum(out, mb) if self.with_captions else jnp.zeros(())
+      return out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"], caption
+
+    def share(t: tuple[jax.Array, ...], d_img: jax.Array, d_txt: jax.Array, d_scale: jax.Array,
+              d_bias: jax.Array) -> jax.Array:
+      """Linear in the terms; its gradient wrt them, pulled back to the parameters, is this
+      micro-batch's share of the full-batch gradient."""
+      image_emb, text_emb, scale, bias, caption = t
+      value = c.contrastive_weight * (jnp.vdot(image_emb, d_img) + jnp.vdot(text_emb, d_txt)
+                                      + (scale * d_scale + bias * d_bias) / k)
+      return value + c.caption_weight * caption / num_tokens
+
+    first_image, first_text = jax.lax.map(embed, jnp.arange(k - 1))
+    # The barrier orders the last forward after the embedding pass, so that its residuals
+    # are not alive while the other micro-batches are embedded.
+    last_params, first_image, first_text = jax.lax.optimization_barrier(
+        (params, first_image, first_text))
+    last_terms, pull_back = jax.vjp(lambda p: terms(p, take(micro, k - 1)), last_params)
+    image_emb, text_emb = (merge_microbatches(jnp.concatenate([first, last[None]]))
+                           for first, last in ((first_image, last_terms[0]),
+                                               (first_text, last_terms[1])))
+    scale, bias = last_terms[2], last_terms[3]
     labels = self.contrastive_labels(batch)
     contrastive, (d_image, d_text, d_scale, d_bias) = jax.value_and_grad(
         self.contrastive, argnums=(0, 1, 3, 4))(image_emb, text_emb, labels, scale, bias)
-    num_tokens = jnp.maximum(self.caption_mask(batch).sum(), 1.0)
-    cotangents = jax.tree.map(lambda x: interleave_microbatches(x, k), (d_image, d_text))
-
-    def surrogate(p: Any, mb: Batch, d_img: jax.Array, d_txt: jax.Array):
-      """Its gradient wrt p is this micro-batch's share of the full-batch gradient."""
-      out = self.forward(p, mb, self.with_captions)
-      value = c.contrastive_weight * (jnp.vdot(out["image_emb"], d_img)
-                                      + jnp.vdot(out["text_emb"], d_txt)
-                                      + (out["logit_scale"] * d_scale
-                                         + out["logit_bias"] * d_bias) / k)
-      caption = (self.caption_sum(out, mb) if self.with_captions
-                 else jnp.zeros(()))
-      return value + c.caption_weight * caption / num_tokens, caption
+    d_micro = jax.tree.map(lambda x: interleave_microbatches(x, k), (d_image, d_text))
+    d_last = (*take(d_micro, k - 1), d_scale, d_bias)
+    last_grads, = pull_back(jax.grad(share)(last_terms, *d_last))
 
     def accumulate(carry, j):
       grads, caption_total = carry
-      g, caption = jax.grad(surrogate, has_aux=True)(params, take(micro, j),
-                                                     *take(cotangents, j))
+      d_img, d_txt = take(d_micro, j)
+
+      def surrogate(p: Any) -> tuple[jax.Array, jax.Array]:
+        t = terms(p, take(micro, j))
+        return share(t, d_img, d_txt, d_scale, d_bias), t[4]
+
+      g, caption = jax.grad(surrogate, has_aux=True)(params)
       return (jax.tree.map(jnp.add, grads, g), caption_total + caption), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, caption_total), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros(())),
-                                             jnp.arange(k))
+    (grads, caption_total), _ = jax.lax.scan(accumulate, (last_grads, last_terms[4]),
+                                             jnp.arange(k - 1))
     caption = caption_total / num_tokens
     loss = c.contrastive_weight * contrastive + c.caption_weight * caption
     return loss, self.metrics(contrastive, caption, scale, bias), grads
