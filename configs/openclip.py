@@ -7,8 +7,9 @@
       --config.total_steps=100 --config.loss.contrastive_weight=0   # caption fine-tuning
 
 Variants (open_clip model config in brackets): coca_vit_b32 [coca_ViT-B-32],
-coca_vit_l14 [coca_ViT-L-14], coca_tiny [`openclip_model_config("coca_tiny")`, for tests]. Append ",legacy_mask=0" for weights trained with open_clip's
-corrected CLS mask (`text_cfg.correct_cls_mask=true`); the shipped weights use the legacy one.
+coca_vit_l14 [coca_ViT-L-14], coca_tiny [`openclip_model_config("coca_tiny")`, for tests].
+Append ",legacy_mask=0" for weights trained with open_clip's corrected CLS mask
+(`text_cfg.correct_cls_mask=true`); the shipped weights use the legacy one.
 It starts from configs/shapes.py's default (the schema's keys), so every mmjax command
 and override works; data stays the `shapes` datasets for fine-tuning demos, tokenised with
 open_clip's BPE (read from the installed open_clip package) at 224 px.

@@ -2,7 +2,8 @@
 step cost there? Runs on any machine (a laptop), without the hardware.
 
   python -m mmjax.aot --config configs/coca.py:base,v4_32 --topology v4-32
-  python -m mmjax.aot --config configs/coca.py:base,h100x8 --topology h100x8 --what train,eval,decode
+  python -m mmjax.aot --config configs/coca.py:base,h100x8 --topology h100x8 \
+      --what train,eval,decode
   python -m mmjax.aot --config configs/coca.py:giant,v5p_128 --topology v5p-128 --num_slices 2
   python -m mmjax.aot ... --suggest   # over budget or < 10% headroom: search a value that fits
   python -m mmjax.aot ... --json      # only the JSON object

@@ -40,9 +40,9 @@ def define_flags(*, step: bool = False, distributed: bool = False) -> None:
                          "Multi-process: a process silent this long is declared dead and the "
                          "whole job fails (bounds the time a dead peer can hang the others).")
     flags.DEFINE_integer("shutdown_timeout_seconds", 300,
-                         "Multi-process: how long an exiting process waits for the others (generous: "
-                         "processes finish local work, e.g. checkpoint commits, at "
-                         "different speeds on a loaded host).")
+                         "Multi-process: how long an exiting process waits for the "
+                         "others (generous: processes finish local work, e.g. "
+                         "checkpoint commits, at different speeds on a loaded host).")
 
 
 def quiet_libraries() -> None:

@@ -131,7 +131,8 @@ def reorder_cache(cache: Cache, rows: jax.Array) -> Cache:
   """Gathers cache rows (beam search's surviving parents). rows: int32 [N].
 
   K/V leaves are [..., N, H, Dh, S] / [..., N, H, S, Dh] (`layers.cache_layout`; a leading
-  layers axis when scanned): batch axis ndim - 4. Lower-rank leaves (cache indices) are shared by all rows and kept.
+  layers axis when scanned): batch axis ndim - 4. Lower-rank leaves (cache indices) are shared
+  by all rows and kept.
   """
   def gather(x):
     return jnp.take(x, rows, axis=x.ndim - 4) if x.ndim >= 4 else x

@@ -48,7 +48,8 @@ def test_batch_fields(data_dir, tokenizer):
   assert b["image"].shape == (16, 64, 64, 3) and b["image"].dtype == np.uint8
   assert b["image"].std() > 10  # pixels 0..255, not a constant
   assert b["text"].shape == (16, 24) and b["text"].dtype == np.int32
-  assert (b["text"][:, 0] == vocabulary.BOS_ID).all() and ((b["text"] == vocabulary.EOS_ID).sum(1) == 1).all()
+  assert (b["text"][:, 0] == vocabulary.BOS_ID).all()
+  assert ((b["text"] == vocabulary.EOS_ID).sum(1) == 1).all()
   for k in ("label", "text_type", "source", "skipped"):
     assert b[k].shape == (16,) and b[k].dtype == np.int32
   # sorted keys: captions=0, labels=1

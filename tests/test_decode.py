@@ -96,7 +96,8 @@ def test_beam_search_same_with_scanned_and_unrolled_layers(tiny):
   _, model, params, images = tiny
   unrolled = models.build_model(helpers.tiny_config(**{"model.scan_layers": False}))
   kw = dict(strategy="beam", beam_size=3)
-  np.testing.assert_array_equal(caption(unrolled, layers.unstack_layer_params(params), images, **kw),
+  unstacked = layers.unstack_layer_params(params)
+  np.testing.assert_array_equal(caption(unrolled, unstacked, images, **kw),
                                 caption(model, params, images, **kw))
 
 

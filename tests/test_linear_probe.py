@@ -125,8 +125,8 @@ def test_linear_probe_reads_image_features_and_beats_chance():
     def images(self, params, images):
       raise AssertionError("the linear probe read the contrastive embedding")
 
-  probe = linear_probe.LinearProbe.from_arrays("linear_probe/synthetic", train_x, train_y, test_x, test_y,
-                                               num_classes=4)
+  probe = linear_probe.LinearProbe.from_arrays("linear_probe/synthetic", train_x, train_y,
+                                               test_x, test_y, num_classes=4)
   with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
     result = probe(Spy(model, mesh, config.mesh.rules, batch_size=64), params)
   assert Spy.calls == 2

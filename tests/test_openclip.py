@@ -56,7 +56,8 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
   images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)  # taken as [-1, 1]
   text = openclip_tokenizer.OpenClipTokenizer().encode(
       [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)], length)
-  text[-1] = openclip_tokenizer.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]  # one unpadded row
+  # one unpadded row
+  text[-1] = openclip_tokenizer.OpenClipTokenizer().encode(CAPTIONS[-1:], length)[0]
   out = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, np.zeros(batch, np.int32)))(
       params, images, text)
 
@@ -75,7 +76,8 @@ def parity(oc, variant: str, legacy_mask: bool, batch: int = 2) -> dict[str, flo
       "text_emb": float(np.abs(np.asarray(out["text_emb"]) - text_emb.numpy()).max()),
       "caption_logits": float(np.abs(np.asarray(out["caption_logits"])[:, :length - 2]
                                      - logits.numpy()).max()),
-      "logit_scale": float(abs(float(out["logit_scale"]) - float(torch_model.logit_scale.detach().exp()))),
+      "logit_scale": float(abs(float(out["logit_scale"])
+                               - float(torch_model.logit_scale.detach().exp()))),
       "torch_params": sum(p.numel() for p in torch_model.parameters()),
       "mmjax_params": num_params(params),
   }
@@ -124,7 +126,8 @@ def test_converted_checkpoint_evaluates_and_finetunes(oc, tmp_path, data_dir):
   workdir = str(tmp_path / "run")
   proc = subprocess.run(
       [sys.executable, "-m", "mmjax.convert.openclip", f"--checkpoint={path}",
-       f"--config={REPO}/configs/openclip.py:coca_tiny", f"--out={workdir}"], cwd=REPO, capture_output=True, text=True,
+       f"--config={REPO}/configs/openclip.py:coca_tiny", f"--out={workdir}"],
+      cwd=REPO, capture_output=True, text=True,
       env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -224,7 +224,8 @@ def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
   import open_clip  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   name = f"mmjax_{variant}"
-  open_clip.factory._MODEL_CONFIGS[name] = openclip_configs.openclip_model_config(variant)  # pylint: disable=protected-access
+  model_configs = open_clip.factory._MODEL_CONFIGS  # pylint: disable=protected-access
+  model_configs[name] = openclip_configs.openclip_model_config(variant)
   torch.manual_seed(seed)
   model = open_clip.create_model(name, pretrained=None)
   if perturb:

@@ -96,8 +96,8 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 
 
 def _regular(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
-  return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
-          for k in range(n)]
+  angles = [rot + 2 * math.pi * k / n for k in range(n)]
+  return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,

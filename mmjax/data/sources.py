@@ -83,8 +83,8 @@ def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image
   `shapes/*` datasets are built on first use. With `label_key`, the feature must be a
   ClassLabel; `class_names` is then the names prompts use, resolved from its names by
   `classnames.resolve_class_names` (the config value `class_names`; WordNet ids refused
-  with `refuse_wordnet_ids`); with `text_key`, that feature must exist. A dataset that is not in `data_dir`, a missing split or feature raise
-  errors.UsageError naming the config `keys`.
+  with `refuse_wordnet_ids`); with `text_key`, that feature must exist. A dataset that is not
+  in `data_dir`, a missing split or feature raise errors.UsageError naming the config `keys`.
   """
   data_dir = expand_dir(data_dir)
   if name.split("/")[0] == "shapes":

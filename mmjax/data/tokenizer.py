@@ -43,7 +43,8 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     return sentencepiece.Tokenizer.from_file(path)
   texts = sources.train_texts(config)
   vocab_size = int(config.data.tokenizer.vocab_size)
-  h = hashlib.sha256(json.dumps({"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}).encode())
+  recipe = {"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}
+  h = hashlib.sha256(json.dumps(recipe).encode())
   cache_dir = os.path.join(os.path.expanduser(config.data_dir), "tokenizers")
   cache = os.path.join(cache_dir, h.hexdigest()[:16] + ".model")
   if not os.path.exists(cache):

@@ -292,7 +292,8 @@ PAPER_TOTAL_PARTS = ()
 
 def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   """Forward matmul FLOPs per example of FLAVA's pretraining forward (`Flava.pretrain`),
-  per part; same conventions as `mmjax.models.coca.forward_flops` (matmuls only, causal-free dense attention).
+  per part; same conventions as `mmjax.models.coca.forward_flops` (matmuls only, causal-free
+  dense attention).
 
   Every example runs the image encoder twice (clean for the contrastive loss, masked for
   MIM / MMM) and the text encoder twice (clean, masked), whatever its modality: the batch

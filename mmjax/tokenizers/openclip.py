@@ -62,7 +62,10 @@ def _clean(text: str) -> str:
 
 
 class OpenClipTokenizer:
-  """encode/decode with open_clip's ids; same interface as `mmjax.tokenizers.sentencepiece.Tokenizer`."""
+  """encode/decode with open_clip's ids.
+
+  Same interface as `mmjax.tokenizers.sentencepiece.Tokenizer`.
+  """
 
   pad_id: int = vocabulary.PAD_ID
   unk_id = None
