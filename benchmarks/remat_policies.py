@@ -75,17 +75,28 @@ def row(r: dict) -> str:
           f"{r['lower_s'] + r['compile_s']:.0f} s |")
 
 
+def command_flags(target: str, variants: str = "base,large,giant",
+                  policies: str = ",".join(POLICIES), per_device_batch: int = 0) -> str:
+  """The script's flags that made a table (defaults left out)."""
+  flags = [f"--target {target}"]
+  flags += [f"--variants {variants}"] if variants != "base,large,giant" else []
+  flags += [f"--policies {policies}"] if policies != ",".join(POLICIES) else []
+  flags += [f"--per_device_batch {per_device_batch}"] if per_device_batch else []
+  return " ".join(flags)
+
+
 def section(target: str, rows: list[str], versions: dict[str, str],
-            per_device_batch: int = 0) -> str:
+            per_device_batch: int = 0, flags: str = "") -> str:
+  """The RESULTS.md section of one table; `flags`: the command's (default: the target's)."""
   begin, end = markers(target, per_device_batch)
-  flags = f"--target {target}" + (
-      f" --per_device_batch {per_device_batch}" if per_device_batch else "")
+  table_flags = command_flags(target, per_device_batch=per_device_batch)
+  flags = flags or table_flags
   batch = (f"{per_device_batch} examples per device" if per_device_batch
            else "its micro-batch per device")
   return "\n".join([
       begin,
       f"### Remat policies on {target}" + (f", {batch}" if per_device_batch else "")
-      + f" (`benchmarks/remat_policies.py {flags}`)",
+      + f" (`benchmarks/remat_policies.py {table_flags}`)",
       "",
       f"`PYTHONPATH=. python benchmarks/remat_policies.py {flags} --write`, "
       f"{datetime.date.today().isoformat()}, on {aot_presets.cpu_model()} (compiles for the "
@@ -142,7 +153,8 @@ def main() -> None:
         with open(args.reports, "a") as f:
           f.write(json.dumps(results[-1]) + "\n")
   versions = next((r["versions"] for r in results if "versions" in r), {})
-  text = section(args.target, [row(r) for r in results], versions, args.per_device_batch)
+  flags = command_flags(args.target, args.variants, args.policies, args.per_device_batch)
+  text = section(args.target, [row(r) for r in results], versions, args.per_device_batch, flags)
   if args.write:
     write(args.target, text, args.per_device_batch)
   print(text)

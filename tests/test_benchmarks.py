@@ -135,11 +135,14 @@ def test_remat_policies_table_rows_and_section_replacement(tmp_path, monkeypatch
   assert text.count(begin) == 1 and "| base | offload_qkv_proj |" in text
   rp.write("v5p-128", rp.section("v5p-128", [failed], {}))  # no section yet: appended
   assert results.read_text().rstrip().endswith(rp.markers("v5p-128")[1])
-  rp.write("v5p-128", rp.section("v5p-128", [rp.row(report)], {}, per_device_batch=256), 256)
+  flags = rp.command_flags("v5p-128", "giant", "full,none", 256)
+  assert flags == "--target v5p-128 --variants giant --policies full,none --per_device_batch 256"
+  rp.write("v5p-128", rp.section("v5p-128", [rp.row(report)], {}, 256, flags), 256)
   text = results.read_text()  # a --per_device_batch table is a section of its own
   assert text.count("<!-- remat_policies v5p-128") == 4 and "| giant | none | error" in text
   assert "v5p-128, 256 examples per device (`benchmarks/remat_policies.py --target v5p-128 " \
          "--per_device_batch 256`)" in text
+  assert f"`PYTHONPATH=. python benchmarks/remat_policies.py {flags} --write`" in text
 
 
 def test_aot_presets_row_reports_summed_collective_bytes():
