@@ -37,23 +37,25 @@ device in one micro-batch, remat policy): the largest micro-batch that fits with
 (`python -m mmjax.aot --config configs/coca.py:base,v4_32 --topology v4-32`, 2026-11-30,
 uint8 images, fused caption loss; per device; rows dated in benchmarks/RESULTS.md):
   preset          micro-batch x steps  remat                     memory / capacity  headroom
-  base,v4_32      256 x 16             dots_with_no_batch_dims   24.43 / 30.75 GiB  20.6%
+  base,v4_32      256 x 16             dots_with_no_batch_dims   24.52 / 30.75 GiB  20.3%
   base,v5p_128    512 x 2              dots_with_no_batch_dims   43.44 / 95.74 GiB  54.6%
-  base,h100x8     512 x 16             dots_with_no_batch_dims   45.52 / 71.20 GiB  36.1%
-  large,v4_32     128 x 32             dots_with_no_batch_dims   24.28 / 30.75 GiB  21.0%
+  base,h100x8     512 x 16             dots_with_no_batch_dims   45.89 / 71.20 GiB  35.5%
+  large,v4_32     128 x 32             dots_with_no_batch_dims   24.29 / 30.75 GiB  21.0%
   large,v5p_128   512 x 2              dots_with_no_batch_dims   84.94 / 95.74 GiB  11.3%
   large,h100x8    256 x 32             dots_with_no_batch_dims   45.29 / 71.20 GiB  36.4%
-  giant,v4_32     32 x 128             dots_with_no_batch_dims   16.13 / 30.75 GiB  47.5%
-  giant,v5p_128   128 x 8              dots_with_no_batch_dims   48.62 / 95.74 GiB  49.2%
-  giant,h100x8    128 x 64             dots_with_no_batch_dims   52.80 / 71.20 GiB  25.8%
+  giant,v4_32     32 x 128             dots_with_no_batch_dims   16.18 / 30.75 GiB  47.4%
+  giant,v5p_128   128 x 8              dots_with_no_batch_dims   49.57 / 95.74 GiB  48.2%
+  giant,h100x8    128 x 64             dots_with_no_batch_dims   52.79 / 71.20 GiB  25.9%
 (H100 capacity: 90% of 80 GB, launch/gpu.sh's XLA_PYTHON_CLIENT_MEM_FRACTION.) On TPU the
-compiled FLOPs are 1.24 / 1.28 / 1.29x the model's (base / large / giant) with
-dots_with_no_batch_dims, and at most 0.02 of that is
-remat: gradient caching's embedding pass costs 0.23 / 0.27 / 0.28x whenever
-grad_accum_steps > 1 (XLA:GPU's count leaves out cuDNN's attention kernels).
+compiled FLOPs are 1.23-1.29x the model's with dots_with_no_batch_dims, and at most 0.02 of
+that is remat: gradient caching's embedding pass costs (k-1)/k x 0.23 / 0.27 / 0.28
+(base / large / giant) for k = grad_accum_steps > 2, the whole 0.23-0.28 for k = 2
+(objectives/coca.py); giant,v5p_128 (k = 8) 1.25x. XLA:GPU's count leaves out cuDNN's
+attention kernels.
 Twice the micro-batch fits only with save_attention_recompute_mlp (the MLP recomputed) for
-large,h100x8 (512: 11.5% headroom, 1.32x) and giant,v5p_128 (256: 67.28 GiB, 29.7%,
-1.39x); those presets keep the smaller micro-batch and the fewer FLOPs. Exact gradient
+large,h100x8 (512: 11.5% headroom, 1.32x before the kept last forward) and giant,v5p_128
+(256 x 4: 69.13 GiB, 27.8%, 1.32x); those presets keep the smaller micro-batch and the
+fewer FLOPs. Exact gradient
 caching keeps all 65,536 negatives whatever the micro-batch; tune it with
 --config.grad_accum_steps.
 
