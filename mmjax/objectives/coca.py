@@ -159,8 +159,9 @@ class CocaObjective:
     kept = 1 if k > 2 else 0
     image_emb, text_emb = jax.lax.map(embed, jnp.arange(k - kept))
     if kept:
-      # The barrier orders the last forward after the embedding pass, so that its
-      # residuals are not alive while the other micro-batches are embedded.
+      # Asks XLA to run the last forward after the embedding pass, so that its residuals
+      # are not alive while the others are embedded (a request, not a guarantee: a second
+      # barrier did not order the k = 2 case above on XLA:CPU).
       last_params, image_emb, text_emb = jax.lax.optimization_barrier(
           (params, image_emb, text_emb))
       last_terms, pull_back = jax.vjp(lambda p: terms(p, take(micro, k - 1)), last_params)
