@@ -18,7 +18,8 @@ def _cpu_devices_requested() -> int:
 # all-gather inside the scanned layers and one outside ("only 4 of 8 threads arrived").
 # NPROC is what XLA reads for the pool size, and only before JAX starts its CPU backend,
 # hence here, at import. It also sizes the pool that runs each op's own work: on one device,
-# where no collective can wait, 64 threads on 2 cores made a matmul-heavy step 1.3x slower
-# than the default, so it is raised only for several CPU devices.
+# where no collective can wait, 64 threads on 2 cores made a small matmul-heavy step 1.3x
+# slower than the default and changed results in the last bits, so it is raised only for
+# several CPU devices.
 if _cpu_devices_requested() > 1:
   os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 8 * _cpu_devices_requested())))
