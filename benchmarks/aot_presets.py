@@ -67,6 +67,11 @@ def collective_bytes(r: dict) -> int | None:
   return sum(v["bytes"] for v in kinds.values()) if kinds else None
 
 
+def gib_cell(num_bytes: int | None) -> str:
+  """A table cell in GiB ("n/a" when the report has no such figure)."""
+  return "n/a" if num_bytes is None else f"{num_bytes / GiB:.2f}"
+
+
 def row(spec: str, target: str, r: dict) -> str:
   name, date = spec.removeprefix("configs/"), datetime.date.today().isoformat()
   if "error" in r:
@@ -77,11 +82,10 @@ def row(spec: str, target: str, r: dict) -> str:
   ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "n/a"
   step = (f"{r['estimated_step_s']:.3g} s" if r.get("estimated_step_s") is not None
           else "dropped" if r["platform"] == "tpu" else "n/a (GPU)")
-  moved = collective_bytes(r)
   return (f"| `{name}` | {target} ({r['num_devices']} x {r['device_kind']}) | "
           f"{r['micro_batch_per_device']:g} x {r['grad_accum_steps']} | {r['remat_policy']} | "
           f"{need / GiB:.2f} / {have / GiB:.2f} | {100 * r['headroom_fraction']:.1f}% | "
-          f"{fits} | {ratio} | {'n/a' if moved is None else f'{moved / GiB:.2f}'} | {step} | "
+          f"{fits} | {ratio} | {gib_cell(collective_bytes(r))} | {step} | "
           f"{r['lower_s'] + r['compile_s']:.0f} s | {date} |")
 
 

@@ -67,11 +67,10 @@ def row(r: dict) -> str:
   fits = (f"{100 * r['headroom_fraction']:.1f}%" if r["fits"] else "**no fit**")
   host = host_bytes(r)
   ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "n/a"
-  moved = aot_presets.collective_bytes(r)
   return (f"| {name} | {r['policy']} | {r['micro_batch_per_device']:g} | "
           f"{need / GiB:.2f} / {have / GiB:.2f} | {fits} | "
           f"{'' if not host else f'{host / GiB:.2f}'} | {ratio} | "
-          f"{'n/a' if moved is None else f'{moved / GiB:.2f}'} | "
+          f"{aot_presets.gib_cell(aot_presets.collective_bytes(r))} | "
           f"{r['lower_s'] + r['compile_s']:.0f} s |")
 
 

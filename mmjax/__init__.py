@@ -21,5 +21,6 @@ def _cpu_devices_requested() -> int:
 # where no collective can wait, 64 threads on 2 cores made a small matmul-heavy step 1.3x
 # slower than the default and changed results in the last bits, so it is raised only for
 # several CPU devices.
-if _cpu_devices_requested() > 1:
-  os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 8 * _cpu_devices_requested())))
+_CPU_DEVICES = _cpu_devices_requested()
+if _CPU_DEVICES > 1:
+  os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 8 * _CPU_DEVICES)))
