@@ -1,10 +1,14 @@
-"""Orbax checkpoints: train state + the run's config + its data position.
+"""Orbax checkpoints: train state + the run's config + its data position + its assets.
 
-Layout: `<workdir>/checkpoints/<step>/{state,config,data}` (`data`: the data position,
-i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting). Orbax
+Layout: `<workdir>/checkpoints/<step>/{state,config,data,assets}` (`data`: the data position,
+i.e. the step, and the cumulative skipped-record counts of mmjax.data.accounting; `assets`:
+files evaluation needs that are not in data_dir, e.g. the tokenizer trained on the data, so
+a checkpoint folder alone can be evaluated, loaded and exported; checkpoints written before
+assets existed have none and readers fall back to data_dir). Orbax
 commits a step atomically (temporary directory renamed on success), so a step that was
 being written when the process died is invisible to `latest_step` and is never restored.
 """
+import base64
 import json
 import os
 from typing import Any
@@ -45,21 +49,34 @@ class Checkpointer:
         # never restored (latest_step ignores them); this also deletes them at start.
         cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "config", "data"), options=options)
+        self.directory, item_names=("state", "config", "data", "assets"), options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
-           data: dict | None = None) -> bool:
+           data: dict | None = None, assets: dict[str, bytes] | None = None) -> bool:
     """Starts an asynchronous save of `step` (the trainer decides when: force=True also
     keeps Orbax from polling the preemption sync point a second time for this step).
-    `data`: JSON stored beside the data position (the trainer's skipped-record counts)."""
-    args = ocp.args.Composite(
+    `data`: JSON stored beside the data position (the trainer's skipped-record counts).
+    `assets`: {file name: bytes} stored in the step (base64 in JSON: committed atomically
+    with it), read back by `restore_assets`."""
+    items = dict(
         state=ocp.args.StandardSave(state),
         config=ocp.args.JsonSave(config.to_dict()),
         data=ocp.args.JsonSave({"step": int(step), **(data or {})}))
-    return self.manager.save(step, args=args, force=True)
+    if assets:
+      items["assets"] = ocp.args.JsonSave(
+          {name: base64.b64encode(blob).decode("ascii") for name, blob in assets.items()})
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_assets(self, step: int) -> dict[str, bytes]:
+    """The `assets` of `step` ({file name: bytes}); {} for a checkpoint saved without."""
+    if not (epath.Path(self.directory) / str(step) / "assets").exists():
+      return {}
+    stored = self.manager.restore(step, args=ocp.args.Composite(
+        assets=ocp.args.JsonRestore()))["assets"]
+    return {name: base64.b64decode(text) for name, text in stored.items()}
 
   def restore_data(self, step: int) -> dict:
     """The `data` item of `step`: {"step": step, ...what save() was given}."""

@@ -23,8 +23,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   """Restores params only onto the devices present and runs the configured evaluators."""
   step = checkpoint.existing_step(workdir, step)  # before anything is created in workdir
   rt = runtime.build(config, params_only=True)
-  tokenizer = tokenizer_lib.get_tokenizer(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
+  # The tokenizer the checkpoint was trained with (older checkpoints: from data_dir).
+  tokenizer = tokenizer_lib.get_tokenizer(config, checkpointer.restore_assets(step))
   with rt.activate():
     params = checkpointer.restore_params(step, rt.abstract_state)
     evals = evaluators.build_evaluators(config, tokenizer)

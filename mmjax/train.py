@@ -228,7 +228,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preempted = preemption.reached(done)
         if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
           pending, last, timer = flush(pending, last, timer)
-          checkpointer.save(done, state, config, data=skips.state())
+          checkpointer.save(done, state, config, data=skips.state(),
+                            assets=tokenizer_lib.checkpoint_assets(tokenizer))
         if preempted:
           checkpointer.wait()
           if process0:

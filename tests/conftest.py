@@ -105,3 +105,13 @@ def gcs(monkeypatch):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: multi-process runs (minutes on 2 cores)")
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory, data_dir):
+  """The workdir of `mmjax.train` on configs/shapes.py:coca_unicl_prefix,tiny (10 steps,
+  checkpoints at 5 and 10, no evaluation), trained once per session; treat it read-only."""
+  import helpers
+  workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+  helpers.run("mmjax.train", workdir, data_dir, "--config.eval_every_steps=0")
+  return workdir

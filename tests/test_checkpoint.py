@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import helpers
-from mmjax import checkpoint
+from mmjax import checkpoint, errors
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.tokenizers import sentencepiece
 from mmjax.state import TrainState
 
 
@@ -57,6 +59,33 @@ def test_uncommitted_save_is_ignored_and_cleaned_up(tmp_path):
   assert reopened.saved_config(5)["batch_size"] == config.batch_size
   reopened.close()
   assert not os.path.exists(tmp)  # Orbax deletes leftovers in the background at start
+
+
+def test_assets_round_trip_and_a_checkpoint_without_them_reads_as_none(tmp_path):
+  ckpt = checkpointer(tmp_path, max_to_keep=3, keep_period=0)
+  config = helpers.tiny_config()
+  blob = bytes(range(256)) * 3  # any bytes, not only text
+  ckpt.save(1, small_state(1.0), config, assets={"tokenizer.model": blob, "notes.txt": b"x"})
+  ckpt.save(2, small_state(2.0), config)  # as checkpoints from before assets existed
+  ckpt.close()
+  reopened = checkpointer(tmp_path, max_to_keep=3, keep_period=0)
+  assert reopened.restore_assets(1) == {"tokenizer.model": blob, "notes.txt": b"x"}
+  assert reopened.restore_assets(2) == {}
+  reopened.close()
+
+
+def test_the_stored_tokenizer_wins_over_the_configured_one(tmp_path):
+  trained = sentencepiece.train_tokenizer(["a red circle", "a blue square"] * 20, 40)
+  # data.tokenizer.path names a file that does not exist here: without assets that is an
+  # error, with them the checkpoint's tokenizer is used and the path is never read.
+  config = helpers.tiny_config(**{"data.tokenizer.path": str(tmp_path / "gone.model")})
+  with pytest.raises(errors.UsageError, match="gone.model"):
+    tokenizer_lib.get_tokenizer(config)
+  assets = tokenizer_lib.checkpoint_assets(trained)
+  assert list(assets) == ["tokenizer.model"]
+  restored = tokenizer_lib.get_tokenizer(config, assets)
+  np.testing.assert_array_equal(restored.encode(["a red square"], 8),
+                                trained.encode(["a red square"], 8))
 
 
 def jax_abstract(tree):

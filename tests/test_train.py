@@ -2,13 +2,15 @@
 jit)."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import helpers
 from helpers import FLAVA_TINY, metrics, run
-from mmjax import summary, train
+from mmjax import checkpoint, summary, train
+from mmjax.data import tokenizer as tokenizer_lib
 
 
 def test_train_logs_checkpoints_evaluates_and_resumes(tmp_path, data_dir):
@@ -57,6 +59,23 @@ def test_checkpoint_from_8_devices_evaluates_on_1_with_the_same_numbers(tmp_path
   for key, value in evaluated.items():
     if key != "step":
       assert value == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_a_copied_workdir_evaluates_with_its_own_tokenizer(tmp_path, data_dir, tiny_workdir):
+  """Self-contained checkpoints: the workdir copied elsewhere, evaluated against a data_dir
+  without the trained tokenizer cache, reads the tokenizer stored with the checkpoint."""
+  checkpointer = checkpoint.Checkpointer(tiny_workdir, helpers.tiny_config())
+  stored = checkpointer.restore_assets(10)
+  checkpointer.close()
+  trained = tokenizer_lib.get_tokenizer(helpers.tiny_config(data_dir=data_dir))
+  assert stored == {"tokenizer.model": trained.model_proto}
+  moved, bare = tmp_path / "elsewhere", tmp_path / "data"
+  shutil.copytree(tiny_workdir, moved)
+  shutil.copytree(data_dir, bare, ignore=shutil.ignore_patterns("tokenizers"))
+  out = run("mmjax.evaluate", str(moved), str(bare), "--config.evals.linear_probe.num_examples=0",
+            "--config.evals.captioning.num_examples=0").stdout
+  assert "zeroshot/shapes_labels_unseen/top1" in out
+  assert not (bare / "tokenizers").exists()  # nothing was retrained from the data
 
 
 def test_skipped_records_are_counted_exactly_across_resumes(tmp_path, data_dir):

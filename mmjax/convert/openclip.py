@@ -29,6 +29,7 @@ import numpy as np
 
 from configs import openclip as openclip_configs
 from mmjax import checkpoint, runtime, state as state_lib
+from mmjax.data import tokenizer as tokenizer_lib
 
 Array = np.ndarray
 
@@ -175,9 +176,11 @@ def check_params(params: Any, config: Any) -> None:
   checkpoint.check_shapes(stored, expected, "<converted open_clip>", 0)
 
 
-def write_checkpoint(params: Any, config: Any, out: str) -> str:
+def write_checkpoint(params: Any, config: Any, out: str,
+                     assets: dict[str, bytes] | None = None) -> str:
   """Saves `params` with a fresh optimizer state as step 0 of `<out>/checkpoints`, sharded
-  exactly as `mmjax.train` restores it. Returns the checkpoint directory."""
+  exactly as `mmjax.train` restores it, with `assets` (`Checkpointer.save`). Returns the
+  checkpoint directory."""
   rt = runtime.build(config)
   checkpointer = checkpoint.Checkpointer(out, config)
   if checkpointer.latest_step() is not None:
@@ -188,9 +191,21 @@ def write_checkpoint(params: Any, config: Any, out: str) -> str:
     make = jax.jit(lambda p: state_lib.TrainState(
         step=jnp.zeros((), jnp.int32), params=p, opt_state=rt.optimizer.init(p),
         nonfinite_steps=jnp.zeros((), jnp.int32)), out_shardings=rt.shardings)
-    checkpointer.save(0, make(placed), config)
+    checkpointer.save(0, make(placed), config, assets=assets)
   checkpointer.close()
   return checkpointer.directory
+
+
+def tokenizer_assets(config: Any) -> dict[str, bytes] | None:
+  """open_clip's BPE merges to store with the converted checkpoint (self-contained: it
+  loads without open_clip installed); None when they cannot be found here."""
+  if config.data.tokenizer.kind != "openclip":
+    return None
+  try:
+    return tokenizer_lib.checkpoint_assets(tokenizer_lib.get_tokenizer(config))
+  except (ModuleNotFoundError, FileNotFoundError) as e:
+    print(f"not storing the tokenizer with the checkpoint: {e}", flush=True)
+    return None
 
 
 def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str, float]:
@@ -202,7 +217,7 @@ def convert_checkpoint(checkpoint_path: str, config: Any, out: str) -> dict[str,
   del state_dict
   check_params(params, config)
   t2 = time.perf_counter()
-  write_checkpoint(params, config, out)
+  write_checkpoint(params, config, out, tokenizer_assets(config))
   t3 = time.perf_counter()
   return {"load_s": t1 - t0, "convert_s": t2 - t1, "write_s": t3 - t2, "total_s": t3 - t0}
 

@@ -2,6 +2,8 @@
 
 Training reads every text the train pipeline can emit (`mmjax.data.sources.train_texts`)
 and is cached under `<data_dir>/tokenizers/`, keyed by a hash of the texts and settings.
+Checkpoints carry the tokenizer among their assets (`checkpoint_assets`), so a checkpoint
+is read with the tokenizer it was trained with, without the data it was trained on.
 """
 from __future__ import annotations
 
@@ -19,9 +21,25 @@ from mmjax.tokenizers import openclip, sentencepiece
 
 Tokenizer = sentencepiece.Tokenizer | openclip.OpenClipTokenizer
 
+# Checkpoint asset names (mmjax.checkpoint.Checkpointer.save's `assets`).
+SENTENCEPIECE_ASSET = "tokenizer.model"
+OPENCLIP_ASSET = "tokenizer_" + openclip.VOCAB_FILE
 
-def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+
+def checkpoint_assets(tokenizer: Tokenizer) -> dict[str, bytes]:
+  """{asset name: bytes} that rebuild `tokenizer` (`get_tokenizer(config, assets)`)."""
+  if isinstance(tokenizer, openclip.OpenClipTokenizer):
+    return {OPENCLIP_ASSET: tokenizer.vocab_bytes}
+  return {SENTENCEPIECE_ASSET: tokenizer.model_proto}
+
+
+def get_tokenizer(config: ml_collections.ConfigDict,
+                  assets: dict[str, bytes] | None = None) -> Tokenizer:
   """The tokenizer for `config`.
+
+  `assets` (a checkpoint's, `mmjax.checkpoint.Checkpointer.restore_assets`) holding a
+  tokenizer: that one, the one the checkpoint's model was trained with, whatever
+  `data.tokenizer` says. Otherwise:
 
   `config.data.tokenizer.kind == "openclip"`: open_clip's CLIP BPE (merges from `path`, or
   from the installed open_clip package when empty).
@@ -31,6 +49,11 @@ def get_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
   `<data_dir>/tokenizers/<sha of texts + settings>.model` and built under a file lock so
   concurrent processes train it once.
   """
+  assets = assets or {}
+  if SENTENCEPIECE_ASSET in assets:
+    return sentencepiece.Tokenizer(assets[SENTENCEPIECE_ASSET], origin="<checkpoint>")
+  if OPENCLIP_ASSET in assets:
+    return openclip.OpenClipTokenizer(vocab_bytes=assets[OPENCLIP_ASSET])
   if config.data.tokenizer.kind == "openclip":
     # open_clip's BPE (ids pad 0, BOS 49406, EOS 49407), for converted open_clip models.
     return openclip.OpenClipTokenizer(os.path.expanduser(config.data.tokenizer.path) or None)

@@ -70,11 +70,15 @@ class OpenClipTokenizer:
   pad_id: int = vocabulary.PAD_ID
   unk_id = None
 
-  def __init__(self, vocab_path: str | None = None):
+  def __init__(self, vocab_path: str | None = None, *, vocab_bytes: bytes | None = None):
+    """Merges from `vocab_bytes` (the gzipped file's bytes, e.g. a checkpoint's copy), or
+    the file `vocab_path`, or the installed open_clip package's."""
     import regex  # \p{L} classes; a dependency of open_clip
-    self.vocab_path = vocab_path or default_vocab_path()
-    with gzip.open(self.vocab_path) as f:
-      merges = f.read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]
+    if vocab_bytes is None:
+      with open(vocab_path or default_vocab_path(), "rb") as f:
+        vocab_bytes = f.read()
+    self.vocab_bytes = vocab_bytes
+    merges = gzip.decompress(vocab_bytes).decode("utf-8").split("\n")[1:NUM_MERGES + 1]
     merges = [tuple(m.split()) for m in merges]
     vocab = list(_bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges]
@@ -91,11 +95,11 @@ class OpenClipTokenizer:
                               r"""[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
 
   def __getstate__(self) -> dict:
-    # Grain workers rebuild from the file rather than pickling the 49k-entry tables.
-    return {"vocab_path": self.vocab_path}
+    # Grain workers rebuild from the merges rather than pickling the 49k-entry tables.
+    return {"vocab_bytes": self.vocab_bytes}
 
   def __setstate__(self, state: dict) -> None:
-    self.__init__(state["vocab_path"])
+    self.__init__(vocab_bytes=state["vocab_bytes"])
 
   @property
   def vocab_size(self) -> int:
