@@ -340,6 +340,7 @@ def zeroshot_eval(dataset: str = "shapes/labels_unseen", split: str = "validatio
       every_steps=EVERY_EVAL,
       prefix="caption",  # text-type prefix of the prompts: caption (paper) | label
       class_names="",  # as data.sources.*.class_names
+      class_subset="",  # "" = every class; imagenet_a | imagenet_r: the 200 classes kept
       templates=""))  # "" = the training templates; else as data.label_template_set
 
 

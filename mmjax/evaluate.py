@@ -6,6 +6,10 @@ Restores parameters only (no optimizer state) onto whatever devices exist, runs 
 evaluators, writes `<workdir>/eval/step_<N>.json`, a picture grid of sample captions and
 prompt classes `<workdir>/eval/samples_<N>.png` (also to TensorBoard) and prints a table.
 The trainer runs the same evaluators every `eval_every_steps`.
+
+  python -m mmjax.evaluate --config C --workdir W --suite imagenet|clip_benchmark|... [--strict]
+
+runs a benchmark suite instead (`mmjax.evaluators.suite`; `--suite list` lists its datasets).
 """
 import json
 
@@ -16,6 +20,7 @@ from etils import epath  # local or gs://
 from mmjax import checkpoint, cli, errors, evaluators, runtime, writers
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
+from mmjax.evaluators import suite as suite_lib
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -45,15 +50,45 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return step, results
 
 
+def evaluate_suite(config: ml_collections.ConfigDict, workdir: str, suite: str,
+                   step: int | None = None, strict: bool = False) -> list[dict]:
+  """Restores params only and runs benchmark suite `suite` (mmjax.evaluators.suite)."""
+  suite_lib.suite_members(suite)  # an unknown name fails before anything is restored
+  step = checkpoint.existing_step(workdir, step)
+  rt = runtime.build(config, params_only=True)
+  tokenizer = tokenizer_lib.get_tokenizer(config)
+  checkpointer = checkpoint.Checkpointer(workdir, config)
+  with rt.activate():
+    params = checkpointer.restore_params(step, rt.abstract_state)
+    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
+                                   config.eval_batch_size)
+    records = suite_lib.run_suite(config, workdir, step, suite, embedder, params, tokenizer,
+                                  strict=strict)
+  checkpointer.close()
+  return records
+
+
 def main(argv: list[str]) -> None:
   del argv
   cli.quiet_libraries()
   config = cli.validated_config()
   cli.enable_compilation_cache(config)
+  if cli.FLAGS.suite == "list":
+    print(suite_lib.list_datasets(config))
+    return
+  if cli.FLAGS.suite:
+    evaluate_suite(config, cli.FLAGS.workdir, cli.FLAGS.suite, cli.FLAGS.step,
+                   cli.FLAGS.strict)
+    return
   step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step)
   print(f"step {step}\n{evaluators.format_results(results)}")
 
 
 if __name__ == "__main__":
   cli.define_flags(step=True)
+  cli.flags.DEFINE_string("suite", None, "A benchmark suite to run instead of the config's "
+                          "evaluators (imagenet, clip_benchmark, retrieval, captioning), or "
+                          "`list` to list its datasets.")
+  cli.flags.DEFINE_bool("strict", False, "--suite: a dataset missing from data_dir stops "
+                        "the suite instead of being skipped.")
   errors.run(main, "mmjax.evaluate")  # a usage error is one line, exit status 2

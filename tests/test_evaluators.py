@@ -88,6 +88,11 @@ class _Oracle:
     self.seen_images += keys
     return self.one_hot([self.truth[k] for k in keys])
 
+  def image_batches(self, params, split, progress=""):
+    del progress
+    rows = split.rows(range(len(split)))
+    yield self.images(params, rows["images"]), rows["labels"]
+
   def texts(self, params, tokens, text_type):
     del params, text_type
     prompts = [self.tokenizer.texts[i] for i in tokens[:, 0]]
@@ -120,11 +125,13 @@ def test_seen_and_unseen_zero_shot_read_their_own_images_and_classes(data_dir):
   assert not set(seen_truth) & set(unseen_truth)
   oracle = _Oracle({**seen_truth, **unseen_truth}, tokenizer)
   assert unseen(oracle, None) == {"zeroshot/shapes_labels_unseen/top1": 1.0,
-                                  "zeroshot/shapes_labels_unseen/top5": 1.0}
+                                  "zeroshot/shapes_labels_unseen/top5": 1.0,
+                                  "zeroshot/shapes_labels_unseen/mean_per_class_recall": 1.0}
   assert sorted(oracle.seen_images) == sorted(unseen_truth)  # every held-out image, no other
   oracle.seen_images = []
   assert seen(oracle, None) == {"seen_classes/shapes_labels_seen/top1": 1.0,
-                                "seen_classes/shapes_labels_seen/top5": 1.0}
+                                "seen_classes/shapes_labels_seen/top5": 1.0,
+                                "seen_classes/shapes_labels_seen/mean_per_class_recall": 1.0}
   assert sorted(oracle.seen_images) == sorted(seen_truth)
   # The label prefix at test is one override away, per evaluator.
   helpers.override(config, **{"evals.zeroshot.prefix": "label"})

@@ -20,6 +20,7 @@ k (the data position of a checkpoint is the step).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -176,47 +177,73 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
   return TrainIterator(iter(it_ds))
 
 
-def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples: int,
-                    split_key: str = "split", for_prompts: bool = False) -> dict[str, Any]:
+class EvalSplit:
   """The first `num_examples` examples of the dataset that evaluator `config.evals[key]`
   names (its dataset, `split_key` split, image_key and, if it has them, label_key,
-  class_names and text_key), deterministically.
+  class_names and text_key), read on demand: `rows(indices)` decodes only those records,
+  so an evaluator can stream a split of any size through a bounded amount of host memory.
 
-  Returns images uint8 [N, H, W, 3] (resize + centre crop to config.data.image_size;
-  pixels, as in training batches); with a label_key: labels int32 [N] (the dataset's own
-  class ids) and class_names list[str] (resolved by `classnames.resolve_class_names`;
-  WordNet ids are refused `for_prompts` unless data.allow_wordnet_ids); with a text_key:
-  texts list[list[str]] (all non-blank captions per image).
-  N = min(num_examples, split size). Bad records are substituted as in training.
+  class_names: list[str] (resolved by `classnames.resolve_class_names`; WordNet ids are
+  refused `for_prompts` unless data.allow_wordnet_ids), or None without a label_key.
+  len() = min(num_examples, split size). Bad records are substituted as in training.
   """
-  e = config.evals[key]
-  label_key = e.label_key if "label_key" in e else ""
-  text_key = e.text_key if "text_key" in e else ""
-  prefix = f"evals.{key}"
-  keys = sources_lib.ConfigKeys(
-      name=f"{prefix}.dataset", split=f"{prefix}.{split_key}", image_key=f"{prefix}.image_key",
-      label_key=f"{prefix}.label_key", text_key=f"{prefix}.text_key",
-      class_names=f"{prefix}.class_names")
-  opened = sources_lib.open_source(
-      e.dataset, e[split_key], config.data_dir, image_key=e.image_key, label_key=label_key,
-      text_key=text_key, class_names=e.class_names if label_key else "",
-      refuse_wordnet_ids=for_prompts and not config.data.allow_wordnet_ids, keys=keys)
-  kind = "label" if label_key else ("caption" if text_key else "image")
-  src = sources_lib.CleanSource(opened, key=f"{e.dataset}:{e[split_key]}", source_index=0,
-                                kind=kind, image_key=e.image_key, label_key=label_key,
-                                text_key=text_key)
-  n = min(int(num_examples), len(src))
-  size = int(config.data.image_size)
-  images = np.empty((n, size, size, 3), np.uint8)
-  labels, texts = np.empty((n,), np.int32), []
-  for i in range(n):
-    rec = src[i]
-    images[i] = transforms.center_crop_resize(rec["image"], size)
-    labels[i] = rec["label"]
-    texts.append(rec["texts"])
-  out: dict[str, Any] = {"images": images}
-  if label_key:
-    out["labels"], out["class_names"] = labels, list(opened.class_names)
-  if text_key:
-    out["texts"] = texts
+
+  def __init__(self, config: ml_collections.ConfigDict, key: str, *, num_examples: int,
+               split_key: str = "split", for_prompts: bool = False):
+    e = config.evals[key]
+    self.label_key = e.label_key if "label_key" in e else ""
+    self.text_key = e.text_key if "text_key" in e else ""
+    prefix = f"evals.{key}"
+    keys = sources_lib.ConfigKeys(
+        name=f"{prefix}.dataset", split=f"{prefix}.{split_key}",
+        image_key=f"{prefix}.image_key", label_key=f"{prefix}.label_key",
+        text_key=f"{prefix}.text_key", class_names=f"{prefix}.class_names")
+    opened = sources_lib.open_source(
+        e.dataset, e[split_key], config.data_dir, image_key=e.image_key,
+        label_key=self.label_key, text_key=self.text_key,
+        class_names=e.class_names if self.label_key else "",
+        refuse_wordnet_ids=for_prompts and not config.data.allow_wordnet_ids, keys=keys)
+    kind = "label" if self.label_key else ("caption" if self.text_key else "image")
+    self.source = sources_lib.CleanSource(
+        opened, key=f"{e.dataset}:{e[split_key]}", source_index=0, kind=kind,
+        image_key=e.image_key, label_key=self.label_key, text_key=self.text_key)
+    self.class_names = list(opened.class_names) if self.label_key else None
+    self.dataset_class_names = (list(sources_lib.field(
+        opened.data_source.dataset_info.features, self.label_key).names)
+        if self.label_key and hasattr(opened.data_source, "dataset_info") else None)
+    self.image_size = int(config.data.image_size)
+    self._len = min(int(num_examples), len(self.source))
+
+  def __len__(self) -> int:
+    return self._len
+
+  def rows(self, indices: Sequence[int]) -> dict[str, Any]:
+    """Records `indices` (each < len(self)): images uint8 [k, S, S, 3] (resize + centre
+    crop to config.data.image_size; pixels, as in training batches), labels int32 [k]
+    (the dataset's own class ids; -1 without a label_key), texts list[list[str]] (all
+    non-blank captions per image; [class name] for labels)."""
+    size = self.image_size
+    images = np.empty((len(indices), size, size, 3), np.uint8)
+    labels, texts = np.empty((len(indices),), np.int32), []
+    for j, i in enumerate(indices):
+      rec = self.source[int(i)]
+      images[j] = transforms.center_crop_resize(rec["image"], size)
+      labels[j] = rec["label"]
+      texts.append(rec["texts"])
+    return {"images": images, "labels": labels, "texts": texts}
+
+
+def load_eval_split(config: ml_collections.ConfigDict, key: str, *, num_examples: int,
+                    split_key: str = "split", for_prompts: bool = False) -> dict[str, Any]:
+  """Every example of `EvalSplit(config, key, ...)` in host memory: images uint8
+  [N, S, S, 3]; with a label_key: labels int32 [N] and class_names list[str]; with a
+  text_key: texts list[list[str]] (all non-blank captions per image)."""
+  split = EvalSplit(config, key, num_examples=num_examples, split_key=split_key,
+                    for_prompts=for_prompts)
+  rows = split.rows(range(len(split)))
+  out: dict[str, Any] = {"images": rows["images"]}
+  if split.label_key:
+    out["labels"], out["class_names"] = rows["labels"], split.class_names
+  if split.text_key:
+    out["texts"] = rows["texts"]
   return out

@@ -1,5 +1,7 @@
 """Embeds images and texts in fixed-size batches sharded over the mesh's batch axes."""
-from collections.abc import Sequence
+import concurrent.futures
+import time
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -8,7 +10,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import sharding
+from mmjax import sharding, writers
 
 
 class Embedder:
@@ -49,18 +51,80 @@ class Embedder:
   def map_batches(self, fn: Callable, *arrays: np.ndarray) -> np.ndarray:
     """fn(list of sharded [batch_size, ...] arrays) -> [batch_size, ...] over arrays [N, ...]
     in fixed-size padded batches (one compiled program); returns [N, ...] on the host."""
-    n, out = len(arrays[0]), []
-    with jax.set_mesh(self.mesh):
-      for start in range(0, n, self.batch_size):
-        chunk = [_pad_to(a[start:start + self.batch_size], self.batch_size) for a in arrays]
-        result = multihost_utils.process_allgather(fn([self._shard(c) for c in chunk]),
-                                                   tiled=True)
-        out.append(np.asarray(result)[:min(self.batch_size, n - start)])
-    return np.concatenate(out)
+    batches = self.map_rows(fn, lambda rows: [a[rows] for a in arrays], len(arrays[0]))
+    return np.concatenate([out for _, out in batches])
 
-  def _shard(self, x: np.ndarray) -> jax.Array:
-    return jax.make_array_from_callback(x.shape, self.sharding, lambda index: x[index])
+  def image_batches(self, params: Any, split: Any, *, progress: str = ""
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Streams `split` (an `mmjax.data.pipeline.EvalSplit`): yields (L2-normalised image
+    embeddings [b, E] float64, labels int32 [b]) per batch, on every process; each process
+    decodes only the rows its devices hold. `progress`: a name for the progress line."""
+    def load(rows: np.ndarray) -> list[np.ndarray]:
+      got = split.rows(rows)
+      return [got["images"], got["labels"]]
+
+    def embed(x: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+      return self._image(params, x[0]), x[1]
+
+    for _, (emb, labels) in self.map_rows(embed, load, len(split), progress=progress):
+      emb = emb.astype(np.float64)
+      yield emb / np.linalg.norm(emb, axis=-1, keepdims=True), labels
+
+  def map_rows(self, fn: Callable, load: Callable[[np.ndarray], list[np.ndarray]], n: int,
+               *, progress: str = "") -> Iterator[tuple[int, Any]]:
+    """Yields (start, fn's outputs for rows start.. on the host) per batch of `batch_size`
+    rows of a dataset of `n`, padded with the last row; `load(row indices [k])` -> list of
+    arrays [k, ...] is called only for the rows this process's devices hold, and the next
+    batch's rows load while this one runs. fn(list of sharded [batch_size, ...] arrays) ->
+    a pytree of [batch_size, ...] arrays, gathered to every process."""
+    size = self.batch_size
+    spans = sorted({(s[0].start or 0, size if s[0].stop is None else s[0].stop)
+                    for s in self.sharding.addressable_devices_indices_map((size,)).values()})
+
+    def local_rows(start: int) -> dict[tuple[int, int], list[np.ndarray]]:
+      rows = np.minimum(np.arange(start, start + size), n - 1)
+      return {(a, b): load(rows[a:b]) for a, b in spans}
+
+    meter = _Progress(progress, n) if progress and jax.process_index() == 0 else None
+    with concurrent.futures.ThreadPoolExecutor(1) as reader, jax.set_mesh(self.mesh):
+      pending = reader.submit(local_rows, 0)
+      for start in range(0, n, size):
+        parts = pending.result()
+        if start + size < n:
+          pending = reader.submit(local_rows, start + size)
+        out = multihost_utils.process_allgather(fn(self._assemble(parts)), tiled=True)
+        valid = min(size, n - start)
+        yield start, jax.tree.map(lambda x: np.asarray(x)[:valid], out)
+        if meter:
+          meter.update(start + valid)
+
+  def _assemble(self, parts: dict[tuple[int, int], list[np.ndarray]]) -> list[jax.Array]:
+    """This process's row spans -> global sharded [batch_size, ...] arrays."""
+    first = next(iter(parts.values()))
+    out = []
+    for j, x in enumerate(first):
+      def shard(index, j=j):
+        start = index[0].start or 0
+        stop = self.batch_size if index[0].stop is None else index[0].stop
+        return parts[(start, stop)][j]
+      out.append(jax.make_array_from_callback((self.batch_size,) + x.shape[1:],
+                                              self.sharding, shard))
+    return out
 
 
-def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+class _Progress:
+  """`name: done/total (pct), rows/s, ETA` on stdout, at most every 10 s and at the end."""
+
+  def __init__(self, name: str, total: int):
+    self.name, self.total = name, total
+    self.start = self.last = time.monotonic()
+
+  def update(self, done: int) -> None:
+    now = time.monotonic()
+    if now - self.last < 10 and done < self.total:
+      return
+    self.last = now
+    rate = done / max(now - self.start, 1e-9)
+    eta = (self.total - done) / rate if rate else 0.0
+    print(f"{self.name}: {done}/{self.total} ({100 * done / self.total:.0f}%), "
+          f"{rate:.1f} images/s, ETA {writers.format_seconds(eta)}", flush=True)
