@@ -36,6 +36,20 @@ def test_shapes_read_through_data_source(data_dir):
   assert "tensorflow" not in sys.modules
 
 
+def test_a_first_build_says_what_it_did_in_one_line(tmp_path, capfd):
+  """No TFDS "Downloading and preparing dataset Unknown size" or "Variant folder ... has no
+  dataset_info.json" on a fresh data_dir: nothing is downloaded."""
+  tfds.disable_progress_bar()
+  shapes.ensure_built("shapes/labels_unseen", str(tmp_path))
+  shapes.ensure_built("shapes/labels_unseen", str(tmp_path))  # built: silent
+  out, err = capfd.readouterr()
+  assert out.splitlines() == [line for line in out.splitlines() if line.startswith(
+      f"Built shapes/labels_unseen (1000 generated images, nothing downloaded) into {tmp_path}")]
+  assert len(out.splitlines()) == 1 and err == "", (out, err)
+  assert len(tfds.data_source("shapes/labels_unseen", split="validation",
+                              data_dir=str(tmp_path))) == 1000
+
+
 def test_shapes_deterministic():
   a = shapes.caption_example(np.random.default_rng((1, 2, 3)))
   b = shapes.caption_example(np.random.default_rng((1, 2, 3)))

@@ -27,14 +27,17 @@ processes at once (``mmjax.locks.file_lock`` in ``data_dir``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import math
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 from PIL import Image, ImageDraw
 
 from mmjax import errors
@@ -264,17 +267,36 @@ def ensure_built(name: str, data_dir: str) -> None:
   `<data_dir>/<name>.lock`; the second finds the dataset prepared and returns.
   """
   data_dir = os.path.expanduser(data_dir)
-  builder = tfds.builder(name, data_dir=data_dir)
-  if builder.is_prepared():
-    return
+  with _quiet_tfds():
+    if tfds.builder(name, data_dir=data_dir).is_prepared():
+      return
   try:
-    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")):
+    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")), _quiet_tfds():
       builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
-      if not builder.is_prepared():
-        builder.download_and_prepare(file_format="array_record")
+      if builder.is_prepared():
+        return
+      start = time.time()
+      builder.download_and_prepare(file_format="array_record")
+    examples = sum(builder.builder_config.num_examples.values())
+    print(f"Built {name} ({examples} generated images, nothing downloaded) into {data_dir} "
+          f"in {time.time() - start:.0f} s", flush=True)
   except OSError as e:
     if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
       raise
     raise errors.UsageError(f"cannot build {name} into data_dir {data_dir} ({e.strerror}): "
                             "point config data_dir at a writable folder, or at one where "
                             "it is built") from None
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """TFDS's own lines about a first build mislead here ("Downloading and preparing dataset
+  Unknown size", "Variant folder ... has no dataset_info.json" while the folder is being
+  written): nothing is downloaded. ensure_built prints one line of its own instead."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    logging.set_verbosity(verbosity)
