@@ -1,7 +1,11 @@
 """Benchmark suites (mmjax.evaluators.suite): the dataset table against TFDS's builders and
 CLIP_benchmark's published names, each suite end to end on data shaped like the real
 builders, and a suite member on the shapes job against mmjax.evaluate's own evaluators."""
+import builtins
+import copy
+import dataclasses
 import io
+import os
 import json
 
 import jax
@@ -12,8 +16,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import helpers
-from mmjax import errors, evaluate, evaluators, runtime, train
-from mmjax.data import classnames
+from mmjax import errors, evaluate, evaluators, runtime, train, vocabulary
+from mmjax.data import classnames, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import suite, suite_datasets
 from mmjax.evaluators.suite_datasets import CLASSIFICATION, RETRIEVAL, BenchmarkDataset
@@ -143,6 +147,71 @@ def test_shapes_suite_matches_mmjax_evaluate_on_a_checkpoint(tiny_model, tmp_pat
   assert _as_config_metrics(evaluate.evaluate_suite(config, workdir, "shapes")) == expected
 
 
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field",
+          "immunohistochemistry", "coins", "colorwheel", "logo", "moon", "page", "text",
+          "clock", "grass", "gravel", "brick", "retina")
+
+
+class CocoCaptionsLike(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """coco_captions' features (image, image/filename, image/id, captions: Sequence of
+  {id, text}) over scikit-image's photos, two distinct captions each: the real builder
+  needs TensorFlow even under tfds.testing.mock_data."""
+  VERSION = tfds.core.Version("1.1.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(), "image/filename": tfds.features.Text(),
+        "image/id": np.int64,
+        "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()})}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"test": self._generate_examples()}
+
+  def _generate_examples(self):
+    skimage_data = pytest.importorskip("skimage.data")
+    for i, name in enumerate(PHOTOS):
+      pixels = getattr(skimage_data, name)()
+      buf = io.BytesIO()
+      Image.fromarray(pixels).convert("RGB").save(buf, format="JPEG")
+      short = name.split("_")[0][:8]
+      yield i, {"image": buf.getvalue(), "image/filename": f"{name}.jpg", "image/id": i,
+                "captions": [{"id": 2 * i, "text": short},
+                             {"id": 2 * i + 1, "text": f"the {short}"}]}
+
+
+@pytest.fixture(scope="module")
+def coco_like(tmp_path_factory):
+  """(data_dir, the retrieval and captioning members pointed at CocoCaptionsLike)."""
+  data_dir = str(tmp_path_factory.mktemp("coco_like"))
+  CocoCaptionsLike(data_dir=data_dir).download_and_prepare(file_format="array_record")
+  return data_dir, tuple(dataclasses.replace(d, tfds="coco_captions_like")
+                         for d in (suite_datasets.COCO_RETRIEVAL,
+                                   suite_datasets.COCO_CAPTIONING))
+
+
+def test_retrieval_and_captioning_suites_run_end_to_end(tiny_model, coco_like, tmp_path,
+                                                        monkeypatch):
+  config, rt, params, embedder, tokenizer = tiny_model
+  data_dir, (retrieve, caption) = coco_like
+  config = helpers.override(copy.deepcopy(config), data_dir=data_dir)
+  monkeypatch.setitem(suite_datasets.SUITES, "retrieval", (retrieve,))
+  monkeypatch.setitem(suite_datasets.SUITES, "captioning", (caption,))
+  with rt.activate():
+    (retrieved,) = suite.run_suite(config, str(tmp_path), 0, "retrieval", embedder, params,
+                                   tokenizer)
+    (captioned,) = suite.run_suite(config, str(tmp_path), 0, "captioning", embedder, params,
+                                   tokenizer)
+  assert set(retrieved["metrics"]) == set(
+      suite.CLIP_BENCHMARK_METRICS[suite_datasets.RETRIEVAL].values())
+  assert set(captioned["metrics"]) == {"CIDEr", "Bleu_4"}
+  assert retrieved["task"] == "zeroshot_retrieval" and captioned["task"] == "captioning"
+  # both are "mscoco_captions": the task keeps their files apart
+  assert sorted(os.listdir(tmp_path / "suite" / "step_0")) == [
+      "captioning.csv", "captioning.md", "mscoco_captions.json",
+      "mscoco_captions_captioning.json", "retrieval.csv", "retrieval.md"]
+
+
 class _MockSource:
   """Records shaped like a real builder's (tfds.testing.mock_data's role, with images
   encoded as mmjax reads them): a PNG of random size and an int for every ClassLabel,
@@ -216,3 +285,71 @@ def test_a_missing_dataset_is_one_line_or_stops_the_suite_with_strict(tmp_path):
                     strict=True)
   with pytest.raises(errors.UsageError, match="choose one of imagenet, clip_benchmark"):
     suite.suite_members("imagenet21k")
+
+
+class _Loader(list):
+  """Batches, and the `dataset.classes` CLIP_benchmark reads off a DataLoader."""
+
+  def __init__(self, batches, classes):
+    super().__init__(batches)
+    self.dataset = type("Dataset", (), {"classes": classes})
+
+
+class _OpenClipLike:
+  """What CLIP_benchmark's zero-shot and retrieval code calls on a model (`encode_image`,
+  `encode_text`, torch tensors in and out) and on a tokenizer, around an mmjax model."""
+
+  def __init__(self, torch, embedder, params, tokenizer, max_len):
+    self.torch, self.embedder, self.params = torch, embedder, params
+    self.tokenizer, self.max_len = tokenizer, max_len
+
+  def tokenize(self, texts):
+    return self.torch.from_numpy(self.tokenizer.encode(list(texts), self.max_len))
+
+  def encode_image(self, images):  # uint8 pixels [B, S, S, 3], as mmjax's evaluators read
+    return self.torch.from_numpy(self.embedder.images(self.params, images.numpy()))
+
+  def encode_text(self, tokens):
+    text_type = np.full(len(tokens), vocabulary.CAPTION, np.int32)
+    return self.torch.from_numpy(self.embedder.texts(self.params, tokens.numpy(), text_type))
+
+
+def test_clip_benchmark_gives_the_same_figures(tiny_model, coco_like, monkeypatch):
+  """CLIP_benchmark's own zero-shot classification and retrieval code, fed the same images
+  and texts through a wrapper around the same model, against the suite's figures."""
+  torch = pytest.importorskip("torch")
+  cb_zeroshot = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
+  cb_retrieval = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+  # clip-benchmark 1.6.2's `accuracy` calls float() on a 1-element array, which NumPy 2.4
+  # refuses; a module-level float that accepts it leaves its code as it is.
+  monkeypatch.setattr(cb_zeroshot, "float", lambda x: builtins.float(np.asarray(x).item()),
+                      raising=False)
+  config, rt, params, embedder, tokenizer = tiny_model
+  # retrieval on photos with distinct captions: shapes repeats some captions, and tied
+  # scores may rank either way
+  classify, (retrieve, _) = _shapes_members()[0], coco_like[1]
+  photos = helpers.override(copy.deepcopy(config), data_dir=coco_like[0])
+  with rt.activate():
+    ours = {"classify": suite.run_member(suite.build_member(config, classify, tokenizer),
+                                         classify, embedder, params),
+            "retrieve": suite.run_member(suite.build_member(photos, retrieve, tokenizer),
+                                         retrieve, embedder, params)}
+    model = _OpenClipLike(torch, embedder, params, tokenizer, config.data.max_text_len)
+    zeroshot = suite.build_member(config, classify, tokenizer)
+    rows = zeroshot.split.rows(range(len(zeroshot.split)))
+    images = torch.from_numpy(rows["images"])
+    loader = _Loader([(images[i:i + 10], torch.from_numpy(rows["labels"][i:i + 10]))
+                      for i in range(0, len(images), 10)], zeroshot.class_names)
+    theirs = cb_zeroshot.evaluate(model, loader, model.tokenize, zeroshot.class_names,
+                                  [t.replace("{}", "{c}") for t in zeroshot.templates],
+                                  device="cpu", amp=False)
+    assert theirs == ours["classify"]
+
+    rows = pipeline.load_eval_split(suite.member_config(photos, retrieve), "retrieval",
+                                    num_examples=suite.ALL)
+    images = torch.from_numpy(rows["images"])
+    loader = [(images[i:i + 10], rows["texts"][i:i + 10]) for i in range(0, len(images), 10)]
+    theirs = cb_retrieval.evaluate(model, loader, model.tokenize, device="cpu", amp=False,
+                                   recall_k_list=[1, 5, 10])
+  assert theirs == pytest.approx(ours["retrieve"], rel=1e-6)  # theirs: float32 means
+  assert 0 < ours["retrieve"]["text_retrieval_recall@10"] < 1

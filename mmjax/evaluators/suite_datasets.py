@@ -41,7 +41,10 @@ class BenchmarkDataset:
 
   @property
   def file_stem(self) -> str:
-    return self.name.replace("/", "_")
+    """Its result file's name: the dataset name, plus the task where the dataset also
+    serves another (COCO: retrieval, and captioning as `mscoco_captions_captioning`)."""
+    stem = self.name.replace("/", "_")
+    return f"{stem}_captioning" if self.task == CAPTIONING else stem
 
 
 def _imagenet_manual(files: str) -> str:
