@@ -9,7 +9,8 @@ reads every key directly (no `.get` defaults).
 Sections:
   (top level)  run length, logging and checkpoint cadence, seeds, paths
   data         image size, text length, tokenizer, augmentation, the mixture of sources
-  model        `model.name` picks the architecture (mmjax.models registry): coca | flava
+  model        `model.name` picks the architecture (mmjax.models registry): coca | flava |
+               two_tower
   loss         `loss.name` picks the objective (mmjax.objectives registry): coca | siglip |
                flava; each objective has its own keys
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
@@ -23,7 +24,7 @@ import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
 
-MODELS = ("coca", "flava")
+MODELS = ("coca", "flava", "two_tower")
 OBJECTIVES = ("coca", "siglip", "flava")
 
 
@@ -90,7 +91,9 @@ def data(image_size: int = 64, max_text_len: int = 24) -> ConfigDict:
   d.max_skip_fraction = 0.1
   d.skip_guard_confidence = 0.9999
   d.tokenizer = ConfigDict()
-  d.tokenizer.kind = "sentencepiece"  # sentencepiece | openclip (open_clip's CLIP BPE)
+  # sentencepiece | openclip (open_clip's CLIP BPE) | siglip (a SigLIP checkpoint's
+  # SentencePiece: EOS-padded, no BOS; `path` = its spiece.model)
+  d.tokenizer.kind = "sentencepiece"
   # sentencepiece: a .model with mmjax's ids; "" trains one on the dataset texts, cached in
   # data_dir. openclip: the BPE merges file; "" reads the installed open_clip package's.
   d.tokenizer.path = ""
@@ -150,7 +153,8 @@ def _common_model(name: str) -> ConfigDict:
   m.embed_dim = 128  # the shared image-text embedding
   m.logit_scale_init = 1 / 0.07  # contrastive temperature^-1 at init (CLIP, CoCa, FLAVA)
   m.logit_scale_max = 100.0  # the learned scale never exceeds this
-  m.activation = "gelu"  # gelu (exact) | quick_gelu (OpenAI CLIP / some open_clip models)
+  # gelu (exact) | quick_gelu (OpenAI CLIP / some open_clip models) | gelu_tanh (SigLIP)
+  m.activation = "gelu"
   m.dtype = "float32"  # activations and matmuls; "bfloat16" for mixed precision
   m.param_dtype = "float32"
   m.scan_layers = True  # one compiled layer per stack: compile time flat in depth
@@ -203,7 +207,31 @@ def flava_model() -> ConfigDict:
   return m
 
 
-MODEL_SECTIONS = {"coca": coca_model, "flava": flava_model}
+def two_tower_model() -> ConfigDict:
+  """Two-tower contrastive model (mmjax.models.two_tower): CLIP / SigLIP. configs/pretrained.py
+  sets these keys to express OpenAI CLIP, open_clip and SigLIP checkpoints exactly."""
+  m = _common_model("two_tower")
+  m.vision = ConfigDict(dict(
+      width=128, depth=4, mlp_dim=512, num_heads=4,
+      patch_bias=False,  # CLIP: False; SigLIP: True
+      class_token=True,  # prepended class token (CLIP: True; SigLIP: False)
+      ln_pre=True,  # LayerNorm before the blocks (CLIP: True; SigLIP: False)
+      pool="cls",  # cls (CLIP) | mean (patch tokens) | map (attention probe, SigLIP)
+      proj=True))  # linear projection to embed_dim (SigLIP: False, embed_dim = width)
+  m.text = ConfigDict(dict(
+      width=128, num_layers=4, mlp_dim=512, num_heads=4,
+      vocab_size=128,  # tied to data.tokenizer.vocab_size by `base`
+      causal=True,  # causal self-attention (CLIP) | bidirectional (SigLIP)
+      pool="eot",  # eot (the end-of-text token, CLIP) | last (SigLIP) | first
+      proj_bias=False))  # bias of the text projection (SigLIP's text head: True)
+  m.norm_eps = 1e-6  # every LayerNorm; CLIP (torch): 1e-5
+  m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for CLIP weights)
+  m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
+  m.logit_bias_init = -10.0  # its value at init (SigLIP paper)
+  return m
+
+
+MODEL_SECTIONS = {"coca": coca_model, "flava": flava_model, "two_tower": two_tower_model}
 
 
 # --- objectives (`loss`) -----------------------------------------------------------------

@@ -159,9 +159,9 @@ def _check_data(config: ml_collections.ConfigDict, num_devices: int) -> list[str
                       f"{config.loss.name!r}")
   if d.max_text_len < 3:
     problems.append(f"config data.max_text_len={d.max_text_len} must hold BOS, a token, EOS")
-  if d.tokenizer.kind not in ("sentencepiece", "openclip"):
+  if d.tokenizer.kind not in ("sentencepiece", "openclip", "siglip"):
     problems.append(f"config data.tokenizer.kind={d.tokenizer.kind!r}: choose "
-                    "'sentencepiece' or 'openclip'")
+                    "'sentencepiece', 'openclip' or 'siglip'")
   if config.model.image_size % config.model.patch_size:
     problems.append(f"config model.image_size={config.model.image_size} is not divisible by "
                     f"model.patch_size={config.model.patch_size}")
@@ -180,6 +180,9 @@ def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[st
   if config.model.remat_policy not in ("none", *layers.REMAT_POLICIES):
     problems.append(f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
                     f"{['none', *layers.REMAT_POLICIES]}")
+  if config.model.activation not in layers.ACTIVATIONS:
+    problems.append(f"config model.activation={config.model.activation!r}: choose one of "
+                    f"{list(layers.ACTIVATIONS)}")
   impl = config.model.attention_impl
   if impl not in layers.ATTENTION_IMPLEMENTATIONS:
     problems.append(f"config model.attention_impl={impl!r}: choose one of "

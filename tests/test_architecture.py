@@ -17,7 +17,8 @@ LAYERS = (
     ("objectives", ("mmjax.losses", "mmjax.objectives", "mmjax.optimizer", "mmjax.state")),
     ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary")),
     ("evaluation", ("mmjax.evaluators",)),
-    ("commands", ("mmjax.cli", "mmjax.train", "mmjax.evaluate", "mmjax.convert", "mmjax.aot")),
+    ("commands", ("mmjax.cli", "mmjax.train", "mmjax.evaluate", "mmjax.convert", "mmjax.export",
+                  "mmjax.aot")),
 )
 
 

@@ -19,7 +19,6 @@ axis when the config scans layers. `tests/test_openclip.py` checks forward parit
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any, Mapping
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from configs import openclip as openclip_configs
 from mmjax import checkpoint, runtime, state as state_lib
+from mmjax.convert import files, mapping
 from mmjax.data import tokenizer as tokenizer_lib
 
 Array = np.ndarray
@@ -36,136 +36,133 @@ Array = np.ndarray
 
 # --- state dict loading ---------------------------------------------------------------------
 def load_state_dict(path: str) -> dict[str, Array]:
-  """An open_clip state dict as float32 numpy arrays.
-
-  `.safetensors` is read without torch; `.pt`/`.bin`/`.pth` need torch. Training checkpoints
-  ({"state_dict": ...}, keys prefixed "module." by DDP) are unwrapped.
-  """
-  if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    raw = load_file(path)
-  else:
-    import torch  # pylint: disable=import-outside-toplevel
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(raw, Mapping) and "state_dict" in raw:
-      raw = raw["state_dict"]
-    raw = {k: v.detach().float().numpy() for k, v in raw.items()}
-  return {k.removeprefix("module."): np.asarray(v, np.float32) for k, v in raw.items()}
+  """An open_clip state dict as NumPy arrays (`mmjax.convert.files.load_state_dict`: never
+  unpickles more than tensors)."""
+  return files.load_state_dict(path)
 
 
-# --- key mapping ----------------------------------------------------------------------------
-def _dense(weight: Array, bias: Array | None = None) -> dict[str, Any]:
-  """torch Linear weight [out, in] (+ bias [out]) -> layers.Dense params."""
-  out = {"kernel": weight.T}
-  if bias is not None:
-    out["bias"] = bias
-  return {"dense": out}
-
-
-def _norm(sd: dict[str, Array], prefix: str) -> dict[str, Any]:
-  return {"norm": {"scale": sd.pop(prefix + ".weight"), "bias": sd.pop(prefix + ".bias")}}
-
-
-def _mha(sd: dict[str, Array], prefix: str) -> dict[str, Any]:
-  """nn.MultiheadAttention -> layers.Attention {query, key, value, out}."""
-  if prefix + ".in_proj_weight" in sd:
-    wq, wk, wv = np.split(sd.pop(prefix + ".in_proj_weight"), 3)
-  else:  # kdim/vdim != embed_dim: separate projections
-    wq, wk, wv = (sd.pop(f"{prefix}.{n}_proj_weight") for n in "qkv")
-  bq, bk, bv = np.split(sd.pop(prefix + ".in_proj_bias"), 3)
-  return {"query": _dense(wq, bq), "key": _dense(wk, bk), "value": _dense(wv, bv),
-          "out": _dense(sd.pop(prefix + ".out_proj.weight"), sd.pop(prefix + ".out_proj.bias"))}
-
-
-def _mlp(sd: dict[str, Array], prefix: str) -> dict[str, Any]:
-  return {"fc1": _dense(sd.pop(prefix + ".c_fc.weight"), sd.pop(prefix + ".c_fc.bias")),
-          "fc2": _dense(sd.pop(prefix + ".c_proj.weight"), sd.pop(prefix + ".c_proj.bias"))}
-
-
-def _self_block(sd: dict[str, Array], prefix: str) -> dict[str, Any]:
+# --- key mapping (one table, both directions: mmjax.convert.mapping) ------------------------
+def _self_block(prefix: str, path: str) -> list[mapping.Rule]:
   """ResidualAttentionBlock -> layers.TransformerBlock (no cross-attention)."""
-  return {"ln_self": _norm(sd, prefix + ".ln_1"), "self_attn": _mha(sd, prefix + ".attn"),
-          "ln_mlp": _norm(sd, prefix + ".ln_2"), "mlp": _mlp(sd, prefix + ".mlp")}
+  return [*mapping.norm(f"{prefix}.ln_1", f"{path}/ln_self"),
+          *mapping.packed_attention(f"{prefix}.attn", f"{path}/self_attn"),
+          *mapping.norm(f"{prefix}.ln_2", f"{path}/ln_mlp"),
+          *mapping.linear(f"{prefix}.mlp.c_fc", f"{path}/mlp/fc1"),
+          *mapping.linear(f"{prefix}.mlp.c_proj", f"{path}/mlp/fc2")]
 
 
-def _cross_block(sd: dict[str, Array], prefix: str) -> dict[str, Any]:
+def _cross_block(prefix: str, path: str) -> list[mapping.Rule]:
   """ResidualAttentionBlock(is_cross_attention=True) -> text.CrossAttentionBlock."""
-  return {"ln_q": _norm(sd, prefix + ".ln_1"), "ln_kv": _norm(sd, prefix + ".ln_1_kv"),
-          "attn": _mha(sd, prefix + ".attn"), "ln_mlp": _norm(sd, prefix + ".ln_2"),
-          "mlp": _mlp(sd, prefix + ".mlp")}
+  return [*mapping.norm(f"{prefix}.ln_1", f"{path}/ln_q"),
+          *mapping.norm(f"{prefix}.ln_1_kv", f"{path}/ln_kv"),
+          *mapping.packed_attention(f"{prefix}.attn", f"{path}/attn"),
+          *mapping.norm(f"{prefix}.ln_2", f"{path}/ln_mlp"),
+          *mapping.linear(f"{prefix}.mlp.c_fc", f"{path}/mlp/fc1"),
+          *mapping.linear(f"{prefix}.mlp.c_proj", f"{path}/mlp/fc2")]
 
 
-def _num_layers(sd: Mapping[str, Array], prefix: str) -> int:
-  pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
-  return len({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+def _pooler_attention(prefix: str, path: str, separate: bool) -> list[mapping.Rule]:
+  """nn.MultiheadAttention of the pooler: packed in_proj when the image width is the
+  pooler's, else (kdim != embed_dim) separate q/k/v_proj_weight with a packed bias."""
+  if not separate:
+    return mapping.packed_attention(prefix, path)
+  names = ("query", "key", "value")
+  return [*[mapping.transpose(f"{prefix}.{n}_proj_weight", f"{path}/{name}/dense/kernel")
+            for n, name in zip("qkv", names)],
+          mapping.Rule((f"{prefix}.in_proj_bias",),
+                       tuple((*path.split("/"), n, "dense", "bias") for n in names),
+                       lambda b: tuple(np.split(b, 3)),
+                       lambda q, k, v: (np.concatenate([q, k, v]),)),
+          *mapping.linear(f"{prefix}.out_proj", f"{path}/out")]
 
 
-def _stack(per_layer: list[dict[str, Any]], scan: bool) -> dict[str, Any]:
-  """Scanned: one tree under `layers` with a leading layer axis; else `layers_<i>`."""
-  if scan:
-    return {"layers": jax.tree.map(lambda *xs: np.stack(xs), *per_layer)}
-  return {f"layers_{i}": layer for i, layer in enumerate(per_layer)}
+def coca_rules(config: Any) -> list[mapping.Rule]:
+  """open_clip CoCa state dict <-> mmjax CoCa params, for a configs/openclip.py config."""
+  m = config.model
+  if m.pooler != "openclip" or m.text.multimodal_block != "openclip":
+    raise ValueError("the open_clip CoCa mapping needs an open_clip-style config (model.pooler="
+                     "'openclip', model.text.multimodal_block='openclip'): configs/openclip.py")
+  vision = [r for i in range(m.vision.depth)
+            for r in _self_block(f"visual.transformer.resblocks.{i}", f"vision/encoder/layers_{i}")]
+  unimodal = [r for i in range(m.text.num_uni_layers)
+              for r in _self_block(f"text.transformer.resblocks.{i}",
+                                   f"unimodal/decoder/layers_{i}")]
+  multimodal = [r for i in range(m.text.num_multi_layers) for r in (
+      *_self_block(f"text_decoder.resblocks.{i}", f"multimodal/decoder/layers_{i}/self_block"),
+      *_cross_block(f"text_decoder.cross_attn.{i}",
+                    f"multimodal/decoder/layers_{i}/cross_block"))]
+  return [
+      mapping.transpose("visual.conv1.weight", "vision/patch_embed/kernel", (2, 3, 1, 0)),
+      mapping.copy("visual.class_embedding", "vision/cls"),
+      mapping.copy("visual.positional_embedding", "vision/pos_embed"),
+      *mapping.norm("visual.ln_pre", "vision/ln_pre"),
+      *vision,
+      mapping.copy("visual.attn_pool.query", "caption_pooler/queries"),
+      *mapping.norm("visual.attn_pool.ln_q", "caption_pooler/ln_q"),
+      *mapping.norm("visual.attn_pool.ln_k", "caption_pooler/ln_k"),
+      *_pooler_attention("visual.attn_pool.attn", "caption_pooler/attn",
+                         separate=m.vision.width != m.embed_dim),
+      *mapping.norm("visual.ln_post", "caption_pooler/ln_out"),  # ln_post follows the pooler
+      mapping.copy("visual.proj", "image_proj/dense/kernel"),  # x @ proj: [in, out]
+      mapping.copy("text.token_embedding.weight", "token_embed/embedding"),
+      mapping.copy("text.cls_emb", "unimodal/cls"),
+      mapping.copy("text.positional_embedding", "unimodal/pos_embed"),
+      *unimodal,
+      *mapping.norm("text.ln_final", "unimodal/ln_cls"),  # open_clip normalises only the CLS
+      mapping.copy("text.text_projection", "text_proj/dense/kernel"),
+      *multimodal,
+      *mapping.norm("text_decoder.ln_final", "multimodal/ln_final"),
+      mapping.copy("text_decoder.text_projection", "lm_head/dense/kernel"),
+      # Both store the log of the temperature; mmjax's forward caps exp() at the max.
+      mapping.copy("logit_scale", "logit_scale"),
+  ]
 
 
 def convert_state_dict(state_dict: Mapping[str, Array], config: Any) -> dict[str, Any]:
-  """open_clip CoCa state dict -> mmjax CoCa params (numpy, unboxed).
+  """open_clip CoCa state dict -> mmjax CoCa params (numpy, unboxed, float32).
 
   `config`: an mmjax config built by configs/openclip.py (pooler="openclip", ...). Raises
-  ValueError if the state dict has entries this mapping does not consume (an architecture
-  mmjax cannot express would otherwise be dropped silently). Shapes are checked against
-  the model by `check_params`.
+  ValueError if the state dict lacks entries or has entries this mapping does not consume
+  (an architecture mmjax cannot express would otherwise be dropped silently). Shapes are
+  checked against the model by `check_params`.
   """
-  m = config.model
-  if m.pooler != "openclip" or m.text.multimodal_block != "openclip":
-    raise ValueError("convert_state_dict needs an open_clip-style config (model.pooler="
-                     "'openclip', model.text.multimodal_block='openclip'): configs/openclip.py")
-  scan = m.scan_layers
   sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
-  conv = sd.pop("visual.conv1.weight")  # [D, 3, p, p]
-  vision = {
-      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0)},  # HWIO
-      "cls": sd.pop("visual.class_embedding"),
-      "pos_embed": sd.pop("visual.positional_embedding"),
-      "ln_pre": _norm(sd, "visual.ln_pre"),
-      "encoder": _stack([_self_block(sd, f"visual.transformer.resblocks.{i}")
-                         for i in range(_num_layers(sd, "visual.transformer.resblocks"))], scan),
-  }
-  pooler = {"queries": sd.pop("visual.attn_pool.query"),
-            "ln_q": _norm(sd, "visual.attn_pool.ln_q"),
-            "ln_k": _norm(sd, "visual.attn_pool.ln_k"),
-            "attn": _mha(sd, "visual.attn_pool.attn"),
-            "ln_out": _norm(sd, "visual.ln_post")}  # open_clip's ln_post follows the pooler
-  unimodal = {
-      "cls": sd.pop("text.cls_emb"),
-      "pos_embed": sd.pop("text.positional_embedding"),
-      "decoder": _stack([_self_block(sd, f"text.transformer.resblocks.{i}")
-                         for i in range(_num_layers(sd, "text.transformer.resblocks"))], scan),
-      "ln_cls": _norm(sd, "text.ln_final"),  # open_clip normalises only the pooled CLS
-  }
-  multimodal = {
-      "decoder": _stack([
-          {"self_block": _self_block(sd, f"text_decoder.resblocks.{i}"),
-           "cross_block": _cross_block(sd, f"text_decoder.cross_attn.{i}")}
-          for i in range(_num_layers(sd, "text_decoder.resblocks"))], scan),
-      "ln_final": _norm(sd, "text_decoder.ln_final"),
-  }
-  params = {
-      "vision": vision,
-      "caption_pooler": pooler,
-      "image_proj": {"dense": {"kernel": sd.pop("visual.proj")}},  # x @ proj: [in, out]
-      "token_embed": {"embedding": sd.pop("text.token_embedding.weight")},
-      "unimodal": unimodal,
-      "text_proj": {"dense": {"kernel": sd.pop("text.text_projection")}},
-      "multimodal": multimodal,
-      "lm_head": {"dense": {"kernel": sd.pop("text_decoder.text_projection")}},
-      # Both store the log of the temperature; mmjax's forward caps exp() at the max.
-      "logit_scale": np.asarray(sd.pop("logit_scale"), np.float32).reshape(()),
-  }
-  # Non-persistent buffers are never in state dicts; anything left is an unsupported part.
-  if sd:
-    raise ValueError(f"open_clip state dict entries not understood by the CoCa mapping "
-                     f"(unsupported architecture option?): {sorted(sd)[:10]}")
-  return params
+  return mapping.to_params(sd, coca_rules(config), config.model.scan_layers,
+                           "the open_clip CoCa state dict")
+
+
+def export_state_dict(params: Any, config: Any) -> dict[str, Array]:
+  """mmjax CoCa params -> the open_clip CoCa state dict (`convert_state_dict`'s inverse)."""
+  return mapping.to_state_dict(params, coca_rules(config))
+
+
+def openclip_model_config_of(config: Any) -> dict:
+  """open_clip's model config (model_configs/*.json format) of a configs/openclip.py-style
+  CoCa config: `openclip_configs.openclip_model_config`'s inverse, read from the keys."""
+  coca_rules(config)  # refuses configs that are not open_clip's CoCa
+  m = config.model
+  v, t = m.vision, m.text
+  for tower, mlp, width in (("vision", v.mlp_dim, v.width), ("text", t.mlp_dim, t.width)):
+    if mlp != 4 * width:
+      raise ValueError(f"config model.{tower}.mlp_dim={mlp}: open_clip's towers are 4 x "
+                       f"width ({4 * width})")
+  if t.num_uni_layers != t.num_multi_layers:
+    raise ValueError("open_clip's CoCa has as many multimodal as unimodal text layers")
+  text = dict(context_length=config.data.max_text_len - 1, vocab_size=t.vocab_size,
+              width=t.width, heads=t.num_heads, layers=t.num_uni_layers)
+  out = dict(
+      embed_dim=m.embed_dim,
+      vision_cfg=dict(image_size=m.image_size, layers=v.depth, width=v.width,
+                      patch_size=m.patch_size, attentional_pool=True,
+                      attn_pooler_heads=m.pooler_heads or t.num_heads, output_tokens=True,
+                      attn_pooler_queries=m.num_caption_queries + 1,
+                      head_width=v.width // v.num_heads),
+      text_cfg=dict(text, embed_cls=True, output_tokens=True),
+      multimodal_cfg=dict(text, attn_pooler_heads=t.num_heads),
+      custom_text=True)
+  if m.activation == "quick_gelu":
+    out["quick_gelu"] = True
+  return out
 
 
 # --- checking and writing -------------------------------------------------------------------
@@ -197,9 +194,10 @@ def write_checkpoint(params: Any, config: Any, out: str,
 
 
 def tokenizer_assets(config: Any) -> dict[str, bytes] | None:
-  """open_clip's BPE merges to store with the converted checkpoint (self-contained: it
-  loads without open_clip installed); None when they cannot be found here."""
-  if config.data.tokenizer.kind != "openclip":
+  """open_clip's BPE merges (or SigLIP's SentencePiece model) to store with the converted
+  checkpoint (self-contained: it loads without open_clip installed or the checkpoint
+  folder); None when they cannot be found here."""
+  if config.data.tokenizer.kind not in ("openclip", "siglip"):
     return None
   try:
     return tokenizer_lib.checkpoint_assets(tokenizer_lib.get_tokenizer(config))

@@ -17,19 +17,22 @@ from etils import epath
 
 from mmjax import errors, locks
 from mmjax.data import sources
-from mmjax.tokenizers import openclip, sentencepiece
+from mmjax.tokenizers import openclip, sentencepiece, siglip
 
-Tokenizer = sentencepiece.Tokenizer | openclip.OpenClipTokenizer
+Tokenizer = sentencepiece.Tokenizer | openclip.OpenClipTokenizer | siglip.SiglipTokenizer
 
 # Checkpoint asset names (mmjax.checkpoint.Checkpointer.save's `assets`).
 SENTENCEPIECE_ASSET = "tokenizer.model"
 OPENCLIP_ASSET = "tokenizer_" + openclip.VOCAB_FILE
+SIGLIP_ASSET = "tokenizer_siglip_spiece.model"  # SigLIP's ids, not mmjax's: its own name
 
 
 def checkpoint_assets(tokenizer: Tokenizer) -> dict[str, bytes]:
   """{asset name: bytes} that rebuild `tokenizer` (`get_tokenizer(config, assets)`)."""
   if isinstance(tokenizer, openclip.OpenClipTokenizer):
     return {OPENCLIP_ASSET: tokenizer.vocab_bytes}
+  if isinstance(tokenizer, siglip.SiglipTokenizer):
+    return {SIGLIP_ASSET: tokenizer.model_proto}
   return {SENTENCEPIECE_ASSET: tokenizer.model_proto}
 
 
@@ -54,9 +57,14 @@ def get_tokenizer(config: ml_collections.ConfigDict,
     return sentencepiece.Tokenizer(assets[SENTENCEPIECE_ASSET], origin="<checkpoint>")
   if OPENCLIP_ASSET in assets:
     return openclip.OpenClipTokenizer(vocab_bytes=assets[OPENCLIP_ASSET])
+  if SIGLIP_ASSET in assets:
+    return siglip.SiglipTokenizer(assets[SIGLIP_ASSET], origin="<checkpoint>")
   if config.data.tokenizer.kind == "openclip":
     # open_clip's BPE (ids pad 0, BOS 49406, EOS 49407), for converted open_clip models.
     return openclip.OpenClipTokenizer(os.path.expanduser(config.data.tokenizer.path) or None)
+  if config.data.tokenizer.kind == "siglip":
+    # SigLIP's SentencePiece (EOS-padded, no BOS), from the checkpoint folder.
+    return siglip.SiglipTokenizer.from_file(os.path.expanduser(config.data.tokenizer.path))
   path = config.data.tokenizer.path
   if path:
     path = os.path.expanduser(path)

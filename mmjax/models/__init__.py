@@ -14,7 +14,7 @@ from typing import Callable
 import flax.linen as nn
 import ml_collections
 
-from mmjax.models import coca, flava
+from mmjax.models import coca, flava, two_tower
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,10 @@ MODELS = {
                        coca.PAPER_TOTAL_PARTS, coca.forward_flops, captions=True),
     "flava": ModelEntry("FLAVA", flava.Flava, flava.FlavaConfig, flava.PARAMETER_PARTS,
                         flava.PAPER_TOTAL_PARTS, flava.forward_flops, captions=False),
+    "two_tower": ModelEntry("Two-tower (CLIP / SigLIP)", two_tower.TwoTower,
+                            two_tower.TwoTowerConfig, two_tower.PARAMETER_PARTS,
+                            two_tower.PAPER_TOTAL_PARTS, two_tower.forward_flops,
+                            captions=False),
 }
 
 

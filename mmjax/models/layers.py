@@ -285,13 +285,22 @@ class Mlp(nn.Module):
     h = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
               name="fc1")(x)
     h = checkpoint_name(constrain(h, ("batch", "length", "mlp")), MLP_HIDDEN)
-    h = nn.gelu(h, approximate=False) if self.activation == "gelu" else quick_gelu(h)
+    h = ACTIVATIONS[self.activation](h)
     return checkpoint_name(Dense(width, ("mlp", "embed"), dtype=self.dtype,
                                  param_dtype=self.param_dtype, name="fc2")(h), MLP_OUT)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+# model.activation -> the MLP's nonlinearity. gelu: exact (erf); quick_gelu: OpenAI CLIP's
+# sigmoid approximation; gelu_tanh: the tanh approximation (SigLIP, `gelu_pytorch_tanh`).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": quick_gelu,
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+}
 
 
 class TransformerBlock(nn.Module):
