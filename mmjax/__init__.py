@@ -1,4 +1,5 @@
 """mmjax: multimodal (image-text-label) foundation models on JAX/Flax."""
+import importlib
 import os
 import re
 
@@ -24,3 +25,11 @@ def _cpu_devices_requested() -> int:
 _CPU_DEVICES = _cpu_devices_requested()
 if _CPU_DEVICES > 1:
   os.environ.setdefault("NPROC", str(max(os.cpu_count() or 1, 8 * _CPU_DEVICES)))
+
+
+def __getattr__(name: str):
+  """`mmjax.load` (mmjax.inference.load), imported on first use: `import mmjax` stays cheap
+  (no JAX, Flax or TFDS import) for the commands and Grain workers that import it."""
+  if name == "load":
+    return importlib.import_module("mmjax.inference").load
+  raise AttributeError(f"module 'mmjax' has no attribute {name!r}")

@@ -51,9 +51,12 @@ def decode_image(encoded: bytes) -> np.ndarray:
     raise ValueError("zero-byte image")
   with Image.open(io.BytesIO(encoded)) as img:
     img.load()  # the first frame, fully: a truncated file raises here
-    rgb = to_rgb(img)
-    orientation = _orientation(img)
-  return np.ascontiguousarray(_orient(rgb, orientation))
+    return pil_to_rgb(img)
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+  """An opened Pillow image -> uint8 [H, W, 3], EXIF orientation applied (as decode_image)."""
+  return np.ascontiguousarray(_orient(to_rgb(img), _orientation(img)))
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

@@ -6,6 +6,7 @@ measures closed-set accuracy (`evals.seen_classes`). Candidates are the dataset'
 classes, or the `class_subset` a variant keeps (ImageNet-A and -R: 200 of ImageNet's 1000).
 Images stream through in batches (`Embedder.image_batches`): a split of any size needs host
 memory for one batch and an int per image."""
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -16,6 +17,18 @@ from mmjax.data import classnames, pipeline
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.embedder import Embedder
+
+
+def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+  """Every template filled with every class name, class-major: [C * T]."""
+  return [t.format(name) for name in class_names for t in templates]
+
+
+def class_embeddings(prompt_embeddings: np.ndarray, num_classes: int) -> np.ndarray:
+  """prompt_embeddings [C * T, E] (class-major, `class_prompts`) -> [C, E]: the mean of each
+  class's template embeddings, renormalised."""
+  emb = prompt_embeddings.reshape(num_classes, -1, prompt_embeddings.shape[-1]).mean(1)
+  return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
 
 
 class ZeroShot(Evaluator):
@@ -42,7 +55,7 @@ class ZeroShot(Evaluator):
     self.candidate[kept] = np.arange(len(kept))
     self.class_names = [self.split.class_names[i] for i in kept]
     self.templates = classnames.label_templates(config, e.templates, f"evals.{key}.templates")
-    self.prompts = [t.format(name) for name in self.class_names for t in self.templates]
+    self.prompts = class_prompts(self.class_names, self.templates)
     self.tokens = tokenizer.encode(self.prompts, config.data.max_text_len)
     self.text_type = np.full(len(self.prompts), vocabulary.TEXT_TYPES[e.prefix], np.int32)
     self.last_class_embeddings: np.ndarray | None = None  # for the picture grid
@@ -54,9 +67,8 @@ class ZeroShot(Evaluator):
 
   def class_embeddings(self, embedder: Embedder, params: Any) -> np.ndarray:
     """[C, E]: mean of each class's template embeddings, renormalised."""
-    emb = embedder.texts(params, self.tokens, self.text_type)
-    emb = emb.reshape(len(self.class_names), len(self.templates), -1).mean(1)
-    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+    return class_embeddings(embedder.texts(params, self.tokens, self.text_type),
+                            len(self.class_names))
 
   def __call__(self, embedder: Embedder, params: Any, *, progress: str = ""
                ) -> dict[str, float]:
