@@ -19,7 +19,7 @@ import helpers
 from mmjax import errors, evaluate, evaluators, runtime, train, vocabulary
 from mmjax.data import classnames, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.evaluators import suite, suite_datasets
+from mmjax.evaluators import captioning, suite, suite_datasets
 from mmjax.evaluators.suite_datasets import CLASSIFICATION, RETRIEVAL, BenchmarkDataset
 
 
@@ -190,8 +190,15 @@ def coco_like(tmp_path_factory):
                                    suite_datasets.COCO_CAPTIONING))
 
 
-def test_retrieval_and_captioning_suites_run_end_to_end(tiny_model, coco_like, tmp_path,
+@pytest.mark.parametrize("java", [pytest.param(False),
+                                  pytest.param(True, marks=pytest.mark.slow)])
+def test_retrieval_and_captioning_suites_run_end_to_end(java, tiny_model, coco_like, tmp_path,
                                                         monkeypatch):
+  """With Java (slow: the JVM loads METEOR's paraphrase tables) captioning adds METEOR."""
+  if java and not captioning.java_scorers():
+    pytest.skip("no java on PATH")
+  if not java:
+    monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
   config, rt, params, embedder, tokenizer = tiny_model
   data_dir, (retrieve, caption) = coco_like
   config = helpers.override(copy.deepcopy(config), data_dir=data_dir)
@@ -204,7 +211,9 @@ def test_retrieval_and_captioning_suites_run_end_to_end(tiny_model, coco_like, t
                                    tokenizer)
   assert set(retrieved["metrics"]) == set(
       suite.CLIP_BENCHMARK_METRICS[suite_datasets.RETRIEVAL].values())
-  assert set(captioned["metrics"]) == {"CIDEr", "Bleu_4"}
+  assert set(captioned["metrics"]) - {"SPICE"} == (
+      {"CIDEr", "Bleu_4", "METEOR"} if java else {"CIDEr", "Bleu_4"})
+  assert all(0 <= v < 10 for v in captioned["metrics"].values())
   assert retrieved["task"] == "zeroshot_retrieval" and captioned["task"] == "captioning"
   # both are "mscoco_captions": the task keeps their files apart
   assert sorted(os.listdir(tmp_path / "suite" / "step_0")) == [
@@ -243,7 +252,7 @@ class _MockSource:
 FEW = ("vtab/eurosat", "food101", "vtab/pets", "vtab/smallnorb_label_azimuth")
 
 
-@pytest.mark.parametrize("which", [pytest.param("few"), pytest.param("all", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("which", ["few", pytest.param("all", marks=pytest.mark.slow)])
 def test_classification_suites_run_end_to_end_on_mock_data(which, tiny_model, tmp_path,
                                                            monkeypatch):
   """Classification members of `clip_benchmark` (the `imagenet` suite's among them) on 5

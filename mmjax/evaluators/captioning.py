@@ -1,5 +1,7 @@
 """Captioning: generated captions (K/V-cached decoding) scored with CIDEr and BLEU-4."""
+import os
 import re
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -7,6 +9,9 @@ import ml_collections
 import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.spice import spice as spice_module
+from pycocoevalcap.spice.spice import Spice
 
 from mmjax import decode
 from mmjax.data import pipeline
@@ -31,6 +36,29 @@ def caption_scores(hypotheses: list[str], references: list[list[str]]) -> dict[s
   cider, _ = Cider().compute_score(gts, res)
   bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
   return {"cider": float(cider), "bleu4": float(bleu[3])}
+
+
+def java_scorers() -> dict[str, Callable[[], Any]]:
+  """pycocoevalcap's scorers that run in Java, where `java` is on PATH: METEOR (its jar ships
+  with pycocoevalcap) and SPICE only where its Stanford CoreNLP jars are installed
+  (pycocoevalcap would otherwise download them). {} without Java."""
+  if shutil.which("java") is None:
+    return {}
+  scorers = {"meteor": Meteor}
+  corenlp = os.path.join(os.path.dirname(spice_module.__file__), "lib",
+                         "stanford-corenlp-3.6.0.jar")
+  if os.path.exists(corenlp):
+    scorers["spice"] = Spice
+  return scorers
+
+
+def java_scores(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+  """METEOR (and SPICE) over the corpus where Java allows (`java_scorers`), on the same
+  lower-cased words as `caption_scores`; seconds to start the JVM."""
+  res = {i: [caption_words(h)] for i, h in enumerate(hypotheses)}
+  gts = {i: [caption_words(r) for r in refs] for i, refs in enumerate(references)}
+  return {name: float(make().compute_score(gts, res)[0])
+          for name, make in java_scorers().items()}
 
 
 class Captioning(Evaluator):

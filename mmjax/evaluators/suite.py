@@ -11,8 +11,10 @@ config evaluator's figure on the same data are the same computation. Per member,
 model, pretrained, task, metrics, language), written as soon as the member finishes; a rerun
 skips the members whose file exists (an interrupted suite resumes). At the end, a summary
 `<suite>.md` / `<suite>.csv` (one row per member, the suite's mean last) and TensorBoard
-scalars `suite/<dataset>/<metric>` at step N. A member whose files are not in data_dir is
-skipped with one line saying how to obtain them, or stops the suite with `--strict`.
+scalars `suite/<dataset>/<metric>` at step N. Captioning adds METEOR (and SPICE where its
+Stanford CoreNLP jars are installed) to CIDEr-D and BLEU-4 when `java` is on PATH. A member
+whose files are not in data_dir is skipped with one line saying how to obtain them, or
+stops the suite with `--strict`.
 """
 import copy
 import csv
@@ -30,6 +32,7 @@ from configs import schema
 from mmjax import errors, writers
 from mmjax.data import classnames
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.evaluators import captioning
 from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.captioning import Captioning
 from mmjax.evaluators.embedder import Embedder
@@ -46,7 +49,7 @@ CLIP_BENCHMARK_METRICS = {
                      "mean_per_class_recall": "mean_per_class_recall"},
     RETRIEVAL: {f"{d}_r{k}": f"{'image' if d == 't2i' else 'text'}_retrieval_recall@{k}"
                 for d in ("t2i", "i2t") for k in (1, 5, 10)},
-    CAPTIONING: {"cider": "CIDEr", "bleu4": "Bleu_4"},
+    CAPTIONING: {"cider": "CIDEr", "bleu4": "Bleu_4", "meteor": "METEOR", "spice": "SPICE"},
 }
 EVALUATOR_TYPES = {CLASSIFICATION: "zeroshot", RETRIEVAL: "retrieval",
                    CAPTIONING: "captioning"}
@@ -89,6 +92,9 @@ def run_member(evaluator: Evaluator, ds: BenchmarkDataset, embedder: Embedder,
     results = evaluator(embedder, params, progress=ds.name)
   else:
     results = evaluator(embedder, params)
+  if isinstance(evaluator, Captioning):  # METEOR, SPICE where Java is present
+    scores = captioning.java_scores(evaluator.last_captions, evaluator.references)
+    results.update({f"{evaluator.name}/{k}": v for k, v in scores.items()})
   names = CLIP_BENCHMARK_METRICS[ds.task]
   out = {names[k.rsplit("/", 1)[1]]: v for k, v in results.items()}
   if ds.task == CLASSIFICATION and len(evaluator.class_names) < 5:
