@@ -6,6 +6,10 @@ import copy
 import dataclasses
 import io
 import os
+import pickle
+import socket
+import subprocess
+import sys
 import json
 
 import jax
@@ -16,6 +20,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import helpers
+from conftest import REPO
 from mmjax import errors, evaluate, evaluators, runtime, train, vocabulary
 from mmjax.data import classnames, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
@@ -362,3 +367,88 @@ def test_clip_benchmark_gives_the_same_figures(tiny_model, coco_like, monkeypatc
                                    recall_k_list=[1, 5, 10])
   assert theirs == pytest.approx(ours["retrieve"], rel=1e-6)  # theirs: float32 means
   assert 0 < ours["retrieve"]["text_retrieval_recall@10"] < 1
+
+
+def test_zero_shot_streams_each_row_once_over_several_devices(tiny_model):
+  """On 4 devices each batch of 24 is read as the devices' 4 spans of 6 rows, every row of
+  the split once (the last batch padded with the last row), with 1 device's figures."""
+  config, rt1, params1, embedder1, tokenizer = tiny_model
+  member = _shapes_members()[0]
+  with rt1.activate():
+    one = suite.run_member(suite.build_member(config, member, tokenizer), member, embedder1,
+                           params1)
+  rt = runtime.build(config, jax.devices()[:4])
+  with rt.activate():
+    params = jax.device_put(jax.device_get(params1), rt.shardings.params)
+    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules, 24)
+    zeroshot = suite.build_member(config, member, tokenizer)
+    reads, rows = [], zeroshot.split.rows
+    zeroshot.split.rows = lambda indices: reads.append(list(indices)) or rows(indices)
+    four = suite.run_member(zeroshot, member, embedder, params)
+  assert four == one
+  assert [len(r) for r in reads] == [6] * 12
+  assert sorted(i for r in reads for i in r) == list(range(64)) + [63] * 8
+
+
+_TWO_PROCESS_PROGRAM = """
+import json, pickle, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+sys.path.insert(0, "tests")
+import helpers
+from mmjax import evaluators, runtime
+from mmjax.data import tokenizer as tokenizer_lib
+from mmjax.evaluators import suite
+from mmjax.evaluators.suite_datasets import BenchmarkDataset, CLASSIFICATION
+config = helpers.tiny_config(data_dir=sys.argv[3])
+member = BenchmarkDataset("shapes_unseen", CLASSIFICATION, "shapes/labels_unseen",
+                          "validation[:64]", 16)
+rt = runtime.build(config, params_only=True)
+abstract = rt.abstract_state
+with open(sys.argv[4], "rb") as f:
+  values = jax.tree.unflatten(jax.tree.structure(abstract), pickle.load(f))
+params = jax.tree.map(lambda a, x: jax.make_array_from_callback(
+    a.shape, a.sharding, lambda index: x[index]), abstract, values)
+tokenizer = tokenizer_lib.get_tokenizer(config)
+with rt.activate():
+  embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules, 24)
+  zeroshot = suite.build_member(config, member, tokenizer)
+  reads, rows = [], zeroshot.split.rows
+  zeroshot.split.rows = lambda index: reads.append([int(i) for i in index]) or rows(index)
+  metrics = suite.run_member(zeroshot, member, embedder, params)
+print(json.dumps({"metrics": metrics, "reads": reads}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_decode_only_their_rows(tiny_model, tmp_path):
+  """2 processes x 2 devices: each process decodes the rows its devices hold (disjoint,
+  together the whole split) and both get the figures of one process with 4 devices."""
+  config, _, params1, _, tokenizer = tiny_model
+  member = _shapes_members()[0]
+  with open(tmp_path / "params.pkl", "wb") as f:
+    pickle.dump(jax.tree.leaves(jax.device_get(params1)), f)
+  rt = runtime.build(config, jax.devices()[:4])
+  with rt.activate():
+    params = jax.device_put(jax.device_get(params1), rt.shardings.params)
+    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules, 24)
+    expected = suite.run_member(suite.build_member(config, member, tokenizer), member,
+                                embedder, params)
+  port = socket.socket()
+  port.bind(("127.0.0.1", 0))
+  address = f"127.0.0.1:{port.getsockname()[1]}"
+  port.close()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_PROGRAM, address, str(i), config.data_dir,
+       str(tmp_path / "params.pkl")], cwd=REPO, text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, env={**helpers.environment(2),
+                                   "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [e[-3000:] for _, e in outs]
+  results = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+  assert results[0]["metrics"] == results[1]["metrics"] == expected
+  rows = [sorted(i for r in res["reads"] for i in r) for res in results]
+  assert not set(rows[0]) & set(rows[1]) - {63}
+  assert sorted(rows[0] + rows[1]) == list(range(64)) + [63] * 8
