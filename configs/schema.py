@@ -40,6 +40,10 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.checkpoint_every_steps = 200
   c.eval_every_steps = 200  # 0 = no evaluation during training
   c.eval_batch_size = 128  # images / texts embedded per evaluation batch
+  # Evaluators see the parameters' EMA (needs optimizer.ema_decay > 0), in training and in
+  # mmjax.evaluate (its --ema does the same for one run). A top-level key: `evals` holds
+  # evaluator entries only.
+  c.eval_use_ema = False
   c.data_dir = "~/.cache/mmjax/datasets"  # TFDS data_dir (sources may override it)
   c.compilation_cache_dir = "~/.cache/mmjax/jax_compilation_cache"  # "" = off
   # MFU denominator, dense bf16 TFLOP/s per device; 0 = look up the device kind (H100/H200,
@@ -312,6 +316,19 @@ def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
   # and the smallest two axes its second moments are factored over.
   o.update_clip_threshold = 1.0
   o.min_dim_size_to_factor = 128
+  # Fine-tuning (mmjax.param_groups; paths as `python -m mmjax.summary` lists them).
+  # Locked parameters: a regex over parameter paths matched whole ("vision/.*" = the image
+  # tower; "" = none). No optimizer state, update or weight decay; no gradient computed.
+  o.frozen = ""
+  o.frozen_until_step = 0  # > 0: locked only for the first N updates, then trained
+  # Layer-wise learning-rate decay of the image and text stacks: layer i of L at
+  # decay^(L - i) x the rate, embeddings decay^(L + 1), heads 1. 1.0 = off.
+  o.layer_decay = 1.0
+  # An exponential moving average of the parameters (state.ema_params, checkpointed):
+  # ema <- d ema + (1 - d) params after each update; 0 = off. With ema_warmup, d at update t
+  # is min(ema_decay, (1 + t) / (10 + t)) (TensorFlow's ExponentialMovingAverage).
+  o.ema_decay = 0.0
+  o.ema_warmup = False
   return o
 
 

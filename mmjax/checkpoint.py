@@ -102,15 +102,23 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the parameters of a train-state checkpoint (no optimizer state is read)."""
+  def restore_params(self, step: int, abstract_params: Any, ema: bool = False) -> Any:
+    """Only the parameters of a train-state checkpoint (no optimizer state is read); with
+    `ema`, their moving average instead (`optimizer.ema_decay`; CheckpointMismatchError
+    errors.UsageError when the run kept none)."""
+    key = "ema_params" if ema else "params"
     stored = self._stored_shapes(step, "state")
-    check_shapes(stored["params"], abstract_params, self.directory, step, prefix="params")
-    item = {"params": abstract_params}
+    if not stored.get(key):
+      raise errors.UsageError(
+          f"checkpoint {self.directory} step {step} has no EMA of the parameters: it was "
+          "trained without optimizer.ema_decay; evaluate its parameters (drop --ema / "
+          "evals.use_ema)")
+    check_shapes(stored[key], abstract_params, self.directory, step, prefix=key)
+    item = {key: abstract_params}
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)))
-    return restored["state"]["params"]
+    return restored["state"][key]
 
   def _stored_shapes(self, step: int, item: str) -> Any:
     """Shapes of a stored item, read from its metadata by the handler directly (the manager's

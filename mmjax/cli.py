@@ -14,6 +14,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from mmjax import decode, evaluators, models, objectives, optimizer, sharding, vocabulary
+from mmjax import state
 from mmjax.data import transforms
 from mmjax.errors import ConfigError
 from mmjax.evaluators import linear_probe
@@ -197,6 +198,9 @@ def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[st
       build(config)
     except ValueError as e:  # the builders name the key
       problems.append(str(e))
+  if not problems:
+    problems += optimizer.check(config, _abstract_params(config) if config.optimizer.frozen
+                                else {})
   for key, entry in config.evals.items():
     if entry.type not in evaluators.EVALUATORS:
       problems.append(f"config evals.{key}.type={entry.type!r}: choose one of "
@@ -208,6 +212,14 @@ def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[st
     else:
       problems += _check_evaluator(key, entry)
   return problems
+
+
+def _abstract_params(config: ml_collections.ConfigDict) -> dict:
+  """The model's parameter tree as shapes only (nothing is allocated)."""
+  model = models.build_model(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *state.dummy_inputs(config)))
+  return jax.tree.map(lambda x: getattr(x, "value", x), boxed["params"],
+                      is_leaf=lambda x: hasattr(x, "value"))
 
 
 def _check_evaluator(key: str, e: ml_collections.ConfigDict) -> list[str]:

@@ -1,6 +1,10 @@
 """Evaluates a checkpoint with the evaluators its config lists (mmjax.evaluators).
 
   python -m mmjax.evaluate --config configs/shapes.py --workdir /tmp/mmjax_shapes [--step N]
+      [--ema]
+
+--ema (or config eval_use_ema) evaluates the parameters' moving average that training kept
+with optimizer.ema_decay instead of the parameters.
 
 Restores parameters only (no optimizer state) onto whatever devices exist, runs the
 evaluators, writes `<workdir>/eval/step_<N>.json`, a picture grid of sample captions and
@@ -24,15 +28,18 @@ from mmjax.evaluators import suite as suite_lib
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int | None = None) -> tuple[int, dict[str, float]]:
-  """Restores params only onto the devices present and runs the configured evaluators."""
+                        step: int | None = None,
+                        ema: bool = False) -> tuple[int, dict[str, float]]:
+  """Restores params only (their EMA with `ema` or config eval_use_ema) onto the devices
+  present and runs the configured evaluators."""
   step = checkpoint.existing_step(workdir, step)  # before anything is created in workdir
   rt = runtime.build(config, params_only=True)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   # The tokenizer the checkpoint was trained with (older checkpoints: from data_dir).
   tokenizer = tokenizer_lib.get_tokenizer(config, checkpointer.restore_assets(step))
   with rt.activate():
-    params = checkpointer.restore_params(step, rt.abstract_state)
+    params = checkpointer.restore_params(step, rt.abstract_state,
+                                         ema=ema or config.eval_use_ema)
     evals = evaluators.build_evaluators(config, tokenizer)
     embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
                                    config.eval_batch_size)
@@ -51,15 +58,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 
 def evaluate_suite(config: ml_collections.ConfigDict, workdir: str, suite: str,
-                   step: int | None = None, strict: bool = False) -> list[dict]:
-  """Restores params only and runs benchmark suite `suite` (mmjax.evaluators.suite)."""
+                   step: int | None = None, strict: bool = False,
+                   ema: bool = False) -> list[dict]:
+  """Restores params only (their EMA with `ema` or config eval_use_ema) and runs benchmark
+  suite `suite` (mmjax.evaluators.suite)."""
   suite_lib.suite_members(suite)  # an unknown name fails before anything is restored
   step = checkpoint.existing_step(workdir, step)
   rt = runtime.build(config, params_only=True)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   with rt.activate():
-    params = checkpointer.restore_params(step, rt.abstract_state)
+    params = checkpointer.restore_params(step, rt.abstract_state,
+                                         ema=ema or config.eval_use_ema)
     embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
                                    config.eval_batch_size)
     records = suite_lib.run_suite(config, workdir, step, suite, embedder, params, tokenizer,
@@ -78,9 +88,10 @@ def main(argv: list[str]) -> None:
     return
   if cli.FLAGS.suite:
     evaluate_suite(config, cli.FLAGS.workdir, cli.FLAGS.suite, cli.FLAGS.step,
-                   cli.FLAGS.strict)
+                   cli.FLAGS.strict, ema=cli.FLAGS.ema)
     return
-  step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step)
+  step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step,
+                                      ema=cli.FLAGS.ema)
   print(f"step {step}\n{evaluators.format_results(results)}")
 
 
@@ -91,4 +102,8 @@ if __name__ == "__main__":
                           "`list` to list its datasets.")
   cli.flags.DEFINE_bool("strict", False, "--suite: a dataset missing from data_dir stops "
                         "the suite instead of being skipped.")
-  errors.run(main, "mmjax.evaluate")  # a usage error is one line, exit status 2
+  cli.flags.DEFINE_bool("ema", False, "Evaluate the parameters' moving average "
+                        "(optimizer.ema_decay) instead of the parameters.")
+  # A usage error is one line, exit status 2; a checkpoint that does not match the config,
+  # one line, exit status 1.
+  errors.run(main, "mmjax.evaluate", failures=(checkpoint.CheckpointMismatchError,))

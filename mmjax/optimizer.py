@@ -1,15 +1,22 @@
 """Optimisers and learning-rate schedules (optax): AdamW and the CoCa paper's Adafactor.
 
 Every optimizer ends by projecting the logit-scale parameter back under log(max): the model
-cannot push it past the cap and freeze there (see `project_logit_scale`).
+cannot push it past the cap and freeze there (see `project_logit_scale`). Fine-tuning
+switches (`mmjax.param_groups` picks the parameters by path):
+  optimizer.frozen             locked parameters: no optimizer state, no update, no decay
+  optimizer.frozen_until_step  ... only for the first N updates (`make_optimizer`)
+  optimizer.layer_decay        layer-wise learning-rate decay (`scale_by_layer`)
 """
 import math
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from mmjax import param_groups
 
 # Parameters that are never weight-decayed: biases, norms, position embeddings, learned
 # queries/prefix/CLS and the logit scale and bias (matched on the last path element).
@@ -105,15 +112,93 @@ def project_logit_scale(max_scale: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's factor (`param_groups.layer_scales`): a scanned
+  stack's [L, ...] update row by row. Placed after the whole optimizer (weight decay and, for
+  Adafactor, the momentum included), a constant factor s on a parameter's final update is the
+  same as running that parameter at s times the learning rate."""
+  def update_fn(updates, state, params=None):
+    del params
+    scales = param_groups.layer_scales(updates, decay)
+    return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def lock_labels(config: ml_collections.ConfigDict):
+  """params -> a tree of "trained" | "locked" labels (optax.multi_transform's)."""
+  pattern = config.optimizer.frozen
+  return lambda params: jax.tree.map(lambda locked: "locked" if locked else "trained",
+                                     param_groups.matches(pattern, params))
+
+
+def core_optimizer(config: ml_collections.ConfigDict,
+                   schedule: optax.Schedule) -> optax.GradientTransformation:
+  o = config.optimizer
+  if o.name == "adamw":
+    return optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                       mask=decay_mask)
+  if o.name == "adafactor":
+    return adafactor(config, schedule)
+  raise ValueError(f"config optimizer.name={o.name!r}: choose 'adamw' or 'adafactor'")
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """clip -> AdamW or Adafactor -> layer-wise scale -> logit-scale projection.
+
+  With `optimizer.frozen` the locked parameters get `optax.set_to_zero` through
+  `optax.multi_transform`: the optimizer's state holds nothing for them (optax.MaskedNode)
+  and no update or weight decay reaches them (the objective also stops their gradient,
+  `mmjax.objectives.build`). With `optimizer.frozen_until_step=N` they are locked for the
+  first N updates and then train: their gradient is zeroed before the global-norm clip while
+  locked (the trained parameters see exactly what a permanent lock gives them), and they get
+  an optimizer of their own that starts at update N (optax.conditionally_mask: state
+  untouched and update zero before). Its learning rate follows the run's schedule from step
+  N on, and its step count (Adam's bias correction, Adafactor's beta2) starts at the unlock,
+  as for a fresh optimizer: an unlocked tower is not hit with moments it never accumulated.
+  """
   o = config.optimizer
   schedule = make_schedule(config)
   clip = optax.clip_by_global_norm(o.grad_clip_norm) if o.grad_clip_norm else optax.identity()
-  if o.name == "adamw":
-    core = optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                       mask=decay_mask)
-  elif o.name == "adafactor":
-    core = adafactor(config, schedule)
-  else:
-    raise ValueError(f"config optimizer.name={o.name!r}: choose 'adamw' or 'adafactor'")
-  return optax.chain(clip, core, project_logit_scale(config.model.logit_scale_max))
+  core = core_optimizer(config, schedule)
+  parts = [clip, core]
+  if o.frozen:
+    labels = lock_labels(config)
+    until = o.frozen_until_step
+    if until:
+      unlocked = lambda count: count >= until
+      gate = optax.multi_transform(
+          {"trained": optax.identity(),
+           "locked": optax.transforms.conditionally_mask(optax.identity(), unlocked)}, labels)
+      later = optax.transforms.conditionally_mask(
+          core_optimizer(config, lambda count: schedule(count + until)), unlocked)
+      parts = [gate, clip, optax.multi_transform({"trained": core, "locked": later}, labels)]
+    else:
+      parts = [clip, optax.multi_transform({"trained": core, "locked": optax.set_to_zero()},
+                                           labels)]
+  if o.layer_decay != 1.0:
+    parts.append(scale_by_layer(o.layer_decay))
+  return optax.chain(*parts, project_logit_scale(config.model.logit_scale_max))
+
+
+def check(config: ml_collections.ConfigDict, params: Any) -> list[str]:
+  """Problems with the optimizer's keys for this parameter tree (abstract is enough), one
+  line each, naming the key."""
+  o = config.optimizer
+  problems = param_groups.check_frozen(o.frozen, params)
+  if not 0.0 < o.layer_decay <= 1.0:
+    problems.append(f"config optimizer.layer_decay={o.layer_decay} must be in (0, 1] "
+                    "(1 = off; BEiT and open_clip fine-tune ViT-B with 0.65-0.75)")
+  if not 0.0 <= o.ema_decay < 1.0:
+    problems.append(f"config optimizer.ema_decay={o.ema_decay} must be in [0, 1) (0 = off; "
+                    "e.g. 0.9999)")
+  if config.eval_use_ema and not o.ema_decay:
+    problems.append("config eval_use_ema=True needs optimizer.ema_decay > 0 (the run keeps no "
+                    "EMA of the parameters without it)")
+  if o.frozen_until_step < 0:
+    problems.append(f"config optimizer.frozen_until_step={o.frozen_until_step} must be >= 0 "
+                    "(0 = locked for the whole run)")
+  elif o.frozen_until_step and not o.frozen:
+    problems.append(f"config optimizer.frozen_until_step={o.frozen_until_step} needs "
+                    "optimizer.frozen (the parameters to lock)")
+  return problems

@@ -92,7 +92,9 @@ class Runtime:
     return step_lib.jit_train_step(self.objective, self.optimizer, self.schedule,
                                    len(sources.active_source_keys(self.config)),
                                    self.shardings, self.batch_sharding,
-                                   sharding.replicated(self.mesh))
+                                   sharding.replicated(self.mesh),
+                                   ema=(self.config.optimizer.ema_decay,
+                                        self.config.optimizer.ema_warmup))
 
   def lower_train_step(self) -> jax.stages.Lowered:
     """`jit_train_step` lowered against `abstract_state` and `abstract_batch()`: what

@@ -18,6 +18,9 @@ class TrainState:
   params: Any
   opt_state: Any
   nonfinite_steps: jax.Array  # int32 []: updates skipped for a non-finite loss or gradient
+  # The parameters' exponential moving average (optimizer.ema_decay > 0, `mmjax.step`):
+  # sharded like them, checkpointed with them; None when off.
+  ema_params: Any = None
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1) -> tuple:
@@ -35,7 +38,8 @@ def make_init_fn(model: nn.Module, optimizer: optax.GradientTransformation,
     params = model.init(rng, *dummy_inputs(config))["params"]
     opt_state = box_like_params(optimizer.init(nn.unbox(params)), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      nonfinite_steps=jnp.zeros((), jnp.int32))
+                      nonfinite_steps=jnp.zeros((), jnp.int32),
+                      ema_params=params if config.optimizer.ema_decay else None)
   return init
 
 
@@ -47,13 +51,14 @@ def box_like_params(opt_state: Any, boxed_params: Any) -> Any:
   takes its names; one with a single axis removed (Adafactor's row / column statistics)
   takes the names without that axis; anything else (scalars, Adafactor's (1,) placeholders)
   stays replicated. Initialising optax on boxed parameters instead would copy each
-  parameter's names onto factored statistics of a lower rank, an invalid sharding.
+  parameter's names onto factored statistics of a lower rank, an invalid sharding. A tree
+  with optax.MaskedNode where parameters are locked (`optimizer.frozen`) matches too.
   """
   treedef = jax.tree.structure(boxed_params, is_leaf=_is_boxed)
   boxes = treedef.flatten_up_to(boxed_params)
 
   def box(leaf: jax.Array, param: nn.Partitioned) -> Any:
-    if not isinstance(param, nn.Partitioned):
+    if not isinstance(param, nn.Partitioned) or isinstance(leaf, optax.MaskedNode):
       return leaf
     shape, names = param.value.shape, tuple(param.names)
     if leaf.shape == shape:
@@ -64,11 +69,13 @@ def box_like_params(opt_state: Any, boxed_params: Any) -> Any:
     return leaf
 
   param_def = jax.tree.structure(nn.unbox(boxed_params))
-  is_param_tree = lambda node: jax.tree.structure(node) == param_def
+  masked = lambda node: isinstance(node, optax.MaskedNode)
+  is_param_tree = lambda node: jax.tree.structure(node, is_leaf=masked) == param_def
 
   def visit(node: Any) -> Any:
     if is_param_tree(node):
-      return treedef.unflatten(map(box, treedef.flatten_up_to(node), boxes))
+      leaves = jax.tree.structure(node, is_leaf=masked).flatten_up_to(node)
+      return treedef.unflatten(map(box, leaves, boxes))
     return node
 
   return jax.tree.map(visit, opt_state, is_leaf=is_param_tree)

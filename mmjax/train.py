@@ -241,9 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if due:
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, timer = flush(pending, last, timer)
-          results = evaluators.run_evaluators(due, embedder, state.params)
+          params = state.ema_params if config.eval_use_ema else state.params
+          results = evaluators.run_evaluators(due, embedder, params)
           writer.write(done, results)
-          picture = grid.sample_grid(evals, embedder, state.params)
+          picture = grid.sample_grid(evals, embedder, params)
           if picture is not None:
             grid.write_sample_grid(writer, workdir, done, picture)
           if process0:

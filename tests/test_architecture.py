@@ -12,7 +12,7 @@ from conftest import REPO
 LAYERS = (
     ("foundation", ("mmjax.errors", "mmjax.vocabulary", "mmjax.locks", "mmjax.sharding",
                     "mmjax.writers", "mmjax.checkpoint", "mmjax.profiling", "mmjax.topologies",
-                    "mmjax.hlo")),
+                    "mmjax.hlo", "mmjax.param_groups")),
     ("data and models", ("mmjax.tokenizers", "mmjax.data", "mmjax.models", "mmjax.decode")),
     ("objectives", ("mmjax.losses", "mmjax.objectives", "mmjax.optimizer", "mmjax.state")),
     ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary")),

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from mmjax import param_groups
 from mmjax.objectives import coca, flava, siglip
 
 Batch = dict[str, jax.Array]
@@ -38,5 +39,12 @@ OBJECTIVES = {
 
 
 def build(config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh | None) -> Objective:
-  """The objective `config.loss.name` for `model` on `mesh` (None: single-device losses)."""
+  """The objective `config.loss.name` for `model` on `mesh` (None: single-device losses).
+
+  Parameters locked for the whole run (`optimizer.frozen`, no `frozen_until_step`) reach
+  the model through `lax.stop_gradient`: their gradient is never computed, and a tower that
+  is locked whole has no backward pass (XLA gets no computation for it)."""
+  o = config.optimizer
+  if o.frozen and not o.frozen_until_step:
+    model = param_groups.StopGradientModel(model, o.frozen)
   return OBJECTIVES[config.loss.name](config, model, mesh)

@@ -1,0 +1,191 @@
+"""Fine-tuning switches: locked parameters (optimizer.frozen, frozen_until_step), layer-wise
+learning-rate decay, the parameters' EMA, each against what it must mean, on tiny configs."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import helpers
+from mmjax import checkpoint, optimizer as optimizer_lib, param_groups
+
+VISION = "vision/.*"
+
+
+def run_steps(config, num_steps: int, seed: int = 0):
+  """(runtime, initial state on the host, final state, per-step metrics) after `num_steps`
+  updates on synthetic batches (batch k has seed + k)."""
+  rt, state = helpers.step_setup(config, 1)
+  initial = jax.device_get(state)
+  metrics = []
+  with rt.activate():
+    step = rt.jit_train_step()
+    for k in range(num_steps):
+      state, m = step(state, rt.global_batch(helpers.synthetic_batch(config, seed + k)))
+      metrics.append(jax.device_get(m))
+  return rt, initial, jax.device_get(state), metrics
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  return {param_groups.path_name(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def state_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_locked_tower_is_unchanged_and_has_no_optimizer_state():
+  config = helpers.tiny_config(**{"optimizer.frozen": VISION})
+  _, before, after, metrics = run_steps(config, 3)
+  assert all(m["finite"] for m in metrics)
+  old, new = flat(before.params), flat(after.params)
+  locked = [k for k in old if k.startswith("vision/")]
+  assert locked and all(np.array_equal(old[k], new[k]) for k in locked)  # bit for bit
+  assert all(not np.array_equal(old[k], new[k]) for k in old
+             if not k.startswith("vision/") and k.endswith("kernel"))
+  # The optimizer state holds nothing for them: AdamW's two moments of the rest only.
+  vision_bytes = state_bytes({k: v for k, v in old.items() if k.startswith("vision/")})
+  plain = helpers.tiny_config()
+  _, plain_state = helpers.step_setup(plain, 1)
+  assert state_bytes(plain_state.opt_state) - state_bytes(before.opt_state) == 2 * vision_bytes
+  assert not any("vision" in k for k in flat(before.opt_state))
+
+
+def compiled_flops(config) -> float:
+  rt = helpers.runtime.build(config, jax.devices()[:1])
+  return rt.lower_train_step().compile().cost_analysis()["flops"]
+
+
+def test_locked_tower_has_no_backward_pass():
+  """With the image tower locked its backward is gone: the step's compiled FLOPs drop by
+  more than the tower's forward (a backward costs about twice the forward)."""
+  config = helpers.tiny_config(**{"optimizer.frozen": VISION})
+  full, locked = compiled_flops(helpers.tiny_config()), compiled_flops(config)
+  delayed = compiled_flops(helpers.tiny_config(**{"optimizer.frozen": VISION,
+                                                  "optimizer.frozen_until_step": 2}))
+  assert locked < 0.8 * full
+  assert delayed > 0.95 * full  # locked for a while: the gradient is still computed
+
+
+def test_frozen_until_step_unlocks_with_a_fresh_optimizer():
+  """Locked for the first 2 updates (bit for bit, and the rest trains exactly as with a
+  permanent lock), then trained; the locked group's Adam starts at the unlock."""
+  until = 2
+  config = helpers.tiny_config(**{"optimizer.frozen": VISION,
+                                  "optimizer.frozen_until_step": until})
+  _, before, after_lock, _ = run_steps(config, until)
+  _, _, permanent, _ = run_steps(helpers.tiny_config(**{"optimizer.frozen": VISION}), until)
+  old, new = flat(before.params), flat(after_lock.params)
+  for k, v in flat(permanent.params).items():
+    np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    if k.startswith("vision/"):
+      assert np.array_equal(old[k], new[k])
+  _, _, later, _ = run_steps(config, until + 1)
+  assert not np.array_equal(flat(later.params)["vision/patch_embed/kernel"],
+                            old["vision/patch_embed/kernel"])
+  counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(later.opt_state)[0]
+            if param_groups.path_name(p).endswith("count")]
+  assert sorted(set(counts)) == [1, until + 1]  # the locked group's Adam: one update
+
+
+def test_frozen_and_layer_decay_checks():
+  params = {"vision": {"w": jnp.zeros(2)}, "head": {"w": jnp.zeros(2)}}
+  config = helpers.tiny_config(**{"optimizer.frozen": "visio/.*"})
+  assert "matches no parameter" in optimizer_lib.check(config, params)[0]
+  config = helpers.tiny_config(**{"optimizer.frozen": ".*"})
+  assert "locks every parameter" in optimizer_lib.check(config, params)[0]
+  for decay in (0.0, 1.5):
+    config = helpers.tiny_config(**{"optimizer.layer_decay": decay})
+    assert "optimizer.layer_decay" in optimizer_lib.check(config, params)[0]
+  config = helpers.tiny_config(**{"optimizer.frozen": "vision/.*"})
+  assert optimizer_lib.check(config, params) == []
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_layer_decay_scales_each_layer_update(name):
+  """The second update with decay d against d = 1, on the same gradients: layer i of a scanned
+  stack of L moves by d^(L - i) times as much, the embeddings by d^(L + 1), heads by 1."""
+  decay = 0.5
+  config = helpers.tiny_config()
+  params = jax.device_get(helpers.step_setup(config, 1)[1].params)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), 2 * len(leaves))
+  grads = [treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(
+      keys[i::2], leaves)]) for i in range(2)]
+  updates = {}
+  for d in (decay, 1.0):
+    config = helpers.tiny_config(**{"optimizer.name": name, "optimizer.layer_decay": d,
+                                    "optimizer.warmup_steps": 0})
+    opt = optimizer_lib.make_optimizer(config)
+    state = opt.init(params)
+    for g in grads:  # the second update, with moments; the same parameters (weight decay)
+      u, state = jax.jit(opt.update)(g, state, params)
+    updates[d] = flat(u)
+  depth = config.model.vision.depth
+  text_depth = config.model.text.num_uni_layers
+  ratio = lambda k: updates[decay][k] / updates[1.0][k]
+  for i in range(depth):
+    np.testing.assert_allclose(ratio("vision/encoder/layers/mlp/fc1/dense/kernel")[i],
+                               decay ** (depth - i), rtol=1e-6)
+    np.testing.assert_allclose(ratio("vision/encoder/layers/ln_mlp/norm/scale")[i],
+                               decay ** (depth - i), rtol=1e-6)
+  for i in range(text_depth):
+    np.testing.assert_allclose(ratio("unimodal/decoder/layers/self_attn/query/dense/kernel")[i],
+                               decay ** (text_depth - i), rtol=1e-6)
+  for embedding in ("vision/patch_embed/kernel", "vision/pos_embed"):
+    np.testing.assert_allclose(ratio(embedding), decay ** (depth + 1), rtol=1e-6)
+  for embedding in ("token_embed/embedding", "unimodal/pos_embed"):
+    np.testing.assert_allclose(ratio(embedding), decay ** (text_depth + 1), rtol=1e-6)
+  for head in ("text_proj/dense/kernel", "multimodal/decoder/layers/mlp/fc1/dense/kernel",
+               "vision/ln_post/norm/scale"):
+    np.testing.assert_allclose(ratio(head), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_matches_float64_reference(warmup):
+  """The EMA after each of 10 updates against float64 NumPy applied to the parameters."""
+  decay, steps = 0.9, 10
+  config = helpers.tiny_config(**{"optimizer.ema_decay": decay, "optimizer.ema_warmup": warmup})
+  rt, state = helpers.step_setup(config, 1)
+  ema = {k: v.astype(np.float64) for k, v in flat(jax.device_get(state.params)).items()}
+  with rt.activate():
+    step = rt.jit_train_step()
+    for t in range(steps):
+      state, _ = step(state, rt.global_batch(helpers.synthetic_batch(config, t)))
+      d = min(decay, (1 + t) / (10 + t)) if warmup else decay
+      params = flat(jax.device_get(state.params))
+      ema = {k: d * e + (1 - d) * params[k].astype(np.float64) for k, e in ema.items()}
+  got = flat(jax.device_get(state.ema_params))
+  for k, e in ema.items():
+    np.testing.assert_allclose(got[k], e, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_ema_and_delayed_lock_resume_exactly(tmp_path, data_dir):
+  """SIGTERM at step 7 and a restart reproduce the uninterrupted run bit for bit: losses,
+  parameters and their EMA, with the image tower locked until step 6 (optimizer state with
+  MaskedNode leaves and a conditional optimizer, checkpointed and restored)."""
+  flags = ("--config.total_steps=10", "--config.log_every_steps=1",
+           "--config.checkpoint_every_steps=5", "--config.eval_every_steps=0",
+           "--config.optimizer.ema_decay=0.9", "--config.optimizer.ema_warmup=True",
+           "--config.optimizer.frozen=vision/.*", "--config.optimizer.frozen_until_step=6")
+  whole, resumed = str(tmp_path / "whole"), str(tmp_path / "resumed")
+  helpers.run("mmjax.train", whole, data_dir, *flags)
+  helpers.run("mmjax.train", resumed, data_dir, *flags, expect=42,
+              env={"MMJAX_DEBUG_SIGTERM_AT_STEP": "7"})
+  assert "at step 7" in helpers.run("mmjax.train", resumed, data_dir, *flags).stdout
+  losses = lambda w: [m["loss"] for m in helpers.metrics(w)]
+  assert losses(whole) == losses(resumed)
+  config = helpers.tiny_config()
+  rt = helpers.runtime.build(config, jax.devices()[:1], params_only=True)
+  restored = {}
+  for workdir in (whole, resumed):
+    checkpointer = checkpoint.Checkpointer(workdir, config)
+    restored[workdir] = [flat(jax.device_get(checkpointer.restore_params(
+        10, rt.abstract_state, ema=ema))) for ema in (False, True)]
+    checkpointer.close()
+  for a, b in zip(restored[whole], restored[resumed]):
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  params, ema = restored[whole]
+  assert any(not np.array_equal(params[k], ema[k]) for k in params)
