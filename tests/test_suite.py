@@ -278,8 +278,9 @@ def test_classification_suites_run_end_to_end_on_mock_data(which, tiny_model, tm
     records = suite.run_suite(config, workdir, 0, "clip_benchmark", embedder, params,
                               tokenizer)
     assert [r["dataset"] for r in records] == [d.name for d in members]
-    for r in records:
-      assert set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    for r, ds in zip(records, members):  # no acc5 below 5 classes (pcam), as CLIP_benchmark
+      assert set(r["metrics"]) == {"acc1", "mean_per_class_recall"} | (
+          {"acc5"} if ds.num_classes >= 5 else set())
       assert all(0 <= v <= 1 for v in r["metrics"].values())
     other = "imagenet" if which == "all" else "clip_benchmark"
     resumed = suite.run_suite(config, workdir, 0, other, embedder, params, tokenizer)
