@@ -13,6 +13,7 @@ bad input need no extra for the parts that do not read torch files.
 import os
 import json
 import pickle
+import re
 import sys
 
 import flax.linen as nn
@@ -345,3 +346,68 @@ def test_command_line_bad_input_exits_2_with_one_line(tmp_path):
                        f"--workdir={tmp_path}", f"--out={out}"])
   assert "no checkpoint" in helpers.usage_error(proc, "mmjax.export")
   assert not os.path.exists(out)
+
+
+# --- the guide's commands -------------------------------------------------------------------
+GUIDE_SHIM = """
+python() {
+  local args=()
+  for a in "$@"; do
+    [[ $a == configs/pretrained.py:openclip_vit_b32 ]] && a=configs/pretrained.py:openclip_tiny
+    [[ $a == --config.total_steps=* ]] && a=--config.total_steps=2
+    args+=("$a")
+  done
+  if [[ $2 == mmjax.train || $2 == mmjax.evaluate ]]; then
+    args+=(--config.data_dir="$DATA_DIR" --config.compilation_cache_dir="$XLA_CACHE"
+           --config.batch_size=8 --config.log_every_steps=1 --config.checkpoint_every_steps=2
+           --config.eval_every_steps=0 --config.eval_batch_size=16
+           --config.evals.zeroshot.num_examples=16 --config.evals.seen_classes.num_examples=16
+           --config.evals.retrieval.num_examples=16 --config.evals.linear_probe.num_examples=0)
+  fi
+  "$VENV_PYTHON" "${args[@]}"
+}
+"""
+
+
+def guide_block() -> str:
+  with open(os.path.join(helpers.REPO, "docs", "guide.md")) as f:
+    section = f.read().split("## 10. Start from pretrained weights", 1)[1]
+  (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+  return block
+
+
+@pytest.mark.slow  # seven commands: minutes on a CPU
+def test_guide_commands_run_as_written(reference, siglip_vocab, tmp_path, data_dir):
+  """docs/guide.md §10 under bash, HOME a scratch folder holding a random SigLIP folder
+  (siglip_tiny's architecture, transformers' save_pretrained + a SigLIP-style
+  spiece.model) and a random open_clip state dict (`openclip_vit_b32` runs as
+  `openclip_tiny`); `pip install` is skipped, the rest runs as written. Then: the exported
+  SigLIP has the original's names, shapes and dtypes (values fine-tuned), the open_clip one
+  is the original bit for bit."""
+  torch, _, _ = reference
+  home = tmp_path / "home"
+  home.mkdir()
+  siglip = torch_model(reference, preset_config("siglip_tiny", siglip_vocab), "hf")
+  siglip.save_pretrained(str(home / "siglip-base-patch16-224"))
+  with open(siglip_vocab, "rb") as f:
+    (home / "siglip-base-patch16-224" / "spiece.model").write_bytes(f.read())
+  clip = state_dict_of(torch_model(reference, pretrained.get_config("openclip_tiny"),
+                                   "openclip"))
+  files.save_safetensors(clip, str(home / "ViT-B-32.safetensors"))
+  block = "\n".join(line for line in guide_block().splitlines()
+                    if not line.startswith("pip install"))
+  proc = helpers.call(["bash", "-euo", "pipefail", "-c", GUIDE_SHIM + block],
+                      env={"HOME": str(home), "VENV_PYTHON": sys.executable,
+                           "DATA_DIR": data_dir, "XLA_CACHE": helpers.CACHE_DIR,
+                           "HF_HUB_OFFLINE": "1"})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "SiglipModel" in proc.stdout
+  original = files.load_state_dict(str(home / "siglip-base-patch16-224" / "model.safetensors"))
+  tuned = files.load_state_dict(str(home / "siglip_finetuned" / "model.safetensors"))
+  assert {k: (v.shape, v.dtype) for k, v in tuned.items()} == {
+      k: (v.shape, v.dtype) for k, v in original.items()}
+  assert not np.array_equal(tuned["text_model.head.weight"], original["text_model.head.weight"])
+  with open(siglip_vocab, "rb") as f:
+    assert (home / "siglip_finetuned" / "spiece.model").read_bytes() == f.read()
+  assert_same_tensors(files.load_state_dict(
+      str(home / "clip_b32_openclip" / "open_clip_model.safetensors")), clip)
