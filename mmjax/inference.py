@@ -39,7 +39,7 @@ Images = ImageLike | Sequence[ImageLike] | np.ndarray  # or a uint8 batch [N, H,
 
 def load(path: str, *, step: int | None = None,
          config: ml_collections.ConfigDict | dict[str, Any] | None = None,
-         ema: bool = False) -> "Model":
+         ema: bool = False, devices: Sequence[Any] | None = None) -> "Model":
   """The model of a checkpoint, ready to embed, classify and caption.
 
   path: a workdir (`mmjax.train --workdir`, `mmjax.convert.openclip --out`), its
@@ -50,16 +50,15 @@ def load(path: str, *, step: int | None = None,
     mesh.shape does not fit the devices present, the mesh is data-parallel over all of them;
     a mesh.shape without -1 of fewer devices than there are uses the first ones.
   ema: the exponential moving average of the parameters (a run with optimizer.ema_decay).
+  devices: the devices to run on (default: every device of every process; a multi-process
+    job then calls each method in every process with the same inputs).
   """
   workdir, step = _workdir_and_step(os.fspath(path), step)
   step = checkpoint.existing_step(workdir, step)
-  stored = None
   if not isinstance(config, ml_collections.ConfigDict):
-    probe = checkpoint.Checkpointer(workdir, _MINIMAL_CHECKPOINT_CONFIG)
-    stored = probe.saved_config(step)
-    probe.close()
-    config = _stored_config(stored, config or {})
-  rt = runtime.build(config, _devices(config), params_only=True)
+    config = _stored_config(stored_config(workdir, step), config or {},
+                            len(jax.devices() if devices is None else devices))
+  rt = runtime.build(config, _devices(config, devices), params_only=True)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   try:
     with rt.activate():
@@ -70,6 +69,17 @@ def load(path: str, *, step: int | None = None,
   finally:
     checkpointer.close()
   return Model(rt, params, tokenizer_lib.get_tokenizer(config, assets), step)
+
+
+def stored_config(path: str, step: int | None = None) -> dict:
+  """The config stored with a checkpoint (`load`'s `path` and `step`), as a dict."""
+  workdir, step = _workdir_and_step(os.fspath(path), step)
+  step = checkpoint.existing_step(workdir, step)
+  probe = checkpoint.Checkpointer(workdir, _MINIMAL_CHECKPOINT_CONFIG)
+  try:
+    return probe.saved_config(step)
+  finally:
+    probe.close()
 
 
 def _restore_params(checkpointer: checkpoint.Checkpointer, step: int, abstract: Any,
@@ -85,7 +95,8 @@ def _restore_params(checkpointer: checkpoint.Checkpointer, step: int, abstract: 
 
 
 class Model:
-  """A restored model (`load`). Attributes: config, step, params, tokenizer, mesh.
+  """A restored model (`load`). Attributes: config, step, params, tokenizer, mesh, module
+  (the Flax module).
 
   Every method taking `images` accepts one image or a sequence of them: PIL images, file
   paths, uint8 arrays [H, W], [H, W, 3] or [H, W, 4], or a uint8 batch [N, H, W, 3].
@@ -94,7 +105,7 @@ class Model:
   def __init__(self, rt: runtime.Runtime, params: Any, tokenizer: tokenizer_lib.Tokenizer,
                step: int):
     self.config, self.step, self.params, self.tokenizer = rt.config, step, params, tokenizer
-    self.mesh, self._model = rt.mesh, rt.model
+    self.mesh, self.module = rt.mesh, rt.model
     self.entry = models.MODELS[self.config.model.name]
     parallel = sharding.batch_parallel_size(rt.mesh, self.config.mesh.rules)
     self.batch_sizes = tuple(sorted({-(-b // parallel) * parallel for b in BATCH_SIZES}))
@@ -173,7 +184,7 @@ class Model:
         temperature=temperature, top_k=top_k, top_p=top_p, bos_id=self.tokenizer.bos_id,
         eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
     if config not in self._captioners:
-      self._captioners[config] = decode.make_captioner(self._model, config)
+      self._captioners[config] = decode.make_captioner(self.module, config)
     captioner, rng = self._captioners[config], jax.random.key(seed)
     pixels = self.preprocess(images)
     tokens = self._embedder(len(pixels)).map_batches(
@@ -197,7 +208,7 @@ class Model:
     chunks): one compiled program per (encoder, batch size) for the model's lifetime."""
     size = next((b for b in self.batch_sizes if n <= b), self.batch_sizes[-1])
     if size not in self._embedders:
-      self._embedders[size] = evaluators.Embedder(self._model, self.mesh,
+      self._embedders[size] = evaluators.Embedder(self.module, self.mesh,
                                                   self.config.mesh.rules, size)
     return self._embedders[size]
 
@@ -259,19 +270,20 @@ def _workdir_and_step(path: str, step: int | None) -> tuple[str, int | None]:
   return os.path.expanduser(path), step
 
 
-def _devices(config: ml_collections.ConfigDict) -> list[Any]:
+def _devices(config: ml_collections.ConfigDict, devices: Sequence[Any] | None) -> list[Any]:
   shape = tuple(config.mesh.shape)
-  devices = jax.devices()
+  devices = list(jax.devices() if devices is None else devices)
   return devices[:int(np.prod(shape))] if -1 not in shape else devices
 
 
-def _stored_config(stored: dict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def _stored_config(stored: dict, overrides: dict[str, Any],
+                   num_devices: int) -> ml_collections.ConfigDict:
   """The checkpoint's config (JSON: its tuples came back as lists) with dotted overrides;
   a mesh that fits the devices present."""
   config = ml_collections.ConfigDict(_tuples(stored))
   if "mesh.shape" not in overrides:
     try:
-      sharding.resolve_mesh_shape(config.mesh.shape, jax.device_count())
+      sharding.resolve_mesh_shape(config.mesh.shape, num_devices)
     except ValueError:
       config.mesh.shape = (-1, 1, 1)
   try:

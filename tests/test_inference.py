@@ -71,7 +71,7 @@ def test_embeddings_match_the_evaluators_embedder(model):
   """encode_image / encode_text are the evaluators' embeddings of the same pixels and
   tokens (any padding), as float32."""
   photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.rocket()]
-  embedder = evaluators.Embedder(model._model, model.mesh, model.config.mesh.rules, 16)
+  embedder = evaluators.Embedder(model.module, model.mesh, model.config.mesh.rules, 16)
   expected = embedder.images(model.params, model.preprocess(photos))
   got = model.encode_image(photos)
   assert got.dtype == np.float32 and got.shape == expected.shape
