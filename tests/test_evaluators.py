@@ -8,6 +8,7 @@ from configs import schema
 from configs import shapes as shapes_config
 from mmjax import evaluators, vocabulary
 from mmjax.data import shapes
+from mmjax.evaluators import embedder as embedder_lib
 from mmjax.evaluators.zeroshot import ZeroShot
 
 
@@ -136,3 +137,35 @@ def test_seen_and_unseen_zero_shot_read_their_own_images_and_classes(data_dir):
   # The label prefix at test is one override away, per evaluator.
   helpers.override(config, **{"evals.zeroshot.prefix": "label"})
   assert (ZeroShot("zeroshot", config, tokenizer).text_type == vocabulary.LABEL).all()
+
+
+def test_progress_lines_name_the_task_and_stay_silent_for_short_work(monkeypatch, capsys):
+  clock = [0.0]
+  monkeypatch.setattr(embedder_lib.time, "monotonic", lambda: clock[0])
+  short = embedder_lib.ProgressLine("zeroshot/x images", 100, quiet_s=10)
+  for clock[0], done in ((5, 50), (8, 100)):
+    short.update(done)
+  assert capsys.readouterr().out == ""
+  clock[0] = 0.0
+  long = embedder_lib.ProgressLine("zeroshot/x images", 100, quiet_s=10)
+  for clock[0], done in ((12, 30), (15, 60), (20, 100)):
+    long.update(done)
+  assert capsys.readouterr().out.splitlines() == [
+      "zeroshot/x images: 30/100 (30%), 2.5 images/s, ETA 0m28s",
+      "zeroshot/x images: 100/100 (100%), 5.0 images/s, ETA 0m00s"]
+
+
+def test_run_evaluators_names_each_evaluator_in_its_progress_lines():
+  class Recorder:
+    def __init__(self, name):
+      self.name = name
+
+    def __call__(self, embedder, params):
+      return {self.name: embedder.task}
+
+  embedder = embedder_lib.Embedder.__new__(embedder_lib.Embedder)
+  embedder.task = ""
+  results = evaluators.run_evaluators([Recorder("zeroshot/a"), Recorder("retrieval/b")],
+                                      embedder, params=None)
+  assert results == {"zeroshot/a": "zeroshot/a", "retrieval/b": "retrieval/b"}
+  assert embedder.task == ""

@@ -35,7 +35,8 @@ def run_evaluators(evaluators: list[Evaluator], embedder: Embedder,
                    params: Any) -> dict[str, float]:
   results = {}
   for evaluator in evaluators:
-    results.update(evaluator(embedder, params))
+    with embedder.reporting(evaluator.name):  # progress lines for work past 10 s
+      results.update(evaluator(embedder, params))
   return results
 
 

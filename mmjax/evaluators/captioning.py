@@ -88,7 +88,8 @@ class Captioning(Evaluator):
     if key not in self._captioners:  # one jitted decoder per model, compiled once
       self._captioners[key] = decode.make_captioner(embedder.model, self.decode_config)
     captioner, rng = self._captioners[key], jax.random.key(self.seed)
-    tokens = embedder.map_batches(lambda x: captioner(params, x[0], rng), images)
+    tokens = embedder.map_batches(lambda x: captioner(params, x[0], rng), images,
+                                  what="captions")
     return [self.tokenizer.decode(t) for t in tokens]
 
   def __call__(self, embedder: Embedder, params: Any) -> dict[str, float]:

@@ -31,6 +31,7 @@ Reports `linear_probe/<dataset>/top1` and `.../lambda` (the entry's key instead 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -39,6 +40,7 @@ import scipy.optimize
 
 from mmjax.data import pipeline
 from mmjax.evaluators.base import Evaluator
+from mmjax.evaluators.embedder import ProgressLine
 
 
 def ridge_fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float,
@@ -157,9 +159,10 @@ def standardize(train_x: np.ndarray,
 def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                   test_y: np.ndarray, num_classes: int, l2_grid: tuple[float, ...],
                   holdout_fraction: float,
-                  classifier: str = "logistic") -> tuple[float, float]:
+                  classifier: str = "logistic",
+                  on_fit: Callable[[int, int], None] | None = None) -> tuple[float, float]:
   """Standardises the features, selects lambda on a holdout of the train set, refits on
-  all of it.
+  all of it. `on_fit(done, total)` after each fit (progress).
 
   Returns (top-1 accuracy on the test set, chosen lambda).
   """
@@ -176,12 +179,16 @@ def fit_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     scores, fits = {}, {}
     # Strongest penalty first, each fit warm-started from the previous one (a regularisation
     # path: fewer Newton iterations than from zero at small lambda).
-    for l2 in sorted(l2_grid, reverse=True):
+    for i, l2 in enumerate(sorted(l2_grid, reverse=True)):
       w = fits[l2] = fit(fit_x, fit_y, num_classes, l2, w)
+      if on_fit:
+        on_fit(i + 1, len(l2_grid) + 1)
       scores[l2] = (predict(w, hold_x) == hold_y).mean()
     best = max(sorted(l2_grid), key=lambda l2: scores[l2])  # smallest lambda among ties
     w = fits[best]
   w = fit(train_x, train_y, num_classes, best, w)
+  if on_fit:
+    on_fit(len(l2_grid) + 1, len(l2_grid) + 1)
   return float((predict(w, test_x) == test_y).mean()), float(best)
 
 
@@ -228,7 +235,9 @@ class LinearProbe(Evaluator):
   def __call__(self, embedder: Any, params: Any) -> dict[str, float]:
     train_x = embedder.features(params, self.train_images)
     test_x = embedder.features(params, self.test_images)
+    meter = ProgressLine(f"{self.name} classifier", len(self.l2_grid) + 1, unit="fits",
+                         quiet_s=10)
     top1, l2 = fit_and_score(train_x, self.train_labels, test_x, self.test_labels,
                              self.num_classes, self.l2_grid, self.holdout_fraction,
-                             self.classifier)
+                             self.classifier, on_fit=lambda done, total: meter.update(done))
     return {f"{self.name}/top1": top1, f"{self.name}/lambda": l2}
