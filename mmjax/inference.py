@@ -62,7 +62,7 @@ def load(path: str, *, step: int | None = None,
   checkpointer = checkpoint.Checkpointer(workdir, config)
   try:
     with rt.activate():
-      params = _restore_params(checkpointer, step, rt.abstract_state, ema)
+      params = checkpointer.restore_params(step, rt.abstract_state, ema=ema)
     assets = checkpointer.restore_assets(step)
   except checkpoint.CheckpointMismatchError as e:
     raise errors.UsageError(str(e)) from None
@@ -80,18 +80,6 @@ def stored_config(path: str, step: int | None = None) -> dict:
     return probe.saved_config(step)
   finally:
     probe.close()
-
-
-def _restore_params(checkpointer: checkpoint.Checkpointer, step: int, abstract: Any,
-                    ema: bool) -> Any:
-  if not ema:
-    return checkpointer.restore_params(step, abstract)
-  try:
-    return checkpointer.restore_params(step, abstract, ema=True)
-  except TypeError:  # a Checkpointer that predates EMA: no checkpoint can hold one
-    raise errors.UsageError(
-        f"ema=True: checkpoint {checkpointer.directory} step {step} has no EMA of the "
-        "parameters; load its parameters (ema=False)") from None
 
 
 class Model:

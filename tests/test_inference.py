@@ -144,6 +144,21 @@ def test_a_copied_workdir_loads_without_its_data(tiny_workdir, tmp_path, monkeyp
   assert not (tmp_path / "no_data").exists()
 
 
+def test_ema_weights_load_with_ema_true(tmp_path):
+  config = helpers.tiny_config(**{"optimizer.ema_decay": 0.9})
+  rt = runtime.build(config, jax.devices()[:1])
+  with rt.activate():
+    state = rt.init_state()
+  state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.params))
+  tokenizer = sentencepiece.train_tokenizer(["a red circle", "a blue star"] * 10, 40)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config)
+  ckpt.save(0, state, config, assets=tokenizer_lib.checkpoint_assets(tokenizer))
+  ckpt.close()
+  plain, ema = mmjax.load(str(tmp_path)), mmjax.load(str(tmp_path), ema=True)
+  for p, e in zip(jax.tree.leaves(plain.params), jax.tree.leaves(ema.params)):
+    np.testing.assert_array_equal(np.asarray(e), np.asarray(p) * 0.5)
+
+
 @pytest.fixture(scope="module")
 def flava_workdir(tmp_path_factory):
   """A FLAVA tiny checkpoint with initialised parameters and a tokenizer of its own."""
