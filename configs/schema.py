@@ -17,6 +17,7 @@ Sections:
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
   profile      a jax.profiler trace of a window of train steps
+  init         warm start from another model's checkpoint (parameters by path)
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
 """
@@ -58,6 +59,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.checkpoint = checkpoint()
   c.profile = profile()
   c.evals = ConfigDict()
+  c.init = init()
   c.model.image_size = c.data.get_ref("image_size")
   c.model.text.vocab_size = c.data.tokenizer.get_ref("vocab_size")
   return c
@@ -197,6 +199,12 @@ def coca_model() -> ConfigDict:
   m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for open_clip weights)
   m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
   m.logit_bias_init = -10.0  # its value at init (SigLIP paper)
+  # Patch dropout (FLIP): the fraction of image patch tokens dropped at train time, a fresh
+  # random subset per example from the step's key (resume stays exact); none at evaluation.
+  # 0 = off; FLIP trains with 0.5 (or 0.75), then briefly without.
+  # CoCa: the image encoder is shared, so the captioning decoder also attends to the kept
+  # tokens only (running the encoder again on every token would give the saving back).
+  m.patch_dropout = 0.0
   return m
 
 
@@ -232,6 +240,10 @@ def two_tower_model() -> ConfigDict:
   m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for CLIP weights)
   m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
   m.logit_bias_init = -10.0  # its value at init (SigLIP paper)
+  # Patch dropout (FLIP): the fraction of image patch tokens dropped at train time, a fresh
+  # random subset per example from the step's key (resume stays exact); none at evaluation.
+  # 0 = off; FLIP trains with 0.5 (or 0.75), then briefly without.
+  m.patch_dropout = 0.0
   return m
 
 
@@ -330,6 +342,18 @@ def optimizer(learning_rate: float = 2e-3, warmup_steps: int = 50,
   o.ema_decay = 0.0
   o.ema_warmup = False
   return o
+
+
+def init() -> ConfigDict:
+  """Warm start of a fresh run from another model's checkpoint (mmjax.warm_start); ignored
+  when the workdir has a checkpoint to resume."""
+  i = ConfigDict()
+  i.checkpoint = ""  # a work directory with checkpoints/ (mmjax.train / mmjax.convert); ""= off
+  # "TARGET=SOURCE" entries: this model's parameter paths matching the regex TARGET load from
+  # the source path SOURCE (\1 = TARGET's group); empty SOURCE = freshly initialised; no
+  # match = the same path if the checkpoint has it.
+  i.rules = ()
+  return i
 
 
 def mesh() -> ConfigDict:

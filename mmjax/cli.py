@@ -201,6 +201,10 @@ def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[st
   if not problems:
     problems += optimizer.check(config, _abstract_params(config) if config.optimizer.frozen
                                 else {})
+  dropout = config.model.get("patch_dropout", 0.0)  # coca and two_tower only
+  if not 0.0 <= dropout < 1.0:
+    problems.append(f"config model.patch_dropout={dropout} must be in [0, 1) (0 = off; FLIP: "
+                    "0.5)")
   for key, entry in config.evals.items():
     if entry.type not in evaluators.EVALUATORS:
       problems.append(f"config evals.{key}.type={entry.type!r}: choose one of "

@@ -29,13 +29,14 @@ import time
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
 from mmjax import aot, checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary
-from mmjax import writers
+from mmjax import warm_start, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -178,6 +179,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writers.truncate_metrics(workdir, start_step)
       else:
         state = rt.init_state()
+        if config.init.checkpoint:
+          params, table = warm_start.initial_params(config, state.params)
+          ema = jax.tree.map(jnp.copy, params) if config.optimizer.ema_decay else None
+          state = state.replace(params=params, ema_params=ema)
+          if process0:
+            print(table, flush=True)
       writer = writers.MetricWriter(workdir, enabled=process0)
       # Compiled before the loop, from the abstract state and batch exactly as mmjax.aot
       # compiles it for a target: its memory is printed before the first step.

@@ -15,7 +15,7 @@ LAYERS = (
                     "mmjax.hlo", "mmjax.param_groups")),
     ("data and models", ("mmjax.tokenizers", "mmjax.data", "mmjax.models", "mmjax.decode")),
     ("objectives", ("mmjax.losses", "mmjax.objectives", "mmjax.optimizer", "mmjax.state")),
-    ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary")),
+    ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary", "mmjax.warm_start")),
     ("evaluation", ("mmjax.evaluators",)),
     ("commands", ("mmjax.cli", "mmjax.train", "mmjax.evaluate", "mmjax.convert", "mmjax.export",
                   "mmjax.aot", "mmjax.inference", "mmjax.embed")),

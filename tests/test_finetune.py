@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import helpers
-from mmjax import checkpoint, optimizer as optimizer_lib, param_groups
+from mmjax import checkpoint, errors, optimizer as optimizer_lib, param_groups, warm_start
+from mmjax.models import vit
 
 VISION = "vision/.*"
 
@@ -189,3 +190,78 @@ def test_ema_and_delayed_lock_resume_exactly(tmp_path, data_dir):
     assert all(np.array_equal(a[k], b[k]) for k in a)
   params, ema = restored[whole]
   assert any(not np.array_equal(params[k], ema[k]) for k in params)
+
+
+def test_patch_dropout_keeps_a_fresh_subset_per_example():
+  tokens = jnp.arange(2 * (1 + 16) * 3, dtype=jnp.float32).reshape(2, 17, 3)
+  rng = jax.random.key(3)
+  kept = vit.drop_patches(tokens, rng, 0.5, num_prefix=1)
+  assert kept.shape == (2, 1 + 8, 3)
+  np.testing.assert_array_equal(kept[:, 0], tokens[:, 0])  # the class token stays
+  rows = [set(map(tuple, np.asarray(kept[b, 1:]))) for b in range(2)]
+  for b in range(2):  # distinct tokens of that example, none repeated
+    assert len(rows[b]) == 8 and rows[b] <= set(map(tuple, np.asarray(tokens[b, 1:])))
+  order = lambda b: sorted(int(t[0]) // 3 for t in np.asarray(kept[b, 1:]))
+  assert [o - 17 for o in order(1)] != order(0)  # each example its own subset
+  np.testing.assert_array_equal(vit.drop_patches(tokens, rng, 0.5, 1), kept)  # same key
+  assert not np.array_equal(vit.drop_patches(tokens, jax.random.key(4), 0.5, 1), kept)
+  assert vit.drop_patches(tokens, rng, 0.75).shape == (2, 4, 3)
+
+
+def test_patch_dropout_in_training_only_and_exact_under_accumulation():
+  """The train loss with dropout differs from the full one and is a function of (seed,
+  step); evaluation embeddings never drop; gradient accumulation (the embedding pass and
+  the re-run see the same patches) runs."""
+  one = {"mesh.shape": (1, 1, 1)}
+  config = helpers.tiny_config(**{"model.patch_dropout": 0.5, **one})
+  batch = helpers.synthetic_batch(config)
+  loss, _, grads, _ = helpers.objective_grads(config, batch, step=3)
+  again, _, _, _ = helpers.objective_grads(config, batch, step=3)
+  other, _, _, _ = helpers.objective_grads(config, batch, step=4)
+  full, _, _, _ = helpers.objective_grads(helpers.tiny_config(**one), batch, step=3)
+  assert loss == again and loss != other and loss != full
+  accumulated = helpers.tiny_config(**{"model.patch_dropout": 0.5, "grad_accum_steps": 2,
+                                       **one})
+  loss2, _, grads2, _ = helpers.objective_grads(accumulated, batch, step=3)
+  assert np.isfinite(loss2) and loss2 != full
+  rt, state = helpers.step_setup(config, 1)
+  with rt.activate():
+    images = jnp.asarray(batch["image"])
+    a = rt.model.apply({"params": state.params}, images, method="encode_image")[0]
+    b = rt.model.apply({"params": state.params}, images, method="encode_image")[0]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_warm_start_loads_by_rules_resizes_positions_and_names_mismatches(tmp_path):
+  source_config = helpers.tiny_config(**{"mesh.shape": (1, 1, 1)})
+  _, source = helpers.step_setup(source_config, 1)
+  saver = checkpoint.Checkpointer(str(tmp_path), source_config)
+  saver.save(0, source, source_config)
+  saver.close()
+  stored = flat(jax.device_get(source.params))
+  size = source_config.data.image_size + source_config.model.patch_size  # a larger grid
+  config = helpers.tiny_config(**{
+      "mesh.shape": (1, 1, 1), "data.image_size": size, "seed": 1,
+      "init.checkpoint": str(tmp_path),
+      "init.rules": ("multimodal/.*=", "unimodal/ln_cls/(.*)=unimodal/ln_cls/\\1")})
+  _, fresh = helpers.step_setup(config, 1)
+  params, table = warm_start.initial_params(config, fresh.params)
+  got, init = flat(jax.device_get(params)), flat(jax.device_get(fresh.params))
+  for k, v in got.items():
+    if k.startswith("multimodal/"):
+      assert np.array_equal(v, init[k])
+      assert not k.endswith("kernel") or not np.array_equal(v, stored[k])
+    elif k == "vision/pos_embed":
+      assert v.shape == init[k].shape != stored[k].shape
+    else:
+      assert np.array_equal(v, stored[k]), k
+  assert "resized  vision/pos_embed" in table and "fresh    multimodal/decoder" in table
+  num_fresh = sum(k.startswith("multimodal/") for k in got)
+  assert table.splitlines()[0].endswith(
+      f"{len(got) - num_fresh - 1} loaded, 1 resized, {num_fresh} fresh")
+  wider = helpers.tiny_config(**{"mesh.shape": (1, 1, 1), "init.checkpoint": str(tmp_path),
+                                 "model.embed_dim": 24})
+  _, other = helpers.step_setup(wider, 1)
+  with pytest.raises(errors.ConfigError, match=r"parameter image_proj/dense/kernel has shape "
+                     r"\(32, 24\) but its source image_proj/dense/kernel has \(32, 16\)"):
+    warm_start.initial_params(wider, other.params)

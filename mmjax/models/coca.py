@@ -162,15 +162,18 @@ class CoCa(nn.Module):
       self.logit_bias_param = self.param(
           "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
 
-  def pool_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def pool_image(self, images: jax.Array, drop_rng: jax.Array | None = None,
+                 drop_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] (uint8 or [-1, 1], see the class) -> (contrastive pooler output
-    [B, D] before the projection, caption tokens [B, Q, D])."""
+    [B, D] before the projection, caption tokens [B, Q, D]). With `drop_rng` (training,
+    model.patch_dropout) the encoder sees only the kept patches (`vit.drop_patches`), and so
+    do both poolers: the captioning decoder attends to the kept tokens' features too."""
     norm = IMAGE_NORMS[self.config.image_norm]
     if norm is not None:
       # The checkpoint expects (pixel/255 - mean) / std: from the [-1, 1] inputs.
       mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
       images = ((vit.normalize_images(images, jnp.float32) + 1.0) / 2.0 - mean) / std
-    tokens = self.vision(images)
+    tokens = self.vision(images, drop_rng=drop_rng, drop_fraction=drop_fraction)
     if self.config.pooler == "openclip":
       pooled = self.caption_pooler(tokens)
       return pooled[:, 0], pooled[:, 1:]
@@ -178,9 +181,10 @@ class CoCa(nn.Module):
     source = caption_tokens if self.config.pooler == "cascade" else tokens
     return self.contrastive_pooler(source)[:, 0], caption_tokens
 
-  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def encode_image(self, images: jax.Array, drop_rng: jax.Array | None = None,
+                   drop_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, caption tokens [B, Q, D])."""
-    pooled, caption_tokens = self.pool_image(images)
+    pooled, caption_tokens = self.pool_image(images, drop_rng, drop_fraction)
     return self.image_proj(pooled).astype(jnp.float32), caption_tokens
 
   def image_features(self, images: jax.Array) -> jax.Array:
@@ -252,11 +256,14 @@ class CoCa(nn.Module):
     return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
-               with_captions: bool = True, fused_head: bool = False) -> dict[str, jax.Array]:
+               with_captions: bool = True, fused_head: bool = False,
+               drop_rng: jax.Array | None = None,
+               drop_fraction: float = 0.0) -> dict[str, jax.Array]:
     """-> image_emb, text_emb [B, E] float32, logit_scale, logit_bias, and with captions
     either caption_logits float32 [B, T, V] or, with `fused_head` (for a loss that fuses the
-    head, `losses.fused_caption_loss`), caption_features [B, T, D] and caption_kernel [D, V]."""
-    image_emb, caption_tokens = self.encode_image(images)
+    head, `losses.fused_caption_loss`), caption_features [B, T, D] and caption_kernel [D, V].
+    `drop_rng`, `drop_fraction`: patch dropout (training only, `pool_image`)."""
+    image_emb, caption_tokens = self.encode_image(images, drop_rng, drop_fraction)
     text_emb, features = self.encode_text_tokens(text_ids, text_type)
     out = dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale(),
                logit_bias=self.logit_bias())

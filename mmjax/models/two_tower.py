@@ -182,14 +182,15 @@ class TwoTower(nn.Module):
       self.logit_bias_param = self.param(
           "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
 
-  def image_features(self, images: jax.Array) -> jax.Array:
+  def image_features(self, images: jax.Array, drop_rng: jax.Array | None = None,
+                     drop_fraction: float = 0.0) -> jax.Array:
     """images [B, H, W, 3] -> pooled features [B, Dv] float32, before the projection (what
-    CLIP's linear probes read)."""
+    CLIP's linear probes read). `drop_rng`: patch dropout (training, `vit.drop_patches`)."""
     norm = coca.IMAGE_NORMS[self.config.image_norm]
     if norm is not None:
       mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
       images = ((vit.normalize_images(images, jnp.float32) + 1.0) / 2.0 - mean) / std
-    tokens = self.vision(images)
+    tokens = self.vision(images, drop_rng=drop_rng, drop_fraction=drop_fraction)
     pool = self.config.vision_pool
     if pool == "cls":
       pooled = tokens[:, 0]
@@ -199,10 +200,12 @@ class TwoTower(nn.Module):
       pooled = self.map_head(tokens)
     return pooled.astype(jnp.float32)
 
-  def encode_image(self, images: jax.Array) -> tuple[jax.Array, None]:
+  def encode_image(self, images: jax.Array, drop_rng: jax.Array | None = None,
+                   drop_fraction: float = 0.0) -> tuple[jax.Array, None]:
     """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, None: no caption
     tokens)."""
-    pooled = self.image_features(images).astype(jnp.dtype(self.config.dtype))
+    pooled = self.image_features(images, drop_rng, drop_fraction).astype(
+        jnp.dtype(self.config.dtype))
     emb = self.image_proj(pooled) if self.config.vision_proj else pooled
     return emb.astype(jnp.float32), None
 
@@ -222,14 +225,17 @@ class TwoTower(nn.Module):
     return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
-               with_captions: bool = False, fused_head: bool = False) -> dict[str, jax.Array]:
+               with_captions: bool = False, fused_head: bool = False,
+               drop_rng: jax.Array | None = None,
+               drop_fraction: float = 0.0) -> dict[str, jax.Array]:
     """-> image_emb, text_emb [B, E] float32, logit_scale, logit_bias. The objectives'
-    captioning flags must be off: a two-tower model has no caption decoder."""
+    captioning flags must be off: a two-tower model has no caption decoder. `drop_rng`,
+    `drop_fraction`: patch dropout (training only)."""
     del fused_head
     if with_captions:
       raise ValueError("model.name='two_tower' has no captioning decoder: set "
                        "loss.caption_weight=0")
-    return dict(image_emb=self.encode_image(images)[0],
+    return dict(image_emb=self.encode_image(images, drop_rng, drop_fraction)[0],
                 text_emb=self.encode_text(text_ids, text_type),
                 logit_scale=self.logit_scale(), logit_bias=self.logit_bias())
 

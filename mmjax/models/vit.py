@@ -43,6 +43,20 @@ def normalize_images(images: jax.Array, dtype: layers.Dtype = jnp.float32) -> ja
                   "floating point in [-1, 1]")
 
 
+def drop_patches(tokens: jax.Array, rng: jax.Array, fraction: float,
+                 num_prefix: int = 0) -> jax.Array:
+  """Patch dropout (FLIP, arXiv 2212.00794; open_clip's PatchDropout): of the N patch tokens
+  of each example keep a fresh random subset of round((1 - fraction) N) (at least one),
+  drawn from `rng`; the first `num_prefix` tokens (a class token) are always kept.
+  tokens [B, num_prefix + N, D] with positions already added -> [B, num_prefix + K, D]."""
+  prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
+  batch, n = patches.shape[:2]
+  keep = max(1, int(round(n * (1.0 - fraction))))
+  order = jnp.argsort(jax.random.uniform(rng, (batch, n)), axis=1)[:, :keep]
+  kept = jnp.take_along_axis(patches, order[..., None], axis=1)
+  return jnp.concatenate([prefix, kept], axis=1)
+
+
 class ViT(nn.Module):
   """images [B, H, W, 3] uint8 pixels or floating point in [-1, 1] (`normalize_images`)
   -> tokens [B, N, width], N = (H/p)*(W/p) (+1 with `class_token`).
@@ -56,6 +70,9 @@ class ViT(nn.Module):
   `patch_mask` [B, N] is True the patch embedding is replaced by it before the class token
   and positions are added, so the blocks must infer the patch from its context. Without it
   (the default) the parameter tree is unchanged and `patch_mask` must be None.
+
+  `drop_rng` with `drop_fraction` > 0 (training only) drops that fraction of the patch
+  tokens after the positions are added (`drop_patches`): N becomes round((1 - f) N).
   """
   patch_size: int
   width: int
@@ -76,7 +93,8 @@ class ViT(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None,
+               drop_rng: jax.Array | None = None, drop_fraction: float = 0.0) -> jax.Array:
     p = self.patch_size
     norm = lambda name: layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
                                          name=name)
@@ -106,6 +124,8 @@ class ViT(nn.Module):
                      layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
                      (x.shape[1], width), self.param_dtype)
     x = x + pos.astype(self.dtype)
+    if drop_rng is not None and drop_fraction > 0:
+      x = drop_patches(x, drop_rng, drop_fraction, num_prefix=int(self.class_token))
     if self.ln_pre:
       x = norm("ln_pre")(x)
     x = layers.TransformerStack(

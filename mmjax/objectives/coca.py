@@ -45,6 +45,7 @@ class CocaObjective:
       raise ValueError(f"config loss.caption_chunk_size={self.c.caption_chunk_size} must be "
                        ">= 0 (0 = plain logits)")
     self.fused_head = self.c.caption_chunk_size > 0
+    self.patch_dropout = config.model.patch_dropout
 
   def contrastive_labels(self, batch: Batch) -> jax.Array:
     """UniCL targets come from labels; CLIP gives every pair its own class (-1)."""
@@ -84,17 +85,27 @@ class CocaObjective:
         vocab_axis=vocab_axis, embed_axes=embed_axes)
     return mean * count
 
-  def forward(self, params: Any, batch: Batch, with_captions: bool) -> dict[str, jax.Array]:
+  def dropout_rng(self, step: jax.Array | None, microbatch_index: Any = 0) -> jax.Array | None:
+    """The patch-dropout key of a step's micro-batch (None without model.patch_dropout):
+    fold_in(key(seed), step), so a resumed run drops the same patches; both passes over a
+    micro-batch (embedding and re-run, `accumulated_grads`) get the same key."""
+    if not self.patch_dropout or step is None:
+      return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step),
+                              microbatch_index)
+
+  def forward(self, params: Any, batch: Batch, with_captions: bool,
+              rng: jax.Array | None = None) -> dict[str, jax.Array]:
     return self.model.apply({"params": params}, batch["image"], batch["text"],
                             batch["text_type"], with_captions=with_captions,
-                            fused_head=self.fused_head)
+                            fused_head=self.fused_head, drop_rng=rng,
+                            drop_fraction=self.patch_dropout)
 
   def loss(self, params: Any, batch: Batch,
            step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted objective over the whole batch; metrics: both terms and the logit scale."""
-    del step
     c = self.c
-    out = self.forward(params, batch, self.with_captions)
+    out = self.forward(params, batch, self.with_captions, self.dropout_rng(step))
     contrastive = self.contrastive(out["image_emb"], out["text_emb"],
                                    self.contrastive_labels(batch), out["logit_scale"],
                                    out["logit_bias"])
@@ -114,9 +125,10 @@ class CocaObjective:
     if self.accum_steps == 1:
       (loss, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(params, batch, step)
       return loss, aux, grads
-    return self.accumulated_grads(params, batch)
+    return self.accumulated_grads(params, batch, step)
 
-  def accumulated_grads(self, params: Any, batch: Batch) -> tuple[jax.Array, dict, Any]:
+  def accumulated_grads(self, params: Any, batch: Batch,
+                        step: jax.Array | None = None) -> tuple[jax.Array, dict, Any]:
     """Exact gradient accumulation for a contrastive loss (gradient caching).
 
     1. Embed micro-batches 0..k-2 without gradients; run the last micro-batch's whole
@@ -133,13 +145,13 @@ class CocaObjective:
     num_tokens = jnp.maximum(self.caption_mask(batch).sum(), 1.0)
 
     def embed(j: jax.Array) -> tuple[jax.Array, jax.Array]:
-      out = self.forward(params, take(micro, j), with_captions=False)
+      out = self.forward(params, take(micro, j), False, self.dropout_rng(step, j))
       return out["image_emb"], out["text_emb"]
 
-    def terms(p: Any, mb: Batch) -> tuple[jax.Array, ...]:
-      """What a micro-batch's share of the loss depends on: embeddings [B/k, E], scale,
+    def terms(p: Any, mb: Batch, j: Any) -> tuple[jax.Array, ...]:
+      """What micro-batch j's share of the loss depends on: embeddings [B/k, E], scale,
       bias, and its summed caption cross-entropy."""
-      out = self.forward(p, mb, self.with_captions)
+      out = self.forward(p, mb, self.with_captions, self.dropout_rng(step, j))
       caption = self.caption_sum(out, mb) if self.with_captions else jnp.zeros(())
       return out["image_emb"], out["text_emb"], out["logit_scale"], out["logit_bias"], caption
 
@@ -164,7 +176,8 @@ class CocaObjective:
       # barrier did not order the k = 2 case above on XLA:CPU).
       last_params, image_emb, text_emb = jax.lax.optimization_barrier(
           (params, image_emb, text_emb))
-      last_terms, pull_back = jax.vjp(lambda p: terms(p, take(micro, k - 1)), last_params)
+      last_terms, pull_back = jax.vjp(lambda p: terms(p, take(micro, k - 1), k - 1),
+                                      last_params)
       image_emb, text_emb = (jnp.concatenate([first, last[None]]) for first, last in
                              ((image_emb, last_terms[0]), (text_emb, last_terms[1])))
       scale, bias = last_terms[2], last_terms[3]
@@ -187,7 +200,7 @@ class CocaObjective:
       d_img, d_txt = take(d_micro, j)
 
       def surrogate(p: Any) -> tuple[jax.Array, jax.Array]:
-        t = terms(p, take(micro, j))
+        t = terms(p, take(micro, j), j)
         return share(t, d_img, d_txt, d_scale, d_bias), t[4]
 
       g, caption = jax.grad(surrogate, has_aux=True)(params)
