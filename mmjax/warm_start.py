@@ -57,10 +57,10 @@ def source_path(target: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
   return target
 
 
-def read_params(directory: str) -> tuple[int, dict[str, np.ndarray]]:
-  """(step, {path: array}) of the latest checkpoint in work directory `directory`, on the
-  host, whatever its model."""
-  step = checkpoint.existing_step(directory)
+def read_params(directory: str, step: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+  """(step, {path: array}) of checkpoint `step` (default the latest) in work directory
+  `directory`, on the host, whatever its model."""
+  step = checkpoint.existing_step(directory, step)
   path = epath.Path(directory) / "checkpoints" / str(step) / "state"
   metadata = ocp.PyTreeCheckpointHandler().metadata(path)
   tree = getattr(metadata, "tree", metadata)

@@ -18,7 +18,7 @@ LAYERS = (
     ("step", ("mmjax.step", "mmjax.runtime", "mmjax.summary", "mmjax.warm_start")),
     ("evaluation", ("mmjax.evaluators",)),
     ("commands", ("mmjax.cli", "mmjax.train", "mmjax.evaluate", "mmjax.convert", "mmjax.export",
-                  "mmjax.aot", "mmjax.inference", "mmjax.embed")),
+                  "mmjax.aot", "mmjax.inference", "mmjax.embed", "mmjax.interpolate")),
 )
 
 

@@ -1,5 +1,8 @@
 """Fine-tuning switches: locked parameters (optimizer.frozen, frozen_until_step), layer-wise
 learning-rate decay, the parameters' EMA, each against what it must mean, on tiny configs."""
+import os
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -265,3 +268,32 @@ def test_warm_start_loads_by_rules_resizes_positions_and_names_mismatches(tmp_pa
   with pytest.raises(errors.ConfigError, match=r"parameter image_proj/dense/kernel has shape "
                      r"\(32, 24\) but its source image_proj/dense/kernel has \(32, 16\)"):
     warm_start.initial_params(wider, other.params)
+
+
+def save_params(workdir: str, config, seed: int) -> dict[str, np.ndarray]:
+  config = helpers.override(config, **{"seed": seed, "mesh.shape": (1, 1, 1)})
+  _, state = helpers.step_setup(config, 1)
+  saver = checkpoint.Checkpointer(workdir, config)
+  saver.save(3, state, config)
+  saver.close()
+  return flat(jax.device_get(state.params))
+
+
+def test_interpolate_mixes_two_checkpoints_and_refuses_other_architectures(tmp_path):
+  a, b, out = (str(tmp_path / n) for n in ("a", "b", "out"))
+  pa, pb = save_params(a, helpers.tiny_config(), 0), save_params(b, helpers.tiny_config(), 1)
+  proc = helpers.call([sys.executable, "-m", "mmjax.interpolate", f"--a={a}", f"--b={b}",
+                       "--alpha=0.25", f"--out={out}"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  step, got = warm_start.read_params(out)
+  assert step == 0 and set(got) == set(pa)
+  for k, v in got.items():
+    want = 0.75 * pa[k].astype(np.float64) + 0.25 * pb[k].astype(np.float64)
+    np.testing.assert_array_equal(v, want.astype(np.float32), err_msg=k)
+  other = str(tmp_path / "other")
+  save_params(other, helpers.tiny_config(**{"model.embed_dim": 24}), 0)
+  proc = helpers.call([sys.executable, "-m", "mmjax.interpolate", f"--a={a}", f"--b={other}",
+                       f"--out={tmp_path / 'mixed'}"])
+  line = helpers.usage_error(proc, "mmjax.interpolate")
+  assert "image_proj/dense/kernel has shape (32, 16) in --a and (32, 24) in --b" in line
+  assert not os.path.exists(tmp_path / "mixed")
