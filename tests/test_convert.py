@@ -175,10 +175,9 @@ def random_params(config, seed: int = 0):
   params = nn.unbox(jax.jit(model.init)(
       jax.random.key(seed), np.zeros((1, size, size, 3), np.uint8),
       np.ones((1, length), np.int32), np.zeros((1,), np.int32))["params"])
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [np.asarray(x + 0.02 * jax.random.normal(k, x.shape))
-                                   for x, k in zip(leaves, keys)])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(
+      lambda x: np.asarray(x) + (0.02 * rng.standard_normal(x.shape)).astype(x.dtype), params)
 
 
 def check_import(reference, preset: str, fmt: str, spm_path: str | None) -> dict[str, float]:
