@@ -289,12 +289,15 @@ def test_classification_suites_run_end_to_end_on_mock_data(which, tiny_model, tm
                      {d.name for d in suite_datasets.SUITES[other]}]
 
 
-def test_a_missing_dataset_is_one_line_or_stops_the_suite_with_strict(tmp_path):
+def test_a_missing_dataset_is_one_line_or_stops_the_suite_with_strict(tmp_path, capsys):
   config = helpers.tiny_config(data_dir=str(tmp_path))
   missing = suite_datasets.IMAGENET[0]
   line = f"{missing.tfds} is not in {tmp_path}; download ILSVRC2012_img_val.tar"
   out = suite.run_suite(config, str(tmp_path / "w"), 0, "imagenet", None, None, None)
   assert out == [] and not (tmp_path / "w").exists()
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0].startswith(f"skipped imagenet1k: {line}")
+  assert printed[-1] == "suite imagenet: 0 of 5 datasets done"
   with pytest.raises(errors.UsageError, match=line):
     suite.run_suite(config, str(tmp_path / "w"), 0, "imagenet", None, None, None,
                     strict=True)

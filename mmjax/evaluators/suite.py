@@ -139,6 +139,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str, step: int, suite:
       tmp.rename(path)  # a killed run leaves no half-written result
     print(f"{ds.name}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
     records.append(record)
+  print(f"suite {suite}: {len(records)} of {len(members)} datasets done", flush=True)
   if writing and records:
     write_summary(out_dir, suite, records)
     writer = writers.MetricWriter(workdir)
