@@ -18,6 +18,7 @@ Sections:
   checkpoint   retention
   profile      a jax.profiler trace of a window of train steps
   init         warm start from another model's checkpoint (parameters by path)
+  watchdog     hang and straggler detection (timeouts, straggler factor)
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
 """
@@ -58,6 +59,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.mesh = mesh()
   c.checkpoint = checkpoint()
   c.profile = profile()
+  c.watchdog = watchdog()
   c.evals = ConfigDict()
   c.init = init()
   c.model.image_size = c.data.get_ref("image_size")
@@ -381,6 +383,15 @@ def checkpoint() -> ConfigDict:
   k.max_to_keep = 3
   k.keep_period = 0  # also keep every K-th step's checkpoint; 0 = off
   return k
+
+
+def watchdog() -> ConfigDict:
+  """Hang and straggler detection, per process (mmjax.watchdog; exit status 43 on a hang)."""
+  w = ConfigDict()
+  w.timeout_s = 600.0  # no training step completes for this long: a hang; 0 = off
+  w.long_timeout_s = 1800.0  # the same for the first step, an evaluation, a checkpoint save
+  w.straggler_factor = 5.0  # a step this many times the median step time is logged
+  return w
 
 
 def profile() -> ConfigDict:

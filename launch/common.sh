@@ -42,3 +42,55 @@ gpu_env_vars() {
     ENV_VARS+=("XLA_FLAGS=$XLA_FLAGS")
   fi
 }
+
+# Exit statuses of mmjax.train (python -m mmjax.train --help): 0 done, 1 an expected failure
+# (non-finite loss past its guard, too much bad data), 2 a usage error, 42 preempted (the
+# step reached is checkpointed), 43 a hang (mmjax.watchdog), 130 a second Ctrl-C.
+# retryable STATUS: true for a failure a restart can fix: preemption (42), a hang (43), a
+# death by signal (128+N: kill -9 137, the coordination service's abort 134 when a peer
+# host died, SIGTERM 143), but not a person's Ctrl-C (130). A bug (1) or a config error (2)
+# would fail the same way again.
+retryable() {
+  case "$1" in
+    42|43) return 0 ;;
+    130) return 1 ;;
+    *) (( $1 > 128 && $1 < 160 )) ;;
+  esac
+}
+
+# with_restarts MAX BACKOFF_S CMD...: runs CMD until it exits 0, restarting it up to MAX
+# times after a retryable status, waiting BACKOFF_S, 2*BACKOFF_S, ... (at most 600 s) first.
+# Each start resumes from the newest checkpoint (the trainer's own resume). Returns CMD's
+# last status.
+with_restarts() {
+  local max="$1" backoff="$2" attempt=0 status wait_s
+  shift 2
+  while true; do
+    status=0
+    "$@" || status=$?
+    if [[ "$status" == 0 ]]; then return 0; fi
+    if ! retryable "$status"; then
+      echo "$LAUNCHER: exit status $status is not retried (1: a failure of the run, 2: a" \
+           "usage error, 130: interrupted); see the log" >&2
+      return "$status"
+    fi
+    if ((attempt >= max)); then
+      echo "$LAUNCHER: exit status $status after $max restarts: giving up" >&2
+      return "$status"
+    fi
+    attempt=$((attempt + 1))
+    wait_s=$((backoff << (attempt - 1)))
+    ((wait_s <= 600)) || wait_s=600
+    echo "$LAUNCHER: exit status $status ($(describe_status "$status")); restart" \
+         "$attempt/$max in $wait_s s, resuming from the newest checkpoint" >&2
+    sleep "$wait_s"
+  done
+}
+
+describe_status() {
+  case "$1" in
+    42) echo "preempted" ;;
+    43) echo "hang" ;;
+    *) echo "killed by signal $(($1 - 128))" ;;
+  esac
+}

@@ -15,8 +15,11 @@ Usage: launch/local_multiprocess.sh [options] [-- EXTRA_TRAIN_ARGS...]
 
 Starts N processes of `python -m mmjax.train` on this machine, each with
   --coordinator_address 127.0.0.1:PORT --num_processes N --process_id i
-waits for all of them, and exits non-zero (killing the others) as soon as
-one fails. Process i logs to WORKDIR/logs/process_i.log.
+waits for all of them, and as soon as one fails kills the others (SIGKILL after 10 s,
+frozen ones included) and restarts them all after a preemption (exit 42), a hang (43) or
+a death by signal, up to --max-restarts times (each start resumes from the newest
+checkpoint); other failures end it with that status. Process i logs to
+WORKDIR/logs/process_i.log (appended to by each start).
 
 Options (environment variable in brackets):
   -n, --num_processes N      number of processes                 [NUM_PROCESSES, default 2]
@@ -28,6 +31,8 @@ Options (environment variable in brackets):
   --port PORT                coordinator port, 0 = pick a free one [PORT, default 0]
   --module MOD               python module to run                [MODULE, default mmjax.train]
   --python BIN               python interpreter                  [PYTHON, default python3]
+  --max-restarts N           restarts of the whole job, 0 = none [MAX_RESTARTS, default 0]
+  --restart-backoff S        seconds before the first restart, doubling [RESTART_BACKOFF, default 5]
   --dry-run                  print the commands, run nothing
   -h, --help                 show this help
 
@@ -48,6 +53,8 @@ WORKDIR="${WORKDIR:-workdir/local_multiprocess}"
 PORT="${PORT:-0}"
 MODULE="${MODULE:-mmjax.train}"
 PYTHON="${PYTHON:-python3}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
+RESTART_BACKOFF="${RESTART_BACKOFF:-5}"
 DRY_RUN=0
 EXTRA_ARGS=()
 
@@ -58,6 +65,8 @@ while [[ $# -gt 0 ]]; do
     --config) need "$@"; CONFIG="$2"; shift 2 ;;
     --workdir) need "$@"; WORKDIR="$2"; shift 2 ;;
     --port) need "$@"; PORT="$2"; shift 2 ;;
+    --max-restarts|--max_restarts) need "$@"; MAX_RESTARTS="$2"; shift 2 ;;
+    --restart-backoff|--restart_backoff) need "$@"; RESTART_BACKOFF="$2"; shift 2 ;;
     --module) need "$@"; MODULE="$2"; shift 2 ;;
     --python) need "$@"; PYTHON="$2"; shift 2 ;;
     --dry-run|--dry_run) DRY_RUN=1; shift ;;
@@ -70,6 +79,8 @@ done
 [[ "$NUM_PROCESSES" =~ ^[1-9][0-9]*$ ]] || die "-n must be a positive integer, got '$NUM_PROCESSES'"
 [[ "$DEVICES_PER_PROCESS" =~ ^[1-9][0-9]*$ ]] || die "--devices_per_process must be a positive integer"
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "--port must be an integer"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a whole number"
+[[ "$RESTART_BACKOFF" =~ ^[0-9]+$ ]] || die "--restart-backoff must be whole seconds"
 
 pick_free_port() {
   "$PYTHON" - <<'EOF'
@@ -81,7 +92,9 @@ s.close()
 EOF
 }
 
+AUTO_PORT=0
 if [[ "$PORT" == 0 ]]; then
+  AUTO_PORT=1
   if [[ "$DRY_RUN" == 1 ]] && ! command -v "$PYTHON" >/dev/null 2>&1; then
     PORT=12355  # placeholder; the real run picks a free port
   else
@@ -118,12 +131,22 @@ fi
 mkdir -p "$LOG_DIR"
 PIDS=()
 
-cleanup() {
-  local pid
+cleanup() {  # TERM (a preemption: they checkpoint), KILL what is left after 10 s
+  local pid t
   for pid in ${PIDS[@]+"${PIDS[@]}"}; do
     kill -TERM "$pid" 2>/dev/null || true
+    kill -CONT "$pid" 2>/dev/null || true  # a frozen (SIGSTOPped) process gets it too
+  done
+  for ((t = 0; t < 20; t++)); do
+    for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+      kill -0 "$pid" 2>/dev/null && break
+      pid=""
+    done
+    [[ -z "${pid:-}" ]] && break
+    sleep 0.5
   done
   for pid in ${PIDS[@]+"${PIDS[@]}"}; do
+    kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   PIDS=()
@@ -131,10 +154,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "local_multiprocess.sh: interrupted" >&2; exit 130' INT TERM
 
+run_job() {  # starts every process; returns 0, or the status of the first that failed
+local i rc remaining
+if [[ "$AUTO_PORT" == 1 && "${STARTED:-0}" == 1 ]]; then PORT="$(pick_free_port)"; fi
+STARTED=1
 echo "Starting $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT), logs in $LOG_DIR/"
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   build_cmd "$i"
-  env "${ENV_VARS[@]}" "${CMD[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+  env "${ENV_VARS[@]}" "${CMD[@]}" >>"$LOG_DIR/process_$i.log" 2>&1 &
   PIDS+=("$!")
   echo "  process $i: pid $! -> $LOG_DIR/process_$i.log"
 done
@@ -155,10 +182,16 @@ while ((remaining > 0)); do
       echo "local_multiprocess.sh: process $i (pid ${PIDS[i]}) exited with status $rc;" \
            "killing the others. Last lines of $LOG_DIR/process_$i.log:" >&2
       tail -n 20 "$LOG_DIR/process_$i.log" >&2 || true
-      exit "$rc"
+      cleanup
+      return "$rc"
     fi
   done
   ((remaining > 0)) && sleep 0.5
 done
 PIDS=()
+}
+
+status=0
+with_restarts "$MAX_RESTARTS" "$RESTART_BACKOFF" run_job || status=$?
+[[ "$status" == 0 ]] || exit "$status"
 echo "All $NUM_PROCESSES processes finished successfully."

@@ -14,7 +14,11 @@ Commands:
   ssh      ssh into one worker (--worker, default 0); ARGS go to gcloud ssh
   run      on ALL workers: install mmjax (git clone or --copy-local), then
            python -m mmjax.train --config CONFIG --workdir WORKDIR ARGS...
-           with output tee'd to ~/mmjax-logs/train-<hostname>.log on each worker
+           with output tee'd to ~/mmjax-logs/train-<hostname>.log on each worker;
+           each worker restarts its process (resuming from the newest checkpoint)
+           after a preemption (exit 42), a hang (43) or a death by signal, up to
+           --max-restarts times; a failure of the run (1) or a usage error (2) is
+           not retried
   logs     copy ~/mmjax-logs from all workers to LOG_DIR (or --tail N: print
            the last N lines of every worker's log)
   delete   delete the TPU VM (or the queued resource)
@@ -56,6 +60,9 @@ Options (environment variable in brackets; all have placeholder defaults):
   --python-version X.Y    python for the worker venv (made with uv) [PYTHON_VERSION, default 3.11]
   --env KEY=VALUE         extra environment for training (repeatable)
   --detach                run: start training with nohup and return immediately
+  --max-restarts N        run: restarts per worker, 0 = none [MAX_RESTARTS, default 3]
+  --restart-backoff S     run: seconds before the first restart, doubling
+                                                    [RESTART_BACKOFF, default 30]
   --worker W              ssh: worker index or "all" [WORKER, default 0]
   --log-dir DIR           logs: local destination  [LOG_DIR, default tpu_logs/NAME]
   --tail N                logs: print the last N lines on each worker instead of copying
@@ -94,6 +101,8 @@ INSTALL=1
 PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
 TRAIN_ENV=()
 DETACH=0
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+RESTART_BACKOFF="${RESTART_BACKOFF:-30}"
 WORKER="${WORKER:-0}"
 LOG_DIR="${LOG_DIR:-}"
 TAIL=""
@@ -122,6 +131,8 @@ while [[ $# -gt 0 ]]; do
     --python-version) need "$@"; PYTHON_VERSION="$2"; shift 2 ;;
     --env) need "$@"; [[ "$2" == *=* ]] || die "--env needs KEY=VALUE"; TRAIN_ENV+=("$2"); shift 2 ;;
     --detach) DETACH=1; shift ;;
+    --max-restarts|--max_restarts) need "$@"; MAX_RESTARTS="$2"; shift 2 ;;
+    --restart-backoff|--restart_backoff) need "$@"; RESTART_BACKOFF="$2"; shift 2 ;;
     --worker) need "$@"; WORKER="$2"; shift 2 ;;
     --log-dir) need "$@"; LOG_DIR="$2"; shift 2 ;;
     --tail) need "$@"; TAIL="$2"; shift 2 ;;
@@ -138,6 +149,8 @@ done
 [[ -z "$TAIL" || "$TAIL" =~ ^[0-9]+$ ]] || die "--tail needs a number"
 [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices needs a positive number"
 [[ "$SLICE" =~ ^[0-9]+$ && "$SLICE" -lt "$NUM_SLICES" ]] || die "--slice must be below --num-slices"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts must be a whole number, got '$MAX_RESTARTS'"
+[[ "$RESTART_BACKOFF" =~ ^[0-9]+$ ]] || die "--restart-backoff must be whole seconds, got '$RESTART_BACKOFF'"
 if [[ "$NUM_SLICES" -gt 1 ]]; then
   [[ "$QUEUED" == 1 ]] || die "--num-slices needs --queued (multislice is a queued resource)"
   [[ "$COMMAND" != run || "$DETACH" == 1 ]] || die "a multislice run needs --detach" \
@@ -247,11 +260,18 @@ remote_script() {
     echo "export ${a%%=*}=$(q "${a#*=}")"
   done
   echo "mkdir -p \$HOME/mmjax-logs && LOG=\$HOME/mmjax-logs/train-\$(hostname).log"
+  # The worker's restart loop (launch/common.sh's with_restarts) as a script of its own, so
+  # that nohup can run it.
+  echo "cat > \$HOME/mmjax-logs/train.sh <<'MMJAX_EOF'"
+  echo "LAUNCHER=\"mmjax worker \$(hostname)\""
+  declare -f retryable with_restarts describe_status
+  echo "with_restarts $(q "$MAX_RESTARTS") $(q "$RESTART_BACKOFF") $train_str"
+  echo "MMJAX_EOF"
   if [[ "$DETACH" == 1 ]]; then
-    echo "nohup $train_str >\"\$LOG\" 2>&1 </dev/null &"
+    echo "nohup bash \$HOME/mmjax-logs/train.sh >\"\$LOG\" 2>&1 </dev/null &"
     echo "echo \"\$(hostname): started pid \$!, log \$LOG\""
   else
-    echo "$train_str 2>&1 | tee -a \"\$LOG\""
+    echo "bash \$HOME/mmjax-logs/train.sh 2>&1 | tee -a \"\$LOG\""
   fi
 }
 

@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mmjax import errors
+from mmjax import errors, integrity
 
 
 class CheckpointMismatchError(ValueError):
@@ -31,7 +31,10 @@ class CheckpointMismatchError(ValueError):
 RESUMABLE_CHANGES = ("name", "total_steps", "log_every_steps", "checkpoint_every_steps",
                      "eval_every_steps", "eval_batch_size", "evals", "checkpoint",
                      "compilation_cache_dir", "data_dir", "data.num_workers",
-                     "data.prefetch_batches", "profile")
+                     "data.prefetch_batches", "profile", "watchdog")
+
+
+DIRECTORY = "checkpoints"  # under the work directory
 
 
 class Checkpointer:
@@ -39,8 +42,20 @@ class Checkpointer:
   plus every step divisible by `checkpoint.keep_period` (Orbax 0.12's `keep_period` is
   `EveryNSteps(exact_interval=True)`: `step % keep_period == 0`, OR-ed with `LatestN`)."""
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.directory = os.path.join(workdir, "checkpoints")
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
+               set_aside_incomplete: bool = False):
+    """`set_aside_incomplete` (the trainer, which holds the work directory): newest steps
+    whose files were cut are moved out of the way first (mmjax.integrity)."""
+    self.directory = os.path.join(workdir, DIRECTORY)
+    self._primary = jax.process_index() == 0
+    self._unsealed: list[int] = []
+    # Before Orbax lists the steps: a step cut after its commit must not be restored.
+    if set_aside_incomplete:
+      if self._primary and epath.Path(self.directory).exists():
+        integrity.set_aside_incomplete(
+            self.directory, list(ocp.utils.checkpoint_steps(self.directory)))
+      if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes("mmjax_checkpoints_checked")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.max_to_keep,
         keep_period=config.checkpoint.keep_period or None,
@@ -68,6 +83,9 @@ class Checkpointer:
     if assets:
       items["assets"] = ocp.args.JsonSave(
           {name: base64.b64encode(blob).decode("ascii") for name, blob in assets.items()})
+    self.wait()  # Orbax waits for the previous save anyway; then it is sealed
+    if self._primary:
+      self._unsealed.append(step)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore_assets(self, step: int) -> dict[str, bytes]:
@@ -84,10 +102,25 @@ class Checkpointer:
         "data"]
 
   def wait(self) -> None:
+    """Waits for the save in flight; seals the committed steps (mmjax.integrity)."""
     self.manager.wait_until_finished()
+    committed = set(self.manager.all_steps())
+    for step in self._unsealed:
+      if step in committed:
+        try:
+          integrity.seal(epath.Path(self.directory) / str(step))
+        except FileNotFoundError:  # deleted meanwhile (max_to_keep)
+          pass
+    self._unsealed = []
+
+  def seal_committed(self) -> None:
+    """Seals the last save as soon as it is committed (cheap when there is none to seal):
+    called every step, so that even the newest step of a killed run is checked at restart."""
+    if self._unsealed and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
   def saved_config(self, step: int) -> dict:

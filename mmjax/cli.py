@@ -128,6 +128,12 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
   ]
   checks += [(config[key] >= 0, f"config {key}={config[key]} must be >= 0 (0 = off)")
              for key in ("log_every_steps", "checkpoint_every_steps", "eval_every_steps")]
+  checks += [(config.watchdog[key] >= 0,
+              f"config watchdog.{key}={config.watchdog[key]} must be >= 0 (0 = off)")
+             for key in ("timeout_s", "long_timeout_s")]
+  checks.append((config.watchdog.straggler_factor > 1,
+                 f"config watchdog.straggler_factor={config.watchdog.straggler_factor} must "
+                 "be > 1"))
   checks += [(config.profile[key] >= 0,
               f"config profile.{key}={config.profile[key]} must be >= 0")
              for key in ("start_step", "num_steps")]

@@ -19,6 +19,10 @@ directory belongs to one training job).
   Trade-off: without compare-and-swap on the object, the race is closed by the settle wait
   (not by the store), and a job that died on another machine (a deleted VM) blocks a
   restart elsewhere until its lease expires (the message says how long).
+* Released when the block ends normally or by SystemExit (a chosen exit, e.g. preemption,
+  after the checkpoint was committed). On any other exception (KeyboardInterrupt included)
+  it is kept until the process has exited: the kernel drops the flock with the process, the
+  gs:// lease keeps beating on its daemon thread until then.
 * Multi-host jobs: all processes of one job share the work directory, so only process 0
   takes the lock; it publishes the outcome in the job's coordination service, and every
   process of a refused job stops with the same line.
@@ -96,8 +100,19 @@ def hold_workdir(workdir: str, process_index: int = 0, process_count: int = 1,
     coordination.key_value_set(COORDINATION_KEY, "ok")
   try:
     yield
-  finally:
+  except SystemExit:  # a chosen exit (preempted: its checkpoint is committed)
     lock.release()
+    raise
+  except BaseException:
+    # Threads may still write into the work directory (a save in flight, input workers)
+    # while the exception unwinds: keep the lock until the process is gone.
+    _ABANDONED.append(lock)
+    raise
+  lock.release()
+
+
+# Locks left to the end of the process: a FlockLock's open file must not be collected.
+_ABANDONED: list[Any] = []
 
 
 def _jax_coordination_client() -> Any:

@@ -6,8 +6,10 @@
 Multi-process: auto-detected on TPU pods and SLURM; on one machine pass
 `--coordinator_address 127.0.0.1:PORT --num_processes N --process_id I` (see launch/).
 
-Exit status: 0 done; 42 preempted (SIGTERM; the step reached was checkpointed, rerun to
-resume); 2 a usage error (one line on stderr naming the flag, config key, dataset or work
+Exit status: 0 done; 42 preempted (SIGTERM or Ctrl-C; the step reached was checkpointed,
+rerun to resume); 43 a hang (mmjax.watchdog: no step completed within watchdog.timeout_s;
+stacks in WORKDIR/hangs/); 130 a second Ctrl-C (exited at once, nothing uncommitted kept);
+2 a usage error (one line on stderr naming the flag, config key, dataset or work
 directory and what to do); 1 an expected failure of the run (one line naming the config
 key, checkpoint, step or data source); anything else is a bug (traceback).
 
@@ -15,16 +17,21 @@ Fault injection for tests (environment variables, deliberately not config keys: 
 reach a checkpoint's config and cannot be set by accident in a real run):
   MMJAX_DEBUG_SIGTERM_AT_STEP=N  this process sends itself SIGTERM right after dispatching
                                  update N, exercising the real preemption path.
+  MMJAX_DEBUG_HANG_AT_STEP=N     update N never completes in this process: it blocks for good
+                                 once N is dispatched, as in a collective whose peer is gone
+                                 (mmjax.watchdog).
   MMJAX_DEBUG_NAN_AT_STEP=N      the batch of update N gets a token id outside every
                                  vocabulary in this process's slice (`poison_batches`), whose
                                  embedding is NaN: a non-finite loss and gradients that
                                  exercise the real non-finite guard.
 """
 import collections
+import contextlib
 import itertools
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Iterator
 
@@ -35,8 +42,8 @@ import numpy as np
 from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import aot, checkpoint, cli, errors, evaluators, locks, profiling, runtime, summary
-from mmjax import warm_start, writers
+from mmjax import aot, checkpoint, cli, errors, evaluators, interrupts, locks, profiling, runtime
+from mmjax import goodput, retry, summary, warm_start, watchdog, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -49,7 +56,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preemption:
-  """Set by SIGTERM (single process) or JAX's preemption sync point (multi-process).
+  """Set by SIGTERM or SIGINT (single process) or JAX's preemption sync point (several
+  processes; SIGINT is forwarded to it: mmjax.interrupts).
 
   With several processes every one must checkpoint the same step, so the decision comes
   from the coordination service: its preemption notifier catches SIGTERM in any process and
@@ -60,20 +68,14 @@ class Preemption:
   dies) and the job resumes from the last periodic checkpoint.
   """
 
-  def __init__(self):
-    self._signalled = False
+  def __init__(self, checkpoint_dir: str):
     self._multi = jax.process_count() > 1
     self._service = True
-    if not self._multi:
-      signal.signal(signal.SIGTERM, self._on_signal)
-
-  def _on_signal(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+    self.interrupts = interrupts.Interrupts((checkpoint_dir,), multi_process=self._multi)
 
   def reached(self, step: int) -> bool:
     if not self._multi:
-      return self._signalled
+      return self.interrupts.requested
     if not self._service:
       return False
     try:
@@ -150,17 +152,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   accounting.TooManySkippedError (data.max_skip_fraction).
   """
   process0 = jax.process_index() == 0
+  # First: a Ctrl-C from here on stops with a checkpoint instead of a traceback.
+  preemption = Preemption(os.path.join(workdir, checkpoint.DIRECTORY))
   # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
   rt = runtime.build(config)
   tokenizer = tokenizer_lib.get_tokenizer(config)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
                           f"model.text.vocab_size={config.model.text.vocab_size}")
-  checkpointer = checkpoint.Checkpointer(workdir, config)
-  preemption = Preemption()
+  checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
+  hang_at_step = _debug_step("MMJAX_DEBUG_HANG_AT_STEP")
   writer, train_iterator, profiler = None, None, None
+  hang_watch = watchdog.Watchdog(workdir, jax.process_index(), **config.watchdog)
+  storage = retry.Retrier()  # shared: goodput.json counts the retries of every writer
+  accounts = goodput.Goodput(workdir, enabled=process0, retrier=storage)
+
+  def phase(name: str) -> contextlib.ExitStack:
+    """A long phase for the watchdog, a bucket of wall time for goodput.json."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(hang_watch.phase(name))
+    stack.enter_context(accounts.phase(name))
+    return stack
 
   try:
     with rt.activate():
@@ -169,7 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       start_step = latest or 0
       data_position = None
       if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
-        state = checkpointer.restore(start_step, rt.abstract_state)
+        with accounts.phase("checkpoint restore"):
+          state = checkpointer.restore(start_step, rt.abstract_state)
         data_position = checkpointer.restore_data(start_step)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
@@ -185,10 +200,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state = state.replace(params=params, ema_params=ema)
           if process0:
             print(table, flush=True)
-      writer = writers.MetricWriter(workdir, enabled=process0)
+      writer = writers.MetricWriter(workdir, enabled=process0, retrier=storage)
       # Compiled before the loop, from the abstract state and batch exactly as mmjax.aot
       # compiles it for a target: its memory is printed before the first step.
-      train_step = rt.lower_train_step().compile()
+      accounts.resumed(start_step)
+      with accounts.phase("compilation"):
+        train_step = rt.lower_train_step().compile()
       if process0:
         print(aot.memory_line(train_step, jax.local_devices()[0]), flush=True)
       evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
@@ -221,24 +238,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       def flush(pending, last, timer):
         if pending is None:
           return None, last, timer
-        return (None, *_handle_metrics(*pending, config, writer, progress, throughput, skips,
-                                       timer))
+        handled = _handle_metrics(*pending, config, writer, progress, throughput, skips, timer)
+        hang_watch.beat(pending[0])  # its metrics are on the host: the step completed
+        if is_due(pending[0], config.log_every_steps, config.total_steps):
+          accounts.write()
+        return (None, *handled)
 
       profiler = profiling.StepProfiler(config, workdir)
+      hang_watch.start()
+      accounts.start_steps()
       for step in range(start_step, config.total_steps):
-        state, metrics = profiler.run(step, train_step, state, next(batches))
+        with accounts.phase("data wait"):
+          batch = next(batches)
+        state, metrics = profiler.run(step, train_step, state, batch)
         done = step + 1
         if done == sigterm_at_step:
           os.kill(os.getpid(), signal.SIGTERM)
         pending, last, timer = flush(pending, last, timer)
+        if done == hang_at_step:
+          threading.Event().wait()
         pending = (done, metrics)
+        accounts.step_done(done)
+        checkpointer.seal_committed()
         preempted = preemption.reached(done)
         if preempted or is_due(done, config.checkpoint_every_steps, config.total_steps):
           pending, last, timer = flush(pending, last, timer)
-          checkpointer.save(done, state, config, data=skips.state(),
-                            assets=tokenizer_lib.checkpoint_assets(tokenizer))
+          with phase("checkpoint save"):
+            checkpointer.save(done, state, config, data=skips.state(),
+                              assets=tokenizer_lib.checkpoint_assets(tokenizer))
         if preempted:
-          checkpointer.wait()
+          with phase("checkpoint save"):
+            checkpointer.wait()
           if process0:
             print(f"Preempted: saved step {done} to {checkpointer.directory}; rerun the same "
                   "command to resume", flush=True)
@@ -249,9 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, timer = flush(pending, last, timer)
           params = state.ema_params if config.eval_use_ema else state.params
-          results = evaluators.run_evaluators(due, embedder, params)
+          with phase("evaluation"):
+            results = evaluators.run_evaluators(due, embedder, params)
+            picture = grid.sample_grid(evals, embedder, params)
           writer.write(done, results)
-          picture = grid.sample_grid(evals, embedder, params)
           if picture is not None:
             grid.write_sample_grid(writer, workdir, done, picture)
           if process0:
@@ -264,7 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       profiler.stop()
     if train_iterator is not None:
       train_iterator.close()
-    checkpointer.close()
+    with phase("checkpoint save"):
+      checkpointer.close()
+    hang_watch.stop()
+    accounts.write()
     if writer is not None:
       writer.close()
   return {**last, **results}

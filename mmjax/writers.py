@@ -19,6 +19,8 @@ from typing import Any, Mapping
 import numpy as np
 from etils import epath
 
+from mmjax import retry
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -32,8 +34,10 @@ class MetricWriter:
   (and images) to TensorBoard under `<workdir>/tensorboard`. Only the writing process
   (process 0) writes: with `enabled=False` every method is a no-op."""
 
-  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               retrier: retry.Retrier | None = None):
     self.enabled = enabled
+    self.retrier = retrier or retry.Retrier()
     self._tb = None
     if not enabled:
       return
@@ -61,7 +65,7 @@ class MetricWriter:
     line = json.dumps({"step": int(step), **scalars}) + "\n"
     if self._remote:
       self._lines.append(line)
-      self._path.write_text("".join(self._lines))  # replaces the object in one upload
+      self._upload()
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
@@ -69,6 +73,18 @@ class MetricWriter:
       if isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
     self._flush_tb()
+
+  def _upload(self) -> None:
+    """Replaces the object in one upload; transient store errors are retried, and if the
+    store stays down the lines wait in memory for the next upload."""
+    text = "".join(self._lines)
+    try:
+      self.retrier.call(lambda: self._path.write_text(text), f"upload of {self._path}")
+    except Exception as e:
+      if not retry.is_transient(e):
+        raise
+      print(f"warning: {self._path} not uploaded ({e}); the next logged step uploads it",
+            file=sys.stderr, flush=True)
 
   def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
     """image: uint8 [H, W, 3]."""
@@ -84,7 +100,9 @@ class MetricWriter:
     if self.enabled:
       if self._jsonl is not None:
         self._jsonl.close()
-      self._tb.close()
+      # On gs:// closing uploads the event file: retried (a failed close keeps its writers
+      # and the next try uploads the whole file again).
+      self.retrier.call(self._tb.close, "TensorBoard event file upload")
 
 
 def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:

@@ -46,6 +46,11 @@ class FakeGCS(MemoryFileSystem):
   store = {}  # not shared with memory://
   pseudo_dirs = [""]
   modes = []  # every mode a file was opened with
+  # Flakiness: this fraction of uploads (files opened for writing) fails with a 503, as
+  # gcsfs raises it (an error with `.code`), drawn from `rng` (set both in a test).
+  failure_rate = 0.0
+  rng = None
+  failures = 0
 
   @classmethod
   def _strip_protocol(cls, path):
@@ -58,7 +63,18 @@ class FakeGCS(MemoryFileSystem):
     FakeGCS.modes.append(mode)
     if "a" in mode or "+" in mode:
       raise OSError(f"GCS objects cannot be appended to or updated in place ({mode=})")
+    if "w" in mode and FakeGCS.failure_rate and FakeGCS.rng.random() < FakeGCS.failure_rate:
+      FakeGCS.failures += 1
+      raise FakeGCSError(503, f"503 Service Unavailable: {path}")
     return super()._open(path, mode, **kwargs)
+
+
+class FakeGCSError(OSError):
+  """gcsfs's HttpError: the HTTP status in `.code`."""
+
+  def __init__(self, code, message):
+    super().__init__(message)
+    self.code = code
 
 
 class FakeGCSEventFile:
@@ -98,7 +114,9 @@ def gcs(monkeypatch):
   FakeGCS.store.clear()
   FakeGCS.pseudo_dirs[:] = [""]
   FakeGCS.modes.clear()
+  FakeGCS.failure_rate, FakeGCS.rng, FakeGCS.failures = 0.0, None, 0
   yield fsspec.filesystem("gs")
+  FakeGCS.failure_rate = 0.0
   FakeGCS.clear_instance_cache()
   epath_backend.fsspec_backend._get_filesystem.cache_clear()
 

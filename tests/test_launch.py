@@ -7,6 +7,7 @@ mmjax.train on the shapes config.
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ SCRIPTS = ["tpu_vm.sh", "gpu.sh", "slurm.sbatch", "local_multiprocess.sh"]
 _SCRIPT_ENV = ("TPU_NAME ZONE PROJECT ACCELERATOR_TYPE TPU_VERSION QR_ID NUM_SLICES CONFIG "
                "WORKDIR REPO_URL REPO_REF PYTHON_VERSION WORKER LOG_DIR GPU MEM_FRACTION JAX_CUDA "
                "PYTHON NUM_PROCESSES DEVICES_PER_PROCESS PORT MODULE XLA_FLAGS "
-               "SLURM_JOB_ID SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE").split()
+               "SLURM_JOB_ID SLURM_JOB_NUM_NODES SLURM_GPUS_ON_NODE SLURM_NTASKS_PER_NODE MAX_RESTARTS "
+               "RESTART_BACKOFF").split()
 
 
 def _env(**extra):
@@ -256,6 +258,74 @@ def test_slurm_job_runs_its_spooled_copy_with_the_repository_helpers(tmp_path):
           "/shared/w") in res.stdout
 
 
+# A stand-in for the trainer (srun, or the TPU worker's python): exits with the next of
+# FAKE_STATUSES and records each start.
+FAKE_EXITS = textwrap.dedent("""\
+    #!/bin/sh
+    n=$(cat "$FAKE_COUNT" 2>/dev/null || echo 0)
+    echo $((n + 1)) > "$FAKE_COUNT"
+    set -- $FAKE_STATUSES
+    shift "$n"
+    echo "START $((n + 1))"
+    exit "${1:-0}"
+    """)
+
+
+def fake_exits(path, statuses, tmp_path):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(FAKE_EXITS)
+  path.chmod(0o755)
+  return dict(FAKE_STATUSES=statuses, FAKE_COUNT=str(tmp_path / "count"))
+
+
+def test_slurm_dry_run_states_the_restart_policy():
+  out = dry("slurm.sbatch", "--max-restarts", "5", "--restart-backoff", "10")
+  assert "up to 5 times, first after 10 s" in out
+  res = run_script("slurm.sbatch", "--dry-run", "--max-restarts", "x")
+  assert res.returncode == 2 and "--max-restarts must be a whole number" in res.stderr
+
+
+@pytest.mark.parametrize("statuses, restarts, status, message", [
+    ("42 43 137 0", "3", 0, "restart 3/3"),  # preempted, hang, a killed host: resumed
+    ("42 1", "3", 1, "exit status 1 is not retried"),  # a bug: retrying cannot help
+    ("2", "3", 2, "exit status 2 is not retried"),  # a config error
+    ("130", "3", 130, "exit status 130 is not retried"),  # a person's Ctrl-C, twice
+    ("42 42 0", "1", 42, "after 1 restarts: giving up"),
+])
+def test_slurm_job_restarts_what_a_restart_can_fix(tmp_path, statuses, restarts, status,
+                                                   message):
+  env = _env(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2",
+             SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="8", MAX_RESTARTS=restarts,
+             RESTART_BACKOFF="0", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             **fake_exits(tmp_path / "bin" / "srun", statuses, tmp_path))
+  res = run_script("slurm.sbatch", "--workdir", "/shared/w", env=env)
+  assert res.returncode == status, res.stdout + res.stderr
+  starts = min(len(statuses.split()), int(restarts) + 1)
+  assert res.stdout.count("START") == starts and message in res.stderr, res.stderr
+
+
+def tpu_worker_script(*args):
+  """The restart script `tpu_vm.sh run` writes on every worker (from the dry run)."""
+  out = dry("tpu_vm.sh", *args, "run")
+  lexer = shlex.shlex(out[out.index("gcloud compute tpus tpu-vm ssh"):], posix=True)
+  lexer.whitespace_split = True
+  next(token for token in lexer if token == "--command")  # the quoted script spans lines
+  return next(lexer).split("<<'MMJAX_EOF'\n")[1].split("\nMMJAX_EOF")[0]
+
+
+@pytest.mark.parametrize("statuses, status, starts", [("43 42 0", 0, 3), ("42 1", 1, 2)])
+def test_tpu_worker_restarts_what_a_restart_can_fix(tmp_path, statuses, status, starts):
+  script = tmp_path / "train.sh"
+  script.write_text(tpu_worker_script("--max-restarts", "4", "--restart-backoff", "0"))
+  env = _env(HOME=str(tmp_path), **fake_exits(tmp_path / "mmjax-venv" / "bin" / "python",
+                                               statuses, tmp_path))
+  res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
+                       timeout=20)
+  assert res.returncode == status, res.stderr
+  assert res.stdout.count("START") == starts
+  assert "restart 1/4 in 0 s" in res.stderr and "mmjax worker" in res.stderr
+
+
 # ---------------------------------------------------------------- local_multiprocess.sh
 
 
@@ -287,9 +357,12 @@ FAKE_TRAIN = textwrap.dedent("""
     with open(os.path.join(os.environ["FAKE_PIDS"], pid), "w") as f:
       f.write(str(os.getpid()))
     sys.stdout.flush()
-    if pid == os.environ.get("FAKE_FAIL_ID"):
+    marker = os.path.join(os.environ["FAKE_PIDS"], "failed")
+    if pid == os.environ.get("FAKE_FAIL_ID") and not (os.environ.get("FAKE_FAIL_ONCE")
+                                                      and os.path.exists(marker)):
+      open(marker, "w").close()
       time.sleep(0.3)
-      sys.exit(3)
+      sys.exit(int(os.environ.get("FAKE_FAIL_STATUS", "3")))
     time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
 """)
 
@@ -328,6 +401,23 @@ def _alive(pid):
       return f.read().split(")")[-1].split()[0] != "Z"
   except FileNotFoundError:
     return False
+
+
+@pytest.mark.parametrize("status, restarted", [("42", True), ("43", True), ("1", False)])
+def test_local_multiprocess_restarts_the_whole_job_after_a_retryable_exit(fake_train, status,
+                                                                          restarted):
+  tmp_path, env = fake_train
+  workdir = tmp_path / "work"
+  res = run_script("local_multiprocess.sh", "-n", "2", "--max-restarts", "2",
+                   "--restart-backoff", "0", "--workdir", str(workdir),
+                   env=env(FAKE_FAIL_ID="1", FAKE_FAIL_STATUS=status, FAKE_FAIL_ONCE="1",
+                           FAKE_SLEEP="1"), timeout=60)
+  starts = (workdir / "logs" / "process_0.log").read_text().count("ARGS")
+  if restarted:
+    assert res.returncode == 0 and starts == 2, res.stdout + res.stderr
+    assert "restart 1/2 in 0 s" in res.stderr
+  else:
+    assert res.returncode == 1 and starts == 1 and "not retried" in res.stderr
 
 
 def test_local_multiprocess_failure_kills_the_others(fake_train):

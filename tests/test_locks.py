@@ -200,3 +200,18 @@ def test_two_trainers_on_one_workdir_and_a_killed_one(tmp_path, data_dir):
   restart = helpers.call(command("mmjax.train", workdir, data_dir, "--config.total_steps=2",
                                  "--config.eval_every_steps=0"))
   assert restart.returncode == 0, restart.stderr[-2000:]
+
+
+def test_local_lock_is_kept_past_an_exception_until_the_process_exits(tmp_path):
+  """A KeyboardInterrupt (or any crash) may unwind while a save thread still writes: the
+  lock must outlive the block; a chosen exit (SystemExit) releases it."""
+  held, released = str(tmp_path / "held"), str(tmp_path / "released")
+  with pytest.raises(KeyboardInterrupt):
+    with locks.hold_workdir(held):
+      raise KeyboardInterrupt
+  with pytest.raises(locks.WorkdirInUseError, match=f"pid {os.getpid()}"):
+    locks.FlockLock(held).acquire()
+  with pytest.raises(SystemExit):
+    with locks.hold_workdir(released):
+      raise SystemExit(42)
+  locks.FlockLock(released).acquire()

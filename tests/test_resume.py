@@ -100,6 +100,81 @@ def test_kill_9_at_a_random_step_then_restart_loses_nothing(tmp_path, data_dir, 
   assert_resumed_exactly(workdir, ref_losses, committed[-1])
 
 
+def start_and_wait_for(workdir, data_dir, logged_steps):
+  """Starts a training process; returns it once metrics.jsonl has `logged_steps` lines and
+  the step-5 checkpoint is committed."""
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  first = os.path.join(workdir, "checkpoints", "5")  # renamed into place when committed
+  proc = subprocess.Popen(command("mmjax.train", workdir, data_dir, *FLAGS), cwd=REPO,
+                          env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(first) and open(jsonl).read().count("\n") >= logged_steps:
+      return proc
+    time.sleep(0.002)
+  raise AssertionError(f"finished before the signal: {proc.communicate()[1][-2000:]}")
+
+
+def test_ctrl_c_checkpoints_the_step_reached_and_exits_42(tmp_path, data_dir, reference):
+  _, ref_losses = reference
+  workdir = str(tmp_path / "run")
+  proc = start_and_wait_for(workdir, data_dir, 8)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 42, err[-3000:]
+  assert "SIGINT: stopping after this step" in err and "Traceback" not in err, err[-3000:]
+  reached = steps_in(workdir)[-1]
+  assert f"Preempted: saved step {reached}" in out and not leftovers(workdir)
+  assert metrics(workdir)[-1]["step"] == reached
+  out = train(workdir, data_dir).stdout
+  assert f"at step {reached}" in out
+  assert_resumed_exactly(workdir, ref_losses, reached)
+
+
+def test_second_ctrl_c_exits_at_once_keeping_only_committed_checkpoints(tmp_path, data_dir,
+                                                                         reference):
+  """The first Ctrl-C starts a save at the end of the step; the second, a moment later,
+  lands while it is in flight: exit 130 at once, no uncommitted step left, the lock held to
+  the end, and the restart resumes from a committed step exactly."""
+  _, ref_losses = reference
+  workdir = str(tmp_path / "run")
+  proc = start_and_wait_for(workdir, data_dir, 8)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-3000:]
+  assert "second SIGINT: exiting at once" in err and "Traceback" not in err, err[-3000:]
+  committed = steps_in(workdir)
+  out = train(workdir, data_dir).stdout
+  assert f"at step {committed[-1]}" in out, out[-2000:]
+  assert not leftovers(workdir)
+  assert_resumed_exactly(workdir, ref_losses, committed[-1])
+
+
+@pytest.mark.parametrize("cut", ["truncate", "delete"])
+def test_a_cut_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
+    tmp_path, data_dir, reference, cut):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference[0], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", str(TOTAL))
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(step_dir, "state"))
+           for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  if cut == "truncate":
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+  else:
+    os.remove(biggest)
+  proc = train(workdir, data_dir)
+  warning = [line for line in proc.stderr.splitlines() if "is incomplete" in line]
+  assert len(warning) == 1 and f"restoring step {TOTAL - 5} instead" in warning[0], \
+      proc.stderr[-3000:]
+  assert f"at step {TOTAL - 5}" in proc.stdout
+  assert_resumed_exactly(workdir, reference[1], TOTAL - 5)
+  assert steps_in(workdir)[-1] == TOTAL
+
+
 def test_restoring_with_different_shapes_names_the_parameter(tmp_path, data_dir, reference):
   workdir = str(tmp_path / "run")
   shutil.copytree(os.path.join(reference[0], "checkpoints"),
