@@ -154,6 +154,25 @@ cleanup() {  # TERM (a preemption: they checkpoint), KILL what is left after 10 
 trap cleanup EXIT
 trap 'echo "local_multiprocess.sh: interrupted" >&2; exit 130' INT TERM
 
+# prefer_retryable_status: replaces JOB_RC by the retryable status of another process that
+# has also exited: a peer's death (kill -9) often makes the others fail at once with an
+# error of their own (1), and what happened to the job is the death.
+prefer_retryable_status() {
+  local j rc_j
+  for ((j = 0; j < NUM_PROCESSES; j++)); do
+    [[ "${ALIVE[j]}" == 1 ]] || continue
+    kill -0 "${PIDS[j]}" 2>/dev/null && continue
+    rc_j=0
+    wait "${PIDS[j]}" || rc_j=$?
+    ALIVE[j]=0
+    if retryable "$rc_j"; then
+      echo "local_multiprocess.sh: process $j exited with status $rc_j too" >&2
+      JOB_RC="$rc_j"
+      return
+    fi
+  done
+}
+
 run_job() {  # starts every process; returns 0, or the status of the first that failed
 local i rc remaining
 if [[ "$AUTO_PORT" == 1 && "${STARTED:-0}" == 1 ]]; then PORT="$(pick_free_port)"; fi
@@ -182,6 +201,7 @@ while ((remaining > 0)); do
       echo "local_multiprocess.sh: process $i (pid ${PIDS[i]}) exited with status $rc;" \
            "killing the others. Last lines of $LOG_DIR/process_$i.log:" >&2
       tail -n 20 "$LOG_DIR/process_$i.log" >&2 || true
+      retryable "$rc" || { JOB_RC="$rc"; prefer_retryable_status; rc="$JOB_RC"; }
       cleanup
       return "$rc"
     fi

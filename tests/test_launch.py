@@ -358,6 +358,12 @@ FAKE_TRAIN = textwrap.dedent("""
       f.write(str(os.getpid()))
     sys.stdout.flush()
     marker = os.path.join(os.environ["FAKE_PIDS"], "failed")
+    if os.environ.get("FAKE_PEER_DEATH") and not os.path.exists(marker + pid):
+      open(marker + pid, "w").close()  # first start: 1 is killed, 0 fails right after
+      time.sleep(0.3 if pid == "1" else 0.4)
+      if pid == "1":
+        os.kill(os.getpid(), 9)
+      sys.exit(1)
     if pid == os.environ.get("FAKE_FAIL_ID") and not (os.environ.get("FAKE_FAIL_ONCE")
                                                       and os.path.exists(marker)):
       open(marker, "w").close()
@@ -418,6 +424,17 @@ def test_local_multiprocess_restarts_the_whole_job_after_a_retryable_exit(fake_t
     assert "restart 1/2 in 0 s" in res.stderr
   else:
     assert res.returncode == 1 and starts == 1 and "not retried" in res.stderr
+
+
+def test_local_multiprocess_a_peers_death_is_retried_though_the_other_failed_first(
+    fake_train):
+  tmp_path, env = fake_train
+  workdir = tmp_path / "work"
+  res = run_script("local_multiprocess.sh", "-n", "2", "--max-restarts", "1",
+                   "--restart-backoff", "0", "--workdir", str(workdir),
+                   env=env(FAKE_PEER_DEATH="1"), timeout=60)
+  assert res.returncode == 0, res.stdout + res.stderr
+  assert "exit status 137 (killed by signal 9); restart 1/1" in res.stderr
 
 
 def test_local_multiprocess_failure_kills_the_others(fake_train):
