@@ -60,11 +60,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from mmjax import cli, decode, errors, evaluators, hlo, models, runtime, sharding, summary
-from mmjax import topologies
+from mmjax import command, topologies
 
 GiB = 2**30
 # Without a GPU to autotune on, XLA:GPU can fail to tile a Triton GEMM fusion ("Couldn't
@@ -664,8 +664,6 @@ def run(config: ml_collections.ConfigDict, spec: str, topology: str, num_slices:
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
-  if not f["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # optax/orbax INFO lines drown the report
   what = tuple(w.strip() for w in f.what.split(",") if w.strip())
   if not what or set(what) - set(PROGRAMS):
     raise errors.UsageError(f"--what={f.what!r}: choose from {','.join(PROGRAMS)}")
@@ -674,8 +672,8 @@ def main(argv: list[str]) -> None:
 
 
 def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. "
-                                  "configs/coca.py:base,v4_32", lock_config=True)
+  """The command's own flags; --config (e.g. configs/coca.py:base,v4_32) comes with the
+  command skeleton (mmjax.command.run)."""
   flags.DEFINE_string("topology", None, "Target: v4-32, v5e-16, v5p-128, v6e-8, h100x8, "
                       "h200x8, a100x8, h100x8x4 (4 nodes), ... (see mmjax/topologies.py)")
   flags.DEFINE_integer("num_slices", 1, "TPU multislice: this many slices over DCN.")
@@ -684,12 +682,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("suggest", False, "Not fitting with 10% headroom: compile candidate "
                     "overrides (grad_accum_steps, remat, mesh) until one does.")
   flags.DEFINE_integer("suggest_trials", 3, "With --suggest: at most this many compiles.")
-  flags.mark_flags_as_required(["config", "topology"])
 
 
 if __name__ == "__main__":
-  # Compile-only: the host backend is the CPU, whatever accelerator plugin is installed.
-  jax.config.update("jax_platforms", "cpu")
   define_flags()
-  # A usage or config error (unknown topology, mesh vs devices) is one line, exit status 2.
-  errors.run(main, "mmjax.aot")
+  # Compile-only (cpu_only): the host backend is the CPU, whatever accelerator plugin is
+  # installed. A usage or config error (unknown topology, mesh vs devices) is one line, exit
+  # status 2.
+  command.run(main, "mmjax.aot", required=("topology",), cpu_only=True)

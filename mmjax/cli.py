@@ -1,8 +1,10 @@
-"""Command-line flags shared by every mmjax command, and config validation.
+"""The flags of the commands that run a model in a work directory (train, evaluate), and
+config validation.
 
-Every command takes `--config FILE[:ARG]` with `--config.KEY=VALUE` overrides (ml_collections
-config_flags: unknown keys fail with a "did you mean" suggestion, values are type-checked).
-`validate` then checks what config_flags cannot, before any device memory is allocated.
+Every command takes `--config FILE[:ARG]` with `--config.KEY=VALUE` overrides, defined once
+by the command skeleton (`mmjax.command`: ml_collections config_flags, so unknown keys fail
+with a "did you mean" suggestion and values are type-checked). `validate` then checks what
+config_flags cannot, before any device memory is allocated.
 """
 import importlib
 import math
@@ -10,8 +12,7 @@ import os
 
 import jax
 import ml_collections
-from absl import flags, logging
-from ml_collections import config_flags
+from absl import flags
 
 from mmjax import decode, evaluators, models, objectives, optimizer, sharding, vocabulary
 from mmjax import state
@@ -24,10 +25,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(*, step: bool = False, distributed: bool = False) -> None:
-  config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. configs/shapes.py",
-                                  lock_config=True)
+  """--workdir (required), and --step or the multi-process flags; --config comes with the
+  command skeleton (mmjax.command.run)."""
   flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["workdir"])
   if step:
     flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
   if distributed:
@@ -44,14 +45,6 @@ def define_flags(*, step: bool = False, distributed: bool = False) -> None:
                          "Multi-process: how long an exiting process waits for the "
                          "others (generous: processes finish local work, e.g. "
                          "checkpoint commits, at different speeds on a loaded host).")
-
-
-def quiet_libraries() -> None:
-  """TFDS progress bars and Orbax/absl INFO lines drown the progress line; --verbosity wins."""
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -11,11 +11,17 @@ including ml_collections' unknown or misspelled `--config.KEY` (with its "did yo
 Expected failures of a run that are not a mistake in how it was started (a non-finite loss
 under `nonfinite_policy='stop'`, data past `data.max_skip_fraction`) are listed by the
 command in `failures`: the same one line, exit status 1 (FAILURE_EXIT_CODE).
+
+`--help` (also `-h`, `--helpshort`) prints the command's docstring and its own flags (those
+defined by mmjax, not by the libraries it imports) and exits 0; `--helpfull` prints every
+flag. Commands reach `run` through the one command skeleton, `mmjax.command.run`.
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -65,8 +71,19 @@ def _guarded(main: Callable, command: str, failures: tuple) -> Callable[[list[st
   return guarded
 
 
+HELP_ARGS = frozenset({"-h", "-help", "--help", "-?", "-helpshort", "--helpshort"})
+FULL_HELP_ARGS = frozenset({"-helpfull", "--helpfull"})
+
+
 def _flags_parser(command: str) -> Callable[[list[str]], list[str]]:
   def parse(argv: list[str]) -> list[str]:
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if FULL_HELP_ARGS & set(args):
+      print(flags.FLAGS.get_help(), flush=True)
+      sys.exit(0)
+    if HELP_ARGS & set(args):
+      print(command_help(command), flush=True)
+      sys.exit(0)
     try:
       args = flags.FLAGS(argv)
     except Exception as e:  # flags.Error, and config_flags' KeyError for unknown keys
@@ -74,6 +91,35 @@ def _flags_parser(command: str) -> Callable[[list[str]], list[str]]:
     _check_config_loaded(command)
     return args
   return parse
+
+
+def command_help(command: str) -> str:
+  """The running command's docstring and the flags mmjax defines for it, one per line."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  own = [flag for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items())
+         if module.startswith("mmjax") or os.path.abspath(module).startswith(package + os.sep)
+         for flag in module_flags]
+  doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+  lines = [doc, ""] if doc else []
+  lines.append(f"{command} flags:")
+  for flag in sorted(own, key=lambda f: f.name):
+    name = f"--[no]{flag.name}" if flag.flag_type() == "bool" else f"--{flag.name}"
+    default = "required" if flag.default is None and _is_required(flag.name) else (
+        f"default: {flag.default_as_str.strip(chr(39))}" if flag.default is not None
+        else "optional")
+    lines.append(textwrap.fill(f"{name}: {one_line(flag.help)} ({default})", width=100,
+                               initial_indent="  ", subsequent_indent="      "))
+  if "config" in flags.FLAGS:
+    lines.append("  --config.KEY=VALUE: override one key of the config; every key, its type "
+                 "and default: configs/schema.py")
+  lines.append("Every flag, the libraries' too: --helpfull")
+  return "\n".join(lines)
+
+
+def _is_required(name: str) -> bool:
+  """absl's mark_flag_as_required is a validator "must have a value other than None"."""
+  return any("must have a value other than None" in getattr(v, "message", "")
+             for v in flags.FLAGS[name].validators)
 
 
 def _check_config_loaded(command: str) -> None:

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from etils import epath  # local or gs://
 
-from mmjax import checkpoint, cli, errors, evaluators, runtime, writers
+from mmjax import checkpoint, cli, command, evaluators, runtime, writers
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
 from mmjax.evaluators import suite as suite_lib
@@ -80,7 +80,6 @@ def evaluate_suite(config: ml_collections.ConfigDict, workdir: str, suite: str,
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.quiet_libraries()
   config = cli.validated_config()
   cli.enable_compilation_cache(config)
   if cli.FLAGS.suite == "list":
@@ -106,4 +105,4 @@ if __name__ == "__main__":
                         "(optimizer.ema_decay) instead of the parameters.")
   # A usage error is one line, exit status 2; a checkpoint that does not match the config,
   # one line, exit status 1.
-  errors.run(main, "mmjax.evaluate", failures=(checkpoint.CheckpointMismatchError,))
+  command.run(main, "mmjax.evaluate", failures=(checkpoint.CheckpointMismatchError,))

@@ -45,6 +45,7 @@ from typing import Any
 
 from etils import epath
 
+from mmjax import coordination as coordination_lib
 from mmjax import errors
 
 LOCK_FILE = ".mmjax.lock"
@@ -81,7 +82,7 @@ def hold_workdir(workdir: str, process_index: int = 0, process_count: int = 1,
   job that another job's holding out.
   """
   if process_count > 1:
-    coordination = coordination or _jax_coordination_client()
+    coordination = coordination or coordination_lib.client()
   if process_index != 0:
     status = coordination.blocking_key_value_get(COORDINATION_KEY,
                                                  COORDINATION_TIMEOUT_S * 1000)
@@ -113,11 +114,6 @@ def hold_workdir(workdir: str, process_index: int = 0, process_count: int = 1,
 
 # Locks left to the end of the process: a FlockLock's open file must not be collected.
 _ABANDONED: list[Any] = []
-
-
-def _jax_coordination_client() -> Any:
-  from jax._src import distributed  # the coordination service (no device collective)
-  return distributed.global_state.client
 
 
 def _owner() -> dict[str, Any]:

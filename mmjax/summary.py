@@ -20,8 +20,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+from absl import flags
 
-from mmjax import models, state as state_lib
+from mmjax import command, errors, models, state as state_lib
 
 
 def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -122,8 +123,11 @@ def format_table(s: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags
-  s = summarize(flags.FLAGS.config)
+  config = command.config()
+  if config.model.name not in models.MODELS:
+    raise errors.ConfigError(f"config model.name={config.model.name!r}: choose one of "
+                             f"{list(models.MODELS)}")
+  s = summarize(config)
   if flags.FLAGS.json:
     json.dump(s, sys.stdout, indent=1)
     sys.stdout.write("\n")
@@ -132,12 +136,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  # Its own flags (no --workdir, unlike mmjax.cli.define_flags): nothing is written.
-  config_flags.DEFINE_config_file("config", None, "Config file[:arg], e.g. configs/coca.py:base",
-                                  lock_config=True)
+  # No --workdir: nothing is written. Shapes only (cpu_only): never wait for an accelerator.
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-  flags.mark_flags_as_required(["config"])
-  jax.config.update("jax_platforms", "cpu")  # shapes only: never wait for an accelerator
-  app.run(main)
+  command.run(main, "mmjax.summary", cpu_only=True)

@@ -39,11 +39,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax._src import distributed  # the coordination-service barrier, see _barrier
 from jax.experimental import multihost_utils
 
-from mmjax import aot, checkpoint, cli, errors, evaluators, interrupts, locks, profiling, runtime
-from mmjax import goodput, retry, summary, warm_start, watchdog, writers
+from mmjax import aot, checkpoint, cli, command, coordination, evaluators, goodput, interrupts
+from mmjax import locks, profiling, retry, runtime, summary, warm_start, watchdog, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -124,11 +123,9 @@ START_BARRIER_TIMEOUT_S = 900
 
 
 def _barrier(name: str, timeout_s: int) -> None:
-  """All processes wait here (coordination service; no device collective involved).
-
-  JAX has no public API for this: `multihost_utils.sync_global_devices` is a device
-  collective, bound by gloo's 30 s rendezvous on CPUs, the very limit this barrier avoids."""
-  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+  """All processes wait here (mmjax.coordination: not a device collective, which on CPUs is
+  bound by gloo's 30 s rendezvous, the very limit this barrier avoids)."""
+  coordination.barrier(name, timeout_s)
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -378,7 +375,6 @@ def initialize_distributed() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.quiet_libraries()
   initialize_distributed()
   config = cli.validated_config()
   cli.enable_compilation_cache(config)
@@ -392,6 +388,6 @@ if __name__ == "__main__":
   cli.define_flags(distributed=True)
   # One line on stderr, no traceback: exit 2 for a usage error (errors.UsageError), 1 for
   # these expected failures.
-  errors.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
-                                            NonFiniteLossError,
-                                            accounting.TooManySkippedError))
+  command.run(main, "mmjax.train", failures=(checkpoint.CheckpointMismatchError,
+                                             NonFiniteLossError,
+                                             accounting.TooManySkippedError))

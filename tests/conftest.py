@@ -10,11 +10,12 @@ import tempfile
 # initialising it (or a CUDA plugin) as a backend; tests run on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# 8 fake CPU devices, set before importing mmjax: it sizes XLA:CPU's thread pool for them,
-# which must precede JAX's backend.
+# 8 fake CPU devices, and XLA:CPU's thread pool sized for them: both before JAX's backend.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+from mmjax import devices  # noqa: E402
 
-import mmjax  # noqa: F401
+devices.configure_cpu_devices()
+
 import fsspec
 import jax
 import pytest

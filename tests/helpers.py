@@ -196,7 +196,7 @@ FLAVA_TINY = f"{REPO}/configs/flava.py:tiny"
 
 def environment(devices: int = 1) -> dict[str, str]:
   """A subprocess's environment: this checkout importable, JAX on `devices` CPU devices
-  (without this process's NPROC: importing mmjax sizes XLA's thread pool for `devices`)."""
+  (without this process's NPROC: the command sizes XLA's thread pool for `devices`)."""
   inherited = {k: v for k, v in os.environ.items() if k != "NPROC"}
   return {**inherited, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
           "JAX_NUM_CPU_DEVICES": str(devices)}

@@ -10,9 +10,9 @@ from conftest import REPO
 
 # Layers, lowest first; a module may import its own layer and the ones below.
 LAYERS = (
-    ("foundation", ("mmjax.errors", "mmjax.vocabulary", "mmjax.locks", "mmjax.sharding",
-                    "mmjax.interrupts", "mmjax.watchdog", "mmjax.integrity", "mmjax.goodput",
-                    "mmjax.retry",
+    ("foundation", ("mmjax.errors", "mmjax.command", "mmjax.devices", "mmjax.coordination",
+                    "mmjax.vocabulary", "mmjax.locks", "mmjax.sharding", "mmjax.interrupts",
+                    "mmjax.watchdog", "mmjax.integrity", "mmjax.goodput", "mmjax.retry",
                     "mmjax.writers", "mmjax.checkpoint", "mmjax.profiling", "mmjax.topologies",
                     "mmjax.hlo", "mmjax.param_groups")),
     ("data and models", ("mmjax.tokenizers", "mmjax.data", "mmjax.models", "mmjax.decode")),

@@ -25,9 +25,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from configs import openclip as openclip_configs
-from mmjax import checkpoint, runtime, state as state_lib
+from mmjax import checkpoint, command, runtime, state as state_lib
 from mmjax.convert import files, mapping
 from mmjax.data import tokenizer as tokenizer_lib
 
@@ -255,20 +256,15 @@ def openclip_coca(variant: str, seed: int = 0, perturb: bool = False,
 # --- CLI ------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  timings = convert_checkpoint(f.checkpoint, f.config, os.path.expanduser(f.out))
+  timings = convert_checkpoint(f.checkpoint, command.config(), os.path.expanduser(f.out))
   print(f"wrote {os.path.join(f.out, 'checkpoints', '0')} ("
         + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
+  # --config: configs/openclip.py:<variant>; its optimizer settings must match the later
+  # mmjax.train run.
   flags.DEFINE_string("checkpoint", None, "open_clip state dict (.safetensors, .pt, .bin).")
   flags.DEFINE_string("out", None, "Output workdir (gets checkpoints/0).")
-  config_flags.DEFINE_config_file(
-      "config", None, "configs/openclip.py:<variant> with --config.KEY overrides (the "
-      "optimizer settings must match the later mmjax.train run).", lock_config=True)
-  flags.mark_flags_as_required(["checkpoint", "out", "config"])
-  app.run(main)
+  command.run(main, "mmjax.convert.openclip", required=("checkpoint", "out"))

@@ -48,7 +48,7 @@ import PIL
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from mmjax import errors
+from mmjax import command, errors
 from mmjax.data.images import decode_image
 
 try:  # the `beam` extra
@@ -512,9 +512,6 @@ def main(argv: list[str]) -> None:
     if webdataset_build is None:
       raise errors.UsageError("--webdataset needs Apache Beam: pip install -e '.[beam]'")
     return webdataset_build.main(argv)
-  tfds.disable_progress_bar()
-  if not f["verbosity"].present:  # TFDS's INFO/WARNING lines would bury the summary
-    logging.set_verbosity(logging.ERROR)
   if f.images_dir:
     report = build_from_images_dir(f.images_dir, f.name, f.data_dir,
                                    val_fraction=f.val_fraction, strict=f.strict)
@@ -528,4 +525,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  errors.run(main, "mmjax.data.build")
+  # No --config: the import reads files, not a training config. TFDS's INFO/WARNING lines
+  # would bury the summary (log_level).
+  command.run(main, "mmjax.data.build", config=False, log_level=logging.ERROR)

@@ -12,17 +12,11 @@ import json
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from mmjax import errors, vocabulary
+from mmjax import command, vocabulary
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import pipeline, sources
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.")
-_OUT = flags.DEFINE_string("out", "batch.png", "Where to write the grid PNG.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", 1, "Batches to compute statistics over.")
-_JSON = flags.DEFINE_bool("json", False, "Print statistics as one JSON line.")
 
 _CELL, _TEXT_H, _COLS = 128, 44, 8
 
@@ -49,17 +43,18 @@ def batch_grid(batch: dict[str, np.ndarray], texts: list[str], keys: list[str]) 
 
 def main(argv: list[str]) -> None:
   del argv
-  config = _CONFIG.value
+  f = flags.FLAGS
+  config = command.config()
   tok = tokenizer_lib.get_tokenizer(config)
   keys = sources.active_source_keys(config)
   it = pipeline.make_train_iterator(config, tok, start_step=0, process_index=0, process_count=1)
   try:
-    batches = [next(it) for _ in range(_NUM_BATCHES.value)]
+    batches = [next(it) for _ in range(f.num_batches)]
   finally:
     it.close()
   first = batches[0]
   texts = [tok.decode(t) for t in first["text"]]
-  batch_grid(first, texts, keys).save(_OUT.value)
+  batch_grid(first, texts, keys).save(f.out)
   src = np.concatenate([b["source"] for b in batches])
   text = np.concatenate([b["text"] for b in batches])
   weights = np.array([config.data.sources[k].weight for k in keys], np.float64)
@@ -69,9 +64,9 @@ def main(argv: list[str]) -> None:
       "weights_per_source": {k: float(w) for k, w in zip(keys, weights / weights.sum())},
       "mean_tokens_per_text": float((text != vocabulary.PAD_ID).sum(1).mean()),
       "skipped": int(sum(int(b["skipped"].sum()) for b in batches)),
-      "out": _OUT.value,
+      "out": f.out,
   }
-  if _JSON.value:
+  if f.json:
     print(json.dumps(stats))
   else:
     for k, v in stats.items():
@@ -81,4 +76,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  errors.run(main, "mmjax.data.preview")  # a usage error is one line, exit status 2
+  flags.DEFINE_string("out", "batch.png", "Where to write the grid PNG.")
+  flags.DEFINE_integer("num_batches", 1, "Batches to compute statistics over.")
+  flags.DEFINE_bool("json", False, "Print statistics as one JSON line.")
+  command.run(main, "mmjax.data.preview")  # a usage error is one line, exit status 2
