@@ -1,6 +1,6 @@
 """The SigLIP objective (mmjax.objectives.siglip): chosen by config, wired to the sigmoid loss
 with the model's learned scale and bias, exact under gradient accumulation and sharding.
-The loss itself is tested against float64 NumPy in tests/test_losses.py."""
+The loss itself is tested against float64 NumPy in tests/test_losses_contrastive.py."""
 import jax
 import numpy as np
 import pytest
