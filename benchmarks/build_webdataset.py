@@ -15,7 +15,7 @@ variant. Each variant runs as its own command, as a user would run it:
   beam_header_wN      the same with --noverify_images (header only: the folder builder's work)
   tfds_beam_writer_wN TFDS's own Beam path (a GeneratorBasedBuilder whose
                       _generate_examples returns a PTransform, header-only checks), the
-                      design mmjax.data.webdataset_build replaces
+                      design mmjax.ingest.beam replaces
 
 Figures per variant: wall seconds, records/s, CPU seconds (user+sys of the command and
 every process it started). Every variant also runs on two shards of 4 samples, which is
@@ -57,7 +57,7 @@ from mmjax.data.sources import decode_image  # noqa: E402
 TFDS_WRITER_SCRIPT = r'''
 import glob, sys, apache_beam as beam, numpy as np, tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
-from mmjax.data import webdataset
+from mmjax.ingest import webdataset
 
 RULES = webdataset.SampleRules(verify_images=False)
 

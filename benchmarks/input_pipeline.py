@@ -19,7 +19,8 @@ from PIL import Image
 from configs import schema
 from configs import shapes as shapes_config
 from mmjax.data import tokenizer as tokenizer_lib
-from mmjax.data import build, pipeline
+from mmjax.data import pipeline
+from mmjax.ingest import files as build
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "Dataset dir ('' = a fresh temp dir).")
 _NUM_BATCHES = flags.DEFINE_integer("num_batches", 20, "Timed batches per case.")

@@ -21,7 +21,8 @@ from PIL import Image
 from configs import flava, shapes
 from conftest import CACHE_DIR, REPO
 from mmjax import runtime
-from mmjax.data import build, pipeline
+from mmjax.data import pipeline
+from mmjax.ingest import files as build
 
 
 def override(config, **overrides):

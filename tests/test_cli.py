@@ -161,7 +161,7 @@ def test_captions_with_more_characters_than_the_vocabulary(tmp_path, data_dir):
   import numpy as np
   import tensorflow_datasets as tfds
   from PIL import Image
-  from mmjax.data import build
+  from mmjax.ingest import files as build
   alphabet = "абвгдежзийклмнопрстуфхцчшщъыьэюяαβγδεζηθικλμνξοπρστυφχψω"
   examples = []
   for i in range(8):

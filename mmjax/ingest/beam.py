@@ -1,10 +1,10 @@
 """WebDataset shards -> a TFDS ArrayRecord dataset, with Apache Beam on any runner.
 
   # every local core (DirectRunner, one worker process per core):
-  python -m mmjax.data.build --webdataset 'shards/{00000..00099}.tar' --name cc_small \
+  python -m mmjax.ingest --webdataset 'shards/{00000..00099}.tar' --name cc_small \
       --data_dir ~/data
   # a Dataflow cluster; arguments after `--` go to Beam unchanged (--dry_run prints all):
-  python -m mmjax.data.build --webdataset 'gs://B/cc12m/{00000..01242}.tar' --name cc12m \
+  python -m mmjax.ingest --webdataset 'gs://B/cc12m/{00000..01242}.tar' --name cc12m \
       --data_dir gs://B/tfds --runner DataflowRunner -- --project=P --region=R \
       --temp_location=gs://B/beam-tmp --setup_file=./setup.py
 
@@ -12,8 +12,8 @@ The dataset has the features of mmjax's other caption datasets (`image`: encoded
 stored in the tar, `captions`: Sequence(Text)) or, with `--label`, a ClassLabel `label`;
 plus `key` (the sample's WebDataset key), `shard` (its shard's name), `url` (from the .json)
 and `width`/`height` (of the image training sees). Bad samples are skipped and counted by
-cause (mmjax.data.webdataset), never fatal unless --fail_on_skip; the counts per shard and in
-total go to `build_report.json` inside the dataset directory.
+cause (mmjax.ingest.webdataset), never fatal unless --fail_on_skip; the counts per shard and
+in total go to `build_report.json` inside the dataset directory (mmjax.ingest.report).
 
 Layout and determinism. Input shard i (in name order) becomes output shard i, its records
 in tar order: the dataset is the same, byte for byte, for any runner and number of
@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -48,16 +47,15 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from tensorflow_datasets.core import naming
-from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
 
-from mmjax import errors
-from mmjax.data import webdataset
+from mmjax.ingest import report as report_lib
+from mmjax.ingest import webdataset
+from mmjax.ingest.options import (REPORT_FILE, SPLIT, VERSION, BuildError, BuildOptions,
+                                  features, read_class_names, serialize_example)
 
 
 def _import_beam_quietly():
@@ -75,82 +73,11 @@ def _import_beam_quietly():
 
 beam, PipelineOptions = _import_beam_quietly()
 
-VERSION = "1.0.0"
-SPLIT = "train"
-REPORT_FILE = "build_report.json"
 # Random access needs one record per chunk (TFDS's setting). JPEG/PNG/WebP bytes do not
 # compress: ArrayRecord's default compression took 0.10 ms of CPU per 35 kB JPEG here for
 # the same file size, uncompressed 0.02 ms.
 ARRAY_RECORD_OPTIONS = "group_size:1,uncompressed"
 FAILED_MARK = "FAILED"  # in the temporary directory: a --fail_on_skip stop; other shards stop
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class BuildError(errors.UsageError):
-  """A user-facing problem (bad flag, no shard, a fatal skip): reported as one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildOptions:
-  """One build. `rules` decide each sample (mmjax.data.webdataset.SampleRules).
-
-  class_names_file: label layout only; one class name per line, line i = class id i (a
-    .cls/.json label is a name or a decimal id). Empty: the classes seen in the shards
-    (webdataset.class_names_from_labels), found by an extra pass that reads the shards
-    without decoding images.
-  dedupe_images: drop exact duplicate images (same SHA-256 of the encoded bytes); the copy
-    that survives is the first in (shard name, tar position) order.
-  fail_on_skip: stop the build at the first skipped sample or bad shard (filters are not
-    skips).
-  """
-  pattern: str
-  name: str
-  data_dir: str
-  rules: webdataset.SampleRules = webdataset.SampleRules()
-  class_names_file: str = ""
-  dedupe_images: bool = False
-  fail_on_skip: bool = False
-
-  @property
-  def layout(self) -> str:
-    return "label" if self.rules.label else "caption"
-
-  def validate(self) -> None:
-    if not _NAME.match(self.name):
-      raise BuildError(f"--name={self.name!r}: use lower case letters, digits and _, starting "
-                       "with a letter (TFDS dataset names)")
-    if not self.pattern.strip():
-      raise BuildError("--webdataset is empty: give a shard pattern, e.g. "
-                       "'shards/{00000..00099}.tar'")
-    try:
-      self.rules.validate()
-    except ValueError as e:
-      raise BuildError(str(e)) from e
-    if self.class_names_file and not self.rules.label:
-      raise BuildError("--class_names is for label datasets: add --label=cls or --label=json:FIELD")
-
-
-def features(layout: str, class_names: Sequence[str] | None = None) -> tfds.features.FeaturesDict:
-  """The dataset's features; `class_names` for the label layout."""
-  target = ({"label": tfds.features.ClassLabel(names=list(class_names))} if layout == "label"
-            else {"captions": tfds.features.Sequence(tfds.features.Text())})
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(None, None, 3)), **target,
-      "key": tfds.features.Text(), "shard": tfds.features.Text(), "url": tfds.features.Text(),
-      "width": tfds.features.Scalar(np.int32), "height": tfds.features.Scalar(np.int32)})
-
-
-def read_class_names(path: str) -> list[str]:
-  try:
-    lines = epath.Path(os.path.expanduser(path)).read_text().splitlines()
-  except Exception as e:
-    raise BuildError(f"--class_names={path}: cannot read ({e})") from e
-  names = [line.strip() for line in lines if line.strip()]
-  repeated = sorted(n for n, c in collections.Counter(names).items() if c > 1)
-  if not names or repeated:
-    raise BuildError(f"--class_names={path}: " + (f"repeated names {repeated[:5]}" if repeated
-                                                  else "no class names"))
-  return names
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,33 +178,6 @@ class _RecordFile:
     with open(self._local, "rb") as src, epath.Path(self.path).open("wb") as dst:
       shutil.copyfileobj(src, dst, 16 << 20)
     shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _bytes_feature(values: list[bytes]) -> tf_feature_pb2.Feature:
-  return tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=values))
-
-
-def _int_feature(value: int) -> tf_feature_pb2.Feature:
-  return tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[value]))
-
-
-def serialize_example(example: dict[str, Any]) -> bytes:
-  """The record of one example: the tf.train.Example that TFDS writes for `features()`,
-  built directly. TFDS's generic serializer (features.serialize_example: numpy
-  conversions, shape checks, per-feature dispatch in Python) took 0.16 ms of CPU per
-  35 kB JPEG record here, a third of the whole per-record cost; this takes 0.07 ms.
-  tests/test_webdataset.py checks the bytes equal TFDS's own for both layouts. Map entries
-  are written in key order (deterministic=True): protobuf's default order differs between
-  processes, which made equal records differ byte for byte between workers."""
-  feature = {name: _bytes_feature([example[name].encode()]) for name in ("key", "shard", "url")}
-  feature.update(image=_bytes_feature([example["image"]]),
-                 width=_int_feature(example["width"]), height=_int_feature(example["height"]))
-  if "captions" in example:
-    feature["captions"] = _bytes_feature([c.encode() for c in example["captions"]])
-  else:
-    feature["label"] = _int_feature(example["label"])
-  proto = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
-  return proto.SerializeToString(deterministic=True)
 
 
 class _ShardDoFn(beam.DoFn):
@@ -393,74 +293,6 @@ def _shard_labels(shard: webdataset.Shard, label: str) -> Iterator[str]:
 # The pipeline's last step: report, TFDS metadata, rename
 
 
-def _totals(per_shard: list[dict[str, Any]], layout: str) -> dict[str, Any]:
-  """Counts over all shards, every cause of the layout listed (zeros too)."""
-  other = ({webdataset.NO_CAPTION, webdataset.CAPTION_NOT_UTF8, webdataset.CAPTION_TOO_SHORT,
-            webdataset.CAPTION_TOO_LONG} if layout == "label"
-           else {webdataset.NO_LABEL, webdataset.UNKNOWN_CLASS})
-  skipped = {c: sum(s["skipped"].get(c, 0) for s in per_shard)
-             for c in webdataset.SKIP_CAUSES if c not in other}
-  filtered = {c: sum(s["filtered"].get(c, 0) for s in per_shard)
-              for c in webdataset.FILTER_CAUSES if c not in other}
-  status = collections.Counter(s["status"] for s in per_shard)
-  return {
-      "shards": {"total": len(per_shard), "ok": status["ok"], "truncated": status["truncated"],
-                 "unreadable": status["unreadable"]},
-      "samples": {"read": sum(s["read"] for s in per_shard),
-                  "written": sum(s["written"] for s in per_shard),
-                  "skipped": skipped, "filtered": filtered}}
-
-
-def _nonzero(counts: dict[str, int]) -> dict[str, int]:
-  return {cause: n for cause, n in sorted(counts.items()) if n}
-
-
-def make_report(options: BuildOptions, per_shard: list[dict[str, Any]],
-                class_names: Sequence[str] | None) -> dict[str, Any]:
-  """The build report: options, totals, and every shard's counts (non-zero causes only).
-  Deterministic: no times or paths of temporary files."""
-  shards = [{"shard": s["shard"], "status": s["status"], "error": s["error"], "read": s["read"],
-             "written": s["written"], "skipped": _nonzero(s["skipped"]),
-             "filtered": _nonzero(s["filtered"])}
-            for s in sorted(per_shard, key=lambda s: s["index"])]
-  rules = dataclasses.asdict(options.rules)
-  report = {"dataset": options.name, "version": VERSION, "layout": options.layout,
-            "pattern": options.pattern,
-            "options": {**rules, "class_names_file": options.class_names_file,
-                        "dedupe_images": options.dedupe_images,
-                        "fail_on_skip": options.fail_on_skip},
-            **_totals(per_shard, options.layout)}
-  if class_names is not None:
-    report["num_classes"] = len(class_names)
-  report["per_shard"] = shards
-  return report
-
-
-def _outcome_line(totals: dict[str, Any]) -> str:
-  samples, shards = totals["samples"], totals["shards"]
-  parts = [f"{n} {c}" for kind in ("skipped", "filtered") for c, n in samples[kind].items() if n]
-  return (f"{shards['total']} shards ({shards['unreadable']} unreadable, {shards['truncated']} "
-          f"truncated), {samples['read']} samples read, {samples['written']} written"
-          + (f" ({', '.join(parts)})" if parts else ""))
-
-
-def _failure(report: dict[str, Any], per_shard: list[dict[str, Any]], options: BuildOptions,
-             final: epath.Path) -> str:
-  """Why the build must not be published ("" if it may be)."""
-  fatal = [s["fatal"] for s in sorted(per_shard, key=lambda s: s["index"]) if s["fatal"]]
-  if fatal:
-    return fatal[0]
-  if report["shards"]["unreadable"] == len(per_shard):
-    first = report["per_shard"][0]
-    return (f"no readable shard among the {len(per_shard)} matching {options.pattern!r} "
-            f"(first: {first['shard']}: {first['error']})")
-  if report["samples"]["written"] == 0:
-    return f"no sample survived: {_outcome_line(report)}"
-  if final.exists():
-    return f"{final} appeared during the build; remove one of the two"
-  return ""
-
-
 def finalize(per_shard: list[dict[str, Any]], class_names: Sequence[str] | None,
              target: _Target) -> None:
   """Writes the report into the temporary directory, then, unless the build failed (the
@@ -469,13 +301,13 @@ def finalize(per_shard: list[dict[str, Any]], class_names: Sequence[str] | None,
   options, tmp, final = target.options, epath.Path(target.tmp_dir), epath.Path(target.final_dir)
   if not tmp.exists() and (final / REPORT_FILE).exists():
     return  # a retried last step: the rename already happened
-  report = make_report(options, per_shard, class_names)
+  report = report_lib.make_report(options, per_shard, class_names)
   samples = report["samples"]
   lost = sum(samples["skipped"].values()) + sum(samples["filtered"].values())
   if not any(s["fatal"] for s in per_shard) and samples["read"] != samples["written"] + lost:
     raise AssertionError(f"{samples['read']} samples read != {samples['written']} written + "
                          f"{lost} skipped or filtered")  # every sample has one outcome
-  report["error"] = _failure(report, per_shard, options, final)
+  report["error"] = report_lib.failure(report, per_shard, options, final)
   (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
   if report["error"]:
     return
@@ -600,7 +432,8 @@ def _make_pipeline(runner: str, beam_args: Sequence[str]) -> beam.Pipeline:
 
 def run_build(options: BuildOptions, runner: str = "DirectRunner",
               beam_args: Sequence[str] = (), progress_every: float = 15.0) -> dict[str, Any]:
-  """Builds the dataset and returns its report (see `make_report`). Raises BuildError."""
+  """Builds the dataset and returns its report (see `mmjax.ingest.report.make_report`).
+  Raises BuildError."""
   options.validate()
   data_dir = os.path.expanduser(options.data_dir)
   final = epath.Path(data_dir) / options.name / VERSION
@@ -638,92 +471,3 @@ def run_build(options: BuildOptions, runner: str = "DirectRunner",
     progress.stop()
     if tmp.exists():
       tmp.rmtree(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------
-# Command line (flags are defined by mmjax.data.build when run as a script)
-
-
-def define_flags() -> None:
-  flags.DEFINE_string("webdataset", "", "WebDataset shard pattern: braces "
-                      "('shards/{00000..00099}.tar') and globs, local or gs://.")
-  flags.DEFINE_string("runner", "DirectRunner", "Beam runner: DirectRunner (all local cores), "
-                      "DataflowRunner, FlinkRunner, SparkRunner... Beam options go after `--`.")
-  flags.DEFINE_string("label", "", "Label dataset: 'cls' (the .cls member) or 'json:FIELD'. "
-                      "Empty: caption dataset (.txt, else the .json's caption).")
-  flags.DEFINE_string("class_names", "", "Label datasets: file of class names, one per line "
-                      "(line i = class id i). Empty: the sorted classes seen in the shards.")
-  flags.DEFINE_bool("verify_images", True, "Decode every image (exact undecodable_image "
-                    "count). False: header only (3.5x less CPU on 384 px JPEGs).")
-  flags.DEFINE_integer("min_image_side", 0, "Drop images with a shorter side below this.")
-  flags.DEFINE_float("max_aspect_ratio", 0.0, "Drop images with longer/shorter side above this.")
-  flags.DEFINE_integer("min_caption_chars", 0, "Drop captions shorter than this (characters).")
-  flags.DEFINE_integer("max_caption_chars", 0, "Drop captions longer than this (0 = no bound).")
-  flags.DEFINE_bool("dedupe_images", False, "Keep one copy of byte-identical images (the "
-                    "first in shard-name, tar order); reads the shards twice.")
-  flags.DEFINE_bool("fail_on_skip", False, "Stop at the first skipped sample or bad shard.")
-  flags.DEFINE_bool("dry_run", False, "Print the build and Beam options; read nothing.")
-
-
-def options_from_flags() -> BuildOptions:
-  f = flags.FLAGS
-  rules = webdataset.SampleRules(
-      label=f.label, verify_images=f.verify_images, min_image_side=f.min_image_side,
-      max_aspect_ratio=f.max_aspect_ratio, min_caption_chars=f.min_caption_chars,
-      max_caption_chars=f.max_caption_chars)
-  return BuildOptions(pattern=f.webdataset, name=f.name, data_dir=f.data_dir, rules=rules,
-                      class_names_file=f.class_names, dedupe_images=f.dedupe_images,
-                      fail_on_skip=f.fail_on_skip)
-
-
-def dry_run_text(options: BuildOptions, runner: str, beam_args: Sequence[str]) -> str:
-  """The build as it would run: output, options, Beam arguments, the command line."""
-  args = default_beam_args(runner, beam_args)
-  rules = dataclasses.asdict(options.rules)
-  lines = [f"dataset:   {os.path.join(options.data_dir, options.name, VERSION)} "
-           f"({options.layout} layout, report {REPORT_FILE} inside)",
-           f"shards:    {options.pattern} ({len(webdataset.expand_braces(options.pattern))} "
-           "after brace expansion; globs are listed when the build starts)",
-           "rules:     " + " ".join(f"{k}={v}" for k, v in rules.items()),
-           f"dedupe_images={options.dedupe_images} fail_on_skip={options.fail_on_skip} "
-           f"class_names={options.class_names_file or '(classes seen)'}",
-           "beam:      " + " ".join(args)]
-  flag_args = [f"--webdataset='{options.pattern}'", f"--name={options.name}",
-               f"--data_dir={options.data_dir}", f"--runner={runner}"]
-  defaults = BuildOptions(pattern="", name="", data_dir="")
-  flag_args += [f"--{k}={v}" for k, v in rules.items()
-                if v != getattr(defaults.rules, k)]
-  flag_args += [f"--{k}" for k in ("dedupe_images", "fail_on_skip") if getattr(options, k)]
-  if options.class_names_file:
-    flag_args.append(f"--class_names={options.class_names_file}")
-  lines.append("command:   python -m mmjax.data.build " + " ".join(flag_args)
-               + (" -- " + " ".join(beam_args) if beam_args else ""))
-  return "\n".join(lines)
-
-
-def summary_text(report: dict[str, Any], data_dir: str) -> str:
-  source = "labels" if report["layout"] == "label" else "captions"
-  directory = os.path.join(data_dir, report["dataset"], report["version"])
-  return "\n".join([
-      f"Built {report['dataset']} ({report['layout']}) in {directory}: {_outcome_line(report)}",
-      f"  report: {os.path.join(directory, REPORT_FILE)}",
-      f"  train on it: --config.data.sources.{source}.name={report['dataset']} "
-      f"--config.data.sources.{source}.data_dir={data_dir}"])
-
-
-def main(argv: Sequence[str]) -> None:
-  """`python -m mmjax.data.build --webdataset ...`; argv[1:] (after `--`) go to Beam."""
-  f = flags.FLAGS
-  beam_args = list(argv[1:])
-  logging.getLogger("apache_beam").setLevel(logging.WARNING)
-  # The DirectRunner relays its worker processes' start-up warnings, which they print too.
-  logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
-  options = options_from_flags()
-  options.validate()
-  if f.dry_run:
-    print(dry_run_text(options, f.runner, beam_args))
-    return
-  start = time.time()
-  report = run_build(options, f.runner, beam_args)
-  print(summary_text(report, os.path.expanduser(options.data_dir))
-        + f"\n  took {time.time() - start:.0f} s")

@@ -29,7 +29,8 @@ from PIL import Image
 
 import helpers
 from conftest import REPO
-from mmjax.data import webdataset, webdataset_build
+from mmjax.ingest import beam, webdataset
+from mmjax.ingest import options as build_options
 
 BEAM_1_PROCESS = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
 FILTERS = dict(min_image_side=32, max_aspect_ratio=3.0, min_caption_chars=5,
@@ -371,9 +372,9 @@ def test_gs_shards_to_gs_dataset_match_the_local_build(corpus, two_worker_counts
   for name in sorted(os.listdir(f"{corpus['root']}/cap")):
     with open(f"{corpus['root']}/cap/{name}", "rb") as f:
       gcs.pipe(f"gs://bucket/cap/{name}", f.read())
-  options = webdataset_build.BuildOptions(pattern="gs://bucket/cap/{00000..00007}.tar",
+  options = build_options.BuildOptions(pattern="gs://bucket/cap/{00000..00007}.tar",
                                           name="web_captions", data_dir="gs://bucket/tfds")
-  report = webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
+  report = beam.run_build(options, beam_args=BEAM_1_PROCESS)
   check_report(report, corpus["cap_plan"])
   local = dataset_files(f"{two_worker_counts[1][0]}/web_captions/1.0.0")
   remote = epath.Path("gs://bucket/tfds/web_captions/1.0.0")
@@ -387,10 +388,10 @@ def test_gs_shards_to_gs_dataset_match_the_local_build(corpus, two_worker_counts
 
 def test_filters_and_dedup_are_counted_and_keep_the_first_copy(corpus, tmp_path):
   rules = webdataset.SampleRules(**FILTERS)
-  options = webdataset_build.BuildOptions(pattern=corpus["cap_pattern"], name="web_filtered",
+  options = build_options.BuildOptions(pattern=corpus["cap_pattern"], name="web_filtered",
                                           data_dir=str(tmp_path), rules=rules,
                                           dedupe_images=True)
-  report = webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
+  report = beam.run_build(options, beam_args=BEAM_1_PROCESS)
   check_report(report, corpus["cap_plan"], filters=True)
   assert report["samples"]["filtered"]["duplicate_image"] == 2
   kept = kept_in_order(corpus["cap_plan"], filters=True)
@@ -404,10 +405,10 @@ def test_filters_and_dedup_are_counted_and_keep_the_first_copy(corpus, tmp_path)
 
 def test_label_layouts_cls_ids_and_json_names_with_a_class_file(corpus, tmp_path):
   plan = corpus["lab_plan"]
-  options = webdataset_build.BuildOptions(pattern=corpus["lab_pattern"], name="web_cls",
+  options = build_options.BuildOptions(pattern=corpus["lab_pattern"], name="web_cls",
                                           data_dir=str(tmp_path),
                                           rules=webdataset.SampleRules(label="cls"))
-  report = webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
+  report = beam.run_build(options, beam_args=BEAM_1_PROCESS)
   # .cls ids are kept as they are (class 2 never occurs, ids do not shift).
   assert report["num_classes"] == 4 and report["samples"]["skipped"]["no_label"] == 2
   builder = tfds.builder_from_directory(f"{tmp_path}/web_cls/1.0.0")
@@ -418,10 +419,10 @@ def test_label_layouts_cls_ids_and_json_names_with_a_class_file(corpus, tmp_path
 
   names_file = tmp_path / "classes.txt"
   names_file.write_text("astronaut\ncat\ndog\n")
-  options = webdataset_build.BuildOptions(
+  options = build_options.BuildOptions(
       pattern=corpus["lab_pattern"], name="web_json", data_dir=str(tmp_path),
       rules=webdataset.SampleRules(label="json:class"), class_names_file=str(names_file))
-  report = webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
+  report = beam.run_build(options, beam_args=BEAM_1_PROCESS)
   samples = [s for shard in sorted(plan) for s in plan[shard]]
   rockets = sum(s.label[1] == "rocket" and s.outcome[1] == "kept" for s in samples)
   assert report["samples"]["skipped"]["unknown_class"] == rockets > 0
@@ -462,17 +463,17 @@ def test_usage_errors_are_one_line_exit_2(tmp_path, args, message):
 
 
 def test_no_readable_shard_and_an_existing_dataset_are_errors(corpus, tmp_path, two_worker_counts):
-  options = webdataset_build.BuildOptions(
+  options = build_options.BuildOptions(
       pattern=f"{corpus['root']}/cap/{{00006..00007}}.tar", name="none", data_dir=str(tmp_path))
-  with pytest.raises(webdataset_build.BuildError,
+  with pytest.raises(build_options.BuildError,
                      match=r"no readable shard among the 2 matching .* "
                            r"\(first: 00006.tar: missing\)"):
-    webdataset_build.run_build(options, beam_args=BEAM_1_PROCESS)
+    beam.run_build(options, beam_args=BEAM_1_PROCESS)
   assert os.listdir(tmp_path / "none") == []
-  options = webdataset_build.BuildOptions(pattern=corpus["cap_pattern"], name="web_captions",
+  options = build_options.BuildOptions(pattern=corpus["cap_pattern"], name="web_captions",
                                           data_dir=two_worker_counts[1][0])
-  with pytest.raises(webdataset_build.BuildError, match="already exists"):
-    webdataset_build.run_build(options)
+  with pytest.raises(build_options.BuildError, match="already exists"):
+    beam.run_build(options)
 
 
 def test_dry_run_prints_the_dataflow_invocation_and_reads_nothing(tmp_path):
@@ -495,7 +496,7 @@ def test_tiny_training_run_reads_the_built_datasets(corpus, two_worker_counts, t
   """configs/shapes.py's tiny CoCa trains on the caption build and a label build, read by
   the normal pipeline (tokenizer trained on the captions, Grain, TFDS decoding)."""
   label_dir = str(tmp_path / "labels")
-  webdataset_build.run_build(webdataset_build.BuildOptions(
+  beam.run_build(build_options.BuildOptions(
       pattern=corpus["lab_pattern"], name="web_cls", data_dir=label_dir,
       rules=webdataset.SampleRules(label="cls")), beam_args=BEAM_1_PROCESS)
   workdir, caption_dir = str(tmp_path / "run"), two_worker_counts[1][0]
@@ -605,7 +606,7 @@ def test_a_killed_build_leaves_nothing_readable_and_a_rerun_completes(corpus, tm
 
 
 def test_records_are_tfds_own_serialization(corpus):
-  """webdataset_build.serialize_example writes exactly the bytes TFDS's serializer writes
+  """build_options.serialize_example writes exactly the bytes TFDS's serializer writes
   for the dataset's features (map entries in key order), for both layouts."""
   from tensorflow_datasets.core import example_serializer
   rules = webdataset.SampleRules(verify_images=False)
@@ -616,9 +617,9 @@ def test_records_are_tfds_own_serialization(corpus):
   labels = [dict({k: v for k, v in e.items() if k != "captions"}, label=i % 3)
             for i, e in enumerate(examples)]
   for layout, batch, names in (("caption", examples, None), ("label", labels, ["a", "b", "c"])):
-    features = webdataset_build.features(layout, names)
+    features = build_options.features(layout, names)
     reference = example_serializer.ExampleSerializer(features.get_serialized_info())
     for example in batch:
       want = reference.get_tf_example(features.encode_example(example))
-      assert webdataset_build.serialize_example(example) == want.SerializeToString(
+      assert build_options.serialize_example(example) == want.SerializeToString(
           deterministic=True)

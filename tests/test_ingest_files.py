@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 import helpers
 import image_files
 from mmjax import errors
-from mmjax.data import build, sources
+from mmjax.data import sources
+from mmjax.ingest import files as build
 
 ZOO = image_files.image_zoo()
 
