@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+from configs import coca
+from mmjax import topologies
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
 BEGIN, END = "<!-- aot_presets:begin -->", "<!-- aot_presets:end -->"
@@ -28,10 +31,8 @@ GiB = 2**30
 # (config spec, target): every mesh preset of configs/coca.py on the target it names;
 # FLAVA full (no mesh preset: its default mesh, data parallel over all devices) on the two
 # targets the CoCa presets use most.
-PRESETS = [(f"configs/coca.py:{variant},{mesh}", target)
-           for variant in ("base", "large", "giant")
-           for mesh, target in (("v4_32", "v4-32"), ("v5p_128", "v5p-128"),
-                                ("h100x8", "h100x8"))]
+PRESETS = [(f"configs/coca.py:{variant},{mesh}", topologies.preset_target(mesh))
+           for variant in ("base", "large", "giant") for mesh in coca.MESHES]
 PRESETS += [("configs/flava.py:full", "v4-32"), ("configs/flava.py:full", "h100x8")]
 
 

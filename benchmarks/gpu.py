@@ -15,7 +15,7 @@ host-to-device transfer the training loop's prefetch has to hide.
 
 Per variant: compile seconds, median step time of `--steps` timed steps after `--warmup`,
 examples/s, model TFLOP/s (`mmjax.summary` training FLOPs x examples/s) and MFU against the
-device's dense bf16 peak (`summary.peak_flops_per_device`: 989 TFLOP/s for H100 SXM / H200;
+device's dense bf16 peak (`topologies.peak_flops_per_device`: 989 TFLOP/s for H100 SXM / H200;
 `--peak_tflops` overrides; CPUs have none, so MFU is null there). A variant that runs out
 of memory is reported as such and the run goes on. When torch and open_clip import (their
 wheels carried), open_clip's coca_ViT-B-32 step (bf16 autocast, as `--precision amp_bf16`)
@@ -44,7 +44,7 @@ import traceback
 import jax
 
 import common  # benchmarks/common.py
-from mmjax import cli, summary
+from mmjax import cli, summary, topologies
 
 # name -> (image_size, patch_size, per-device batch, model overrides). The first four run by
 # default; the rest only when named in --variants (an unrolled CoCa-Base compiles for minutes).
@@ -195,7 +195,7 @@ def main() -> None:
   args = parser.parse_args()
 
   device = jax.devices()[0]
-  peak = summary.peak_flops_per_device(device.device_kind, args.peak_tflops)
+  peak = topologies.peak_flops_per_device(device.device_kind, args.peak_tflops)
   base = "configs/coca.py:tiny" if args.reduced else "configs/coca.py:base"
   table = REDUCED_VARIANTS if args.reduced else VARIANTS
   names = [v for v in args.variants.split(",") if v] or (

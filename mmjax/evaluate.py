@@ -41,8 +41,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     params = checkpointer.restore_params(step, rt.abstract_state,
                                          ema=ema or config.eval_use_ema)
     evals = evaluators.build_evaluators(config, tokenizer)
-    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
-                                   config.eval_batch_size)
+    embedder = evaluators.Embedder.for_runtime(rt)
     results = evaluators.run_evaluators(evals, embedder, params)
     picture = grid.sample_grid(evals, embedder, params)
   checkpointer.close()

@@ -35,31 +35,6 @@ def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
           for name, tree in params.items()}
 
 
-# Dense bfloat16 peak FLOP/s per JAX device, the MFU denominator (vendor spec sheets). Matched
-# in order against the lower-cased `device_kind`; the first hit wins.
-PEAK_FLOPS_BY_DEVICE_KIND = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("h200", 989e12),
-    ("a100", 312e12),
-    ("tpu v4", 275e12),  # one megacore chip
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5", 459e12),  # v5p chip
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v6e", 918e12),
-)
-
-
-def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
-  """Dense bf16 peak FLOP/s of one device: `override_tflops` x 1e12 when > 0, else looked up
-  by `device_kind` (e.g. "NVIDIA H100 80GB HBM3"); None when unknown (CPUs)."""
-  if override_tflops > 0:
-    return override_tflops * 1e12
-  kind = device_kind.lower()
-  return next((peak for name, peak in PEAK_FLOPS_BY_DEVICE_KIND if name in kind), None)
-
-
 def model_flops_per_example(config: ml_collections.ConfigDict) -> int:
   """Training model FLOPs per example (`summarize`'s total, the MFU numerator)."""
   forward = models.MODELS[config.model.name].forward_flops(config)

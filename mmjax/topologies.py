@@ -43,11 +43,16 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class TpuGeneration:
+  """One TPU generation: how its slices are named and laid out, and what a chip holds and
+  computes. Peak FLOP/s: dense bfloat16 per JAX device (one chip), the MFU denominator
+  (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e})."""
   libtpu_name: str  # get_topology_desc's topology-name prefix
   chip_config: str  # "megacore": both TensorCores of a chip are one JAX device
   units_per_chip: int  # what the accelerator-type number counts: 2 = TensorCores, 1 = chips
   shapes: dict[int, str]  # chips -> physical topology (cloud.google.com tables)
   datasheet_hbm_bytes: int  # physical HBM per chip
+  device_kinds: tuple[str, ...]  # substrings of the lower-cased jax device_kind
+  peak_flops: float
 
 
 _CUBE_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -55,26 +60,35 @@ _CUBE_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 1
 _PLANE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
                  256: "16x16"}
 TPU_GENERATIONS = {
-    "v4": TpuGeneration("v4", "megacore", 2, _CUBE_SHAPES, 32 * GiB),
+    "v4": TpuGeneration("v4", "megacore", 2, _CUBE_SHAPES, 32 * GiB, ("tpu v4",), 275e12),
     "v5p": TpuGeneration("v5p", "megacore", 2,
-                         {**_CUBE_SHAPES, 4096: "16x16x16", 6144: "16x16x24"}, 96 * GiB),
-    "v5e": TpuGeneration("v5e", "default", 1, _PLANE_SHAPES, 16 * GiB),
-    "v6e": TpuGeneration("v6e", "default", 1, _PLANE_SHAPES, 32 * GiB),
+                         {**_CUBE_SHAPES, 4096: "16x16x16", 6144: "16x16x24"}, 96 * GiB,
+                         ("tpu v5",), 459e12),
+    "v5e": TpuGeneration("v5e", "default", 1, _PLANE_SHAPES, 16 * GiB,
+                         ("tpu v5 lite", "tpu v5e"), 197e12),
+    "v6e": TpuGeneration("v6e", "default", 1, _PLANE_SHAPES, 32 * GiB,
+                         ("tpu v6 lite", "tpu v6e"), 918e12),  # Trillium
 }
 TPU_ALIASES = {"v5litepod": "v5e"}
 
 
 @dataclasses.dataclass(frozen=True)
 class GpuKind:
-  spec_file: str  # package data in mmjax/gpu_targets/
+  """One GPU: its compiler target and what it computes. Peak FLOP/s: dense bfloat16 (vendor
+  spec sheets), the MFU denominator. A kind without a spec file is no compile target (its
+  peak is for MFU on the real device only)."""
+  spec_file: str  # package data in mmjax/gpu_targets/; "" = not a compile target
   device_kind: str  # what jax reports as device_kind on the real GPU
+  device_kinds: tuple[str, ...]  # substrings of the lower-cased jax device_kind
+  peak_flops: float
 
 
 GPU_KINDS = {
-    "h100": GpuKind("h100_sxm.txtpb", "NVIDIA H100 80GB HBM3"),
-    "h200": GpuKind("h200.txtpb", "NVIDIA H200 141GB HBM3e"),
-    "a100": GpuKind("a100_sxm_80.txtpb", "NVIDIA A100-SXM4-80GB"),
-    "a100-40gb": GpuKind("a100_sxm_40.txtpb", "NVIDIA A100-SXM4-40GB"),
+    "h100": GpuKind("h100_sxm.txtpb", "NVIDIA H100 80GB HBM3", ("h100",), 989e12),  # SXM
+    "h100-pcie": GpuKind("", "NVIDIA H100 PCIe", ("h100 pcie",), 756e12),
+    "h200": GpuKind("h200.txtpb", "NVIDIA H200 141GB HBM3e", ("h200",), 989e12),
+    "a100": GpuKind("a100_sxm_80.txtpb", "NVIDIA A100-SXM4-80GB", ("a100",), 312e12),
+    "a100-40gb": GpuKind("a100_sxm_40.txtpb", "NVIDIA A100-SXM4-40GB", ("a100",), 312e12),
 }
 GPU_MEM_FRACTION_DEFAULT = 0.90  # what launch/gpu.sh and launch/slurm.sbatch set
 
@@ -123,13 +137,31 @@ class Target:
                                    f"{fraction:g}")
 
 
+def peak_flops_per_device(device_kind: str, override_tflops: float = 0.0) -> float | None:
+  """Dense bf16 peak FLOP/s of one device: `override_tflops` x 1e12 when > 0, else looked up
+  by `device_kind` (e.g. "NVIDIA H100 80GB HBM3") in the tables above, the longest matching
+  pattern first ("tpu v5 lite" before "tpu v5"); None when unknown (CPUs)."""
+  if override_tflops > 0:
+    return override_tflops * 1e12
+  kind = device_kind.lower()
+  patterns = sorted(((p, g.peak_flops) for g in [*TPU_GENERATIONS.values(), *GPU_KINDS.values()]
+                     for p in g.device_kinds), key=lambda item: -len(item[0]))
+  return next((peak for pattern, peak in patterns if pattern in kind), None)
+
+
+def preset_target(mesh_preset: str) -> str:
+  """The topology a config's mesh preset is written for: configs spell targets with "_"
+  (`configs/coca.py:base,v4_32`, a config argument), topologies with "-" (v4-32)."""
+  return mesh_preset.replace("_", "-")
+
+
 def known_names() -> str:
   """One line listing the accepted names."""
   tpu = []
   for gen, g in TPU_GENERATIONS.items():
     counts = sorted(c * g.units_per_chip for c in g.shapes)
     tpu.append(f"{gen}-{{{','.join(map(str, counts))}}}")
-  gpu = "|".join(GPU_KINDS)
+  gpu = "|".join(k for k, g in GPU_KINDS.items() if g.spec_file)
   return (f"TPU {' '.join(tpu)} (v5litepod-N = v5e-N; --num_slices for multislice); "
           f"GPU {{{gpu}}}xG[xNODES], e.g. h100x8, h100x8x4")
 
@@ -139,11 +171,11 @@ def parse(name: str, num_slices: int = 1) -> Target:
   name = name.strip().lower()
   if num_slices < 1:
     raise UnknownTopologyError(f"--num_slices={num_slices} must be >= 1")
-  tpu = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+  tpu = re.fullmatch(rf"({'|'.join([*TPU_GENERATIONS, *TPU_ALIASES])})-(\d+)", name)
   if tpu:
     return _tpu_target(name, TPU_ALIASES.get(tpu[1], tpu[1]), int(tpu[2]), num_slices)
   gpu = re.fullmatch(r"([a-z0-9-]+?)x(\d+)(?:x(\d+))?", name)
-  if gpu and gpu[1] in GPU_KINDS:
+  if gpu and gpu[1] in GPU_KINDS and GPU_KINDS[gpu[1]].spec_file:
     per_node, nodes = int(gpu[2]), int(gpu[3] or 1)
     if num_slices != 1:
       raise UnknownTopologyError(f"--num_slices is for TPU slices; for {nodes * num_slices} "

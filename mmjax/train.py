@@ -41,8 +41,9 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmjax import aot, checkpoint, cli, command, coordination, evaluators, goodput, interrupts
-from mmjax import locks, profiling, retry, runtime, summary, warm_start, watchdog, writers
+from mmjax import checkpoint, cli, command, compiled, coordination, evaluators, goodput
+from mmjax import interrupts, locks, profiling, retry, runtime, summary, topologies, warm_start
+from mmjax import watchdog, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -204,11 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       with accounts.phase("compilation"):
         train_step = rt.lower_train_step().compile()
       if process0:
-        print(aot.memory_line(train_step, jax.local_devices()[0]), flush=True)
+        print(compiled.memory_line(train_step, jax.local_devices()[0]), flush=True)
       evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
                else [])
-      embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
-                                     config.eval_batch_size)
+      embedder = evaluators.Embedder.for_runtime(rt)
       train_iterator = pipeline.make_train_iterator(
           config, tokenizer, start_step=start_step, process_index=jax.process_index(),
           process_count=jax.process_count())
@@ -310,7 +310,7 @@ class Throughput:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Throughput":
     return cls(summary.model_flops_per_example(config),
-               summary.peak_flops_per_device(jax.devices()[0].device_kind,
+               topologies.peak_flops_per_device(jax.devices()[0].device_kind,
                                              config.peak_tflops_per_device),
                jax.device_count())
 

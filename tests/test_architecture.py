@@ -14,7 +14,7 @@ LAYERS = (
                     "mmjax.vocabulary", "mmjax.locks", "mmjax.sharding", "mmjax.interrupts",
                     "mmjax.watchdog", "mmjax.integrity", "mmjax.goodput", "mmjax.retry",
                     "mmjax.writers", "mmjax.checkpoint", "mmjax.profiling", "mmjax.topologies",
-                    "mmjax.hlo", "mmjax.param_groups")),
+                    "mmjax.hlo", "mmjax.param_groups", "mmjax.compiled")),
     ("data and models", ("mmjax.tokenizers", "mmjax.data", "mmjax.ingest", "mmjax.models",
                          "mmjax.decode")),
     ("objectives", ("mmjax.losses", "mmjax.objectives", "mmjax.optimizer", "mmjax.state")),

@@ -115,16 +115,6 @@ def test_cli_json_giant_is_fast():
   assert elapsed < 60, elapsed
 
 
-@pytest.mark.parametrize("kind, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
-    ("NVIDIA A100-SXM4-80GB", 312), ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459),
-    ("TPU v5p", 459), ("TPU v6 lite", 918), ("cpu", None)])
-def test_peak_flops_by_device_kind(kind, tflops):
-  peak = summary.peak_flops_per_device(kind)
-  assert (peak is None if tflops is None else peak == tflops * 1e12)
-  assert summary.peak_flops_per_device(kind, override_tflops=123.0) == 123e12
-
-
 def test_model_flops_per_example_is_the_summary_total():
   config = helpers.tiny_config()
   assert summary.model_flops_per_example(config) == summary.summarize(config)[

@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 
+from configs import coca
 from mmjax import topologies
 from mmjax.topologies import GiB
 
@@ -88,3 +89,33 @@ def test_gpu_capacity_follows_the_allocator_fraction(monkeypatch):
   assert topologies.parse("h100x8").device_memory_bytes()[0] == int(0.9 * total)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
   assert topologies.parse("h100x8").device_memory_bytes()[0] == int(0.75 * total)
+
+
+@pytest.mark.parametrize("kind, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-80GB", 312), ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5", 459),
+    ("TPU v5p", 459), ("TPU v6 lite", 918), ("cpu", None)])
+def test_peak_flops_by_device_kind(kind, tflops):
+  peak = topologies.peak_flops_per_device(kind)
+  assert (peak is None if tflops is None else peak == tflops * 1e12)
+  assert topologies.peak_flops_per_device(kind, override_tflops=123.0) == 123e12
+
+
+@pytest.mark.parametrize("preset", list(coca.MESH_PRESETS))
+def test_every_mesh_preset_has_its_targets_device_count(preset):
+  """configs/coca.py's mesh presets are written for one target each (v4_32 -> v4-32)."""
+  _, devices = coca.MESH_PRESETS[preset]
+  assert topologies.parse(topologies.preset_target(preset)).num_devices == devices
+
+
+def test_the_tpu_name_pattern_is_the_generations_table():
+  for name in [*topologies.TPU_GENERATIONS, *topologies.TPU_ALIASES]:
+    count = 8 if name in ("v4", "v5p") else 4
+    assert topologies.parse(f"{name}-{count}").platform == "tpu"
+  with pytest.raises(topologies.UnknownTopologyError):
+    topologies.parse("v7-8")
+
+
+def test_a_kind_without_a_compiler_target_is_no_topology():
+  with pytest.raises(topologies.UnknownTopologyError, match="unknown topology 'h100-pciex8'"):
+    topologies.parse("h100-pciex8")

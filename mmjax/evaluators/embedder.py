@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from mmjax import sharding, writers
+from mmjax import runtime, sharding, writers
 
 
 class Embedder:
@@ -42,6 +42,23 @@ class Embedder:
       yield
     finally:
       self.task = previous
+
+  @classmethod
+  def for_runtime(cls, rt: runtime.Runtime, batch_size: int | None = None) -> "Embedder":
+    """The embedder of a run: its model and mesh, batches of `batch_size` (default the
+    config's eval_batch_size)."""
+    return cls(rt.model, rt.mesh, rt.config.mesh.rules,
+               rt.config.eval_batch_size if batch_size is None else batch_size)
+
+  def lower_images(self, params: Any, images: Any) -> jax.stages.Lowered:
+    """The image program `images` runs, lowered for (abstract) params and one batch
+    [batch_size, H, W, 3] (what `mmjax.aot` compiles)."""
+    return self._image.lower(params, images)
+
+  def lower_texts(self, params: Any, tokens: Any, text_type: Any) -> jax.stages.Lowered:
+    """The text program `texts` runs, lowered for one batch: tokens [batch_size, L],
+    text_type [batch_size]."""
+    return self._text.lower(params, tokens, text_type)
 
   def images(self, params: Any, images: np.ndarray) -> np.ndarray:
     """images [N, H, W, 3] -> L2-normalised embeddings [N, E] (host)."""
