@@ -69,8 +69,7 @@ def evaluate_suite(config: ml_collections.ConfigDict, workdir: str, suite: str,
   with rt.activate():
     params = checkpointer.restore_params(step, rt.abstract_state,
                                          ema=ema or config.eval_use_ema)
-    embedder = evaluators.Embedder(rt.model, rt.mesh, config.mesh.rules,
-                                   config.eval_batch_size)
+    embedder = evaluators.Embedder.for_runtime(rt)
     records = suite_lib.run_suite(config, workdir, step, suite, embedder, params, tokenizer,
                                   strict=strict)
   checkpointer.close()
