@@ -37,21 +37,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpoint.Checkpointer(workdir, config)
   # The tokenizer the checkpoint was trained with (older checkpoints: from data_dir).
   tokenizer = tokenizer_lib.get_tokenizer(config, checkpointer.restore_assets(step))
+  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   with rt.activate():
     params = checkpointer.restore_params(step, rt.abstract_state,
                                          ema=ema or config.eval_use_ema)
     evals = evaluators.build_evaluators(config, tokenizer)
     embedder = evaluators.Embedder.for_runtime(rt)
-    results = evaluators.run_evaluators(evals, embedder, params)
-    picture = grid.sample_grid(evals, embedder, params)
+    results = grid.evaluate_and_record(evals, evals, embedder, params, writer, workdir, step)
   checkpointer.close()
-  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
   if writer.enabled:
     out = epath.Path(workdir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"step_{step}.json").write_text(json.dumps({"step": step, **results}, indent=1))
-  if picture is not None:
-    grid.write_sample_grid(writer, workdir, step, picture)
   writer.close()
   return step, results
 

@@ -276,12 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           # Log this step before evaluating, so evaluation time is not counted as training.
           pending, last, timer = flush(pending, last, timer)
           params = state.ema_params if config.eval_use_ema else state.params
-          with phase("evaluation"):
-            results = evaluators.run_evaluators(due, embedder, params)
-            picture = grid.sample_grid(evals, embedder, params)
+          with phase("evaluation"):  # the sample grid's PNG included
+            results = grid.evaluate_and_record(due, evals, embedder, params, writer,
+                                               workdir, done)
           writer.write(done, results)
-          if picture is not None:
-            grid.write_sample_grid(writer, workdir, done, picture)
           if process0:
             print(evaluators.format_results(results), flush=True)
           timer = (time.time(), done)

@@ -8,6 +8,7 @@ import numpy as np
 from etils import epath  # local or gs://
 from PIL import Image, ImageDraw, ImageFont
 
+from mmjax import evaluators as evaluators_lib
 from mmjax import writers
 from mmjax.evaluators.captioning import Captioning
 from mmjax.evaluators.embedder import Embedder
@@ -65,6 +66,20 @@ def render_grid(images: np.ndarray, captions: list[str], classes: list[list[str]
       colour = "black" if j < len(texts[i]) - (3 if classes else 0) else (40, 40, 160)
       draw.text((x, y + size + 2 + j * line_h), line, fill=colour, font=font)
   return np.asarray(canvas)
+
+
+def evaluate_and_record(due: list[Any], evaluators: list[Any], embedder: Embedder,
+                        params: Any, writer: writers.MetricWriter, workdir: str,
+                        step: int) -> dict[str, float]:
+  """Runs the `due` evaluators and records the sample grid of `evaluators` (PNG and
+  TensorBoard image, through `writer`): what the trainer does at each evaluation and
+  `mmjax.evaluate` once. Returns the metrics; where they go (metrics.jsonl,
+  eval/step_<N>.json) is the caller's. Every process runs it (collectives)."""
+  results = evaluators_lib.run_evaluators(due, embedder, params)
+  picture = sample_grid(evaluators, embedder, params)
+  if picture is not None:
+    write_sample_grid(writer, workdir, step, picture)
+  return results
 
 
 def write_sample_grid(writer: writers.MetricWriter, workdir: str, step: int,
