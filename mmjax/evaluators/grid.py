@@ -1,5 +1,7 @@
 """A picture of what the model does: validation images with their generated captions and
-top-3 prompt classes, as a PNG under `<workdir>/eval/` and a TensorBoard image."""
+top-3 prompt classes, as a PNG under `<workdir>/eval/` and a TensorBoard image; and
+`evaluate_and_record`, an evaluation with its picture, as the trainer and mmjax.evaluate
+run it."""
 import os
 import textwrap
 from typing import Any
