@@ -11,14 +11,11 @@ import re
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import pytest
 
 from conftest import REPO
-from mmjax import aot, cli, runtime, summary, topologies
-from mmjax.data import pipeline
-from mmjax.data import tokenizer as tokenizer_lib
+from mmjax import aot, cli, summary, topologies
 
 TINY = os.path.join(REPO, "configs/coca.py") + ":tiny"
 REQUIRED = ("fits", "memory_per_device_bytes", "device_memory_bytes", "topology", "num_devices",
@@ -124,22 +121,6 @@ def test_config_that_cannot_run_on_the_target_is_one_line_and_exit_2():
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "mesh.shape" in lines[0], proc.stderr
-
-
-@pytest.mark.parametrize("spec", ["configs/shapes.py:coca_unicl_prefix,tiny",
-                                  "configs/flava.py:tiny"])
-def test_abstract_batch_is_the_pipelines_batch(spec, data_dir):
-  """What is compiled (`Runtime.abstract_batch`, lowered by mmjax.train and mmjax.aot alike)
-  takes exactly the batch the input pipeline yields."""
-  config = aot.with_overrides(cli.load_config(os.path.join(REPO, spec)),
-                              {"data_dir": data_dir, "data.num_workers": 0})
-  iterator = pipeline.make_train_iterator(config, tokenizer_lib.get_tokenizer(config),
-                                          start_step=0, process_index=0, process_count=1)
-  batch = next(iterator)
-  iterator.close()
-  abstract = runtime.build(config, jax.devices()[:1]).abstract_batch()
-  assert ({k: (v.shape, v.dtype) for k, v in abstract.items()}
-          == {k: (v.shape, v.dtype) for k, v in batch.items()})
 
 
 def _fake_report(**kw):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import coca
 from mmjax import hlo, train
 from mmjax.models import coca as coca_model
 from mmjax.objectives import coca as coca_objective
@@ -149,27 +148,6 @@ def test_nonfinite_batch_is_skipped_and_counted():
     state, metrics = step(state, rt.global_batch(helpers.synthetic_batch(config)))
     assert bool(metrics["finite"]) and int(state.step) == 2
     assert int(metrics["nonfinite_steps"]) == 1
-
-
-def test_adafactor_state_is_sharded_like_its_parameters():
-  """Adafactor's factored statistics have one axis fewer than their parameter: they take
-  the parameter's axis names minus that axis. configs/coca.py:tiny (width 128, so optax
-  factors its matrices) created directly onto an fsdp x tensor mesh (its Adafactor train
-  step runs in tests/test_benchmarks.py)."""
-  config = helpers.override(coca.get_config("tiny"), **{"mesh.shape": (1, 4, 2),
-                                                        "batch_size": 8})
-  rt, state = helpers.step_setup(config, 8)
-  shardings = rt.shardings
-  get = lambda tree: tree["vision"]["encoder"]["layers"]["mlp"]["fc1"]["dense"]["kernel"]
-  # chain(gradient clipping, adafactor chain(factored RMS, ...), logit-scale projection)
-  factored, factored_shardings = state.opt_state[1][0], shardings.opt_state[1][0]
-  layers, embed, mlp = get(state.params).shape  # [layers, embed, mlp]
-  assert get(factored.v_row).shape == (layers, embed)  # the mlp axis is factored out
-  assert get(factored.v_col).shape == (layers, mlp)
-  param_spec = tuple(get(shardings.params).spec)
-  assert param_spec[1:] == ("fsdp", "tensor")
-  assert tuple(get(factored_shardings.v_row).spec) == param_spec[:2]
-  assert tuple(get(factored_shardings.v_col).spec) == (param_spec[0], param_spec[2])
 
 
 @pytest.mark.parametrize("mesh_shape,overrides", [
