@@ -2,7 +2,7 @@
 (each loss and the whole objective with its row rules and phase switch), masking
 statistics, ITM negatives, masks as a function of seed and step, a jitted train step
 through the runtime with the evaluators' embeddings, and the sharded loss against one
-device. The model: tests/test_models_flava.py; its data views: tests/test_data.py.
+device. The model: tests/test_models_flava.py; its data views: tests/test_data_pipeline.py.
 
 CPU compiles dominate: every distinct program is jitted once (losses share one program).
 """

@@ -103,7 +103,7 @@ def serialize_example(example: dict[str, Any]) -> bytes:
   built directly. TFDS's generic serializer (features.serialize_example: numpy
   conversions, shape checks, per-feature dispatch in Python) took 0.16 ms of CPU per
   35 kB JPEG record here, a third of the whole per-record cost; this takes 0.07 ms.
-  tests/test_webdataset.py checks the bytes equal TFDS's own for both layouts. Map entries
+  tests/test_ingest_webdataset.py checks the bytes equal TFDS's own for both layouts. Map entries
   are written in key order (deterministic=True): protobuf's default order differs between
   processes, which made equal records differ byte for byte between workers."""
   feature = {name: _bytes_feature([example[name].encode()]) for name in ("key", "shard", "url")}
