@@ -1,10 +1,11 @@
 """mmjax.evaluators.embedder: one Embedder per run (`for_runtime`), and the programs it runs
 lowered for mmjax.aot without reaching into its private attributes."""
+import flax.linen as nn
 import jax
 import numpy as np
 
 import helpers
-from mmjax import runtime
+from mmjax import runtime, state as state_lib
 from mmjax.evaluators import Embedder
 
 
@@ -20,11 +21,12 @@ def test_lowered_programs_are_what_images_and_texts_run():
   rt = runtime.build(config, jax.devices()[:1], params_only=True)
   embedder = Embedder.for_runtime(rt)
   spec = rt.abstract_batch(embedder.batch_size)
-  with rt.activate():
-    image_out = embedder.lower_images(rt.abstract_state.params, spec["image"]).out_info
-    text_out = embedder.lower_texts(rt.abstract_state.params, spec["text"],
+  with rt.activate():  # params_only: the abstract state is the parameters
+    image_out = embedder.lower_images(rt.abstract_state, spec["image"]).out_info
+    text_out = embedder.lower_texts(rt.abstract_state, spec["text"],
                                     spec["text_type"]).out_info
-    params = helpers.init_params(config, rt.model)
+    params = nn.unbox(jax.jit(rt.model.init)(jax.random.key(0),
+                                             *state_lib.dummy_inputs(config))["params"])
   batch = helpers.synthetic_batch(helpers.override(config, batch_size=4))
   images = embedder.images(params, batch["image"])
   texts = embedder.texts(params, batch["text"], batch["text_type"])
