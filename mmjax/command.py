@@ -18,7 +18,8 @@ A command (`python -m mmjax.NAME`) defines only its own flags and a `main`, and 
 - asks for several CPU devices' thread pool before JAX starts a backend
   (`mmjax.devices.configure_cpu_devices`), and, with `cpu_only=True` (compile-only
   commands: shapes and programs, never an accelerator), makes the CPU JAX's only platform;
-- defines `--config` (`config=True`, the default; required unless `config_required=False`)
+- defines `--config` (`config=True`, the default; required unless `config_required=False`;
+  `config_help` says which files fit)
   as ml_collections config_flags do, locked, so `--config.KEY=VALUE` overrides are
   type-checked and a misspelled key gets a "did you mean"; every key, its type and default
   is in configs/schema.py;
@@ -45,7 +46,8 @@ CONFIG_HELP = "Config file[:ARG], e.g. configs/coca.py:base (overrides: --config
 
 
 def run(main: Callable[[list[str]], None], command: str, *, config: bool = True,
-        config_required: bool = True, required: Sequence[str] = (),
+        config_required: bool = True, config_help: str = CONFIG_HELP,
+        required: Sequence[str] = (),
         failures: Sequence[type[BaseException]] = (), cpu_only: bool = False,
         log_level: int = logging.WARNING) -> None:
   """Runs `main` as the command `command` (e.g. "mmjax.train"); see the module docstring."""
@@ -54,7 +56,7 @@ def run(main: Callable[[list[str]], None], command: str, *, config: bool = True,
     import jax  # pylint: disable=import-outside-toplevel (only a compile-only command needs it)
     jax.config.update("jax_platforms", "cpu")
   if config:
-    define_config_flag()
+    define_config_flag(config_help)
   required = [*required, *(["config"] if config and config_required else [])]
   if required:
     flags.mark_flags_as_required(required)
@@ -66,9 +68,9 @@ def run(main: Callable[[list[str]], None], command: str, *, config: bool = True,
   errors.run(quiet_main, command, failures=failures)
 
 
-def define_config_flag() -> None:
+def define_config_flag(help_text: str = CONFIG_HELP) -> None:
   """`--config FILE[:ARG]` and its `--config.KEY=VALUE` overrides, the config locked."""
-  config_flags.DEFINE_config_file("config", None, CONFIG_HELP, lock_config=True)
+  config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
 
 
 def config() -> ml_collections.ConfigDict:

@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mmjax import checkpoint, cli, errors, runtime
+from mmjax import checkpoint, command, errors, runtime
 from mmjax.convert import files, openclip, two_tower
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.models import coca
@@ -142,7 +142,6 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  cli.quiet_libraries()
   written = export_weights(f.to, f.workdir, f.step, f.out)
   print(f"wrote {os.path.abspath(os.path.expanduser(f.out))}: {', '.join(written)}")
 
@@ -153,5 +152,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "mmjax work directory with checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
   flags.DEFINE_string("out", None, "Output folder; must not exist.")
-  flags.mark_flags_as_required(["to", "workdir", "out"])
-  errors.run(main, "mmjax.export")
+  # No --config: the checkpoint's own config is read from the work directory.
+  command.run(main, "mmjax.export", config=False, required=("to", "workdir", "out"))

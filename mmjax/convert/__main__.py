@@ -1,8 +1,9 @@
 """python -m mmjax.convert --from openclip|hf --checkpoint PATH --out DIR [--config SPEC]
 (mmjax.convert.importer)."""
-from mmjax import errors
+from mmjax import command
 from mmjax.convert import importer
 
 if __name__ == "__main__":
   importer.define_flags()
-  errors.run(importer.main, "mmjax.convert")
+  command.run(importer.main, "mmjax.convert", config_required=False,
+              config_help=importer.CONFIG_HELP, required=("from", "checkpoint", "out"))

@@ -153,21 +153,21 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  cli.quiet_libraries()
   _, timings = import_weights(f["from"].value, f.checkpoint, f.config, f.out)
   print(f"wrote {os.path.join(os.path.abspath(os.path.expanduser(f.out)), 'checkpoints', '0')}"
         " (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")")
 
 
+CONFIG_HELP = ("configs/pretrained.py:<preset> or configs/openclip.py:<variant> with "
+               "--config.KEY overrides; --from hf reads config.json without it.")
+
+
 def define_flags() -> None:
+  """The command's own flags; --config (optional, CONFIG_HELP) comes with the command
+  skeleton (mmjax.command.run in mmjax/convert/__main__.py)."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_enum("from", None, list(SOURCES), "Source format: openclip (a state dict "
                     "file) or hf (a transformers CLIPModel / SiglipModel folder).")
   flags.DEFINE_string("checkpoint", None, "State dict file (--from openclip) or model "
                       "folder (--from hf).")
   flags.DEFINE_string("out", None, "Output workdir (gets checkpoints/0); must not exist.")
-  config_flags.DEFINE_config_file(
-      "config", None, "configs/pretrained.py:<preset> or configs/openclip.py:<variant> with "
-      "--config.KEY overrides; --from hf reads config.json without it.", lock_config=True)
-  flags.mark_flags_as_required(["from", "checkpoint", "out"])
