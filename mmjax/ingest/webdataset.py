@@ -11,7 +11,7 @@ applies is the one counted):
                        no_label | unknown_class (label layout), undecodable_image,
                        truncated_shard (the sample being read when its shard ended early)
   filtered (options):  image_too_small, aspect_ratio, caption_too_short, caption_too_long,
-                       then duplicate_image (mmjax.data.webdataset_build, across shards)
+                       then duplicate_image (mmjax.ingest.beam, across shards)
   kept.
 A shard that cannot be opened or is not a tar is `unreadable` (no sample read from it); one
 that ends early is `truncated` (its samples before the break are kept).
