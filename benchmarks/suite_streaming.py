@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
   if _VARIANT.value:
     print(json.dumps(_run_variant(_VARIANT.value, data_dir)))
     return
-  from mmjax.data import build
+  from mmjax.ingest import files as build
   if not os.path.isdir(os.path.join(data_dir, NAME)):
     build.build_from_images_dir(_jpeg_folder(os.path.join(data_dir, "jpegs"), _NUM_IMAGES.value),
                                 NAME, data_dir)

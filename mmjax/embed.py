@@ -42,9 +42,10 @@ import pyarrow.parquet as pq
 from absl import flags
 from etils import epath
 
-from mmjax import cli, errors, inference, sharding, vocabulary, writers
-from mmjax.data import sources, transforms, webdataset
+from mmjax import command, errors, inference, sharding, vocabulary, writers
+from mmjax.data import sources, transforms
 from mmjax.data.images import decode_image
+from mmjax.ingest import webdataset
 
 FLAGS = flags.FLAGS
 LISTED = 20  # skipped images listed in the summary, then a count
@@ -414,7 +415,6 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.quiet_libraries()
   f = FLAGS
   if f.coordinator_address:
     if f.num_processes is None or f.process_id is None:
@@ -446,4 +446,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  errors.run(main, "mmjax.embed")
+  # No --config: the checkpoint's own config is read from --workdir.
+  command.run(main, "mmjax.embed", config=False)
