@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from mmjax import checkpoint, cli, errors, warm_start
+from mmjax import checkpoint, command, errors, warm_start
 
 FLAGS = flags.FLAGS
 
@@ -74,7 +74,6 @@ def write(out: str, params: dict[str, np.ndarray], source: str, step: int) -> No
 
 def main(argv: list[str]) -> None:
   del argv
-  cli.quiet_libraries()
   if not 0.0 <= FLAGS.alpha <= 1.0:
     raise errors.UsageError(f"--alpha={FLAGS.alpha} must be in [0, 1] (0 = --a, 1 = --b)")
   if os.path.exists(FLAGS.out) and os.listdir(FLAGS.out):
@@ -97,5 +96,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "New work directory for the interpolated model.")
   flags.DEFINE_integer("step_a", None, "Checkpoint step of --a; default the latest.")
   flags.DEFINE_integer("step_b", None, "Checkpoint step of --b; default the latest.")
-  flags.mark_flags_as_required(["a", "b", "out"])
-  errors.run(main, "mmjax.interpolate")
+  # No --config: the result takes --a's config.
+  command.run(main, "mmjax.interpolate", config=False, required=("a", "b", "out"))

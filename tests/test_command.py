@@ -50,7 +50,7 @@ def _takes_a_config(module: str) -> bool:
 def test_the_commands_are_found():
   assert {"mmjax.train", "mmjax.evaluate", "mmjax.aot", "mmjax.summary", "mmjax.ingest",
           "mmjax.data.build", "mmjax.data.preview", "mmjax.convert.openclip", "mmjax.convert",
-          "mmjax.export"} <= set(COMMANDS)
+          "mmjax.export", "mmjax.embed", "mmjax.interpolate"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("module", COMMANDS)
