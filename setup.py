@@ -40,10 +40,13 @@ setuptools.setup(
                  *REFERENCE,
                  # tests/test_suite.py runs CLIP_benchmark's own zero-shot and retrieval code;
                  # beyond REFERENCE it adds only scikit-learn and webdataset.
-                 "clip-benchmark==1.6.2"],
+                 "clip-benchmark==1.6.2",
+                 "wandb>=0.17"],  # tests/test_writers.py runs the W&B writer offline
         # python -m mmjax.data.build --webdataset: WebDataset shards -> TFDS, on any Beam runner
         # (DataflowRunner also needs apache-beam[gcp] where the job is launched).
         "beam": ["apache-beam>=2.60"],
+        # config writers.wandb=True: metrics, config and sample pictures to Weights & Biases.
+        "wandb": ["wandb>=0.17"],
         # gs:// work directories: gcsfs is etils.epath's gs:// backend (metrics.jsonl, eval
         # outputs, tokenizer files, Orbax's directory handling); tensorboardX's gs:// event
         # writer imports google-cloud-storage; crc32c speeds up its record checksums.

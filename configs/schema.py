@@ -16,6 +16,7 @@ Sections:
   optimizer    AdamW or the CoCa paper's Adafactor, learning-rate schedule
   mesh         device mesh shape and the logical-axis -> mesh-axis rules
   checkpoint   retention
+  writers      optional experiment trackers beside metrics.jsonl and TensorBoard (W&B)
   profile      a jax.profiler trace of a window of train steps
   init         warm start from another model's checkpoint (parameters by path)
   watchdog     hang and straggler detection (timeouts, straggler factor)
@@ -58,6 +59,7 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.optimizer = optimizer()
   c.mesh = mesh()
   c.checkpoint = checkpoint()
+  c.writers = writers()
   c.profile = profile()
   c.watchdog = watchdog()
   c.evals = ConfigDict()
@@ -391,6 +393,20 @@ def watchdog() -> ConfigDict:
   w.timeout_s = 600.0  # no training step completes for this long: a hang; 0 = off
   w.long_timeout_s = 1800.0  # the same for the first step, an evaluation, a checkpoint save
   w.straggler_factor = 5.0  # a step this many times the median step time is logged
+  return w
+
+
+def writers() -> ConfigDict:
+  """Where metrics go besides `<workdir>/metrics.jsonl` and TensorBoard (always written)."""
+  w = ConfigDict()
+  # Weights & Biases (`pip install -e '.[wandb]'`): metrics, the config and the sample
+  # pictures, from the lead process only. One W&B run per work directory (its id is derived
+  # from the path), so a resumed run continues the same W&B run.
+  w.wandb = False
+  w.wandb_project = "mmjax"
+  w.wandb_entity = ""  # "" = your default entity
+  w.wandb_name = ""  # "" = the work directory's name
+  w.wandb_mode = ""  # "" = W&B's own choice (online unless WANDB_MODE); offline | disabled
   return w
 
 

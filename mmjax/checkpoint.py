@@ -31,7 +31,8 @@ class CheckpointMismatchError(ValueError):
 RESUMABLE_CHANGES = ("name", "total_steps", "log_every_steps", "checkpoint_every_steps",
                      "eval_every_steps", "eval_batch_size", "evals", "checkpoint",
                      "compilation_cache_dir", "data_dir", "data.num_workers",
-                     "data.prefetch_batches", "profile", "watchdog")
+                     "data.prefetch_batches", "profile", "watchdog",
+                     "writers")
 
 
 DIRECTORY = "checkpoints"  # under the work directory

@@ -37,7 +37,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpoint.Checkpointer(workdir, config)
   # The tokenizer the checkpoint was trained with (older checkpoints: from data_dir).
   tokenizer = tokenizer_lib.get_tokenizer(config, checkpointer.restore_assets(step))
-  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0, config=config)
   with rt.activate():
     params = checkpointer.restore_params(step, rt.abstract_state,
                                          ema=ema or config.eval_use_ema)

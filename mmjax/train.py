@@ -198,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state = state.replace(params=params, ema_params=ema)
           if process0:
             print(table, flush=True)
-      writer = writers.MetricWriter(workdir, enabled=process0, retrier=storage)
+      writer = writers.MetricWriter(workdir, enabled=process0, retrier=storage,
+                                     config=config)
       # Compiled before the loop, from the abstract state and batch exactly as mmjax.aot
       # compiles it for a target: its memory is printed before the first step.
       accounts.resumed(start_step)

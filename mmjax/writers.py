@@ -1,4 +1,5 @@
-"""Where training progress goes: `metrics.jsonl`, TensorBoard and a progress line.
+"""Where training progress goes: `metrics.jsonl`, TensorBoard, optionally Weights & Biases
+(`config.writers.wandb`), and a progress line.
 
 The work directory may be local or a `gs://` (any `etils.epath`) URI. Object stores have no
 append: on a local disk `metrics.jsonl` is appended to and flushed line by line; on `gs://`
@@ -9,6 +10,7 @@ cost is one small upload per logged step (a few MB at most for long runs; raise
 `log_every_steps` if that matters). gs:// needs `pip install -e '.[gcs]'` (gcsfs for the
 files, google-cloud-storage for tensorboardX's event-file writer).
 """
+import hashlib
 import io
 import json
 import os
@@ -16,10 +18,11 @@ import sys
 import time
 from typing import Any, Mapping
 
+import ml_collections
 import numpy as np
 from etils import epath
 
-from mmjax import retry
+from mmjax import errors, retry
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -35,12 +38,17 @@ class MetricWriter:
   (process 0) writes: with `enabled=False` every method is a no-op."""
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-               retrier: retry.Retrier | None = None):
+               retrier: retry.Retrier | None = None,
+               config: ml_collections.ConfigDict | None = None):
+    """`config`: the run's config; with `writers.wandb` the same metrics and pictures also
+    go to a Weights & Biases run, which gets the config."""
     self.enabled = enabled
     self.retrier = retrier or retry.Retrier()
-    self._tb = None
+    self._tb = self._wandb = None
     if not enabled:
       return
+    if config is not None and config.writers.wandb:
+      self._wandb = start_wandb(workdir, config)
     root = epath.Path(workdir)
     self._remote = is_remote(root)
     self._path = root / METRICS_FILE
@@ -69,10 +77,12 @@ class MetricWriter:
     else:
       self._jsonl.write(line)
       self._jsonl.flush()
-    for key, value in scalars.items():
-      if isinstance(value, (int, float)):
-        self._tb.add_scalar(key, value, step)
+    numbers = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
+    for key, value in numbers.items():
+      self._tb.add_scalar(key, value, step)
     self._flush_tb()
+    if self._wandb is not None:
+      self._wandb.log(numbers, step=int(step))
 
   def _upload(self) -> None:
     """Replaces the object in one upload; transient store errors are retried, and if the
@@ -91,6 +101,9 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_image(tag, image, step, dataformats="HWC")
       self._flush_tb()
+      if self._wandb is not None:
+        import wandb
+        self._wandb.log({tag: wandb.Image(image)}, step=int(step))
 
   def _flush_tb(self) -> None:
     if not self._remote:
@@ -103,6 +116,26 @@ class MetricWriter:
       # On gs:// closing uploads the event file: retried (a failed close keeps its writers
       # and the next try uploads the whole file again).
       self.retrier.call(self._tb.close, "TensorBoard event file upload")
+      if self._wandb is not None:
+        self._wandb.finish()
+
+
+def start_wandb(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> Any:
+  """A W&B run for `workdir` (`config.writers`): resumed if one with its id exists, the
+  config attached; local work directories also hold W&B's files (`<workdir>/wandb`)."""
+  try:
+    import wandb
+  except ImportError:
+    raise errors.UsageError("config writers.wandb=True needs the wandb package: pip install "
+                            "-e '.[wandb]' (or set writers.wandb=False)") from None
+  w = config.writers
+  path = os.path.abspath(os.fspath(workdir)) if not is_remote(workdir) else os.fspath(workdir)
+  run_id = hashlib.sha256(path.encode()).hexdigest()[:16]
+  return wandb.init(
+      project=w.wandb_project, entity=w.wandb_entity or None,
+      name=w.wandb_name or os.path.basename(path.rstrip("/")), id=run_id, resume="allow",
+      config=config.to_dict(), mode=w.wandb_mode or None,
+      dir=None if is_remote(workdir) else path)
 
 
 def truncate_metrics(workdir: str | os.PathLike, step: int) -> None:

@@ -9,6 +9,7 @@ google-cloud-storage and credentials) is replaced by one uploading to FakeGCS th
 Orbax's gs:// checkpoints go through tensorstore's own GCS driver and are not faked here.
 """
 import json
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +103,75 @@ def test_eval_sample_grid_and_tokenizer_on_gs(gcs):
   loaded = tokenizer.Tokenizer.from_file("gs://bucket/spm.model")
   assert loaded.model_proto == tok.model_proto
   np.testing.assert_array_equal(loaded.encode(["a red square"], 8), tok.encode(["a red square"], 8))
+
+
+def test_wandb_writer_logs_metrics_config_and_pictures_offline(tmp_path, monkeypatch):
+  pytest.importorskip("wandb")
+  import helpers
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  config = helpers.tiny_config(**{"writers.wandb": True, "writers.wandb_mode": "offline",
+                                  "writers.wandb_project": "mmjax-test"})
+  workdir = tmp_path / "run"
+  follower = writers.MetricWriter(workdir, enabled=False, config=config)  # not the lead
+  follower.write(1, {"loss": 9.0})
+  follower.close()
+  assert not workdir.exists()
+  writer = writers.MetricWriter(workdir, config=config)
+  writer.write(5, {"loss": 2.71828, "learning_rate": 0.000125})
+  writer.write(10, {"loss": 1.41421, "zeroshot/x/top1": 0.625})
+  writer.write_image(10, "samples", np.full((12, 20, 3), 200, np.uint8))
+  writer.close()
+  (run,) = (workdir / "wandb").glob("offline-run-*")
+  (path,) = run.glob("run-*.wandb")
+  for _ in range(120):  # W&B's service may still be flushing the file after finish()
+    records = wandb_records(path)
+    if any(r.WhichOneof("record_type") == "exit" for r in records):
+      break
+    time.sleep(0.5)
+  history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+             for r in records if r.WhichOneof("record_type") == "history"]
+  assert [(h["_step"], h["loss"]) for h in history] == [(5, 2.71828), (10, 1.41421)]
+  assert history[0]["learning_rate"] == 0.000125 and history[1]["zeroshot/x/top1"] == 0.625
+  assert history[1]["samples/_type"] == "image-file"
+  assert (run / "files" / history[1]["samples/path"]).exists()
+  (started,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+  assert started.project == "mmjax-test" and started.display_name == "run"
+  stored = {u.key: json.loads(u.value_json) for u in started.config.update}
+  assert stored["data"]["max_text_len"] == config.data.max_text_len
+  assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [5, 10]  # as before
+  # The same work directory continues the same W&B run (its id comes from the path).
+  again = writers.MetricWriter(workdir, config=config)
+  again.write(15, {"loss": 1.0})
+  again.close()
+  assert {p.name.rsplit("-", 1)[1] for p in (workdir / "wandb").glob("offline-run-*")} == {
+      run.name.rsplit("-", 1)[1]}
+
+
+def wandb_records(path):
+  """The protobuf records of a W&B run file: W&B's LevelDB-style log (a 7-byte file header,
+  32 KiB blocks of records: checksum u32, length u16, type u8 = full / first / middle /
+  last, then the payload)."""
+  from wandb.proto import wandb_internal_pb2
+  data, pos, block, out, pending = path.read_bytes(), 7, 32768, [], b""
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:  # a block's tail too short for a header is padding
+      pos += block - pos % block
+      continue
+    length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+    payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+    pending = payload if kind in (1, 2) else pending + payload
+    if kind in (1, 4):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(pending)
+      out.append(record)
+  return out
+
+
+def test_wandb_writer_without_the_package_is_one_usage_error(tmp_path, monkeypatch):
+  import sys
+  import helpers
+  from mmjax import errors
+  monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+  config = helpers.tiny_config(**{"writers.wandb": True})
+  with pytest.raises(errors.UsageError, match=r"writers.wandb=True needs the wandb package"):
+    writers.MetricWriter(tmp_path, config=config)
