@@ -2,7 +2,7 @@
 time with a fraction of the image tokens dropped, against none, in one run.
 
   PYTHONPATH=. nice -n 10 python benchmarks/patch_dropout.py [--config configs/coca.py:base] \
-      [--fraction 0.5] [--flops_batch 8] [--depth 2] [--batch 4] [--steps 3]
+      [--fraction 0.5] [--flops_batch 8] [--depth 2] [--batch 4] [--steps 3] [--no_flops]
 
 FLOPs: the whole train step (forward, backward, AdamW) of `--config` at `--flops_batch` on
 one CPU device, from XLA's cost analysis of the lowered (not compiled) program
@@ -50,11 +50,13 @@ def main() -> None:
   parser.add_argument("--depth", type=int, default=2)
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--no_flops", action="store_true", help="step times only")
   args = parser.parse_args()
   cpu, load = common.cpu_model(), os.getloadavg()
   print(f"CPU: {cpu}; load average at start {load[0]:.1f}", flush=True)
   fractions = (0.0, args.fraction)
-  flops = {f: flops_per_example(args.config, f, args.flops_batch) for f in fractions}
+  flops = {f: (float("nan") if args.no_flops else
+               flops_per_example(args.config, f, args.flops_batch)) for f in fractions}
   for f in fractions:
     print(f"{args.config} patch_dropout={f}: {flops[f] / 1e9:.2f} GFLOP per example "
           f"(lowered cost analysis, batch {args.flops_batch})", flush=True)

@@ -12,7 +12,8 @@ TARGET are loaded from the source path SOURCE (a `re` template: \\1 is TARGET's 
 an empty SOURCE keeps them freshly initialised. The first matching rule wins; a parameter
 no rule matches is loaded from the same path when the checkpoint has it, else fresh.
 A source parameter of another shape is resized when it is a ViT position table on another
-grid (bicubic, class-token rows kept); any other shape mismatch stops the run with one line
+grid (bicubic, class-token rows kept) or a text position table of another length (its first
+rows; extra rows stay fresh); any other shape mismatch stops the run with one line
 naming the parameter and both shapes. Training prints one table: which parameters were
 loaded (from where), freshly initialised, resized.
 """
@@ -107,6 +108,11 @@ def initial_params(config: ml_collections.ConfigDict, params: Any) -> tuple[Any,
       if "pos_embed" in target and (resized := _resized_position_table(value, fresh.shape)) \
           is not None:
         value, status = resized, "resized"
+      elif "pos_embed" in target and value.ndim == 2 and value.shape[1] == fresh.shape[1]:
+        # A text position table of another length: its first rows, the rest fresh.
+        kept = min(value.shape[0], fresh.shape[0])
+        value = np.concatenate([value[:kept], np.asarray(jax.device_get(fresh))[kept:]])
+        status = "resized"
       else:
         raise errors.ConfigError(
             f"config init.checkpoint={config.init.checkpoint!r}: parameter {target} has shape "

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import helpers
+from configs import pretrained
 from mmjax import checkpoint, errors, optimizer as optimizer_lib, param_groups, warm_start
 from mmjax.models import vit
 
@@ -297,3 +298,42 @@ def test_interpolate_mixes_two_checkpoints_and_refuses_other_architectures(tmp_p
   line = helpers.usage_error(proc, "mmjax.interpolate")
   assert "image_proj/dense/kernel has shape (32, 16) in --a and (32, 24) in --b" in line
   assert not os.path.exists(tmp_path / "mixed")
+
+
+@pytest.fixture(scope="module")
+def clip_tiny(tmp_path_factory):
+  """A two-tower CLIP checkpoint (configs/pretrained.py:openai_tiny, fresh weights) as
+  `mmjax.convert` would write it: (work directory, its parameters)."""
+  workdir = str(tmp_path_factory.mktemp("clip_tiny"))
+  return workdir, save_params(workdir, pretrained.get_config("openai_tiny"), 0)
+
+
+def test_lit_preset_trains_the_text_tower_on_a_locked_clip_image_tower(tmp_path, data_dir,
+                                                                       clip_tiny):
+  """The guide's LiT command on the tiny preset: warm start table, image tower unchanged."""
+  source, stored = clip_tiny
+  workdir = str(tmp_path / "lit")
+  out = helpers.run("mmjax.train", workdir, data_dir, f"--config.init.checkpoint={source}",
+                    "--config.total_steps=2", "--config.eval_every_steps=0",
+                    config="configs/finetune.py:lit,openai_tiny").stdout
+  assert f"Warm start from {source} step 3: {len(stored)} loaded, 0 resized, 0 fresh" in out
+  _, trained = warm_start.read_params(workdir)
+  image = [k for k in stored if k.startswith(("vision/", "image_proj/"))]
+  assert image and all(np.array_equal(trained[k], stored[k]) for k in image)
+  assert not np.array_equal(trained["text_proj/dense/kernel"], stored["text_proj/dense/kernel"])
+
+
+def test_coca_from_clip_preset_warm_starts_and_unlocks_the_image_tower(tmp_path, data_dir,
+                                                                       clip_tiny):
+  """The guide's CoCa-from-CLIP command on the tiny preset: the ViT and the unimodal decoder
+  come from the CLIP, the image tower is locked for step 1 and trained after."""
+  source, stored = clip_tiny
+  workdir = str(tmp_path / "coca")
+  out = helpers.run("mmjax.train", workdir, data_dir, f"--config.init.checkpoint={source}",
+                    "--config.total_steps=2", "--config.eval_every_steps=0",
+                    config="configs/finetune.py:coca_from_clip,coca_tiny").stdout
+  assert "loaded   unimodal/decoder" in out and "fresh    multimodal/decoder" in out
+  assert "resized  unimodal/pos_embed" in out
+  _, trained = warm_start.read_params(workdir)
+  assert not np.array_equal(trained["vision/patch_embed/kernel"],
+                            stored["vision/patch_embed/kernel"])  # unlocked after step 1
