@@ -155,7 +155,9 @@ def source(name: str, *, kind: str, weight: float, split: str = "train",
 
 # --- models -----------------------------------------------------------------------------
 def _common_model(name: str) -> ConfigDict:
-  """Keys every model reads (mmjax.models.config.ModelConfig)."""
+  """Keys every model reads (mmjax.models.config.ModelConfig); activation, dtype,
+  param_dtype, scan_layers, remat_policy, attention_impl and norm_eps are the one `Stack`
+  bundle every transformer layer takes."""
   m = ConfigDict()
   m.name = name
   m.image_size = 64  # tied to data.image_size by `base`
@@ -175,6 +177,7 @@ def _common_model(name: str) -> ConfigDict:
   # jax.nn.dot_product_attention's implementation: "xla" (any backend) or "cudnn" (cuDNN
   # fused flash attention: NVIDIA GPUs, bfloat16 compute; mmjax.models.layers).
   m.attention_impl = "xla"
+  m.norm_eps = 1e-6  # every LayerNorm; open_clip (torch): 1e-5
   return m
 
 
@@ -199,7 +202,6 @@ def coca_model() -> ConfigDict:
   m.tie_embeddings = False  # paper counts an untied output projection
   m.prefix_length = 1  # learned prefix tokens per text type (prefix conditioning); 0 = off
   m.num_text_types = 2  # 0 = caption, 1 = label prompt (mmjax.vocabulary.TEXT_TYPES)
-  m.norm_eps = 1e-6  # every LayerNorm; open_clip (torch): 1e-5
   m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for open_clip weights)
   m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
   m.logit_bias_init = -10.0  # its value at init (SigLIP paper)

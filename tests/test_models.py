@@ -137,7 +137,7 @@ _REMAT_REFERENCE = {}
 def _stack_temp_bytes(policy: str) -> int:
   """Compiled temporary bytes of the gradient of a 4-layer scanned causal stack."""
   stack = layers.TransformerStack(num_layers=4, num_heads=4, mlp_dim=256, causal=True,
-                                  remat_policy=policy)
+                                  stack=layers.Stack(remat_policy=policy))
   x = jax.ShapeDtypeStruct((8, 64, 64), jnp.float32)
   params = flax.linen.unbox(jax.eval_shape(stack.init, jax.random.key(0), x)["params"])
   grad = jax.jit(jax.grad(lambda p, x: stack.apply({"params": p}, x).sum()))

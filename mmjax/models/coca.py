@@ -10,7 +10,6 @@ that cross-attends to the captioning pooler's tokens and predicts the next token
 output is the contrastive embedding and the rest the caption tokens.
 """
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,30 +23,42 @@ from mmjax.vocabulary import PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
-class CoCaConfig(model_config.ModelConfig):
-  """The model part of a config, frozen so Flax can hash it (see `configs/*.py`).
+class CoCaVision(model_config.VisionConfig):
+  """`model.vision`: the ViT's shape and open_clip's options (configs/schema.py)."""
+  patch_bias: bool
+  class_token: bool  # prepended class token (its own position row 0)
+  ln_pre: bool  # LayerNorm after position embeddings, before the blocks
+  ln_post: bool  # LayerNorm after the blocks (open_clip CoCa: none)
 
-  Adds to the shared fields (`mmjax.models.config`); the decoders see max_text_len - 1
-  tokens."""
+
+@dataclasses.dataclass(frozen=True)
+class CoCaText:
+  """`model.text`: the unimodal and multimodal decoders."""
+  width: int
   num_uni_layers: int
   num_multi_layers: int
+  mlp_dim: int
+  num_heads: int
+  vocab_size: int  # tokenizer ids
+  cls_mask: str  # "legacy": open_clip's shipped CoCa weights' CLS mask
+  multimodal_block: str  # "openclip": self-attn+MLP then cross-attn+MLP
+
+
+@dataclasses.dataclass(frozen=True)
+class CoCaConfig(model_config.ModelConfig):
+  """`config.model` of a CoCa config, key for key (configs/schema.py `coca_model`), plus
+  `max_text_len`; the decoders see max_text_len - 1 tokens."""
+  vision: CoCaVision
+  text: CoCaText
   pooler: str
+  pooler_heads: int  # attention heads of the poolers; 0 = text.num_heads
   num_caption_queries: int
   tie_embeddings: bool
   prefix_length: int
   num_text_types: int
-  # Options for converted open_clip weights; the defaults are mmjax's own model.
-  norm_eps: float = 1e-6  # every LayerNorm; torch (open_clip) uses 1e-5
-  pooler_heads: int = 0  # attention heads of the poolers; 0 = text_heads
-  vision_patch_bias: bool = True
-  vision_class_token: bool = False  # prepended class token (its own position row 0)
-  vision_ln_pre: bool = False  # LayerNorm after position embeddings, before the blocks
-  vision_ln_post: bool = True  # LayerNorm after the blocks (open_clip CoCa: none)
-  text_cls_mask: str = "correct"  # "legacy": open_clip's shipped CoCa weights' CLS mask
-  multimodal_block: str = "fused"  # "openclip": self-attn+MLP then cross-attn+MLP
-  image_norm: str = "none"  # "clip": map the [-1, 1] inputs to CLIP mean/std
-  logit_bias: bool = False  # a learned logit bias for sigmoid losses (SigLIP)
-  logit_bias_init: float = -10.0
+  image_norm: str  # "clip": map the [-1, 1] inputs to CLIP mean/std
+  logit_bias: bool  # a learned logit bias for sigmoid losses (SigLIP)
+  logit_bias_init: float
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":
@@ -55,17 +66,10 @@ class CoCaConfig(model_config.ModelConfig):
     if m.pooler not in ("cascade", "parallel", "openclip"):
       raise ValueError(f"config model.pooler={m.pooler!r}: choose 'cascade', 'parallel' or "
                        "'openclip'")
-    vision, text_cfg = m.vision, m.text
-    options = dict(
-        norm_eps=m.norm_eps, pooler_heads=m.pooler_heads, vision_patch_bias=vision.patch_bias,
-        vision_class_token=vision.class_token, vision_ln_pre=vision.ln_pre,
-        vision_ln_post=vision.ln_post, text_cls_mask=text_cfg.cls_mask,
-        multimodal_block=text_cfg.multimodal_block, image_norm=m.image_norm,
-        logit_bias=m.logit_bias, logit_bias_init=m.logit_bias_init)
-    for key, value, allowed in (("text.cls_mask", options["text_cls_mask"], CLS_MASKS),
-                                ("text.multimodal_block", options["multimodal_block"],
+    for key, value, allowed in (("text.cls_mask", m.text.cls_mask, CLS_MASKS),
+                                ("text.multimodal_block", m.text.multimodal_block,
                                  MULTIMODAL_BLOCKS),
-                                ("image_norm", options["image_norm"], tuple(IMAGE_NORMS))):
+                                ("image_norm", m.image_norm, tuple(IMAGE_NORMS))):
       if value not in allowed:
         raise ValueError(f"config model.{key}={value!r}: choose one of {allowed}")
     if m.pooler == "openclip" and m.embed_dim != m.text.width:
@@ -73,11 +77,7 @@ class CoCaConfig(model_config.ModelConfig):
       # cross-attention, whose key width is the text width.
       raise ValueError(f"config model.pooler='openclip' needs model.embed_dim="
                        f"{m.embed_dim} == model.text.width={m.text.width}")
-    return cls(
-        **cls.shared_fields(config), num_uni_layers=m.text.num_uni_layers,
-        num_multi_layers=m.text.num_multi_layers, pooler=m.pooler,
-        num_caption_queries=m.num_caption_queries, tie_embeddings=m.tie_embeddings,
-        prefix_length=m.prefix_length, num_text_types=m.num_text_types, **options)
+    return model_config.from_section(cls, m, max_text_len=config.data.max_text_len)
 
 
 CLS_MASKS = ("correct", "legacy")
@@ -94,23 +94,20 @@ class AttentionPooler(nn.Module):
   num_queries: int
   width: int
   num_heads: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  norm_eps: float = 1e-6
-  attention_impl: str = "xla"
+  stack: layers.Stack = layers.Stack()  # dtypes, norm_eps, attention_impl
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.norm_eps)
+    s = self.stack
     queries = self.param("queries",
                          layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
-                         (self.num_queries, self.width), self.param_dtype)
-    q = layers.LayerNorm(**kw, name="ln_q")(queries.astype(self.dtype))
+                         (self.num_queries, self.width), s.param_dtype)
+    q = layers.norm(s, "ln_q")(queries.astype(s.dtype))
     q = jnp.broadcast_to(q, (x.shape[0], *q.shape))
-    context = layers.LayerNorm(**kw, name="ln_k")(x)
-    out = layers.Attention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                           implementation=self.attention_impl, name="attn")(q, context)
-    return layers.LayerNorm(**kw, name="ln_out")(out)
+    context = layers.norm(s, "ln_k")(x)
+    out = layers.Attention(self.num_heads, **s.dtypes, implementation=s.attention_impl,
+                           name="attn")(q, context)
+    return layers.norm(s, "ln_out")(out)
 
 
 class CoCa(nn.Module):
@@ -124,36 +121,30 @@ class CoCa(nn.Module):
   decode: bool = False
 
   def setup(self):
-    c = self.config
-    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
-                 norm_eps=c.norm_eps, attention_impl=c.attention_impl)
-    pool = dict(**kw, norm_eps=c.norm_eps, attention_impl=c.attention_impl)
-    self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
-                          c.vision_heads, **stack, **kw, patch_bias=c.vision_patch_bias,
-                          class_token=c.vision_class_token, ln_pre=c.vision_ln_pre,
-                          ln_post=c.vision_ln_post)
-    pooler_heads = c.pooler_heads or c.text_heads
+    c, t, stack = self.config, self.config.text, self.config.stack
+    kw = stack.dtypes
+    self.vision = vit.ViT(c.patch_size, **model_config.kwargs(c.vision), stack=stack)
+    pooler_heads = c.pooler_heads or t.num_heads
     if c.pooler == "openclip":
       # One pooler: query 0 is the contrastive embedding, queries 1.. the caption tokens;
       # its output LayerNorm is open_clip's ln_post.
-      self.caption_pooler = AttentionPooler(c.num_caption_queries + 1, c.text_width,
-                                            pooler_heads, **pool)
+      self.caption_pooler = AttentionPooler(c.num_caption_queries + 1, t.width, pooler_heads,
+                                            stack)
     else:
-      self.caption_pooler = AttentionPooler(c.num_caption_queries, c.text_width, pooler_heads,
-                                            **pool)
-      self.contrastive_pooler = AttentionPooler(1, c.text_width, pooler_heads, **pool)
+      self.caption_pooler = AttentionPooler(c.num_caption_queries, t.width, pooler_heads,
+                                            stack)
+      self.contrastive_pooler = AttentionPooler(1, t.width, pooler_heads, stack)
     self.token_embed = nn.Embed(
-        c.vocab_size, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        t.vocab_size, t.width, **kw,
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
     self.unimodal = text.UnimodalDecoder(
-        c.num_uni_layers, c.text_heads, c.text_mlp_dim, c.max_text_len - 1, c.prefix_length,
-        c.num_text_types, **stack, **kw, cls_mask=c.text_cls_mask, decode=self.decode)
-    self.multimodal = text.MultimodalDecoder(c.num_multi_layers, c.text_heads, c.text_mlp_dim,
-                                             **stack, **kw, block=c.multimodal_block,
+        t.num_uni_layers, t.num_heads, t.mlp_dim, c.max_text_len - 1, c.prefix_length,
+        c.num_text_types, stack, cls_mask=t.cls_mask, decode=self.decode)
+    self.multimodal = text.MultimodalDecoder(t.num_multi_layers, t.num_heads, t.mlp_dim,
+                                             stack, block=t.multimodal_block,
                                              decode=self.decode)
     if not c.tie_embeddings:
-      self.lm_head = layers.Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+      self.lm_head = layers.Dense(t.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.logit_scale_log = self.param(
@@ -328,8 +319,8 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   forward+backward of the real loss.
   """
   c = CoCaConfig.from_config(config)
-  n = (c.image_size // c.patch_size) ** 2
-  dv, fv, dt, ft, q = c.vision_width, c.vision_mlp_dim, c.text_width, c.text_mlp_dim, \
+  n = c.num_patches
+  dv, fv, dt, ft, q = c.vision.width, c.vision.mlp_dim, c.text.width, c.text.mlp_dim, \
       c.num_caption_queries
   tu = c.prefix_length + (c.max_text_len - 1) + 1
   tm = c.prefix_length + c.max_text_len - 1
@@ -343,13 +334,13 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   cross = 2 * 2 * tm * dt * dt + 2 * 2 * q * dt * dt + attention(tm, q, dt)
   return {
       "patch_embedding": 2 * n * c.patch_size ** 2 * 3 * dv,
-      "vision_blocks": c.vision_depth * block(n, dv, fv),
+      "vision_blocks": c.vision.depth * block(n, dv, fv),
       "caption_pooler": 2 * q * dt * dt + 2 * 2 * n * dv * dt + 2 * q * dt * dt
                         + attention(q, n, dt),
       "contrastive_pooler": contrastive_pooler,
-      "unimodal": c.num_uni_layers * block(tu, dt, ft),
-      "multimodal": c.num_multi_layers * (block(tm, dt, ft) + cross),
-      "lm_head": 2 * tc * dt * c.vocab_size,
+      "unimodal": c.text.num_uni_layers * block(tu, dt, ft),
+      "multimodal": c.text.num_multi_layers * (block(tm, dt, ft) + cross),
+      "lm_head": 2 * tc * dt * c.text.vocab_size,
       "projections": 2 * 2 * dt * c.embed_dim,
       "contrastive_loss": 2 * config.batch_size * c.embed_dim,
   }

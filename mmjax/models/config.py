@@ -1,55 +1,115 @@
-"""The model-config fields every mmjax model shares, read once from an ml_collections config.
+"""Model configs: frozen dataclasses (Flax hashes them) that mirror the schema's `model.*`
+section one to one (configs/schema.py documents every key).
 
-`CoCaConfig` and `FlavaConfig` are frozen dataclasses (Flax hashes them) that extend
-`ModelConfig` with their own fields; `ModelConfig.shared_fields(config)` reads the shared
-ones (config keys in the comments), so each model's `from_config` only adds its own.
+A model's config class has one field per key of its `model` section, with the key's name;
+a nested section (`model.vision`, `model.text`, ...) is a nested dataclass. `from_section`
+reads them by name, so there is no translation table: `config.model.vision.width` is
+`CoCaConfig.vision.width`. Fields from outside `model` are passed explicitly
+(`max_text_len` from `data`, FLAVA's `mim_outputs` from `loss`).
+
+`Stack` is the one bundle of how every transformer layer computes (activation, scan, remat,
+dtypes, norm epsilon, attention implementation): `ModelConfig.stack` builds it from the
+top-level `model.*` keys of those names, and stacks, blocks and encoders take it whole
+(`mmjax.models.layers`).
 """
 import dataclasses
+import typing
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 
 
 @dataclasses.dataclass(frozen=True)
+class Stack:
+  """How every transformer layer computes; the fields are `model.<name>` keys. Strings name
+  dtypes ("bfloat16"); they are stored as `jnp.dtype`s."""
+  activation: str = "gelu"  # gelu (exact) | quick_gelu
+  dtype: Any = "float32"  # activations and matmuls
+  param_dtype: Any = "float32"
+  scan_layers: bool = True  # one compiled layer per stack (nn.scan) instead of unrolled
+  remat_policy: str = "none"  # "none" or a name in layers.REMAT_POLICIES
+  norm_eps: float = 1e-6  # every LayerNorm's epsilon
+  attention_impl: str = "xla"  # one of layers.ATTENTION_IMPLEMENTATIONS
+
+  def __post_init__(self):
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+
+  @property
+  def dtypes(self) -> dict[str, Any]:
+    """dtype and param_dtype as keyword arguments (Dense, LayerNorm, Embed, heads)."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+STACK_KEYS = tuple(f.name for f in dataclasses.fields(Stack))
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """ViT image encoder, text width / MLP / heads / vocabulary, contrastive embedding,
-  precision and layer layout."""
-  image_size: int  # model.image_size
-  patch_size: int  # model.patch_size
-  vision_width: int  # model.vision.width
-  vision_depth: int  # model.vision.depth
-  vision_mlp_dim: int  # model.vision.mlp_dim
-  vision_heads: int  # model.vision.num_heads
-  text_width: int  # model.text.width
-  text_mlp_dim: int  # model.text.mlp_dim
-  text_heads: int  # model.text.num_heads
-  vocab_size: int  # model.text.vocab_size (tokenizer ids)
+  """The `model.*` keys every model has (schema `_common_model`), plus `max_text_len`."""
+  name: str
+  image_size: int  # tied to data.image_size
+  patch_size: int
+  embed_dim: int  # the shared image-text embedding
+  logit_scale_init: float
+  logit_scale_max: float
+  activation: str
+  dtype: str
+  param_dtype: str
+  scan_layers: bool
+  remat_policy: str
+  norm_eps: float
+  attention_impl: str
   max_text_len: int  # data.max_text_len: tokens per example incl. BOS/EOS
-  embed_dim: int  # model.embed_dim: the shared image-text embedding
-  logit_scale_init: float  # model.logit_scale_init
-  logit_scale_max: float  # model.logit_scale_max
-  activation: str  # model.activation (default "gelu")
-  dtype: str  # model.dtype
-  param_dtype: str  # model.param_dtype
-  scan_layers: bool  # model.scan_layers
-  remat_policy: str  # model.remat_policy
-  attention_impl: str  # model.attention_impl
+
+  @property
+  def stack(self) -> Stack:
+    return Stack(**{key: getattr(self, key) for key in STACK_KEYS})
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
 
-  @staticmethod
-  def shared_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The fields above, read from `config` (keyword arguments for a subclass)."""
-    m = config.model
-    return dict(
-        image_size=m.image_size, patch_size=m.patch_size, vision_width=m.vision.width,
-        vision_depth=m.vision.depth, vision_mlp_dim=m.vision.mlp_dim,
-        vision_heads=m.vision.num_heads, text_width=m.text.width,
-        text_mlp_dim=m.text.mlp_dim, text_heads=m.text.num_heads,
-        vocab_size=m.text.vocab_size, max_text_len=config.data.max_text_len,
-        embed_dim=m.embed_dim, logit_scale_init=m.logit_scale_init,
-        logit_scale_max=m.logit_scale_max, activation=m.activation,
-        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy, attention_impl=m.attention_impl)
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """`model.vision`: the ViT's shape."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """A transformer encoder's shape (FLAVA's `model.text`, `model.multimodal`)."""
+  width: int
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+
+
+def from_section(cls: type, section: ml_collections.ConfigDict, **given: Any) -> Any:
+  """`cls` with every field read from the key of its name in `section` (a dataclass-typed
+  field from the nested section), except the fields `given`. A key of `section` that is no
+  field of `cls` is an error: the config class must mirror its schema section."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unread = set(section.keys()) - names
+  if unread:
+    raise TypeError(f"{cls.__name__} has no field for the config keys {sorted(unread)}: "
+                    "add them (model configs mirror configs/schema.py)")
+  types = typing.get_type_hints(cls)
+  values = dict(given)
+  for name in names - set(given):
+    value = section[name]
+    if dataclasses.is_dataclass(types[name]):
+      value = from_section(types[name], value)
+    values[name] = value
+  return cls(**values)
+
+
+def kwargs(section: Any) -> dict[str, Any]:
+  """A config dataclass's fields as keyword arguments (not recursive): a module whose
+  attributes are named like the section's keys takes `**kwargs(c.vision)`."""
+  return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}

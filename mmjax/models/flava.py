@@ -39,26 +39,29 @@ VOCAB_MULTIPLE = 128  # rows of the token table / text-head outputs, see the mod
 
 
 @dataclasses.dataclass(frozen=True)
-class FlavaConfig(model_config.ModelConfig):
-  """The model part of a FLAVA config, frozen so Flax can hash it (see configs/flava.py).
+class FlavaText(model_config.EncoderConfig):
+  """`model.text`: the text encoder's shape and the tokenizer's ids."""
+  vocab_size: int
 
-  Adds to the shared fields (`mmjax.models.config`); vocab_size counts the tokenizer's
-  ids, the embedding has one more row for [MASK]."""
-  text_depth: int
-  mm_width: int
-  mm_depth: int
-  mm_mlp_dim: int
-  mm_heads: int
-  mim_outputs: int  # p*p*3 for pixel regression, codebook_size for codebook targets
+
+@dataclasses.dataclass(frozen=True)
+class FlavaConfig(model_config.ModelConfig):
+  """`config.model` of a FLAVA config, key for key (configs/schema.py `flava_model`), plus
+  `max_text_len` and `mim_outputs` (from `loss`). text.vocab_size counts the tokenizer's
+  ids; the embedding has one more row for [MASK]."""
+  vision: model_config.VisionConfig
+  text: FlavaText
+  multimodal: model_config.EncoderConfig
+  mim_outputs: int  # loss.mim_target: p*p*3 for pixel regression, codebook_size for codes
 
   @property
   def mask_id(self) -> int:
-    return self.vocab_size
+    return self.text.vocab_size
 
   @property
   def padded_vocab(self) -> int:
-    """vocab_size + 1 ([MASK]) rounded up to a multiple of VOCAB_MULTIPLE."""
-    return -(-(self.vocab_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    """text.vocab_size + 1 ([MASK]) rounded up to a multiple of VOCAB_MULTIPLE."""
+    return -(-(self.text.vocab_size + 1) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
@@ -70,11 +73,8 @@ class FlavaConfig(model_config.ModelConfig):
     else:
       raise ValueError(f"config loss.mim_target={f.mim_target!r}: choose 'pixels' or "
                        "'codebook'")
-    return cls(
-        **cls.shared_fields(config), text_depth=m.text.num_layers,
-        mm_width=m.multimodal.width, mm_depth=m.multimodal.num_layers,
-        mm_mlp_dim=m.multimodal.mlp_dim, mm_heads=m.multimodal.num_heads,
-        mim_outputs=mim_outputs)
+    return model_config.from_section(cls, m, max_text_len=config.data.max_text_len,
+                                     mim_outputs=mim_outputs)
 
 
 def padding_mask(valid: jax.Array) -> jax.Array:
@@ -93,25 +93,19 @@ class TextEncoder(nn.Module):
   num_heads: int
   mlp_dim: int
   max_len: int
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  attention_impl: str = "xla"
+  stack: layers.Stack = layers.Stack()
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
+    s = self.stack
     pos = self.param("pos_embed",
                      layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
-                     (self.max_len, x.shape[-1]), self.param_dtype)
-    x = x.astype(self.dtype) + pos[:x.shape[1]].astype(self.dtype)
+                     (self.max_len, x.shape[-1]), s.param_dtype)
+    x = x.astype(s.dtype) + pos[:x.shape[1]].astype(s.dtype)
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        causal=False, activation=self.activation, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention_impl=self.attention_impl, name="encoder")(x, padding_mask(valid))
-    return layers.LayerNorm(self.dtype, self.param_dtype, name="ln_post")(x)
+        causal=False, stack=s, name="encoder")(x, padding_mask(valid))
+    return layers.norm(s, "ln_post")(x)
 
 
 class Head(nn.Module):
@@ -121,14 +115,13 @@ class Head(nn.Module):
   """
   outputs: int
   out_axis: str | None
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
+  stack: layers.Stack = layers.Stack()  # dtypes, norm_eps
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = self.stack.dtypes
     h = layers.Dense(x.shape[-1], ("embed", "mlp"), **kw, name="transform")(x)
-    h = layers.LayerNorm(**kw, name="ln")(nn.gelu(h, approximate=False))
+    h = layers.norm(self.stack, "ln")(nn.gelu(h, approximate=False))
     return layers.Dense(self.outputs, ("mlp", self.out_axis), **kw,
                         name="out")(h).astype(jnp.float32)
 
@@ -140,32 +133,31 @@ class Flava(nn.Module):
   config: FlavaConfig
 
   def setup(self):
-    c = self.config
-    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
-                 attention_impl=c.attention_impl)
-    self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
-                          c.vision_heads, **stack, **kw, class_token=True, mask_token=True)
+    c, stack = self.config, self.config.stack
+    kw = stack.dtypes
+    self.vision = vit.ViT(c.patch_size, **model_config.kwargs(c.vision), stack=stack,
+                          class_token=True, mask_token=True)
     self.token_embed = nn.Embed(
-        c.padded_vocab, c.text_width, dtype=kw["dtype"], param_dtype=kw["param_dtype"],
+        c.padded_vocab, c.text.width, **kw,
         embedding_init=layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.text = TextEncoder(c.text_depth, c.text_heads, c.text_mlp_dim, c.max_text_len,
-                            **stack, **kw)
-    self.image_to_mm = layers.Dense(c.mm_width, ("embed", "mlp"), **kw)
-    self.text_to_mm = layers.Dense(c.mm_width, ("embed", "mlp"), **kw)
+    self.text = TextEncoder(c.text.num_layers, c.text.num_heads, c.text.mlp_dim,
+                            c.max_text_len, stack)
+    mm = c.multimodal
+    self.image_to_mm = layers.Dense(mm.width, ("embed", "mlp"), **kw)
+    self.text_to_mm = layers.Dense(mm.width, ("embed", "mlp"), **kw)
     self.mm_cls = self.param("mm_cls",
                              layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
-                             (c.mm_width,), kw["param_dtype"])
+                             (mm.width,), stack.param_dtype)
     self.multimodal = layers.TransformerStack(
-        num_layers=c.mm_depth, num_heads=c.mm_heads, mlp_dim=c.mm_mlp_dim, **stack, **kw)
-    self.mm_ln = layers.LayerNorm(**kw)
+        num_layers=mm.num_layers, num_heads=mm.num_heads, mlp_dim=mm.mlp_dim, stack=stack)
+    self.mm_ln = layers.LayerNorm(**kw, epsilon=stack.norm_eps)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
-    self.mlm_head = Head(c.padded_vocab, "vocab", **kw)
-    self.mim_head = Head(c.mim_outputs, None, **kw)
-    self.mmm_text_head = Head(c.padded_vocab, "vocab", **kw)
-    self.mmm_image_head = Head(c.mim_outputs, None, **kw)
-    self.itm_head = Head(1, None, **kw)
+    self.mlm_head = Head(c.padded_vocab, "vocab", stack)
+    self.mim_head = Head(c.mim_outputs, None, stack)
+    self.mmm_text_head = Head(c.padded_vocab, "vocab", stack)
+    self.mmm_image_head = Head(c.mim_outputs, None, stack)
+    self.itm_head = Head(1, None, stack)
     self.logit_scale_log = self.param(
         "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
 
@@ -236,7 +228,7 @@ class Flava(nn.Module):
 
   def text_logits(self, head: nn.Module, x: jax.Array) -> jax.Array:
     """A text head over x [B, L, D] -> float32 logits [B, L, vocab_size] (padding cut)."""
-    return head(x)[..., :self.config.vocab_size]
+    return head(x)[..., :self.config.text.vocab_size]
 
   def logit_scale(self) -> jax.Array:
     """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
@@ -315,17 +307,17 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   """
   c = FlavaConfig.from_config(config)
   n, p, length = c.num_patches, c.patch_size, c.max_text_len
-  dv, dt, dm = c.vision_width, c.text_width, c.mm_width
+  dv, dt, dm = c.vision.width, c.text.width, c.multimodal.width
   ti, tm = 1 + n, 2 + n + length
   block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
   head = lambda t, d, out: 2 * t * d * d + 2 * t * d * out
   v, m = c.padded_vocab, c.mim_outputs  # the text heads compute the padded logits
   return {
       "patch_embedding": 2 * 2 * n * p * p * 3 * dv,
-      "image_encoder": 2 * c.vision_depth * block(ti, dv, c.vision_mlp_dim),
-      "text_encoder": 2 * c.text_depth * block(length, dt, c.text_mlp_dim),
+      "image_encoder": 2 * c.vision.depth * block(ti, dv, c.vision.mlp_dim),
+      "text_encoder": 2 * c.text.num_layers * block(length, dt, c.text.mlp_dim),
       "multimodal_encoder": (2 * ti * dv * dm + 2 * length * dt * dm
-                             + c.mm_depth * block(tm, dm, c.mm_mlp_dim)),
+                             + c.multimodal.num_layers * block(tm, dm, c.multimodal.mlp_dim)),
       "heads": (head(length, dt, v) + head(n, dv, m) + head(length, dm, v) + head(n, dm, m)
                 + head(1, dm, 1)),
       "projections": 2 * (dv + dt) * c.embed_dim,

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mmjax.models.config import Stack
+
 Dtype = Any
 
 # Names of the activations a rematerialisation policy can keep (`checkpoint_name` tags in
@@ -123,6 +125,11 @@ class LayerNorm(nn.Module):
         epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=partitioned(nn.initializers.ones, ("embed",)),
         bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="norm")(x)
+
+
+def norm(stack: Stack, name: str) -> LayerNorm:
+  """The stack's LayerNorm (its dtypes and `norm_eps`), named `name`."""
+  return LayerNorm(stack.dtype, stack.param_dtype, epsilon=stack.norm_eps, name=name)
 
 
 # model.attention_impl -> jax.nn.dot_product_attention's `implementation`. "xla": XLA's
@@ -313,35 +320,32 @@ class TransformerBlock(nn.Module):
   mlp_dim: int
   causal: bool = False
   cross_attention: bool = False
-  activation: str = "gelu"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: Stack = Stack()  # activation, dtypes, norm_eps, attention_impl (scan/remat: the stack's)
   decode: bool = False  # K/V caches (see Attention); context None = cached image K/V
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = dict(**kw, decode=self.decode, implementation=self.attention_impl)
+    s = self.stack
+    attn = dict(**s.dtypes, decode=self.decode, implementation=s.attention_impl)
     x = constrain(x, ("batch", "length", "embed"))
-    h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_self")(x)
+    h = norm(s, "ln_self")(x)
     # A mask already encodes causality; is_causal alone lets XLA/cuDNN skip the mask tensor.
     x = x + Attention(self.num_heads, **attn, name="self_attn")(
         h, mask=mask, is_causal=self.causal and mask is None)
     if self.cross_attention:
-      h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_cross")(x)
+      h = norm(s, "ln_cross")(x)
       x = x + Attention(self.num_heads, **attn, name="cross_attn")(
           h, context, cross=True)
-    h = LayerNorm(**kw, epsilon=self.norm_eps, name="ln_mlp")(x)
-    x = x + Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(h)
+    h = norm(s, "ln_mlp")(x)
+    x = x + Mlp(self.mlp_dim, s.activation, **s.dtypes, name="mlp")(h)
     return constrain(x, ("batch", "length", "embed")), None
 
 
 class TransformerStack(nn.Module):
-  """`num_layers` TransformerBlocks, scanned (params stacked on a `layers` axis) or unrolled,
-  each optionally rematerialised with a named policy from `REMAT_POLICIES`.
+  """`num_layers` TransformerBlocks, scanned (params stacked on a `layers` axis) or unrolled
+  (`stack.scan_layers`), each optionally rematerialised with a named policy from
+  `REMAT_POLICIES` (`stack.remat_policy`).
 
   `block`: the layer class (None = TransformerBlock); it must take TransformerBlock's fields
   and call signature (open_clip's multimodal layer is one, see `mmjax.models.text`)."""
@@ -350,36 +354,29 @@ class TransformerStack(nn.Module):
   mlp_dim: int
   causal: bool = False
   cross_attention: bool = False
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: Stack = Stack()
   block: Any = None
   decode: bool = False  # per-layer K/V caches; under scan stacked on the layers axis
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> jax.Array:
     block = self.block or TransformerBlock
-    policy = self.remat_policy
-    if policy == "none" and self.scan:
+    scan = self.stack.scan_layers
+    policy = self.stack.remat_policy
+    if policy == "none" and scan:
       policy = SCANNED_NONE_POLICY
     # Decoding keeps no activations for a backward pass: remat would only add lifting.
     if policy != "none" and not self.decode:
       if policy not in REMAT_POLICIES:
         raise ValueError(f"config model.remat_policy={policy!r}: choose one of "
                          f"{['none', *REMAT_POLICIES]}")
-      block = nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not self.scan)
+      block = nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=not scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
-              cross_attention=self.cross_attention, activation=self.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-              attention_impl=self.attention_impl)
+              cross_attention=self.cross_attention, stack=self.stack)
     if self.decode:
       kw["decode"] = True
-    if self.scan:
+    if scan:
       # Training sees exactly the old transform; decoding also stacks the caches per layer.
       axes = {"params": 0, "cache": 0} if self.decode else {"params": 0}
       scanned = nn.scan(block, variable_axes=axes, split_rngs={"params": True},

@@ -37,23 +37,19 @@ class CrossAttentionBlock(nn.Module):
   `decode=True`: the image K/V are cached; context None reads them from the cache."""
   num_heads: int
   mlp_dim: int
-  activation: str = "gelu"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: layers.Stack = layers.Stack()
   decode: bool = False
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: layers.LayerNorm(**kw, epsilon=self.norm_eps, name=name)
+    s = self.stack
     if context is not None or not self.decode:
-      context = norm("ln_kv")(context)
-    x = x + layers.Attention(self.num_heads, **kw, decode=self.decode,
-                                 implementation=self.attention_impl, name="attn")(
-        norm("ln_q")(x), context, cross=True)
-    return x + layers.Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(norm("ln_mlp")(x))
+      context = layers.norm(s, "ln_kv")(context)
+    x = x + layers.Attention(self.num_heads, **s.dtypes, decode=self.decode,
+                             implementation=s.attention_impl, name="attn")(
+        layers.norm(s, "ln_q")(x), context, cross=True)
+    return x + layers.Mlp(self.mlp_dim, s.activation, **s.dtypes, name="mlp")(
+        layers.norm(s, "ln_mlp")(x))
 
 
 class OpenClipMultimodalBlock(nn.Module):
@@ -64,19 +60,14 @@ class OpenClipMultimodalBlock(nn.Module):
   mlp_dim: int
   causal: bool = True
   cross_attention: bool = True
-  activation: str = "gelu"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: layers.Stack = layers.Stack()
   decode: bool = False  # K/V caches, as layers.TransformerBlock
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                context: jax.Array | None = None) -> tuple[jax.Array, None]:
-    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
-              dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-              decode=self.decode, attention_impl=self.attention_impl)
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, stack=self.stack,
+              decode=self.decode)
     x, _ = layers.TransformerBlock(**kw, causal=self.causal, name="self_block")(x, mask)
     x = CrossAttentionBlock(**kw, name="cross_block")(x, context)
     return layers.constrain(x, ("batch", "length", "embed")), None
@@ -102,15 +93,9 @@ class UnimodalDecoder(nn.Module):
   max_len: int  # tokens T, excluding prefix and CLS
   prefix_length: int = 0
   num_text_types: int = 2
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: layers.Stack = layers.Stack()
   cls_mask: str = "correct"  # "correct" | "legacy" (open_clip's shipped CoCa weights)
   decode: bool = False
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, valid: jax.Array | None, text_type: jax.Array | None, *,
@@ -118,21 +103,22 @@ class UnimodalDecoder(nn.Module):
     if self.decode:
       return self._decode(x, text_type, continuation), None
     batch, length, width = x.shape
+    dtype, param_dtype = self.stack.dtype, self.stack.param_dtype
     init = nn.initializers.normal(0.02)
     pieces, valid_pieces = [], []
     if self.prefix_length:
       prefix = self.param("prefix", layers.partitioned(init, (None, None, "embed")),
-                          (self.num_text_types, self.prefix_length, width), self.param_dtype)
-      pieces.append(prefix[text_type].astype(self.dtype))
+                          (self.num_text_types, self.prefix_length, width), param_dtype)
+      pieces.append(prefix[text_type].astype(dtype))
       valid_pieces.append(jnp.ones((batch, self.prefix_length), bool))
-    cls = self.param("cls", layers.partitioned(init, ("embed",)), (width,), self.param_dtype)
-    pieces += [x.astype(self.dtype), jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width))]
+    cls = self.param("cls", layers.partitioned(init, ("embed",)), (width,), param_dtype)
+    pieces += [x.astype(dtype), jnp.broadcast_to(cls.astype(dtype), (batch, 1, width))]
     valid_pieces += [valid, jnp.ones((batch, 1), bool)]
     x = jnp.concatenate(pieces, axis=1)
     total = self.prefix_length + self.max_len + 1
     pos = self.param("pos_embed", layers.partitioned(init, (None, "embed")), (total, width),
-                     self.param_dtype)
-    x = x + pos[:x.shape[1]].astype(self.dtype)
+                     param_dtype)
+    x = x + pos[:x.shape[1]].astype(dtype)
     key_valid = jnp.concatenate(valid_pieces, axis=1)
     if self.cls_mask == "legacy":
       key_valid = legacy_cls_key_valid(key_valid)
@@ -141,12 +127,8 @@ class UnimodalDecoder(nn.Module):
                        "'legacy'")
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        causal=True, activation=self.activation, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        norm_eps=self.norm_eps, attention_impl=self.attention_impl,
-        name="decoder")(x, unimodal_mask(key_valid))
-    cls_out = layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
-                               name="ln_cls")(x[:, -1])
+        causal=True, stack=self.stack, name="decoder")(x, unimodal_mask(key_valid))
+    cls_out = layers.norm(self.stack, "ln_cls")(x[:, -1])
     return x[:, :-1], cls_out
 
   def _decode(self, x: jax.Array, text_type: jax.Array | None, continuation: bool) -> jax.Array:
@@ -155,23 +137,23 @@ class UnimodalDecoder(nn.Module):
     Same parameter declarations as the training path (decoding only applies them).
     """
     width = x.shape[-1]
+    dtype, param_dtype = self.stack.dtype, self.stack.param_dtype
     init = nn.initializers.normal(0.02)
-    x = x.astype(self.dtype)
+    x = x.astype(dtype)
     if self.prefix_length and not continuation:
       prefix = self.param("prefix", layers.partitioned(init, (None, None, "embed")),
-                          (self.num_text_types, self.prefix_length, width), self.param_dtype)
-      x = jnp.concatenate([prefix[text_type].astype(self.dtype), x], axis=1)
+                          (self.num_text_types, self.prefix_length, width), param_dtype)
+      x = jnp.concatenate([prefix[text_type].astype(dtype), x], axis=1)
     # The position of the next input; 0 in a fresh cache.
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     total = self.prefix_length + self.max_len + 1
     pos = self.param("pos_embed", layers.partitioned(init, (None, "embed")), (total, width),
-                     self.param_dtype)
-    x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, x.shape[1]).astype(self.dtype)
+                     param_dtype)
+    x = x + jax.lax.dynamic_slice_in_dim(pos, index.value, x.shape[1]).astype(dtype)
     index.value = index.value + x.shape[1]
     return layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        causal=True, activation=self.activation, scan=self.scan, dtype=self.dtype,
-        param_dtype=self.param_dtype, norm_eps=self.norm_eps, decode=True, name="decoder")(x)
+        causal=True, stack=self.stack, decode=True, name="decoder")(x)
 
 
 class MultimodalDecoder(nn.Module):
@@ -185,28 +167,20 @@ class MultimodalDecoder(nn.Module):
   num_layers: int
   num_heads: int
   mlp_dim: int
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: layers.Stack = layers.Stack()
   block: str = "fused"
   decode: bool = False  # K/V caches; image_tokens=None then reuses the cached image K/V
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, image_tokens: jax.Array | None) -> jax.Array:
     if image_tokens is not None:
-      image_tokens = image_tokens.astype(self.dtype)
+      image_tokens = image_tokens.astype(self.stack.dtype)
     x = layers.TransformerStack(
         num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        causal=True, cross_attention=True, activation=self.activation, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        norm_eps=self.norm_eps, block=_MULTIMODAL_BLOCKS[self.block], decode=self.decode,
-        attention_impl=self.attention_impl, name="decoder")(x, None, image_tokens)
-    return layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
-                            name="ln_final")(x)
+        causal=True, cross_attention=True, stack=self.stack,
+        block=_MULTIMODAL_BLOCKS[self.block], decode=self.decode,
+        name="decoder")(x, None, image_tokens)
+    return layers.norm(self.stack, "ln_final")(x)
 
 
 _MULTIMODAL_BLOCKS = {"fused": None, "openclip": OpenClipMultimodalBlock}

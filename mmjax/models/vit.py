@@ -75,62 +75,51 @@ class ViT(nn.Module):
   tokens after the positions are added (`drop_patches`): N becomes round((1 - f) N).
   """
   patch_size: int
-  width: int
+  width: int  # the attributes from `width` to `ln_post` are model.vision's keys
   depth: int
   mlp_dim: int
   num_heads: int
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
+  stack: layers.Stack = layers.Stack()
   patch_bias: bool = True
   class_token: bool = False
   ln_pre: bool = False
   ln_post: bool = True
   mask_token: bool = False
-  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, images: jax.Array, patch_mask: jax.Array | None = None,
                drop_rng: jax.Array | None = None, drop_fraction: float = 0.0) -> jax.Array:
-    p = self.patch_size
-    norm = lambda name: layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
-                                         name=name)
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=self.param_dtype, use_bias=self.patch_bias,
+    p, s = self.patch_size, self.stack
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", **s.dtypes,
+                use_bias=self.patch_bias,
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                (None, None, None, "embed")),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)),
-                name="patch_embed")(normalize_images(images, self.dtype))
+                name="patch_embed")(normalize_images(images, s.dtype))
     batch, h, w, width = x.shape
     x = x.reshape(batch, h * w, width)
     if self.mask_token:
       token = self.param("mask_token",
                          layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
-                         (width,), self.param_dtype)
+                         (width,), s.param_dtype)
       if patch_mask is not None:
-        x = jnp.where(patch_mask[..., None], token.astype(self.dtype), x)
+        x = jnp.where(patch_mask[..., None], token.astype(s.dtype), x)
     elif patch_mask is not None:
       raise ValueError("ViT(mask_token=False) was given a patch_mask: build it with "
                        "mask_token=True to mask patches")
     if self.class_token:
       cls = self.param("cls", layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
-                       (width,), self.param_dtype)
+                       (width,), s.param_dtype)
       x = jnp.concatenate(
-          [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+          [jnp.broadcast_to(cls.astype(s.dtype), (batch, 1, width)), x], axis=1)
     pos = self.param("pos_embed",
                      layers.partitioned(nn.initializers.normal(0.02), (None, "embed")),
-                     (x.shape[1], width), self.param_dtype)
-    x = x + pos.astype(self.dtype)
+                     (x.shape[1], width), s.param_dtype)
+    x = x + pos.astype(s.dtype)
     if drop_rng is not None and drop_fraction > 0:
       x = drop_patches(x, drop_rng, drop_fraction, num_prefix=int(self.class_token))
     if self.ln_pre:
-      x = norm("ln_pre")(x)
-    x = layers.TransformerStack(
-        num_layers=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        activation=self.activation, scan=self.scan, remat_policy=self.remat_policy,
-        dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-        attention_impl=self.attention_impl, name="encoder")(x)
-    return norm("ln_post")(x) if self.ln_post else x
+      x = layers.norm(s, "ln_pre")(x)
+    x = layers.TransformerStack(num_layers=self.depth, num_heads=self.num_heads,
+                                mlp_dim=self.mlp_dim, stack=s, name="encoder")(x)
+    return layers.norm(s, "ln_post")(x) if self.ln_post else x

@@ -297,7 +297,7 @@ class FlavaObjective:
     if not self.f.label_aware:
       same_class = jnp.zeros_like(same_class)
     match = ~swap | same_text | same_class
-    mm_text, selected = mlm_mask(k_mlm, swapped_text, c.vocab_size, c.mask_id, f.mlm_rate)
+    mm_text, selected = mlm_mask(k_mlm, swapped_text, c.text.vocab_size, c.mask_id, f.mlm_rate)
     grid = c.image_size // c.patch_size
     patch_mask = block_mask(k_mim, text.shape[0], grid, f.mim_ratio, f.mim_min_block)
     return dict(mm_text=mm_text, selected=selected, targets_text=swapped_text,
