@@ -242,7 +242,6 @@ def two_tower_model() -> ConfigDict:
       causal=True,  # causal self-attention (CLIP) | bidirectional (SigLIP)
       pool="eot",  # eot (the end-of-text token, CLIP) | last (SigLIP) | first
       proj_bias=False))  # bias of the text projection (SigLIP's text head: True)
-  m.norm_eps = 1e-6  # every LayerNorm; CLIP (torch): 1e-5
   m.image_norm = "none"  # none | clip (pixels -> CLIP mean/std, for CLIP weights)
   m.logit_bias = False  # a learned logit bias (sigmoid losses: SigLIP)
   m.logit_bias_init = -10.0  # its value at init (SigLIP paper)

@@ -59,6 +59,7 @@ class CoCaConfig(model_config.ModelConfig):
   image_norm: str  # "clip": map the [-1, 1] inputs to CLIP mean/std
   logit_bias: bool  # a learned logit bias for sigmoid losses (SigLIP)
   logit_bias_init: float
+  patch_dropout: float  # read by the objective (drop_fraction), not by the modules
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":

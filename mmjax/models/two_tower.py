@@ -28,45 +28,60 @@ TEXT_POOLS = ("eot", "last", "first")  # end-of-text (last non-pad) token | last
 
 
 @dataclasses.dataclass(frozen=True)
+class TwoTowerVision(model_config.VisionConfig):
+  """`model.vision`: the ViT's shape, open_clip / SigLIP options, pooling, projection."""
+  patch_bias: bool
+  class_token: bool
+  ln_pre: bool
+  pool: str  # one of IMAGE_POOLS
+  proj: bool  # False: the pooled width is the embedding (SigLIP)
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoTowerText(model_config.EncoderConfig):
+  """`model.text`: the text transformer's shape, attention, pooling and projection."""
+  vocab_size: int
+  causal: bool
+  pool: str  # one of TEXT_POOLS
+  proj_bias: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class TwoTowerConfig(model_config.ModelConfig):
-  """The model part of a config, frozen so Flax can hash it (configs/schema.py
-  `two_tower_model` names the keys)."""
-  text_depth: int  # model.text.num_layers
-  text_causal: bool  # model.text.causal
-  text_pool: str  # model.text.pool
-  text_proj_bias: bool  # model.text.proj_bias
-  vision_patch_bias: bool  # model.vision.patch_bias
-  vision_class_token: bool  # model.vision.class_token
-  vision_ln_pre: bool  # model.vision.ln_pre
-  vision_pool: str  # model.vision.pool
-  vision_proj: bool  # model.vision.proj (False: the pooled width is the embedding, SigLIP)
-  norm_eps: float  # model.norm_eps
-  image_norm: str  # model.image_norm
-  logit_bias: bool  # model.logit_bias
-  logit_bias_init: float  # model.logit_bias_init
+  """`config.model` of a two-tower config, key for key (configs/schema.py
+  `two_tower_model`), plus `max_text_len`."""
+  vision: TwoTowerVision
+  text: TwoTowerText
+  image_norm: str
+  logit_bias: bool
+  logit_bias_init: float
+  patch_dropout: float  # read by the objective (drop_fraction), not by the modules
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TwoTowerConfig":
-    m = config.model
-    for key, value, allowed in (("vision.pool", m.vision.pool, IMAGE_POOLS),
-                                ("text.pool", m.text.pool, TEXT_POOLS),
-                                ("image_norm", m.image_norm, tuple(coca.IMAGE_NORMS)),
-                                ("activation", m.activation, tuple(layers.ACTIVATIONS))):
-      if value not in allowed:
-        raise ValueError(f"config model.{key}={value!r}: choose one of {allowed}")
-    if m.vision.pool == "cls" and not m.vision.class_token:
-      raise ValueError("config model.vision.pool='cls' needs model.vision.class_token=True")
-    if not m.vision.proj and m.vision.width != m.embed_dim:
-      raise ValueError(f"config model.vision.proj=False needs model.embed_dim={m.embed_dim} "
-                       f"== model.vision.width={m.vision.width} (the pooled features are "
-                       "the embedding)")
-    return cls(
-        **cls.shared_fields(config), text_depth=m.text.num_layers, text_causal=m.text.causal,
-        text_pool=m.text.pool, text_proj_bias=m.text.proj_bias,
-        vision_patch_bias=m.vision.patch_bias, vision_class_token=m.vision.class_token,
-        vision_ln_pre=m.vision.ln_pre, vision_pool=m.vision.pool, vision_proj=m.vision.proj,
-        norm_eps=m.norm_eps, image_norm=m.image_norm, logit_bias=m.logit_bias,
-        logit_bias_init=m.logit_bias_init)
+    problems = check(config)
+    if problems:
+      raise ValueError(problems[0])
+    return model_config.from_section(cls, config.model, max_text_len=config.data.max_text_len)
+
+
+def check(config: ml_collections.ConfigDict) -> list[str]:
+  """The two-tower model's own `model` keys (the shared ones: `mmjax.models.check`)."""
+  m = config.model
+  problems = [f"config model.{key}={value!r}: choose one of {list(allowed)}"
+              for key, value, allowed in (("vision.pool", m.vision.pool, IMAGE_POOLS),
+                                          ("text.pool", m.text.pool, TEXT_POOLS),
+                                          ("image_norm", m.image_norm, tuple(coca.IMAGE_NORMS)),
+                                          ("activation", m.activation,
+                                           tuple(layers.ACTIVATIONS)))
+              if value not in allowed]
+  if m.vision.pool == "cls" and not m.vision.class_token:
+    problems.append("config model.vision.pool='cls' needs model.vision.class_token=True")
+  if not m.vision.proj and m.vision.width != m.embed_dim:
+    problems.append(f"config model.vision.proj=False needs model.embed_dim={m.embed_dim} == "
+                    f"model.vision.width={m.vision.width} (the pooled features are the "
+                    "embedding)")
+  return problems
 
 
 class MapHead(nn.Module):
@@ -75,24 +90,20 @@ class MapHead(nn.Module):
   x [B, N, D] -> [B, D]."""
   num_heads: int
   mlp_dim: int
-  activation: str = "gelu"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
-  attention_impl: str = "xla"
+  stack: layers.Stack = layers.Stack()  # activation, dtypes, norm_eps, attention_impl
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    s = self.stack
     width = x.shape[-1]
     probe = self.param("probe", layers.partitioned(nn.initializers.xavier_uniform(),
                                                    (None, "embed")), (1, width),
-                       self.param_dtype)
-    q = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, width))
-    h = layers.Attention(self.num_heads, **kw, implementation=self.attention_impl,
+                       s.param_dtype)
+    q = jnp.broadcast_to(probe.astype(s.dtype), (x.shape[0], 1, width))
+    h = layers.Attention(self.num_heads, **s.dtypes, implementation=s.attention_impl,
                          name="attn")(q, x)
-    h = h + layers.Mlp(self.mlp_dim, self.activation, **kw, name="mlp")(
-        layers.LayerNorm(**kw, epsilon=self.norm_eps, name="ln")(h))
+    h = h + layers.Mlp(self.mlp_dim, s.activation, **s.dtypes, name="mlp")(
+        layers.norm(s, "ln")(h))
     return h[:, 0]
 
 
@@ -102,40 +113,32 @@ class TextTransformer(nn.Module):
   [B, D]."""
   vocab_size: int
   width: int
-  depth: int
+  num_layers: int
   mlp_dim: int
   num_heads: int
   max_len: int
   causal: bool = True
   pool: str = "eot"
-  activation: str = "gelu"
-  scan: bool = True
-  remat_policy: str = "none"
-  dtype: layers.Dtype = jnp.float32
-  param_dtype: layers.Dtype = jnp.float32
-  norm_eps: float = 1e-6
-  attention_impl: str = "xla"
+  stack: layers.Stack = layers.Stack()
 
   @nn.compact
   def __call__(self, text: jax.Array) -> jax.Array:
+    s = self.stack
     init = nn.initializers.normal(0.02)
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = nn.Embed(self.vocab_size, self.width, **s.dtypes,
                  embedding_init=layers.partitioned(init, ("vocab", "embed")),
                  name="token_embed")(text)
     pos = self.param("pos_embed", layers.partitioned(nn.initializers.normal(0.01),
                                                      (None, "embed")),
-                     (self.max_len, self.width), self.param_dtype)
-    x = x + pos[:text.shape[1]].astype(self.dtype)
+                     (self.max_len, self.width), s.param_dtype)
+    x = x + pos[:text.shape[1]].astype(s.dtype)
     # Causal: no real token attends to the padding after it, so no padding mask is needed
     # for the end-of-text pooling. Bidirectional (SigLIP): every slot, padding included,
     # as SigLIP was trained (its texts are padded to a fixed length).
     x = layers.TransformerStack(
-        num_layers=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        causal=self.causal, activation=self.activation, scan=self.scan,
-        remat_policy=self.remat_policy, dtype=self.dtype, param_dtype=self.param_dtype,
-        norm_eps=self.norm_eps, attention_impl=self.attention_impl, name="encoder")(x)
-    x = layers.LayerNorm(self.dtype, self.param_dtype, epsilon=self.norm_eps,
-                         name="ln_final")(x)
+        num_layers=self.num_layers, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        causal=self.causal, stack=s, name="encoder")(x)
+    x = layers.norm(s, "ln_final")(x)
     if self.pool == "first":
       return x[:, 0]
     if self.pool == "last":
@@ -158,23 +161,19 @@ class TwoTower(nn.Module):
   config: TwoTowerConfig
 
   def setup(self):
-    c = self.config
-    kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
-    stack = dict(scan=c.scan_layers, remat_policy=c.remat_policy, activation=c.activation,
-                 norm_eps=c.norm_eps, attention_impl=c.attention_impl)
-    self.vision = vit.ViT(c.patch_size, c.vision_width, c.vision_depth, c.vision_mlp_dim,
-                          c.vision_heads, **stack, **kw, patch_bias=c.vision_patch_bias,
-                          class_token=c.vision_class_token, ln_pre=c.vision_ln_pre,
+    c, v, stack = self.config, self.config.vision, self.config.stack
+    kw = stack.dtypes
+    self.vision = vit.ViT(c.patch_size, v.width, v.depth, v.mlp_dim, v.num_heads, stack,
+                          patch_bias=v.patch_bias, class_token=v.class_token, ln_pre=v.ln_pre,
                           ln_post=True)
-    if c.vision_pool == "map":
-      self.map_head = MapHead(c.vision_heads, c.vision_mlp_dim, c.activation, **kw,
-                              norm_eps=c.norm_eps, attention_impl=c.attention_impl)
-    if c.vision_proj:
+    if v.pool == "map":
+      self.map_head = MapHead(v.num_heads, v.mlp_dim, stack)
+    if v.proj:
       self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
-    self.text = TextTransformer(c.vocab_size, c.text_width, c.text_depth, c.text_mlp_dim,
-                                c.text_heads, c.max_text_len, c.text_causal, c.text_pool,
-                                **stack, **kw)
-    self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=c.text_proj_bias,
+    t = c.text
+    self.text = TextTransformer(t.vocab_size, t.width, t.num_layers, t.mlp_dim, t.num_heads,
+                                c.max_text_len, t.causal, t.pool, stack)
+    self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=c.text.proj_bias,
                                   **kw)
     self.logit_scale_log = self.param(
         "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
@@ -191,11 +190,11 @@ class TwoTower(nn.Module):
       mean, std = (jnp.asarray(v, jnp.float32) for v in norm)
       images = ((vit.normalize_images(images, jnp.float32) + 1.0) / 2.0 - mean) / std
     tokens = self.vision(images, drop_rng=drop_rng, drop_fraction=drop_fraction)
-    pool = self.config.vision_pool
+    pool = self.config.vision.pool
     if pool == "cls":
       pooled = tokens[:, 0]
     elif pool == "mean":
-      pooled = tokens[:, int(self.config.vision_class_token):].mean(axis=1)
+      pooled = tokens[:, int(self.config.vision.class_token):].mean(axis=1)
     else:
       pooled = self.map_head(tokens)
     return pooled.astype(jnp.float32)
@@ -205,8 +204,8 @@ class TwoTower(nn.Module):
     """images [B, H, W, 3] -> (embedding [B, E] float32 unnormalised, None: no caption
     tokens)."""
     pooled = self.image_features(images, drop_rng, drop_fraction).astype(
-        jnp.dtype(self.config.dtype))
-    emb = self.image_proj(pooled) if self.config.vision_proj else pooled
+        self.config.stack.dtype)
+    emb = self.image_proj(pooled) if self.config.vision.proj else pooled
     return emb.astype(jnp.float32), None
 
   def encode_text(self, text_ids: jax.Array, text_type: jax.Array | None = None) -> jax.Array:
@@ -281,18 +280,18 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   """
   c = TwoTowerConfig.from_config(config)
   n = c.num_patches
-  nv = n + int(c.vision_class_token)
-  dv, fv, dt, ft, length = (c.vision_width, c.vision_mlp_dim, c.text_width, c.text_mlp_dim,
+  nv = n + int(c.vision.class_token)
+  dv, fv, dt, ft, length = (c.vision.width, c.vision.mlp_dim, c.text.width, c.text.mlp_dim,
                             c.max_text_len)
   block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d
   out = {
       "patch_embedding": 2 * n * c.patch_size ** 2 * 3 * dv,
-      "vision_blocks": c.vision_depth * block(nv, dv, fv),
+      "vision_blocks": c.vision.depth * block(nv, dv, fv),
   }
-  if c.vision_pool == "map":
+  if c.vision.pool == "map":
     out["map_head"] = 2 * dv * dv + 2 * 2 * nv * dv * dv + 2 * dv * dv + 4 * nv * dv \
         + 2 * 2 * dv * fv
-  out["text_blocks"] = c.text_depth * block(length, dt, ft)
-  out["projections"] = 2 * dv * c.embed_dim * int(c.vision_proj) + 2 * dt * c.embed_dim
+  out["text_blocks"] = c.text.num_layers * block(length, dt, ft)
+  out["projections"] = 2 * dv * c.embed_dim * int(c.vision.proj) + 2 * dt * c.embed_dim
   out["contrastive_loss"] = 2 * config.batch_size * c.embed_dim
   return out
