@@ -22,13 +22,36 @@ Sections:
   watchdog     hang and straggler detection (timeouts, straggler factor)
   evals        evaluators by name; each entry's `type` picks the evaluator (mmjax.evaluators
                registry), so a config can run several of one type
+
+Registered sections. The `model`, `loss` and `evals.<key>` sections belong to entries of
+mmjax's registries (models.MODELS, objectives.OBJECTIVES, evaluators.EVALUATORS): entry NAME
+has its section here as `NAME_model()`, `NAME_loss()` or `NAME_eval()` (`sections`), and
+each entry points at it (`section`) next to its own `check(config)`, which validates
+exactly these keys (`mmjax.cli.validate` runs every entry's). The sections are written
+here, not in the entries' modules, for two reasons: this file stays the one place a user
+reads every key with its default and meaning, and configs import nothing from mmjax
+(configs -> mmjax, never back: tests/test_architecture.py), so a config file builds
+without importing JAX. tests/test_configs.py checks that the registries' names and these
+sections are the same sets. Adding an objective or an evaluator: its module (with
+`check`), one registry line, and its section here.
 """
+from typing import Callable
+
 import ml_collections
 
 ConfigDict = ml_collections.ConfigDict
 
-MODELS = ("coca", "flava", "two_tower")
-OBJECTIVES = ("coca", "siglip", "flava")
+REGISTRIES = ("model", "loss", "eval")  # section-function suffixes, see `sections`
+
+
+def sections(registry: str) -> dict[str, Callable[..., ConfigDict]]:
+  """Entry name -> its section function, for `registry` "model" (`coca_model`: the
+  `model` section of model.name="coca"), "loss" (`siglip_loss`) or "eval"
+  (`zeroshot_eval`: an `evals.<key>` entry of type "zeroshot")."""
+  assert registry in REGISTRIES, registry
+  suffix = f"_{registry}"
+  return {name[:-len(suffix)]: fn for name, fn in globals().items()
+          if name.endswith(suffix) and not name.startswith("_") and callable(fn)}
 
 
 def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
@@ -54,8 +77,8 @@ def base(*, model: str = "coca", objective: str = "coca") -> ConfigDict:
   c.peak_tflops_per_device = 0.0
   c.nonfinite_policy = "skip"  # a non-finite loss or gradient: skip the update | stop
   c.data = data()
-  c.model = MODEL_SECTIONS[model]()
-  c.loss = OBJECTIVE_SECTIONS[objective]()
+  c.model = sections("model")[model]()
+  c.loss = sections("loss")[objective]()
   c.optimizer = optimizer()
   c.mesh = mesh()
   c.checkpoint = checkpoint()
@@ -252,9 +275,6 @@ def two_tower_model() -> ConfigDict:
   return m
 
 
-MODEL_SECTIONS = {"coca": coca_model, "flava": flava_model, "two_tower": two_tower_model}
-
-
 # --- objectives (`loss`) -----------------------------------------------------------------
 def coca_loss() -> ConfigDict:
   """CoCa = contrastive + captioning (mmjax.objectives.coca). label_aware=True gives UniCL's
@@ -310,9 +330,6 @@ def siglip_loss() -> ConfigDict:
   l.name = "siglip"
   l.caption_weight = 0.0  # the paper: contrastive alone
   return l
-
-
-OBJECTIVE_SECTIONS = {"coca": coca_loss, "siglip": siglip_loss, "flava": flava_loss}
 
 
 # --- optimisation, mesh, checkpoints, profiling ---------------------------------------------

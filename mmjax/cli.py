@@ -14,12 +14,9 @@ import jax
 import ml_collections
 from absl import flags
 
-from mmjax import decode, evaluators, models, objectives, optimizer, sharding, vocabulary
-from mmjax import state
+from mmjax import evaluators, models, objectives, optimizer, sharding, state
 from mmjax.data import transforms
 from mmjax.errors import ConfigError
-from mmjax.evaluators import linear_probe
-from mmjax.models import layers
 
 FLAGS = flags.FLAGS
 
@@ -75,15 +72,30 @@ def validated_config() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Checks everything knowable from the config alone, before any tokenizer, data or device
-  work: run length and cadence, mesh and batch split, the data mixture, and that the model,
-  the optimizer, the objective and every evaluator entry can be built from it. Raises one
-  ConfigError listing every problem, one line each, naming the key."""
-  problems = []
-  for check in (_check_run, _check_data, _check_parts):
-    problems += check(config, jax.device_count() if num_devices is None else num_devices)
-  if problems:
-    raise ConfigError(*problems)
+  """Raises one ConfigError listing every `problems` line, if there are any."""
+  found = problems(config, num_devices)
+  if found:
+    raise ConfigError(*found)
+
+
+def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
+  """Everything knowable from the config alone, before any tokenizer, data or device work,
+  one line each naming the key: run length and cadence, mesh and batch split, the data
+  mixture, the optimizer, and each registry's entries (the model, the objective, every
+  evaluator entry: `check` of mmjax.models, .objectives, .evaluators, which run each
+  entry's own)."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  found = _check_run(config, num_devices) + _check_data(config)
+  try:
+    optimizer.make_optimizer(config)
+  except ValueError as e:  # it names the key
+    found.append(str(e))
+  parts = [line for registry in (models, objectives, evaluators)
+           for line in registry.check(config)]
+  if not parts:  # the model can be built: its tree is what optimizer.frozen patterns match
+    parts = optimizer.check(config, _abstract_params(config) if config.optimizer.frozen
+                            else {})
+  return found + parts
 
 
 def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
@@ -133,8 +145,7 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
   return [message for ok, message in checks if not ok]
 
 
-def _check_data(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-  del num_devices
+def _check_data(config: ml_collections.ConfigDict) -> list[str]:
   d = config.data
   problems = []
   weights = {name: s.weight for name, s in d.sources.items()}
@@ -150,70 +161,14 @@ def _check_data(config: ml_collections.ConfigDict, num_devices: int) -> list[str
     if not source[key]:
       problems.append(f"config data.sources.{name}.{key} must be set for "
                       f"kind={source.kind!r}")
-    if source.modality not in transforms.MODALITIES:
+    if source.modality not in transforms.MODALITIES:  # the objective checks which it uses
       problems.append(f"config data.sources.{name}.modality={source.modality!r}: choose one "
                       f"of {transforms.MODALITIES}")
-    elif source.modality != "paired" and config.loss.name != "flava":
-      problems.append(f"config data.sources.{name}.modality={source.modality!r}: unimodal "
-                      f"views need an objective that uses them (loss.name='flava'), not "
-                      f"{config.loss.name!r}")
   if d.max_text_len < 3:
     problems.append(f"config data.max_text_len={d.max_text_len} must hold BOS, a token, EOS")
   if d.tokenizer.kind not in ("sentencepiece", "openclip", "siglip"):
     problems.append(f"config data.tokenizer.kind={d.tokenizer.kind!r}: choose "
                     "'sentencepiece', 'openclip' or 'siglip'")
-  if config.model.image_size % config.model.patch_size:
-    problems.append(f"config model.image_size={config.model.image_size} is not divisible by "
-                    f"model.patch_size={config.model.patch_size}")
-  return problems
-
-
-def _check_parts(config: ml_collections.ConfigDict, num_devices: int) -> list[str]:
-  """Builds what the config names (model, optimizer, objective, evaluators) abstractly."""
-  del num_devices
-  problems = []
-  if config.model.name not in models.MODELS:
-    return [f"config model.name={config.model.name!r}: choose one of {list(models.MODELS)}"]
-  if config.loss.name not in objectives.OBJECTIVES:
-    problems.append(f"config loss.name={config.loss.name!r}: choose one of "
-                    f"{list(objectives.OBJECTIVES)}")
-  if config.model.remat_policy not in ("none", *layers.REMAT_POLICIES):
-    problems.append(f"config model.remat_policy={config.model.remat_policy!r}: choose one of "
-                    f"{['none', *layers.REMAT_POLICIES]}")
-  if config.model.activation not in layers.ACTIVATIONS:
-    problems.append(f"config model.activation={config.model.activation!r}: choose one of "
-                    f"{list(layers.ACTIVATIONS)}")
-  impl = config.model.attention_impl
-  if impl not in layers.ATTENTION_IMPLEMENTATIONS:
-    problems.append(f"config model.attention_impl={impl!r}: choose one of "
-                    f"{list(layers.ATTENTION_IMPLEMENTATIONS)}")
-  elif impl == "cudnn" and config.model.dtype not in ("bfloat16", "float16"):
-    problems.append(f"config model.attention_impl='cudnn' needs model.dtype='bfloat16' (or "
-                    f"'float16'), not {config.model.dtype!r}; or use attention_impl='xla'")
-  builders = (models.build_model, optimizer.make_optimizer,
-              lambda c: objectives.build(c, models.build_model(c), mesh=None))
-  for build in builders[:2] if problems else builders:
-    try:
-      build(config)
-    except ValueError as e:  # the builders name the key
-      problems.append(str(e))
-  if not problems:
-    problems += optimizer.check(config, _abstract_params(config) if config.optimizer.frozen
-                                else {})
-  dropout = config.model.get("patch_dropout", 0.0)  # coca and two_tower only
-  if not 0.0 <= dropout < 1.0:
-    problems.append(f"config model.patch_dropout={dropout} must be in [0, 1) (0 = off; FLIP: "
-                    "0.5)")
-  for key, entry in config.evals.items():
-    if entry.type not in evaluators.EVALUATORS:
-      problems.append(f"config evals.{key}.type={entry.type!r}: choose one of "
-                      f"{list(evaluators.EVALUATORS)}")
-    elif entry.type == "captioning" and not models.MODELS[config.model.name].captions:
-      if entry.num_examples:
-        problems.append(f"config evals.{key}: model.name={config.model.name!r} has no "
-                        f"captioning decoder; set evals.{key}.num_examples=0")
-    else:
-      problems += _check_evaluator(key, entry)
   return problems
 
 
@@ -223,21 +178,4 @@ def _abstract_params(config: ml_collections.ConfigDict) -> dict:
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *state.dummy_inputs(config)))
   return jax.tree.map(lambda x: getattr(x, "value", x), boxed["params"],
                       is_leaf=lambda x: hasattr(x, "value"))
-
-
-def _check_evaluator(key: str, e: ml_collections.ConfigDict) -> list[str]:
-  choices = {"zeroshot": ("prefix", tuple(vocabulary.TEXT_TYPES)),
-             "captioning": ("strategy", decode.STRATEGIES),
-             "linear_probe": ("classifier", tuple(linear_probe.CLASSIFIERS))}
-  problems = []
-  if e.num_examples < 0:
-    problems.append(f"config evals.{key}.num_examples={e.num_examples} must be >= 0 (0 = off)")
-  if e.every_steps < -1:
-    problems.append(f"config evals.{key}.every_steps={e.every_steps} must be -1 (only at the "
-                    "last step), 0 (at every eval_every_steps) or a positive step interval")
-  if e.type in choices:
-    field, allowed = choices[e.type]
-    if e[field] not in allowed:
-      problems.append(f"config evals.{key}.{field}={e[field]!r}: choose one of "
-                      f"{list(allowed)}")
   return problems

@@ -42,8 +42,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, command, compiled, coordination, evaluators, goodput
-from mmjax import interrupts, locks, profiling, retry, runtime, summary, topologies, warm_start
-from mmjax import watchdog, writers
+from mmjax import interrupts, locks, objectives, profiling, retry, runtime, summary
+from mmjax import topologies, warm_start, watchdog, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
@@ -212,7 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       embedder = evaluators.Embedder.for_runtime(rt)
       train_iterator = pipeline.make_train_iterator(
           config, tokenizer, start_step=start_step, process_index=jax.process_index(),
-          process_count=jax.process_count())
+          process_count=jax.process_count(),
+          unimodal_steps=objectives.unimodal_steps(config))
       batches = device_batches(poison_batches(train_iterator, start_step, nan_at_step), rt,
                                config.data.prefetch_batches)
       if jax.process_count() > 1:

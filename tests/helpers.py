@@ -20,7 +20,7 @@ from PIL import Image
 
 from configs import flava, shapes
 from conftest import CACHE_DIR, REPO
-from mmjax import runtime
+from mmjax import objectives, runtime
 from mmjax.data import pipeline
 from mmjax.ingest import files as build
 
@@ -183,7 +183,8 @@ def take(config, tokenizer, n: int, start_step: int = 0, process_index: int = 0,
          process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """The first `n` batches of the training pipeline from `start_step` (iterator closed)."""
   it = pipeline.make_train_iterator(config, tokenizer, start_step=start_step,
-                                    process_index=process_index, process_count=process_count)
+                                    process_index=process_index, process_count=process_count,
+                                    unimodal_steps=objectives.unimodal_steps(config))
   try:
     return [next(it) for _ in range(n)]
   finally:

@@ -10,6 +10,7 @@ import helpers
 from conftest import CACHE_DIR, REPO
 from helpers import run_cli, usage_error
 from mmjax import cli
+from mmjax.data import sources
 
 
 def fails_via_cli(*overrides, devices=1):
@@ -83,7 +84,9 @@ def test_every_problem_is_reported_one_line_each():
 
 
 def test_a_source_with_weight_zero_is_off():
-  cli.validate(helpers.tiny_config(**{"data.sources.labels.weight": 0.0}), num_devices=1)
+  config = helpers.tiny_config(**{"data.sources.labels.weight": 0.0})
+  assert cli.problems(config, num_devices=1) == []
+  assert sources.active_source_keys(config) == ["captions"]
 
 
 def test_evaluator_schedule_below_minus_one_is_refused():
@@ -91,10 +94,15 @@ def test_evaluator_schedule_below_minus_one_is_refused():
     cli.validate(helpers.tiny_config(**{"evals.retrieval.every_steps": -2}), num_devices=1)
 
 
-def test_valid_configs_pass():
-  cli.validate(helpers.tiny_config(), num_devices=1)
-  cli.validate(helpers.tiny_config(**{"mesh.shape": (2, 4, 1)}), num_devices=8)
-  cli.validate(helpers.tiny_config("siglip", **{"mesh.shape": (2, 2, 2)}), num_devices=8)
+def test_valid_configs_have_no_problems_and_the_same_on_fewer_devices_has():
+  """Each valid config yields no problem; the same config on 4 devices yields exactly the
+  mesh's (so the empty list is a verdict on these configs, not a check that ran nothing)."""
+  for preset, mesh in (("coca_unicl_prefix", (-1, 1, 1)), ("coca_unicl_prefix", (2, 4, 1)),
+                       ("siglip", (2, 2, 2))):
+    config = helpers.tiny_config(preset, **{"mesh.shape": mesh})
+    assert cli.problems(config, num_devices=8) == []
+  assert cli.problems(config, num_devices=4) == [
+      "config mesh.shape=(2, 2, 2) has 8 devices but 4 are available"]
 
 
 # --- One line, exit status 2, for every user mistake (the CLI as a user runs it) ---------

@@ -1,5 +1,6 @@
 """configs/: every config follows the schema; coca.py's variants and mesh presets load, lock,
 validate and override."""
+import dataclasses
 import os
 
 import ml_collections
@@ -8,7 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import coca, flava, openclip, schema, shapes
-from mmjax import cli
+from mmjax import cli, evaluators, models, objectives
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILE = os.path.join(REPO, "configs", "coca.py")
@@ -41,8 +42,38 @@ def test_variants_and_meshes_load_lock_and_validate(variant, mesh):
   assert outside_evals(_keys(config)) == outside_evals(_keys(shapes.get_config()))
 
 
-EVAL_SECTIONS = {"zeroshot": schema.zeroshot_eval, "retrieval": schema.retrieval_eval,
-                 "captioning": schema.captioning_eval, "linear_probe": schema.linear_probe_eval}
+REGISTRIES = {"model": models.MODELS, "loss": objectives.OBJECTIVES,
+              "eval": evaluators.EVALUATORS}
+
+
+@pytest.mark.parametrize("kind", REGISTRIES)
+def test_each_registry_entry_owns_its_schema_section_and_check(kind):
+  """Registry names and schema sections are the same sets, each entry points at its own
+  section and has a check: so a new entry is its module, its registry line and its
+  section, and nothing else needs to list it (this file included)."""
+  registry, sections = REGISTRIES[kind], schema.sections(kind)
+  assert set(registry) == set(sections)
+  for name, entry in registry.items():
+    assert entry.section is sections[name], name
+    assert callable(entry.check), name
+  selector = "type" if kind == "eval" else "name"  # the key that picks the entry
+  assert {name: sections[name]()[selector] for name in registry} == {n: n for n in registry}
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_model_configs_mirror_the_schema_section(name):
+  """A model's config class has the `model` section's keys as fields, nested sections as
+  nested dataclasses, with the section's values (nothing renamed or dropped)."""
+  config = schema.base(model=name, objective="flava" if name == "flava" else "coca")
+  model_config = models.MODELS[name].config_class.from_config(config)
+
+  def as_dict(dc):
+    return {f.name: as_dict(getattr(dc, f.name)) if dataclasses.is_dataclass(
+        getattr(dc, f.name)) else getattr(dc, f.name) for f in dataclasses.fields(dc)}
+
+  given = {"max_text_len", "mim_outputs"}  # read from `data` and `loss`
+  mirrored = {k: v for k, v in as_dict(model_config).items() if k not in given}
+  assert mirrored == config.model.to_dict()
 
 
 @pytest.mark.parametrize("config", [
@@ -59,7 +90,7 @@ def test_every_config_has_exactly_the_schema_keys(config):
   for source in config.data.sources.values():
     assert _keys(source) == _keys(schema.source("x", kind="label", weight=1.0))
   for entry in config.evals.values():
-    assert _keys(entry) == _keys(EVAL_SECTIONS[entry.type]())
+    assert _keys(entry) == _keys(evaluators.EVALUATORS[entry.type].section())
 
 
 def test_paper_recipe():

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 import helpers
 from configs import schema
 from helpers import data_config, take, write_bad_folder
-from mmjax import errors, vocabulary
+from mmjax import cli, errors, objectives, vocabulary
 from mmjax.data import tokenizer as tk
 from mmjax.data import pipeline, shapes
 
@@ -162,9 +162,13 @@ def test_unimodal_phase_batches_hold_only_unimodal_sources(data_dir):
 def test_a_unimodal_phase_without_unimodal_sources_is_one_line(data_dir):
   config = helpers.flava_config(data_dir=data_dir, **{"data.sources.images.weight": 0.0,
                                                      "data.sources.texts.weight": 0.0})
-  with pytest.raises(errors.UsageError, match=r"loss.unimodal_steps=50: the unimodal phase "
+  with pytest.raises(cli.ConfigError, match=r"loss.unimodal_steps=50: the unimodal phase "
                      "needs a source with modality 'image' or 'text'"):
-    pipeline.global_train_dataset(config, tk.get_tokenizer(config))
+    cli.validate(config, num_devices=1)
+  with pytest.raises(errors.UsageError, match=r"a unimodal phase of 50 steps needs a source "
+                     "with modality 'image' or 'text'"):
+    pipeline.global_train_dataset(config, tk.get_tokenizer(config),
+                                  unimodal_steps=objectives.unimodal_steps(config))
 
 
 def test_pipeline_emits_modality_views(data_dir):

@@ -8,7 +8,8 @@ global, infinite `grain.MapDataset`:
   mix(per-source datasets, weights)                                      # deterministic interleave
   random_map(TrainTransform, seed)                                       # rng keyed by g
 
-With a unimodal phase (`loss.unimodal_steps` = U > 0, FLAVA), examples g < U * batch_size
+With a unimodal phase (U = `unimodal_steps` > 0: the objective's hook,
+`mmjax.objectives.unimodal_steps`, FLAVA's `loss.unimodal_steps`), examples g < U * batch_size
 come from a mix of the unimodal sources only (modality "image" or "text", their weights
 renormalised), and example g >= U * batch_size is element g - U * batch_size of the mix
 of all sources: the unimodal phase's batches hold no paired example its losses would not
@@ -41,12 +42,6 @@ def derive_seed(*parts: int) -> int:
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def unimodal_phase_steps(config: ml_collections.ConfigDict) -> int:
-  """Steps whose batches come from the unimodal sources only: the objective's
-  `loss.unimodal_steps` where it has one (FLAVA), else 0."""
-  return int(config.loss.unimodal_steps) if "unimodal_steps" in config.loss else 0
-
-
 def _mix(datasets: list[grain.MapDataset], weights: list[float]) -> grain.MapDataset:
   return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
 
@@ -70,9 +65,10 @@ class _Phased(grain.MapDataset):
 
 
 def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
-                         train_sources: sources_lib.TrainSources | None = None
-                         ) -> grain.MapDataset:
-  """The infinite MapDataset whose element g is global training example g (see module doc)."""
+                         train_sources: sources_lib.TrainSources | None = None,
+                         unimodal_steps: int = 0) -> grain.MapDataset:
+  """The infinite MapDataset whose element g is global training example g (see module doc);
+  `unimodal_steps`: the unimodal phase's steps (`mmjax.objectives.unimodal_steps`)."""
   ts = train_sources or sources_lib.open_train_sources(config)
   per_source = []
   for i, src in enumerate(ts.sources):
@@ -82,13 +78,12 @@ def global_train_dataset(config: ml_collections.ConfigDict, tokenizer: Tokenizer
   ds = _mix(per_source, ts.weights)
   kinds = [config.data.sources[k].kind for k in ts.keys]
   modalities = transforms.source_modalities(config, ts.keys)
-  unimodal_steps = unimodal_phase_steps(config)
   if unimodal_steps > 0:
     unimodal = [i for i, m in enumerate(modalities) if m != "paired"]
     if not unimodal:
       raise errors.UsageError(
-          f"config loss.unimodal_steps={unimodal_steps}: the unimodal phase needs a source "
-          "with modality 'image' or 'text' in data.sources (or set loss.unimodal_steps=0)")
+          f"a unimodal phase of {unimodal_steps} steps needs a source with modality 'image' "
+          "or 'text' in data.sources")
     first = _mix([per_source[i] for i in unimodal], [ts.weights[i] for i in unimodal])
     ds = _Phased(first, ds, unimodal_steps * int(config.batch_size))
   return ds.random_map(transforms.TrainTransform(config, tokenizer, kinds, modalities),
@@ -147,9 +142,10 @@ class TrainIterator:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                        start_step: int, process_index: int, process_count: int
-                        ) -> TrainIterator:
-  """This process's slice of every global batch from global step `start_step` on.
+                        start_step: int, process_index: int, process_count: int,
+                        unimodal_steps: int = 0) -> TrainIterator:
+  """This process's slice of every global batch from global step `start_step` on, after a
+  unimodal phase of `unimodal_steps` (`global_train_dataset`).
 
   The slice has b = config.batch_size // process_count examples; see `TrainIterator` for
   the fields. Concatenating the slices of processes 0..n-1 gives the same global batch
@@ -164,7 +160,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     raise ValueError(f"start_step must be >= 0, got {start_step}")
   b = B // process_count
   ts = sources_lib.open_train_sources(config)
-  global_ds = global_train_dataset(config, tokenizer, ts)
+  global_ds = global_train_dataset(config, tokenizer, ts, unimodal_steps)
   # Enough local positions for any run (well inside int64 once mapped to global indices).
   n_local = (2**62 // B) * b
   ds = (grain.MapDataset.range(n_local)

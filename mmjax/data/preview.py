@@ -4,7 +4,9 @@
 
 The grid shows the first batch (image, decoded text, source key, text type). Statistics
 over `--num_batches` batches: fraction_per_source, weights_per_source (normalised config
-weights), mean_tokens_per_text (incl. BOS/EOS), skipped (records substituted).
+weights), mean_tokens_per_text (incl. BOS/EOS), skipped (records substituted). The
+batches are the whole mixture's: an objective's unimodal phase (FLAVA's
+`loss.unimodal_steps`, `mmjax.objectives.unimodal_steps`) is not previewed.
 """
 from __future__ import annotations
 

@@ -7,6 +7,10 @@ the type's name, with the key, so one config can run several evaluators of one t
 (e.g. `evals.zeroshot` and `evals.seen_classes`; `mmjax.evaluators.base`). An entry with
 num_examples=0 is off (locked configs cannot drop keys:
 `--config.evals.captioning.num_examples=0`).
+
+An evaluator class owns its entry's keys: `section` (its configs/schema.py `<type>_eval`)
+and `check(key, config)` (`mmjax.cli.validate` runs every entry's). A new evaluator is its
+module, one line in EVALUATORS and its section in configs/schema.py.
 """
 from typing import Any
 
@@ -23,6 +27,19 @@ from mmjax.evaluators.zeroshot import ZeroShot
 
 EVALUATORS = {"zeroshot": ZeroShot, "retrieval": Retrieval, "captioning": Captioning,
               "linear_probe": LinearProbe}
+
+
+def check(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems of every `config.evals` entry, one line each: an unknown `type`, else the
+  type's own `check` (the shared checks are `Evaluator.check`)."""
+  problems = []
+  for key, entry in config.evals.items():
+    if entry.type in EVALUATORS:
+      problems += EVALUATORS[entry.type].check(key, config)
+    else:
+      problems.append(f"config evals.{key}.type={entry.type!r}: choose one of "
+                      f"{list(EVALUATORS)}")
+  return problems
 
 
 def build_evaluators(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[Evaluator]:

@@ -13,7 +13,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.spice import spice as spice_module
 from pycocoevalcap.spice.spice import Spice
 
-from mmjax import decode
+from configs import schema
+from mmjax import decode, models
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.evaluators.base import Evaluator
@@ -66,6 +67,20 @@ class Captioning(Evaluator):
   (`evals.<key>`: dataset, split, image_key, text_key, num_examples, strategy, beam_size,
   length_penalty, max_new_tokens, num_samples, sample_scale)."""
   METRIC_PREFIX = "caption"
+  section = staticmethod(schema.captioning_eval)
+  choices = {"strategy": decode.STRATEGIES}
+
+  @classmethod
+  def check(cls, key: str, config: ml_collections.ConfigDict) -> list[str]:
+    """The shared checks, and the model must have a captioning decoder (else the entry must
+    be off)."""
+    model = models.MODELS.get(config.model.name)
+    if model is None or model.captions:
+      return super().check(key, config)
+    if config.evals[key].num_examples:
+      return [f"config evals.{key}: model.name={config.model.name!r} has no captioning "
+              f"decoder; set evals.{key}.num_examples=0"]
+    return []
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     super().__init__(key, config)

@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import scipy.optimize
 
+from configs import schema
 from mmjax.data import pipeline
 from mmjax.evaluators.base import Evaluator
 from mmjax.evaluators.embedder import ProgressLine
@@ -197,6 +198,8 @@ class LinearProbe(Evaluator):
   train_split, split, image_key, label_key, class_names, num_train, num_examples, l2_grid,
   holdout_fraction, classifier)."""
   METRIC_PREFIX = "linear_probe"
+  section = staticmethod(schema.linear_probe_eval)
+  choices = {"classifier": tuple(CLASSIFIERS)}
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Any = None):
     del tokenizer  # images only

@@ -4,6 +4,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs import schema
 from mmjax import vocabulary
 from mmjax.data import pipeline
 from mmjax.data.tokenizer import Tokenizer
@@ -15,6 +16,7 @@ class Retrieval(Evaluator):
   """Image->text and text->image recall@{1,5,10}; an image may have several captions
   (`evals.<key>`: dataset, split, image_key, text_key, num_examples)."""
   METRIC_PREFIX = "retrieval"
+  section = staticmethod(schema.retrieval_eval)
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     super().__init__(key, config)

@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs import schema
 from mmjax import errors, vocabulary
 from mmjax.data import classnames, pipeline
 from mmjax.data.tokenizer import Tokenizer
@@ -37,6 +38,8 @@ class ZeroShot(Evaluator):
   num_examples, prefix, templates; class names, subsets and templates through
   `mmjax.data.classnames`)."""
   METRIC_PREFIX = "zeroshot"
+  section = staticmethod(schema.zeroshot_eval)
+  choices = {"prefix": tuple(vocabulary.TEXT_TYPES)}
 
   def __init__(self, key: str, config: ml_collections.ConfigDict, tokenizer: Tokenizer):
     super().__init__(key, config)

@@ -63,24 +63,27 @@ class CoCaConfig(model_config.ModelConfig):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "CoCaConfig":
-    m = config.model
-    if m.pooler not in ("cascade", "parallel", "openclip"):
-      raise ValueError(f"config model.pooler={m.pooler!r}: choose 'cascade', 'parallel' or "
-                       "'openclip'")
-    for key, value, allowed in (("text.cls_mask", m.text.cls_mask, CLS_MASKS),
-                                ("text.multimodal_block", m.text.multimodal_block,
-                                 MULTIMODAL_BLOCKS),
-                                ("image_norm", m.image_norm, tuple(IMAGE_NORMS))):
-      if value not in allowed:
-        raise ValueError(f"config model.{key}={value!r}: choose one of {allowed}")
-    if m.pooler == "openclip" and m.embed_dim != m.text.width:
-      # open_clip's pooler width is embed_dim and its tokens feed the decoder's
-      # cross-attention, whose key width is the text width.
-      raise ValueError(f"config model.pooler='openclip' needs model.embed_dim="
-                       f"{m.embed_dim} == model.text.width={m.text.width}")
-    return model_config.from_section(cls, m, max_text_len=config.data.max_text_len)
+    return model_config.from_section(cls, config.model, max_text_len=config.data.max_text_len)
 
 
+def check(config: ml_collections.ConfigDict) -> list[str]:
+  """CoCa's own `model` keys (the shared ones: `mmjax.models.check`), one line each."""
+  m = config.model
+  problems = [f"config model.{key}={value!r}: choose one of {list(allowed)}"
+              for key, value, allowed in (
+                  ("pooler", m.pooler, POOLERS), ("text.cls_mask", m.text.cls_mask, CLS_MASKS),
+                  ("text.multimodal_block", m.text.multimodal_block, MULTIMODAL_BLOCKS),
+                  ("image_norm", m.image_norm, tuple(IMAGE_NORMS)))
+              if value not in allowed]
+  if m.pooler == "openclip" and m.embed_dim != m.text.width:
+    # open_clip's pooler width is embed_dim and its tokens feed the decoder's
+    # cross-attention, whose key width is the text width.
+    problems.append(f"config model.pooler='openclip' needs model.embed_dim={m.embed_dim} == "
+                    f"model.text.width={m.text.width}")
+  return problems + vit.check_patch_dropout(m.patch_dropout)
+
+
+POOLERS = ("cascade", "parallel", "openclip")
 CLS_MASKS = ("correct", "legacy")
 MULTIMODAL_BLOCKS = ("fused", "openclip")
 # Per-channel (mean, std) applied to images in [0, 1]; "clip" is OpenAI CLIP's (open_clip's

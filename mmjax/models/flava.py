@@ -65,16 +65,28 @@ class FlavaConfig(model_config.ModelConfig):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "FlavaConfig":
-    m, f = config.model, config.loss
-    if f.mim_target == "pixels":
-      mim_outputs = m.patch_size * m.patch_size * 3
-    elif f.mim_target == "codebook":
-      mim_outputs = int(f.codebook_size)
-    else:
-      raise ValueError(f"config loss.mim_target={f.mim_target!r}: choose 'pixels' or "
-                       "'codebook'")
-    return model_config.from_section(cls, m, max_text_len=config.data.max_text_len,
-                                     mim_outputs=mim_outputs)
+    return model_config.from_section(cls, config.model, max_text_len=config.data.max_text_len,
+                                     mim_outputs=mim_outputs(config))
+
+
+MIM_TARGETS = ("pixels", "codebook")  # loss.mim_target
+
+
+def mim_outputs(config: ml_collections.ConfigDict) -> int:
+  """Outputs of the MIM heads per patch: p*p*3 pixels, or codebook_size codes."""
+  f = config.loss
+  if f.mim_target == "codebook":
+    return int(f.codebook_size)
+  return config.model.patch_size ** 2 * 3
+
+
+def check(config: ml_collections.ConfigDict) -> list[str]:
+  """FLAVA has no keys of its own to check beyond the shared ones (`mmjax.models.check`);
+  its MIM heads are sized by the FLAVA objective's `loss` keys, which that checks."""
+  if config.loss.name != "flava":
+    return [f"config model.name='flava' needs loss.name='flava' (its heads are the FLAVA "
+            f"objective's), not {config.loss.name!r}"]
+  return []
 
 
 def padding_mask(valid: jax.Array) -> jax.Array:

@@ -59,9 +59,6 @@ class TwoTowerConfig(model_config.ModelConfig):
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TwoTowerConfig":
-    problems = check(config)
-    if problems:
-      raise ValueError(problems[0])
     return model_config.from_section(cls, config.model, max_text_len=config.data.max_text_len)
 
 
@@ -71,9 +68,7 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
   problems = [f"config model.{key}={value!r}: choose one of {list(allowed)}"
               for key, value, allowed in (("vision.pool", m.vision.pool, IMAGE_POOLS),
                                           ("text.pool", m.text.pool, TEXT_POOLS),
-                                          ("image_norm", m.image_norm, tuple(coca.IMAGE_NORMS)),
-                                          ("activation", m.activation,
-                                           tuple(layers.ACTIVATIONS)))
+                                          ("image_norm", m.image_norm, tuple(coca.IMAGE_NORMS)))
               if value not in allowed]
   if m.vision.pool == "cls" and not m.vision.class_token:
     problems.append("config model.vision.pool='cls' needs model.vision.class_token=True")
@@ -81,7 +76,7 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f"config model.vision.proj=False needs model.embed_dim={m.embed_dim} == "
                     f"model.vision.width={m.vision.width} (the pooled features are the "
                     "embedding)")
-  return problems
+  return problems + vit.check_patch_dropout(m.patch_dropout)
 
 
 class MapHead(nn.Module):

@@ -57,6 +57,13 @@ def drop_patches(tokens: jax.Array, rng: jax.Array, fraction: float,
   return jnp.concatenate([prefix, kept], axis=1)
 
 
+def check_patch_dropout(fraction: float) -> list[str]:
+  """`model.patch_dropout` (the models that have it) as one problem line, if any."""
+  if 0.0 <= fraction < 1.0:
+    return []
+  return [f"config model.patch_dropout={fraction} must be in [0, 1) (0 = off; FLIP: 0.5)"]
+
+
 class ViT(nn.Module):
   """images [B, H, W, 3] uint8 pixels or floating point in [-1, 1] (`normalize_images`)
   -> tokens [B, N, width], N = (H/p)*(W/p) (+1 with `class_token`).

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from configs import schema
 from mmjax import losses, sharding
 from mmjax.vocabulary import PAD_ID
 
@@ -34,6 +35,22 @@ Batch = dict[str, jax.Array]
 
 class CocaObjective:
   """Closes over the model and config; every method is a pure function of its inputs."""
+  section = staticmethod(schema.coca_loss)  # its `loss` keys
+  modalities = ("paired",)  # the data.sources.*.modality views it trains on
+
+  @staticmethod
+  def check(config: ml_collections.ConfigDict) -> list[str]:
+    """Problems of its `loss` keys, one line each."""
+    if config.loss.caption_chunk_size < 0:
+      return [f"config loss.caption_chunk_size={config.loss.caption_chunk_size} must be >= 0 "
+              "(0 = plain logits)"]
+    return []
+
+  @staticmethod
+  def unimodal_steps(config: ml_collections.ConfigDict) -> int:
+    """Steps whose batches come from the unimodal sources only (`mmjax.data.pipeline`)."""
+    del config
+    return 0
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh | None):
     self.config, self.model, self.mesh = config, model, mesh
@@ -41,9 +58,6 @@ class CocaObjective:
     self.accum_steps = config.grad_accum_steps
     self.with_captions = self.c.caption_weight > 0
     self.batch_axes = sharding.batch_axes(config.mesh.rules)
-    if self.c.caption_chunk_size < 0:
-      raise ValueError(f"config loss.caption_chunk_size={self.c.caption_chunk_size} must be "
-                       ">= 0 (0 = plain logits)")
     self.fused_head = self.c.caption_chunk_size > 0
     self.patch_dropout = config.model.patch_dropout
 

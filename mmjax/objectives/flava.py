@@ -61,9 +61,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import schema
+from mmjax.data import transforms
 from mmjax.losses import itm_bce, masked_contrastive_loss, patch_mse, token_ce
 from mmjax.models import vit
-from mmjax.models.flava import FlavaConfig
+from mmjax.models.flava import MIM_TARGETS, FlavaConfig
 from mmjax.vocabulary import FIRST_REGULAR_ID
 
 LOSS_KEYS = ("mlm_loss", "mim_loss", "mmm_text_loss", "mmm_image_loss", "itm_loss",
@@ -253,20 +255,49 @@ def loss_rows(batch: Batch, match: jax.Array, mlm_on_paired: bool = False,
 # --- the objective -----------------------------------------------------------------------------
 class FlavaObjective:
   """FLAVA's joint loss; every method is a pure function of its inputs."""
+  section = staticmethod(schema.flava_loss)  # its `loss` keys
+  modalities = transforms.MODALITIES  # paired, image-only and text-only views
+
+  @staticmethod
+  def check(config: ml_collections.ConfigDict) -> list[str]:
+    """Problems of its `loss` keys (the codebook file is read), one line each."""
+    f, problems = config.loss, []
+    if config.model.name != "flava":
+      problems.append(f"config loss.name='flava' needs model.name='flava' (its heads), not "
+                      f"{config.model.name!r}")
+    if config.grad_accum_steps != 1:
+      problems.append(f"config grad_accum_steps={config.grad_accum_steps} must be 1 for FLAVA "
+                      "(gradient caching is implemented for the CoCa/UniCL objective only)")
+    if f.unimodal_steps > 0 and not any(s.modality != "paired" and s.weight > 0
+                                        for s in config.data.sources.values()):
+      problems.append(f"config loss.unimodal_steps={f.unimodal_steps}: the unimodal phase "
+                      "needs a source with modality 'image' or 'text' in data.sources (or set "
+                      "loss.unimodal_steps=0)")
+    if f.mim_target not in MIM_TARGETS:
+      problems.append(f"config loss.mim_target={f.mim_target!r}: choose one of "
+                      f"{list(MIM_TARGETS)}")
+    elif f.mim_target == "codebook":
+      try:
+        centroids = load_codebook(f.codebook_path, config.model.patch_size ** 2 * 3)
+      except ValueError as e:
+        return problems + [str(e)]
+      if len(centroids) != f.codebook_size:
+        problems.append(f"config loss.codebook_size={f.codebook_size} but "
+                        f"{f.codebook_path} has {len(centroids)} centroids")
+    return problems
+
+  @staticmethod
+  def unimodal_steps(config: ml_collections.ConfigDict) -> int:
+    """The paper's unimodal phase, `loss.unimodal_steps` (`mmjax.data.pipeline`)."""
+    return int(config.loss.unimodal_steps)
 
   def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Any = None):
     self.model, self.config, self.mesh = model, config, mesh
     self.c = FlavaConfig.from_config(config)
     self.f = config.loss
-    if config.grad_accum_steps != 1:
-      raise ValueError("config grad_accum_steps must be 1 for FLAVA (gradient caching is "
-                       "implemented for the CoCa/UniCL objective only)")
     self.centroids = None
     if self.f.mim_target == "codebook":
       self.centroids = load_codebook(self.f.codebook_path, self.c.patch_size ** 2 * 3)
-      if len(self.centroids) != self.c.mim_outputs:
-        raise ValueError(f"config loss.codebook_size={self.c.mim_outputs} but "
-                         f"{self.f.codebook_path} has {len(self.centroids)} centroids")
 
   def mim_targets(self, images: jax.Array) -> jax.Array:
     """images [B, H, W, 3] (uint8 pixels or [-1, 1], as the model's) -> [B, N, P] float

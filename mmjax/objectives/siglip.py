@@ -18,21 +18,26 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from configs import schema
 from mmjax import losses
 from mmjax.objectives.coca import CocaObjective
 
 
 class SiglipObjective(CocaObjective):
   """CoCa's objective with the sigmoid contrastive term; pure methods like its parent's."""
+  section = staticmethod(schema.siglip_loss)
 
-  def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, mesh: Mesh | None):
+  @staticmethod
+  def check(config: ml_collections.ConfigDict) -> list[str]:
+    """CoCa's checks, and the model must learn the logit bias."""
+    problems = CocaObjective.check(config)
     if "logit_bias" not in config.model:
-      raise ValueError(f"config loss.name='siglip': model.name={config.model.name!r} has no "
-                       "learned logit bias; use model.name='coca' with model.logit_bias=True")
-    if not config.model.logit_bias:
-      raise ValueError("config model.logit_bias=False: loss.name='siglip' needs the learned "
-                       "logit bias; set model.logit_bias=True")
-    super().__init__(config, model, mesh)
+      problems.append(f"config loss.name='siglip': model.name={config.model.name!r} has no "
+                      "learned logit bias; use model.name='coca' with model.logit_bias=True")
+    elif not config.model.logit_bias:
+      problems.append("config model.logit_bias=False: loss.name='siglip' needs the learned "
+                      "logit bias; set model.logit_bias=True")
+    return problems
 
   def contrastive(self, image_emb: jax.Array, text_emb: jax.Array, labels: jax.Array,
                   scale: jax.Array, bias: jax.Array) -> jax.Array:
