@@ -219,6 +219,8 @@ def check_export(reference, preset: str, fmt: str, spm_path: str | None) -> dict
 def test_tiny_parity_with_the_reference(reference, siglip_vocab, preset, fmt, direction):
   check = check_import if direction == "import" else check_export
   worst = check(reference, preset, fmt, siglip_vocab)
+  print(f"PARITY {preset} {fmt} {direction} " + " ".join(
+      f"{k}={v:.2e}" for k, v in worst.items()), flush=True)
   assert max(worst.values()) < TOLERANCE, worst
 
 
