@@ -5,8 +5,9 @@
       [--workdir /tmp/mmjax_ablation_shapes] [--nice 10] [--tiny] [--probe]
       [--config.KEY=VALUE ...]
 
-Each arm is a preset of configs/shapes.py (any name in its PRESETS: adding a preset there
-adds an arm here, e.g. `--presets clip,unicl,siglip`), trained from scratch for each seed
+Each arm is a preset of configs/shapes.py with its 800-step schedule (`<preset>,long`; any
+name in its PRESETS: adding a preset there adds an arm here, e.g. `--presets
+clip,unicl,siglip`), trained from scratch for each seed
 (`--config.seed`: parameters, data order, masks) with `python -m mmjax.train`, one run at a
 time under `nice`, evaluated once at the last step:
   zeroshot      zero-shot top-1/top-5 on the 16 classes held out of training
@@ -69,8 +70,13 @@ COLUMNS = (
 ZERO_SHOT_KEYS = ("zeroshot", "seen_classes")  # the evaluators the test prefix applies to
 
 
+def arm_name(preset: str, tiny: bool) -> str:
+  """The arm's config argument: the 800-step schedule (",long"), or the smoke-test model."""
+  return f"{preset},tiny" if tiny else f"{preset},long"
+
+
 def arm_config(preset: str, tiny: bool) -> Any:
-  return shapes.get_config(f"{preset},tiny" if tiny else preset)
+  return shapes.get_config(arm_name(preset, tiny))
 
 
 def has_prefix(config: Any) -> bool:
@@ -149,7 +155,7 @@ def run_arm(args: argparse.Namespace, preset: str, seed: int) -> dict[str, Any]:
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
   config = arm_config(preset, args.tiny)
-  name = f"configs/shapes.py:{preset}" + (",tiny" if args.tiny else "")
+  name = f"configs/shapes.py:{arm_name(preset, args.tiny)}"
   base = ["nice", "-n", str(args.nice), sys.executable, "-m"]
   common = [f"--config={os.path.join(REPO, name)}", f"--workdir={workdir}"]
   overrides = train_overrides(config, seed, args.steps, args.probe, args.overrides)
