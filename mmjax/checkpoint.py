@@ -158,7 +158,12 @@ class Checkpointer:
     """Shapes of a stored item, read from its metadata by the handler directly (the manager's
     `item_metadata` is None for items it has not saved or restored in this process)."""
     path = epath.Path(self.directory) / str(step) / item
-    metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+    try:
+      metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+    except FileNotFoundError as e:  # a step folder copied or synced in part
+      raise errors.UsageError(f"checkpoint step {step} in {self.directory} is incomplete "
+                              f"({errors.one_line(str(e))}): copy the whole step folder, or "
+                              "pass another --step") from None
     tree = getattr(metadata, "tree", metadata)
     return jax.tree.map(lambda m: tuple(m.shape), tree,
                         is_leaf=lambda m: hasattr(m, "shape"))

@@ -75,7 +75,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Raises one ConfigError listing every `problems` line, if there are any."""
   found = problems(config, num_devices)
   if found:
-    raise ConfigError(*found)
+    raise ConfigError(*dict.fromkeys(found))  # once each
 
 
 def problems(config: ml_collections.ConfigDict, num_devices: int | None = None) -> list[str]:
@@ -115,7 +115,8 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
       (config.batch_size % jax.process_count() == 0,
        f"config batch_size={config.batch_size} is not divisible by the "
        f"{jax.process_count()} processes"),
-      (accum >= 1 and config.batch_size % (accum * batch_parallel) == 0,
+      (accum >= 1 and (config.batch_size % (accum * batch_parallel) == 0
+                       or config.batch_size % batch_parallel != 0),  # said once, above
        f"config grad_accum_steps={accum}: batch_size={config.batch_size} must split into "
        f"{accum} micro-batches divisible by the data-parallel size {batch_parallel}"),
       (config.total_steps > 0, f"config total_steps={config.total_steps} must be positive"),

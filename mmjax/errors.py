@@ -18,6 +18,7 @@ flag. Commands reach `run` through the one command skeleton, `mmjax.command.run`
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -130,8 +131,25 @@ def _check_config_loaded(command: str) -> None:
     flags.FLAGS["config"].value.keys  # noqa: B018 (a placeholder raises the deferred error)
   except OSError as e:
     last = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-    exit_with(command, f"--config={flags.FLAGS['config'].config_filename}: {last}",
-              USAGE_EXIT_CODE)
+    path = flags.FLAGS["config"].config_filename
+    exit_with(command, f"--config={path}: {last}{_repository_hint(path)}", USAGE_EXIT_CODE)
+
+
+def _repository_hint(path: str) -> str:
+  """A misspelled file name gets the closest names in its folder; relative config paths are
+  read from the working directory, so the repository's configs/ from anywhere else is found
+  only by its full path."""
+  folder, name = os.path.split(path)
+  if os.path.isdir(folder or "."):
+    close = difflib.get_close_matches(name, os.listdir(folder or "."), n=1)
+    return f" (did you mean {os.path.join(folder, close[0])}?)" if close else ""
+  if os.path.isabs(path):
+    return ""
+  repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidate = os.path.join(repository, path)
+  if not os.path.exists(candidate):
+    return ""
+  return f" (relative to {os.getcwd()}): run from {repository} or pass --config={candidate}"
 
 
 def flag_error_message(error: Exception, argv: Sequence[str]) -> str:

@@ -80,12 +80,16 @@ def main(argv: list[str]) -> None:
   if cli.FLAGS.suite == "list":
     print(suite_lib.list_datasets(config))
     return
-  if cli.FLAGS.suite:
-    evaluate_suite(config, cli.FLAGS.workdir, cli.FLAGS.suite, cli.FLAGS.step,
-                   cli.FLAGS.strict, ema=cli.FLAGS.ema)
-    return
-  step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step,
-                                      ema=cli.FLAGS.ema)
+  try:
+    if cli.FLAGS.suite:
+      evaluate_suite(config, cli.FLAGS.workdir, cli.FLAGS.suite, cli.FLAGS.step,
+                     cli.FLAGS.strict, ema=cli.FLAGS.ema)
+      return
+    step, results = evaluate_checkpoint(config, cli.FLAGS.workdir, cli.FLAGS.step,
+                                        ema=cli.FLAGS.ema)
+  except checkpoint.CheckpointMismatchError as e:  # here a mistake in the command line
+    raise errors.UsageError(f"{e}: pass the --config (and overrides) the checkpoint was "
+                            "trained with") from None
   print(f"step {step}\n{evaluators.format_results(results)}")
 
 

@@ -144,8 +144,15 @@ class FlockLock:
     self._file = None
 
   def acquire(self) -> None:
-    os.makedirs(self.workdir, exist_ok=True)
-    f = open(self.path, "a+")
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      f = open(self.path, "a+")
+    except (FileExistsError, NotADirectoryError):
+      raise errors.UsageError(f"--workdir {self.workdir}: a file is in the way (not a "
+                              "folder): pass a folder") from None
+    except OSError as e:
+      raise errors.UsageError(f"--workdir {self.workdir}: cannot create it or write in it "
+                              f"({e.strerror}): pass a writable folder") from None
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

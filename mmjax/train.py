@@ -158,6 +158,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
                           f"model.text.vocab_size={config.model.text.vocab_size}")
+  # Before any state or compile: a wrong evaluation dataset, split or key fails in seconds.
+  evals = evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps else []
   checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
@@ -207,8 +209,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_step = rt.lower_train_step().compile()
       if process0:
         print(compiled.memory_line(train_step, jax.local_devices()[0]), flush=True)
-      evals = (evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps
-               else [])
       embedder = evaluators.Embedder.for_runtime(rt)
       train_iterator = pipeline.make_train_iterator(
           config, tokenizer, start_step=start_step, process_index=jax.process_index(),

@@ -11,12 +11,13 @@ batches are the whole mixture's: an objective's unimodal phase (FLAVA's
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from absl import flags
 from PIL import Image, ImageDraw
 
-from mmjax import command, vocabulary
+from mmjax import command, errors, vocabulary
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import pipeline, sources
 
@@ -47,6 +48,11 @@ def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS
   config = command.config()
+  if f.num_batches < 1:
+    raise errors.UsageError(f"--num_batches {f.num_batches}: must be at least 1")
+  folder = os.path.dirname(os.path.abspath(os.path.expanduser(f.out)))
+  if not os.path.isdir(folder):  # checked before the data work, not after it
+    raise errors.UsageError(f"--out {f.out}: no such folder {folder}")
   tok = tokenizer_lib.get_tokenizer(config)
   keys = sources.active_source_keys(config)
   it = pipeline.make_train_iterator(config, tok, start_step=0, process_index=0, process_count=1)
@@ -56,7 +62,7 @@ def main(argv: list[str]) -> None:
     it.close()
   first = batches[0]
   texts = [tok.decode(t) for t in first["text"]]
-  batch_grid(first, texts, keys).save(f.out)
+  batch_grid(first, texts, keys).save(os.path.expanduser(f.out))
   src = np.concatenate([b["source"] for b in batches])
   text = np.concatenate([b["text"] for b in batches])
   weights = np.array([config.data.sources[k].weight for k in keys], np.float64)

@@ -267,11 +267,11 @@ def ensure_built(name: str, data_dir: str) -> None:
   `<data_dir>/<name>.lock`; the second finds the dataset prepared and returns.
   """
   data_dir = os.path.expanduser(data_dir)
-  with _quiet_tfds():
+  with quiet_tfds():
     if tfds.builder(name, data_dir=data_dir).is_prepared():
       return
   try:
-    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")), _quiet_tfds():
+    with file_lock(os.path.join(data_dir, name.replace("/", "_") + ".lock")), quiet_tfds():
       builder = tfds.builder(name, data_dir=data_dir)  # re-check under the lock
       if builder.is_prepared():
         return
@@ -281,18 +281,20 @@ def ensure_built(name: str, data_dir: str) -> None:
     print(f"Built {name} ({examples} generated images, nothing downloaded) into {data_dir} "
           f"in {time.time() - start:.0f} s", flush=True)
   except OSError as e:
-    if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
+                       errno.ENOENT):  # ENOENT: a parent that cannot be created
       raise
-    raise errors.UsageError(f"cannot build {name} into data_dir {data_dir} ({e.strerror}): "
-                            "point config data_dir at a writable folder, or at one where "
-                            "it is built") from None
+    what = "is a file" if os.path.isfile(data_dir) else f"cannot be written ({e.strerror})"
+    raise errors.UsageError(f"cannot build {name}: data_dir {data_dir} {what}: point config "
+                            "data_dir at a writable folder, or at one where it is built") from None
 
 
 @contextlib.contextmanager
-def _quiet_tfds() -> Iterator[None]:
+def quiet_tfds() -> Iterator[None]:
   """TFDS's own lines about a first build mislead here ("Downloading and preparing dataset
   Unknown size", "Variant folder ... has no dataset_info.json" while the folder is being
-  written): nothing is downloaded. ensure_built prints one line of its own instead."""
+  written): nothing is downloaded. ensure_built prints one line of its own instead; other
+  readers use it where a UsageError says what to do about an absent dataset."""
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.ERROR)
   try:

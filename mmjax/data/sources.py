@@ -88,6 +88,10 @@ def open_source(name: str, split: str, data_dir: str, *, image_key: str = "image
   """
   data_dir = expand_dir(data_dir)
   if name.split("/")[0] == "shapes":
+    known = [f"shapes/{c.name}" for c in shapes.Shapes.BUILDER_CONFIGS]
+    if name.split(":")[0] not in known:
+      raise errors.UsageError(f"dataset {name!r}{_config(keys.name)} does not exist: the "
+                              f"embedded shapes datasets are {', '.join(known)}")
     shapes.ensure_built(name, data_dir)
   builder = _builder(name, data_dir, keys)
   features = builder.info.features
@@ -161,7 +165,9 @@ def _missing(name: str, data_dir: str, keys: ConfigKeys) -> str:
 
 def _open_error(builder: Any, name: str, split: str, data_dir: str, keys: ConfigKeys,
                 error: Exception) -> errors.UsageError:
-  if not builder.is_prepared():
+  with shapes.quiet_tfds():  # "Variant folder ... has no dataset_info.json"
+    prepared = builder.is_prepared()
+  if not prepared:
     return errors.UsageError(_missing(name, data_dir, keys))
   splits = sorted(builder.info.splits.keys())
   base = split.split("[")[0]

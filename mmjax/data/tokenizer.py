@@ -71,7 +71,12 @@ def get_tokenizer(config: ml_collections.ConfigDict,
     if not epath.Path(path).exists():
       raise errors.UsageError(f"config data.tokenizer.path={config.data.tokenizer.path!r}: "
                               f"no such file {path}")
-    return sentencepiece.Tokenizer.from_file(path)
+    try:
+      return sentencepiece.Tokenizer.from_file(path)
+    except RuntimeError as e:  # sentencepiece: not a serialized model
+      raise errors.UsageError(f"config data.tokenizer.path={config.data.tokenizer.path!r}: "
+                              f"not a SentencePiece model ({errors.one_line(str(e))[:120]})"
+                              ) from None
   texts = sources.train_texts(config)
   vocab_size = int(config.data.tokenizer.vocab_size)
   recipe = {"v": 2, "model_type": "bpe", "vocab_size": vocab_size, "texts": texts}
