@@ -7,7 +7,7 @@ Variants:
   tiny  64 px, patch 16 (4 x 4 = 16 patches, as configs/shapes.py), encoders width 64 /
         2 layers, multimodal 1 layer, batch 64, 1800 steps (50 unimodal); shapes data with
         16 classes held out of the labels (mmjax/data/shapes.py): `evals.zeroshot` is
-        zero-shot on them, `evals.seen_classes` closed-set on the 48 trained (README, FLAVA).
+        zero-shot on them, `evals.seen_classes` closed-set on the 48 trained (RESULTS.md, FLAVA).
   full  the paper's sizes: ViT-B/16 at 224 px (768 wide, 12 layers, MLP 3072, 12 heads), a
         text encoder of the same shape, a 6-layer multimodal encoder of width 768; batch
         8192. Data: coco_captions pairs, imagenet2012 images (image-only), coco captions as
@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> None:
-  # Measured (README): at 32 px / patch 4 / width 32 / batch 32 the model barely learned
+  # Measured (RESULTS.md, FLAVA): at 32 px / patch 4 / width 32 / batch 32 the model barely learned
   # in 300-700 steps; 64 px / patch 16 (the CoCa shapes resolution), width 64 and batch
   # 64 (~38 paired examples per contrastive batch) learned faster, and the linear probe
   # needs the longer schedule (600 steps: no clear gain over random features).

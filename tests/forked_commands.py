@@ -5,10 +5,11 @@ forks a child per command line that runs the command's module as `__main__` exac
 environment, stdout and stderr. A child never shares a JAX backend with its parent: the
 parent imports jax but starts no backend.
 
-  python tests/forked_commands.py < cases.json > results.json
+  python tests/forked_commands.py [PARALLEL] < cases.json > results.json
 
 Input: a JSON list of {"module": "mmjax.train", "args": [...], "cwd": DIR, "env": {...},
 "timeout": seconds}; output: a JSON list of {"returncode", "stdout", "stderr", "seconds"}.
+PARALLEL children run at once (default: one per CPU).
 """
 import json
 import os
@@ -32,8 +33,8 @@ import tensorflow_datasets  # noqa: E402,F401
 
 import mmjax.runtime  # noqa: E402,F401  (no flags: the shared library code of every command)
 
-try:  # Apache Beam (the `test` extra), imported quietly as mmjax.data.build does
-  import mmjax.data.webdataset_build  # noqa: F401
+try:  # Apache Beam (the `test` extra), imported quietly as mmjax.ingest does
+  import mmjax.ingest.beam  # noqa: F401
 except ImportError:
   pass
 
@@ -70,23 +71,30 @@ def run_child(case: dict, out_path: str, err_path: str) -> None:
     os._exit(code)
 
 
-def run_case(case: dict) -> dict:
+def run_cases(cases: list[dict], parallel: int) -> list[dict]:
+  """Forks a child per case, `parallel` at a time; results in the order of `cases`."""
   with tempfile.TemporaryDirectory() as tmp:
-    out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-    start = time.time()
-    pid = os.fork()
-    if pid == 0:
-      run_child(case, out_path, err_path)
-    _, status = os.waitpid(pid, 0)
-    seconds = time.time() - start
-    with open(out_path, errors="replace") as f_out, open(err_path, errors="replace") as f_err:
-      return {"returncode": os.waitstatus_to_exitcode(status), "stdout": f_out.read(),
-              "stderr": f_err.read(), "seconds": round(seconds, 2)}
+    results, running, todo = [None] * len(cases), {}, list(enumerate(cases))
+    while todo or running:
+      while todo and len(running) < parallel:
+        i, case = todo.pop(0)
+        paths = os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err")
+        pid = os.fork()
+        if pid == 0:
+          run_child(case, *paths)
+        running[pid] = (i, paths, time.time())
+      pid, status = os.wait()
+      i, (out_path, err_path), start = running.pop(pid)
+      with open(out_path, errors="replace") as f_out, open(err_path, errors="replace") as f_err:
+        results[i] = {"returncode": os.waitstatus_to_exitcode(status), "stdout": f_out.read(),
+                      "stderr": f_err.read(), "seconds": round(time.time() - start, 2)}
+    return results
 
 
 def main() -> None:
   cases = json.load(sys.stdin)
-  json.dump([run_case(case) for case in cases], sys.stdout)
+  parallel = int(sys.argv[1]) if len(sys.argv) > 1 else os.cpu_count() or 1
+  json.dump(run_cases(cases, parallel), sys.stdout)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 import pytest
 
 from conftest import REPO
-from mmjax import errors
 
 TINY = ("--config", "configs/shapes.py:coca_unicl_prefix,tiny")
 
@@ -197,10 +196,12 @@ def scratch_files(tmp: str) -> None:
 def outcomes(tmp_path_factory, data_dir):
   tmp = str(tmp_path_factory.mktemp("mistakes"))
   scratch_files(tmp)
-  fill = lambda text: text.replace("{tmp}", tmp).replace("{data}", data_dir)
-  cases = [{"module": m.module, "args": [fill(a) for a in m.args], "cwd": m.cwd,
+  # Each its own workdir: two children at once must not meet at a workdir's lock.
+  fill = lambda text, i: text.replace("{tmp}/w", f"{tmp}/w{i}").replace(
+      "{tmp}", tmp).replace("{data}", data_dir)
+  cases = [{"module": m.module, "args": [fill(a, i) for a in m.args], "cwd": m.cwd,
             "env": {"JAX_NUM_CPU_DEVICES": str(m.devices)}, "timeout": 300}
-           for m in MISTAKES]
+           for i, m in enumerate(MISTAKES)]
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1"}
   proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "forked_commands.py")],
                         input=json.dumps(cases), capture_output=True, text=True, env=env,
@@ -225,22 +226,8 @@ def test_a_mistake_is_one_line_naming_the_fix_with_exit_status_2(outcomes, mista
 
 
 def test_the_mistakes_fail_before_any_compile(outcomes):
-  """Seconds each: nothing was compiled or trained (the XLA cache is not shared here)."""
+  """Nothing was compiled or trained: no memory line of the compiled step, no step line."""
   _, results = outcomes
-  slow = {str(m): r["seconds"] for m, r in results.items() if r["seconds"] > 60}
-  assert not slow, slow
-
-
-@pytest.mark.parametrize("content, message", [
-    (None, r"--checkpoint .*missing.pt: no such file"),
-    (b"not a pickle", r"--checkpoint .*missing.pt: not a state dict torch or safetensors"),
-])
-def test_convert_names_a_checkpoint_it_cannot_read(tmp_path, content, message):
-  """mmjax.convert.openclip's input file: one UsageError naming it."""
-  pytest.importorskip("torch")
-  from mmjax.convert import openclip  # pylint: disable=import-outside-toplevel
-  path = tmp_path / "missing.pt"
-  if content is not None:
-    path.write_bytes(content)
-  with pytest.raises(errors.UsageError, match=message):
-    openclip.load_state_dict(str(path))
+  compiled = [str(m) for m, r in results.items()
+              if "Train step memory" in r["stdout"] or re.search(r"^step \d+/", r["stdout"], re.M)]
+  assert not compiled, compiled
