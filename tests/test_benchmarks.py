@@ -166,3 +166,24 @@ def test_aot_presets_row_reports_summed_collective_bytes():
   assert line.count("|") == columns
   failed = aot_presets.row("configs/flava.py:full", "h100x8", {"error": "RESOURCE_EXHAUSTED"})
   assert failed.count("|") == columns
+
+
+def test_readme_figures_splits_the_first_runs_wall_time(tmp_path, monkeypatch):
+  """benchmarks/readme_figures.py's split from a run's timestamped output and metrics.jsonl:
+  the "Built" lines, each logged interval's examples/s, and the output after a step line
+  before the next one (its evaluation); the rest is start-up and compile."""
+  monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+  import readme_figures as rf
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for step, rate in ((10, 64.0), (20, 32.0)):
+      f.write(json.dumps({"step": step, "loss": 1.0, "examples_per_sec": rate}) + "\n")
+    f.write(json.dumps({"step": 20, "zeroshot/x/top1": 0.5}) + "\n")
+  built = "Built shapes/{} (4500 generated images, nothing downloaded) into D in {} s"
+  lines = [(5.0, built.format("captions", 7)), (6.0, built.format("labels_seen", 3)),
+           (40.0, "step 10/20  loss 1.0  ex/s 64.0  ETA 0m10s"),
+           (70.0, "step 20/20  loss 1.0  ex/s 32.0  ETA 0m00s"),
+           (80.0, "zeroshot/x/top1  0.5000"), (95.0, "caption/x/cider  0.1000")]
+  split = rf.split_wall_time(100.0, lines, str(tmp_path), batch_size=16)
+  # training: 10 steps x 16 / 64 + 10 x 16 / 32 = 2.5 + 5 s; evaluation: 95 - 70 s
+  assert split == {"wall_s": 100.0, "data_build_s": 10.0, "train_steps_s": 7.5,
+                   "eval_s": 25.0, "rest_s": 57.5}
