@@ -43,7 +43,8 @@ def train(name, *args, message, **kw):
 # step 5 holds nothing `partial/checkpoints/5/`); {data}: the built shapes datasets.
 W = ("--workdir", "{tmp}/w")
 MISTAKES = [
-    train("no flags", message=r"--config must have a value.*--workdir must have a value"),
+    train("no flags",
+          message=r"(?=.*--config must have a value)(?=.*--workdir must have a value)"),
     train("no workdir", "--config", "configs/shapes.py", message=r"--workdir must have a value"),
     train("no config", *W, message=r"--config must have a value"),
     train("config path typo", "--config", "configs/shape.py", *W,
@@ -154,12 +155,6 @@ MISTAKES = [
     Mistake("build from a file as folder", "mmjax.data.build",
             ("--images_dir", "{tmp}/afile", "--name", "x", "--data_dir", "{tmp}/ds"),
             r"--images_dir {tmp}/afile: no such folder"),
-    Mistake("build from a folder without classes", "mmjax.data.build",
-            ("--images_dir", "{tmp}/empty", "--name", "x", "--data_dir", "{tmp}/ds"),
-            r"no class sub-folders"),
-    Mistake("build from a folder without images", "mmjax.data.build",
-            ("--images_dir", "{tmp}/pets", "--name", "x", "--data_dir", "{tmp}/ds"),
-            r"--images_dir {tmp}/pets: no decodable images"),
     Mistake("build from a missing CSV", "mmjax.data.build",
             ("--captions_file", "{tmp}/nope.csv", "--name", "x", "--data_dir", "{tmp}/ds"),
             r"--captions_file {tmp}/nope.csv: no such file"),
