@@ -58,6 +58,9 @@ MODELS = {
 }
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype and model.param_dtype
+
+
 def check(config: ml_collections.ConfigDict) -> list[str]:
   """Problems of `config.model`, one line each naming the key: the keys every model shares
   (image and patch size, the `Stack` keys), then the model's own (`ModelEntry.check`)."""
@@ -71,6 +74,9 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
   if m.remat_policy not in ("none", *layers.REMAT_POLICIES):
     problems.append(f"config model.remat_policy={m.remat_policy!r}: choose one of "
                     f"{['none', *layers.REMAT_POLICIES]}")
+  for key in ("dtype", "param_dtype"):
+    if m[key] not in DTYPES:
+      problems.append(f"config model.{key}={m[key]!r}: choose one of {list(DTYPES)}")
   if m.activation not in layers.ACTIVATIONS:
     problems.append(f"config model.activation={m.activation!r}: choose one of "
                     f"{list(layers.ACTIVATIONS)}")
