@@ -7,6 +7,7 @@ import time
 import pytest
 
 import helpers
+from configs import pretrained
 from conftest import CACHE_DIR, REPO
 from helpers import run_cli, usage_error
 from mmjax import cli
@@ -72,6 +73,16 @@ def test_batch_not_divisible_fails_before_compiling():
 def test_validate_names_the_key(overrides, devices, message):
   with pytest.raises(cli.ConfigError, match=message):
     cli.validate(helpers.tiny_config(**overrides), num_devices=devices)
+
+
+def test_captions_are_refused_for_a_model_without_a_caption_decoder():
+  config = helpers.override(pretrained.get_config("openai_tiny"), **{"loss.caption_weight": 2.0})
+  with pytest.raises(cli.ConfigError, match=r"^config loss.caption_weight=2.0: "
+                     r"model.name='two_tower' has no captioning decoder; set "
+                     r"--config.loss.caption_weight=0"):
+    cli.validate(config, num_devices=1)
+  assert cli.problems(helpers.override(config, **{"loss.caption_weight": 0.0}),
+                      num_devices=1) == []
 
 
 def test_every_problem_is_reported_one_line_each():

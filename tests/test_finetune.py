@@ -3,11 +3,9 @@ learning-rate decay, the parameters' EMA, each against what it must mean, on tin
 import os
 import sys
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import helpers

@@ -15,7 +15,7 @@ from PIL import Image
 import helpers
 import mmjax
 from conftest import REPO
-from mmjax import checkpoint, errors, evaluators, inference, runtime
+from mmjax import checkpoint, errors, evaluators, runtime
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.data import transforms
 from mmjax.evaluators import zeroshot

@@ -9,7 +9,6 @@ import pytest
 
 from configs import coca
 from mmjax import topologies
-from mmjax.topologies import GiB
 
 needs_cuda_plugin = pytest.mark.skipif(
     importlib.util.find_spec("jax_cuda12_plugin") is None,

@@ -27,7 +27,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from configs import schema
-from mmjax import losses, sharding
+from mmjax import losses, models, sharding
 from mmjax.vocabulary import PAD_ID
 
 Batch = dict[str, jax.Array]
@@ -41,10 +41,16 @@ class CocaObjective:
   @staticmethod
   def check(config: ml_collections.ConfigDict) -> list[str]:
     """Problems of its `loss` keys, one line each."""
+    problems = []
     if config.loss.caption_chunk_size < 0:
-      return [f"config loss.caption_chunk_size={config.loss.caption_chunk_size} must be >= 0 "
-              "(0 = plain logits)"]
-    return []
+      problems.append(f"config loss.caption_chunk_size={config.loss.caption_chunk_size} must "
+                      "be >= 0 (0 = plain logits)")
+    entry = models.MODELS.get(config.model.name)
+    if config.loss.caption_weight > 0 and entry is not None and not entry.captions:
+      problems.append(f"config loss.caption_weight={config.loss.caption_weight}: "
+                      f"model.name={config.model.name!r} has no captioning decoder; set "
+                      "--config.loss.caption_weight=0 (contrastive only) or use model.name='coca'")
+    return problems
 
   @staticmethod
   def unimodal_steps(config: ml_collections.ConfigDict) -> int:

@@ -13,10 +13,8 @@ negative starts at sigmoid(0) = 1/2 and dominates the loss, the imbalance the pa
 (init -10) corrects. The learned temperature t = exp(t') is capped at model.logit_scale_max
 like the softmax losses' (configs/shapes.py:siglip lifts the cap, see there).
 """
-import flax.linen as nn
 import jax
 import ml_collections
-from jax.sharding import Mesh
 
 from configs import schema
 from mmjax import losses
