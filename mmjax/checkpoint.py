@@ -138,8 +138,8 @@ class Checkpointer:
 
   def restore_params(self, step: int, abstract_params: Any, ema: bool = False) -> Any:
     """Only the parameters of a train-state checkpoint (no optimizer state is read); with
-    `ema`, their moving average instead (`optimizer.ema_decay`; CheckpointMismatchError
-    errors.UsageError when the run kept none)."""
+    `ema`, their moving average instead (`optimizer.ema_decay`; errors.UsageError when the
+    run kept none)."""
     key = "ema_params" if ema else "params"
     stored = self._stored_shapes(step, "state")
     if not stored.get(key):

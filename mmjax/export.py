@@ -1,7 +1,7 @@
 """Weights out: an mmjax checkpoint -> open_clip or Hugging Face transformers.
 
   python -m mmjax.export --to openclip --workdir /tmp/clip_b32 --out /tmp/clip_b32_openclip
-  python -m mmjax.export --to hf --workdir /tmp/siglip [--step N] --out /tmp/siglip_hf
+  python -m mmjax.export --to hf --workdir /tmp/siglip [--step N] [--ema] --out /tmp/siglip_hf
 
 Reads the checkpoint's own config (no --config), and writes, through a temporary folder
 renamed at the end:
@@ -11,6 +11,8 @@ renamed at the end:
   --to hf        config.json + model.safetensors, which `CLIPModel.from_pretrained` /
                  `SiglipModel.from_pretrained` loads, and the tokenizer files
                  (CLIP: OpenAI's BPE as vocab.json + merges.txt; SigLIP: spiece.model).
+--ema exports the parameters' moving average that training kept (optimizer.ema_decay)
+instead of the parameters; a checkpoint without one is one line (exit status 2).
 Parameters go out as float32 with the source format's names and shapes; importing the
 result with `mmjax.convert` gives back the same parameters bit for bit.
 """
@@ -51,25 +53,28 @@ def saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
   return config
 
 
-def restore_params(workdir: str,
-                   step: int | None) -> tuple[ml_collections.ConfigDict, Any, dict[str, bytes]]:
-  """(the checkpoint's config, its parameters as host NumPy arrays, its assets)."""
+def restore_params(workdir: str, step: int | None, ema: bool = False
+                   ) -> tuple[ml_collections.ConfigDict, Any, dict[str, bytes]]:
+  """(the checkpoint's config, its parameters (their EMA with `ema`) as host NumPy arrays,
+  its assets)."""
   step = checkpoint.existing_step(workdir, step)
   config = saved_config(workdir, step)
   rt = runtime.build(config, jax.devices()[:1], params_only=True)
   checkpointer = checkpoint.Checkpointer(workdir, config)
   with rt.activate():
-    params = checkpointer.restore_params(step, rt.abstract_state)
+    params = checkpointer.restore_params(step, rt.abstract_state, ema=ema)
   assets = checkpointer.restore_assets(step)
   checkpointer.close()
   return config, jax.tree.map(np.asarray, jax.device_get(params)), assets
 
 
-def export_weights(target: str, workdir: str, step: int | None, out: str) -> list[str]:
-  """Writes `out` in format `target`; returns the file names written."""
+def export_weights(target: str, workdir: str, step: int | None, out: str,
+                   ema: bool = False) -> list[str]:
+  """Writes `out` in format `target` (from the parameters' EMA with `ema`); returns the file
+  names written."""
   if target not in TARGETS:
     raise errors.UsageError(f"--to={target}: unknown format; choose one of {TARGETS}")
-  config, params, assets = restore_params(workdir, step)
+  config, params, assets = restore_params(workdir, step, ema)
   name = config.model.name
   if name not in ("coca", "two_tower") or (name == "coca" and target == "hf"):
     raise errors.UsageError(
@@ -142,8 +147,9 @@ def main(argv: list[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  written = export_weights(f.to, f.workdir, f.step, f.out)
-  print(f"wrote {os.path.abspath(os.path.expanduser(f.out))}: {', '.join(written)}")
+  written = export_weights(f.to, f.workdir, f.step, f.out, f.ema)
+  what = " (the parameters' EMA)" if f.ema else ""
+  print(f"wrote {os.path.abspath(os.path.expanduser(f.out))}{what}: {', '.join(written)}")
 
 
 if __name__ == "__main__":
@@ -152,5 +158,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "mmjax work directory with checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
   flags.DEFINE_string("out", None, "Output folder; must not exist.")
+  flags.DEFINE_bool("ema", False, "Export the parameters' moving average "
+                    "(optimizer.ema_decay) instead of the parameters.")
   # No --config: the checkpoint's own config is read from the work directory.
   command.run(main, "mmjax.export", config=False, required=("to", "workdir", "out"))

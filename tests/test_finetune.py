@@ -10,7 +10,9 @@ import pytest
 
 import helpers
 from configs import pretrained
-from mmjax import checkpoint, errors, optimizer as optimizer_lib, param_groups, warm_start
+from mmjax import checkpoint, errors, export, optimizer as optimizer_lib, param_groups
+from mmjax import warm_start
+from mmjax.convert import files
 from mmjax.models import vit
 
 VISION = "vision/.*"
@@ -304,6 +306,33 @@ def clip_tiny(tmp_path_factory):
   `mmjax.convert` would write it: (work directory, its parameters)."""
   workdir = str(tmp_path_factory.mktemp("clip_tiny"))
   return workdir, save_params(workdir, pretrained.get_config("openai_tiny"), 0)
+
+
+def test_export_ema_writes_the_moving_average(tmp_path, clip_tiny):
+  """`mmjax.export --ema`: the open_clip tensors of a checkpoint whose EMA is half its
+  parameters are half the plain export's; a checkpoint without an EMA is one line."""
+  config = helpers.override(pretrained.get_config("openai_tiny"),
+                            **{"optimizer.ema_decay": 0.9, "mesh.shape": (1, 1, 1)})
+  _, state = helpers.step_setup(config, 1)
+  state = state.replace(ema_params=jax.tree.map(lambda x: x * 0.5, state.params))
+  workdir = str(tmp_path / "ema")
+  saver = checkpoint.Checkpointer(workdir, config)
+  saver.save(3, state, config)
+  saver.close()
+  plain, ema = str(tmp_path / "plain"), str(tmp_path / "ema_out")
+  export.export_weights("openclip", workdir, None, plain)
+  proc = helpers.call([sys.executable, "-m", "mmjax.export", "--to=openclip", "--ema",
+                       f"--workdir={workdir}", f"--out={ema}"])
+  assert proc.returncode == 0 and "the parameters' EMA" in proc.stdout, proc.stderr[-2000:]
+  want = files.load_state_dict(os.path.join(plain, "open_clip_model.safetensors"))
+  got = files.load_state_dict(os.path.join(ema, "open_clip_model.safetensors"))
+  assert set(got) == set(want) and any(np.any(v != 0) for v in want.values())
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v * 0.5, err_msg=k)
+  out = str(tmp_path / "none")
+  proc = helpers.call([sys.executable, "-m", "mmjax.export", "--to=openclip", "--ema",
+                       f"--workdir={clip_tiny[0]}", f"--out={out}"])
+  assert "no EMA" in helpers.usage_error(proc, "mmjax.export") and not os.path.exists(out)
 
 
 def test_lit_preset_trains_the_text_tower_on_a_locked_clip_image_tower(tmp_path, data_dir,
