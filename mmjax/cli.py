@@ -21,11 +21,13 @@ from mmjax.errors import ConfigError
 FLAGS = flags.FLAGS
 
 
-def define_flags(*, step: bool = False, distributed: bool = False) -> None:
-  """--workdir (required), and --step or the multi-process flags; --config comes with the
-  command skeleton (mmjax.command.run)."""
+def define_flags(*, step: bool = False, distributed: bool = False,
+                 workdir_required: bool = True) -> None:
+  """--workdir (required unless the command checks it itself), and --step or the
+  multi-process flags; --config comes with the command skeleton (mmjax.command.run)."""
   flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval).")
-  flags.mark_flags_as_required(["workdir"])
+  if workdir_required:
+    flags.mark_flags_as_required(["workdir"])
   if step:
     flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
   if distributed:

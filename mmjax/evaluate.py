@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from etils import epath  # local or gs://
 
-from mmjax import checkpoint, cli, command, evaluators, runtime, writers
+from mmjax import checkpoint, cli, command, errors, evaluators, runtime, writers
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.evaluators import grid
 from mmjax.evaluators import suite as suite_lib
@@ -80,6 +80,9 @@ def main(argv: list[str]) -> None:
   if cli.FLAGS.suite == "list":
     print(suite_lib.list_datasets(config))
     return
+  if not cli.FLAGS.workdir:
+    raise errors.UsageError("flag --workdir must name the work directory holding the "
+                            "checkpoints to evaluate (only --suite list needs none)")
   try:
     if cli.FLAGS.suite:
       evaluate_suite(config, cli.FLAGS.workdir, cli.FLAGS.suite, cli.FLAGS.step,
@@ -94,7 +97,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  cli.define_flags(step=True)
+  cli.define_flags(step=True, workdir_required=False)  # `--suite list` needs none
   cli.flags.DEFINE_string("suite", None, "A benchmark suite to run instead of the config's "
                           "evaluators (imagenet, clip_benchmark, retrieval, captioning), or "
                           "`list` to list its datasets.")

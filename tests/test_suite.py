@@ -28,6 +28,15 @@ from mmjax.evaluators import captioning, suite, suite_datasets
 from mmjax.evaluators.suite_datasets import CLASSIFICATION, RETRIEVAL, BenchmarkDataset
 
 
+def test_suite_list_needs_no_workdir_and_evaluation_does():
+  listed = helpers.run_cli("mmjax.evaluate", "--suite=list", "--config.data_dir=/nonexistent")
+  assert listed.returncode == 0 and "27 datasets; data_dir /nonexistent" in listed.stdout, (
+      listed.stderr[-2000:])
+  line = helpers.usage_error(helpers.run_cli("mmjax.evaluate", "--suite=imagenet"),
+                             "mmjax.evaluate")
+  assert "--workdir" in line
+
+
 def test_list_names_every_dataset_with_its_classes_and_templates():
   config = helpers.tiny_config(data_dir="/nonexistent")
   text = suite.list_datasets(config)

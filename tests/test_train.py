@@ -202,3 +202,10 @@ def test_poisoned_batch_makes_the_step_nonfinite(preset):
     _, metrics = rt.jit_train_step()(state, rt.global_batch(poisoned))
   assert not np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
   assert int(metrics["nonfinite_steps"]) == 1
+
+
+def test_evaluating_with_another_architecture_is_one_line(data_dir, tiny_workdir):
+  proc = run("mmjax.evaluate", tiny_workdir, data_dir, "--config.model.text.width=48",
+             expect=2)
+  line = helpers.usage_error(proc, "mmjax.evaluate")
+  assert "does not match the config at params/" in line and "pass the --config" in line
