@@ -9,7 +9,8 @@ parameter total counts (CoCa's Table 1: image encoder + text decoder, 86M + 297M
 
 FLOPs come from each model's `forward_flops` formula (matmuls only, see
 `mmjax.models.coca.forward_flops`); training = 3 x forward, except the patch embedding
-(2 x: no image gradient). `tests/test_summary.py` checks them against XLA's cost analysis.
+(2 x: no image gradient); with model.patch_dropout the image encoder counts the kept
+tokens only. `tests/test_summary.py` checks them against XLA's cost analysis.
 """
 
 import json

@@ -67,7 +67,8 @@ def _lowered_grad(config):
   rt = runtime.build(config, jax.devices()[:1], params_only=True)
   objective = objectives.build(config, rt.model, mesh=None)  # the dense contrastive loss
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rt.abstract_state)
-  return jax.jit(jax.grad(lambda p, b: objective.loss(p, b)[0])).lower(
+  step = jnp.int32(1)  # a training step: patch dropout (model.patch_dropout) applies
+  return jax.jit(jax.grad(lambda p, b: objective.loss(p, b, step)[0])).lower(
       params, runtime.batch_spec(config))
 
 
@@ -91,11 +92,12 @@ def tiny_lowered_flops() -> float:
 
 
 @pytest.mark.parametrize("override", [{"model.text.num_multi_layers": 2},
-                                      {"model.num_caption_queries": 16}])
+                                      {"model.num_caption_queries": 16},
+                                      {"model.patch_dropout": 0.5}])
 def test_flops_terms_match_xla(tiny_lowered_flops, override):
-  """Per-term check: the change in XLA's count when one dimension grows (a multimodal layer
-  with cross-attention; the captioning queries feeding every cross-attention's k/v) matches
-  the change in the formula. Pre-optimisation HLO: same count as compiled here, 8x faster."""
+  """Per-term check: the change in XLA's count when one dimension changes (a multimodal
+  layer with cross-attention; the captioning queries feeding every cross-attention's k/v;
+  half the image tokens dropped before the encoder) matches the change in the formula. Pre-optimisation HLO: same count as compiled here, 8x faster."""
   base, grown = _tiny_flop_config(), _tiny_flop_config(**override)
   xla = (_flops(_lowered_grad(grown).cost_analysis()) - tiny_lowered_flops) / base.batch_size
   ours = (summary.summarize(grown)["flops_per_example"]

@@ -295,7 +295,8 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   (`model.remat_policy`), the recomputed logits of the sharded contrastive loss and the extra
   embedding pass of gradient accumulation are real work but not counted (as for MFU).
 
-  Notation: N = (image_size / patch)^2 image tokens, p patch, L = data.max_text_len,
+  Notation: N = (image_size / patch)^2 image tokens (with model.patch_dropout, the patch
+  embedding still sees all of them, the rest the round((1 - fraction) N) kept), p patch, L = data.max_text_len,
   P = model.prefix_length, Q = num_caption_queries, V vocab, E embed_dim, B global batch;
   Dv, Fv, Lv vision width / MLP / layers; Dt, Ft text width / MLP; Lu, Lm unimodal /
   multimodal layers. Positions: unimodal Tu = P + (L - 1) + 1 (prefix, input tokens, CLS),
@@ -323,7 +324,7 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   forward+backward of the real loss.
   """
   c = CoCaConfig.from_config(config)
-  n = c.num_patches
+  n = vit.kept_patches(c.num_patches, c.patch_dropout)  # what the encoder sees in training
   dv, fv, dt, ft, q = c.vision.width, c.vision.mlp_dim, c.text.width, c.text.mlp_dim, \
       c.num_caption_queries
   tu = c.prefix_length + (c.max_text_len - 1) + 1
@@ -337,7 +338,7 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
     contrastive_pooler = 2 * dt * dt + 2 * 2 * n * dv * dt + 2 * dt * dt + attention(1, n, dt)
   cross = 2 * 2 * tm * dt * dt + 2 * 2 * q * dt * dt + attention(tm, q, dt)
   return {
-      "patch_embedding": 2 * n * c.patch_size ** 2 * 3 * dv,
+      "patch_embedding": 2 * c.num_patches * c.patch_size ** 2 * 3 * dv,
       "vision_blocks": c.vision.depth * block(n, dv, fv),
       "caption_pooler": 2 * q * dt * dt + 2 * 2 * n * dv * dt + 2 * q * dt * dt
                         + attention(q, n, dt),

@@ -265,7 +265,8 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   `coca.forward_flops`: a multiply-add is 2 FLOPs, attention T queries over S keys of width
   D costs 4*T*S*D, causal attention counted in full).
 
-  N = (image_size / patch)^2 patches, Nv = N (+1 with a class token), L = data.max_text_len:
+  N = (image_size / patch)^2 patches, Nv = N (+1 with a class token), L = data.max_text_len;
+  with model.patch_dropout, Nv counts the round((1 - fraction) N) patches kept in training:
     patch embedding   2*N*(p*p*3*Dv)
     vision blocks     Lv * [2*Nv*(4*Dv^2 + 2*Dv*Fv) + 4*Nv^2*Dv]
     map head          2*Dv^2 (q) + 2*2*Nv*Dv^2 (k, v) + 2*Dv^2 (out) + 4*Nv*Dv + 2*2*Dv*Fv
@@ -275,7 +276,7 @@ def forward_flops(config: ml_collections.ConfigDict) -> dict[str, int]:
   """
   c = TwoTowerConfig.from_config(config)
   n = c.num_patches
-  nv = n + int(c.vision.class_token)
+  nv = vit.kept_patches(n, c.patch_dropout) + int(c.vision.class_token)
   dv, fv, dt, ft, length = (c.vision.width, c.vision.mlp_dim, c.text.width, c.text.mlp_dim,
                             c.max_text_len)
   block = lambda t, d, f: 2 * t * (4 * d * d + 2 * d * f) + 4 * t * t * d

@@ -51,10 +51,15 @@ def drop_patches(tokens: jax.Array, rng: jax.Array, fraction: float,
   tokens [B, num_prefix + N, D] with positions already added -> [B, num_prefix + K, D]."""
   prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
   batch, n = patches.shape[:2]
-  keep = max(1, int(round(n * (1.0 - fraction))))
+  keep = kept_patches(n, fraction)
   order = jnp.argsort(jax.random.uniform(rng, (batch, n)), axis=1)[:, :keep]
   kept = jnp.take_along_axis(patches, order[..., None], axis=1)
   return jnp.concatenate([prefix, kept], axis=1)
+
+
+def kept_patches(num_patches: int, fraction: float) -> int:
+  """How many of `num_patches` patch tokens patch dropout keeps (`drop_patches`)."""
+  return max(1, int(round(num_patches * (1.0 - fraction))))
 
 
 def check_patch_dropout(fraction: float) -> list[str]:
