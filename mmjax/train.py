@@ -142,6 +142,16 @@ def evaluation_interval(entry: ml_collections.ConfigDict,
   return max(entry.every_steps, 0)
 
 
+def run_tokenizer(config: ml_collections.ConfigDict,
+                  checkpointer: checkpoint.Checkpointer) -> tokenizer_lib.Tokenizer:
+  """The tokenizer of the checkpoint the run resumes from (the one its model learnt: a work
+  directory written by `mmjax.convert` fine-tunes without data.tokenizer.path), else the
+  config's (`tokenizer_lib.get_tokenizer`)."""
+  latest = checkpointer.latest_step()
+  return tokenizer_lib.get_tokenizer(
+      config, checkpointer.restore_assets(latest) if latest is not None else None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs training to `config.total_steps`; returns the last logged metrics and eval results.
 
@@ -154,13 +164,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = Preemption(os.path.join(workdir, checkpoint.DIRECTORY))
   # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
   rt = runtime.build(config)
-  tokenizer = tokenizer_lib.get_tokenizer(config)
+  checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
+  tokenizer = run_tokenizer(config, checkpointer)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
                           f"model.text.vocab_size={config.model.text.vocab_size}")
   # Before any state or compile: a wrong evaluation dataset, split or key fails in seconds.
   evals = evaluators.build_evaluators(config, tokenizer) if config.eval_every_steps else []
-  checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
   sigterm_at_step = _debug_step("MMJAX_DEBUG_SIGTERM_AT_STEP")
   nan_at_step = _debug_step("MMJAX_DEBUG_NAN_AT_STEP")
   hang_at_step = _debug_step("MMJAX_DEBUG_HANG_AT_STEP")

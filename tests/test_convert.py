@@ -372,7 +372,7 @@ python() {
 
 def guide_block() -> str:
   with open(os.path.join(helpers.REPO, "docs", "guide.md")) as f:
-    section = f.read().split("## 10. Start from pretrained weights", 1)[1]
+    section = f.read().split("## 10. Start from pretrained weights", 1)[1].split("\n## ", 1)[0]
   (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
   return block
 
