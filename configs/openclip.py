@@ -38,6 +38,20 @@ VARIANTS = {
 OPENCLIP_VOCAB_SIZE = 49408
 
 
+def torch_clip_conventions(c: ml_collections.ConfigDict) -> None:
+  """What every CLIP-family checkpoint from PyTorch (open_clip, OpenAI) shares: torch's
+  LayerNorm epsilon, CLIP's pixel normalisation, the logit scale's 1/0.07 start and 100
+  cap; and fine-tuning optimizer settings (the weights are trained already)."""
+  m = c.model
+  m.norm_eps = 1e-5  # torch.nn.LayerNorm's default
+  m.image_norm = "clip"
+  m.logit_scale_init = 1 / 0.07
+  m.logit_scale_max = 100.0
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.warmup_steps = 20
+  c.optimizer.weight_decay = 0.1
+
+
 def openclip_model_config(variant: str) -> dict:
   """The open_clip model config dict (model_configs/*.json format) of `variant`; register
   it with `open_clip.factory._MODEL_CONFIGS[name] = ...` to build the torch model."""
@@ -115,13 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.prefix_length = 0  # open_clip has no prefix conditioning
   # nn.GELU (exact) unless the open_clip config sets quick_gelu (the CoCa ones do not).
   m.activation = "quick_gelu" if v["quick_gelu"] else "gelu"
-  m.norm_eps = 1e-5  # torch.nn.LayerNorm's default
-  m.image_norm = "clip"
-  m.logit_scale_init = 1 / 0.07
-  m.logit_scale_max = 100.0
-  c.optimizer.learning_rate = 1e-5  # fine-tuning
-  c.optimizer.warmup_steps = 20
-  c.optimizer.weight_decay = 0.1
+  torch_clip_conventions(c)
   if variant == "coca_tiny":
     c.batch_size = 8
     c.total_steps = 4

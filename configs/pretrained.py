@@ -29,7 +29,7 @@ import os
 
 import ml_collections
 
-from configs import schema, shapes
+from configs import openclip, schema, shapes
 
 OPENAI_VOCAB_SIZE = 49408
 SIGLIP_VOCAB_SIZE = 32000
@@ -119,10 +119,7 @@ def build(arch: dict, name: str, tiny: bool = False) -> ml_collections.ConfigDic
     m.vision.update(patch_bias=False, class_token=True, ln_pre=True, pool="cls", proj=True)
     m.text.update(causal=True, pool="eot", proj_bias=False)
     m.activation = "quick_gelu" if family == "openai" else "gelu"
-    m.norm_eps = 1e-5  # torch.nn.LayerNorm's default
-    m.image_norm = "clip"
-    m.logit_scale_init = 1 / 0.07
-    m.logit_scale_max = 100.0
+    openclip.torch_clip_conventions(c)
   c.optimizer.learning_rate = 1e-5  # fine-tuning
   c.optimizer.warmup_steps = 20
   c.optimizer.weight_decay = 0.1
