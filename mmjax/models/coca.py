@@ -114,7 +114,7 @@ class AttentionPooler(nn.Module):
     return layers.norm(s, "ln_out")(out)
 
 
-class CoCa(nn.Module):
+class CoCa(layers.ContrastiveModel):
   """Batch inputs: images [B, H, W, 3], uint8 pixels or floating point in [-1, 1]
   (`vit.normalize_images`); text int32 [B, L] (BOS ... EOS PAD...); text_type int32 [B].
   The decoders read text[:, :-1] and predict text[:, 1:].
@@ -151,11 +151,7 @@ class CoCa(nn.Module):
       self.lm_head = layers.Dense(t.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
     self.image_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=False, **kw)
-    self.logit_scale_log = self.param(
-        "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
-    if c.logit_bias:
-      self.logit_bias_param = self.param(
-          "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
+    self.contrastive_params()
 
   def pool_image(self, images: jax.Array, drop_rng: jax.Array | None = None,
                  drop_fraction: float = 0.0) -> tuple[jax.Array, jax.Array]:
@@ -239,16 +235,6 @@ class CoCa(nn.Module):
     """Next tokens [B, T] (usually T=1) after the cached ones -> float32 logits [B, T, V]."""
     features, _ = self.unimodal(self.token_embed(text_ids), None, None, continuation=True)
     return self._lm_head(self.multimodal(features, None))
-
-  def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
-    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
-
-  def logit_bias(self) -> jax.Array:
-    """The learned logit bias (model.logit_bias), else the constant 0."""
-    if self.config.logit_bias:
-      return self.logit_bias_param
-    return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
                with_captions: bool = True, fused_head: bool = False,

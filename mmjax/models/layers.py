@@ -93,6 +93,30 @@ def capped_logit_scale(log_scale: jax.Array, max_scale: float) -> jax.Array:
   return jnp.exp(log_scale - jax.lax.stop_gradient(excess))
 
 
+class ContrastiveModel(nn.Module):
+  """Base of the models with contrastive logits: a learned temperature (parameter
+  `logit_scale`, its log) and, with `config.logit_bias`, a learned bias (`logit_bias`, the
+  sigmoid losses'). Subclasses call `contrastive_params()` in their setup."""
+
+  def contrastive_params(self) -> None:
+    c = self.config
+    self.logit_scale_log = self.param(
+        "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
+    if c.logit_bias:
+      self.logit_bias_param = self.param(
+          "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
+
+  def logit_scale(self) -> jax.Array:
+    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
+    return capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
+
+  def logit_bias(self) -> jax.Array:
+    """The learned logit bias (model.logit_bias), else the constant 0."""
+    if self.config.logit_bias:
+      return self.logit_bias_param
+    return jnp.zeros((), jnp.float32)
+
+
 class Dense(nn.Module):
   """A dense layer whose kernel is named (in_axis, out_axis) for sharding."""
   features: int

@@ -149,7 +149,7 @@ def end_of_text(text: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(text != PAD_ID, positions, 0), axis=1)
 
 
-class TwoTower(nn.Module):
+class TwoTower(layers.ContrastiveModel):
   """Batch inputs: images [B, H, W, 3], uint8 pixels or floating point in [-1, 1]
   (`vit.normalize_images`; `image_norm="clip"` then maps them to CLIP's mean/std); text
   int32 [B, L] (data.max_text_len tokens); text_type int32 [B] (unused: no prefix)."""
@@ -170,11 +170,7 @@ class TwoTower(nn.Module):
                                 c.max_text_len, t.causal, t.pool, stack)
     self.text_proj = layers.Dense(c.embed_dim, ("embed", None), use_bias=c.text.proj_bias,
                                   **kw)
-    self.logit_scale_log = self.param(
-        "logit_scale", nn.initializers.constant(jnp.log(c.logit_scale_init)), (), jnp.float32)
-    if c.logit_bias:
-      self.logit_bias_param = self.param(
-          "logit_bias", nn.initializers.constant(c.logit_bias_init), (), jnp.float32)
+    self.contrastive_params()
 
   def image_features(self, images: jax.Array, drop_rng: jax.Array | None = None,
                      drop_fraction: float = 0.0) -> jax.Array:
@@ -207,16 +203,6 @@ class TwoTower(nn.Module):
     """text_ids int32 [B, L] -> embedding [B, E] float32 unnormalised."""
     del text_type
     return self.text_proj(self.text(text_ids)).astype(jnp.float32)
-
-  def logit_scale(self) -> jax.Array:
-    """exp of the learned log-scale, at most logit_scale_max; its gradient never stops."""
-    return layers.capped_logit_scale(self.logit_scale_log, self.config.logit_scale_max)
-
-  def logit_bias(self) -> jax.Array:
-    """The learned logit bias (model.logit_bias), else the constant 0."""
-    if self.config.logit_bias:
-      return self.logit_bias_param
-    return jnp.zeros((), jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_type: jax.Array, *,
                with_captions: bool = False, fused_head: bool = False,
