@@ -399,9 +399,16 @@ def mesh() -> ConfigDict:
 
 
 def checkpoint() -> ConfigDict:
+  """Retention of the persistent checkpoints (`<workdir>/checkpoints`, every
+  `checkpoint_every_steps`), and the local tier (mmjax.local_checkpoint)."""
   k = ConfigDict()
   k.max_to_keep = 3
   k.keep_period = 0  # also keep every K-th step's checkpoint; 0 = off
+  # Local tier: every `local_every_steps` each process saves its own shards to `local_dir`
+  # (fast storage of its host, e.g. /dev/shm/mmjax or a local SSD; '' = off), copied to the
+  # next process; a restart takes the newest whole step of either tier.
+  k.local_dir = ""
+  k.local_every_steps = 0
   return k
 
 

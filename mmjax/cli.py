@@ -129,6 +129,15 @@ def _check_run(config: ml_collections.ConfigDict, num_devices: int) -> list[str]
        f"config checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1"),
       (config.checkpoint.keep_period >= 0,
        f"config checkpoint.keep_period={config.checkpoint.keep_period} must be >= 0 (0 = off)"),
+      (config.checkpoint.local_every_steps >= 0,
+       f"config checkpoint.local_every_steps={config.checkpoint.local_every_steps} must be "
+       ">= 0 (0 = off)"),
+      (config.checkpoint.local_every_steps <= 0 or config.checkpoint.local_dir,
+       f"config checkpoint.local_every_steps={config.checkpoint.local_every_steps} needs "
+       "checkpoint.local_dir (each host's fast local folder, e.g. /dev/shm/mmjax)"),
+      (not config.checkpoint.local_dir or config.checkpoint.local_every_steps != 0,
+       f"config checkpoint.local_dir={config.checkpoint.local_dir!r} needs "
+       "checkpoint.local_every_steps > 0 (how often to save there), or set it to '' (off)"),
       (config.nonfinite_policy in ("skip", "stop"),
        f"config nonfinite_policy={config.nonfinite_policy!r}: choose 'skip' or 'stop'"),
       (config.eval_batch_size > 0,

@@ -59,12 +59,13 @@ class Goodput:
     self._in_phases = 0.0  # phase time since the last step mark
     self._mark = None
 
-  def resumed(self, step: int) -> None:
-    """This start resumes from `step` (0: a fresh start)."""
+  def resumed(self, step: int, tier: str = "persistent") -> None:
+    """This start resumes from `step` (0: a fresh start), read from the checkpoint `tier`
+    ('persistent' or 'local': mmjax.local_checkpoint)."""
     if self._previous_updated is not None:
       lost = max(0.0, self.started - self._previous_updated)
       self.seconds["lost_to_failures"] += lost
-      self.restarts.append({"at": self.started, "resumed_from_step": step,
+      self.restarts.append({"at": self.started, "resumed_from_step": step, "tier": tier,
                             "seconds_lost": round(lost, 3)})
       self.steps_recomputed += max(0, self.max_step - step)
 

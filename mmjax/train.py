@@ -42,7 +42,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax import checkpoint, cli, command, compiled, coordination, evaluators, goodput
-from mmjax import interrupts, locks, objectives, profiling, retry, runtime, summary
+from mmjax import interrupts, local_checkpoint, locks, objectives, profiling, retry, runtime
+from mmjax import summary
 from mmjax import topologies, warm_start, watchdog, writers
 from mmjax.data import accounting, pipeline
 from mmjax.data import tokenizer as tokenizer_lib
@@ -162,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   process0 = jax.process_index() == 0
   # First: a Ctrl-C from here on stops with a checkpoint instead of a traceback.
   preemption = Preemption(os.path.join(workdir, checkpoint.DIRECTORY))
+  local = (local_checkpoint.LocalCheckpoints(config.checkpoint.local_dir, workdir)
+           if config.checkpoint.local_dir else None)
   # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
   rt = runtime.build(config)
   checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
@@ -192,17 +195,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       latest = checkpointer.latest_step()
       start_step = latest or 0
       data_position = None
-      if latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
+      local_step = local and local.resume_step(local_checkpoint.layout_of(rt.abstract_state),
+                                               latest)
+      if local_step is not None:  # the newest whole step of either tier
+        with accounts.phase("checkpoint restore"):
+          state, data_position = local.restore(local_step, rt.abstract_state)
+        start_step = local_step
+        if process0:
+          print(f"Resumed from the local tier ({local.local_dir}) at step {start_step}: "
+                f"{local.reason}", flush=True)
+          writers.truncate_metrics(workdir, start_step)
+      elif latest is not None:  # includes step 0, e.g. a converted checkpoint to fine-tune
         with accounts.phase("checkpoint restore"):
           state = checkpointer.restore(start_step, rt.abstract_state)
         data_position = checkpointer.restore_data(start_step)
         if process0:
-          print(f"Resumed from {checkpointer.directory} at step {start_step}", flush=True)
+          print(f"Resumed from {checkpointer.directory} at step {start_step}"
+                + (f" (persistent tier; local tier: {local.reason})" if local else ""),
+                flush=True)
           changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
           if changed:
             print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
           writers.truncate_metrics(workdir, start_step)
       else:
+        if local and process0 and local.reason != local_checkpoint.NOTHING:
+          print(f"Starting at step 0 (local tier not restored: {local.reason})", flush=True)
         state = rt.init_state()
         if config.init.checkpoint:
           params, table = warm_start.initial_params(config, state.params)
@@ -214,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      config=config)
       # Compiled before the loop, from the abstract state and batch exactly as mmjax.aot
       # compiles it for a target: its memory is printed before the first step.
-      accounts.resumed(start_step)
+      accounts.resumed(start_step, tier="local" if local_step is not None else "persistent")
       with accounts.phase("compilation"):
         train_step = rt.lower_train_step().compile()
       if process0:
@@ -275,6 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           with phase("checkpoint save"):
             checkpointer.save(done, state, config, data=skips.state(),
                               assets=tokenizer_lib.checkpoint_assets(tokenizer))
+        elif local and is_due(done, config.checkpoint.local_every_steps, 0):
+          pending, last, timer = flush(pending, last, timer)  # 'stop' fires before a save
+          with phase("checkpoint save"):
+            local.save(done, state, data=skips.state())
         if preempted:
           with phase("checkpoint save"):
             checkpointer.wait()
@@ -304,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iterator.close()
     with phase("checkpoint save"):
       checkpointer.close()
+      if local is not None:
+        local.close()
     hang_watch.stop()
     accounts.write()
     if writer is not None:
