@@ -195,9 +195,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       latest = checkpointer.latest_step()
       start_step = latest or 0
       data_position = None
-      local_step = local and local.resume_step(local_checkpoint.layout_of(rt.abstract_state),
-                                               latest)
-      if local_step is not None:  # the newest whole step of either tier
+      local_step = None
+      if local is not None:  # the newest whole step of either tier
+        with accounts.phase("checkpoint restore"):
+          local_step = local.resume_step(local_checkpoint.layout_of(rt.abstract_state), latest)
+      if local_step is not None:
         with accounts.phase("checkpoint restore"):
           state, data_position = local.restore(local_step, rt.abstract_state)
         start_step = local_step
