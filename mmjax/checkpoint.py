@@ -19,7 +19,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mmjax import errors, integrity
+from mmjax import errors, integrity, retry
 
 
 class CheckpointMismatchError(ValueError):
@@ -44,10 +44,13 @@ class Checkpointer:
   `EveryNSteps(exact_interval=True)`: `step % keep_period == 0`, OR-ed with `LatestN`)."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *,
-               set_aside_incomplete: bool = False):
+               set_aside_incomplete: bool = False, retrier: retry.Retrier | None = None):
     """`set_aside_incomplete` (the trainer, which holds the work directory): newest steps
-    whose files were cut are moved out of the way first (mmjax.integrity)."""
+    whose files were cut are moved out of the way first (mmjax.integrity). `retrier`: a
+    save or seal refused by the store with a transient error (mmjax.retry) is tried again
+    and counted there; the array writes inside a save are retried by TensorStore itself."""
     self.directory = os.path.join(workdir, DIRECTORY)
+    self.retrier = retrier or retry.Retrier()
     self._primary = jax.process_index() == 0
     self._unsealed: list[int] = []
     # Before Orbax lists the steps: a step cut after its commit must not be restored.
@@ -87,7 +90,9 @@ class Checkpointer:
     self.wait()  # Orbax waits for the previous save anyway; then it is sealed
     if self._primary:
       self._unsealed.append(step)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return self.retrier.call(
+        lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=True),
+        f"checkpoint save of step {step}")
 
   def restore_assets(self, step: int) -> dict[str, bytes]:
     """The `assets` of `step` ({file name: bytes}); {} for a checkpoint saved without."""
@@ -108,8 +113,9 @@ class Checkpointer:
     committed = set(self.manager.all_steps())
     for step in self._unsealed:
       if step in committed:
+        path = epath.Path(self.directory) / str(step)
         try:
-          integrity.seal(epath.Path(self.directory) / str(step))
+          self.retrier.call(lambda: integrity.seal(path), f"seal of {path}")
         except FileNotFoundError:  # deleted meanwhile (max_to_keep)
           pass
     self._unsealed = []

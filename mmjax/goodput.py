@@ -19,8 +19,9 @@ restarted process reads it back and adds to it. Figures (seconds, since the firs
 
 Also: `steps_recomputed`, `attempts` (starts, the first included), `restarts` (per
 restart: when, the step resumed from, seconds lost) and `storage_retries` (transient
-object-store errors retried on metrics, events and this file: mmjax.retry). Google's ml-goodput-measurement library
-computes similar figures from Cloud Logging, which needs a cloud project; this needs none.
+object-store errors retried by process 0 on metrics, events, checkpoint saves and this file:
+mmjax.retry). Google's ml-goodput-measurement library computes similar figures from Cloud
+Logging, which needs a cloud project; this needs none.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import helpers
-from mmjax import checkpoint, errors
+from mmjax import checkpoint, errors, integrity, retry
 from mmjax.data import tokenizer as tokenizer_lib
 from mmjax.tokenizers import sentencepiece
 from mmjax.state import TrainState
@@ -59,6 +59,29 @@ def test_uncommitted_save_is_ignored_and_cleaned_up(tmp_path):
   assert reopened.saved_config(5)["batch_size"] == config.batch_size
   reopened.close()
   assert not os.path.exists(tmp)  # Orbax deletes leftovers in the background at start
+
+
+def test_saves_and_seals_refused_by_a_flaky_store_are_retried_and_counted(tmp_path, capsys):
+  # 30% of the store's answers are 503s (mmjax.retry's injection, MMJAX_DEBUG_STORE_FAILURES
+  # in a real run): every step is still committed, sealed and restored; the retries counted.
+  faults = retry.InjectedFailures(0.3, first=1, last=100, seed=3)
+  faults.at_step(1)
+  storage = retry.Retrier(delay_s=0, attempts=20, faults=faults)
+  config = helpers.tiny_config(**{"checkpoint.max_to_keep": 20})
+  ckpt = checkpoint.Checkpointer(str(tmp_path), config, retrier=storage)
+  for step in range(1, 13):
+    ckpt.save(step, small_state(step), config)
+  ckpt.close()
+  assert faults.injected > 3 and storage.retries == faults.injected
+  assert "503 Service Unavailable (injected): checkpoint save of step" in capsys.readouterr().err
+  reopened = checkpoint.Checkpointer(str(tmp_path), config)
+  assert reopened.manager.all_steps() == list(range(1, 13))
+  for step in range(1, 13):
+    step_dir = os.path.join(reopened.directory, str(step))
+    assert os.path.exists(os.path.join(step_dir, integrity.MANIFEST))
+  restored = reopened.restore(12, jax_abstract(small_state()))
+  np.testing.assert_array_equal(restored.params["dense"]["kernel"], np.full((2, 3), 12.0))
+  reopened.close()
 
 
 def test_assets_round_trip_and_a_checkpoint_without_them_reads_as_none(tmp_path):

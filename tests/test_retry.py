@@ -60,3 +60,18 @@ def test_a_store_down_for_longer_keeps_the_lines_for_the_next_upload(gcs):
   lines = epath.Path("gs://bucket/run/metrics.jsonl").read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == [1, 2]
   writer.close()
+
+
+def test_injected_store_failures_hit_only_their_window_of_steps():
+  faults = retry.InjectedFailures.from_environment(
+      {"MMJAX_DEBUG_STORE_FAILURES": "0.5:3-4"}, seed=0)
+  assert retry.InjectedFailures.from_environment({}, seed=0) is None
+  retrier = retry.Retrier(delay_s=0, attempts=50, faults=faults)
+  for step in range(1, 7):
+    retrier.at_step(step)
+    before = retrier.retries
+    for _ in range(20):
+      assert retrier.call(lambda: "ok", "upload") == "ok"
+    assert (retrier.retries > before) == (step in (3, 4)), step
+  assert retrier.retries == faults.injected
+  assert retry.is_transient(retry.InjectedStoreError("503"))
