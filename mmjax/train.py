@@ -20,6 +20,10 @@ reach a checkpoint's config and cannot be set by accident in a real run):
   MMJAX_DEBUG_HANG_AT_STEP=N     update N never completes in this process: it blocks for good
                                  once N is dispatched, as in a collective whose peer is gone
                                  (mmjax.watchdog).
+  MMJAX_DEBUG_STORE_FAILURES=RATE:FIRST-LAST
+                                 each try of a write retried by mmjax.retry (checkpoint
+                                 saves and seals, goodput.json; metrics and events on gs://)
+                                 fails with an HTTP 503 at RATE from step FIRST to LAST.
   MMJAX_DEBUG_NAN_AT_STEP=N      the batch of update N gets a token id outside every
                                  vocabulary in this process's slice (`poison_batches`), whose
                                  embedding is NaN: a non-finite loss and gradients that
@@ -167,7 +171,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            if config.checkpoint.local_dir else None)
   # Mesh, model, optimizer, objective: abstract state and shardings (no device memory yet).
   rt = runtime.build(config)
-  checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True)
+  # Shared: goodput.json counts the retries of every writer (metrics, events, checkpoints).
+  storage = retry.Retrier(faults=retry.InjectedFailures.from_environment(
+      os.environ, seed=jax.process_index()))
+  checkpointer = checkpoint.Checkpointer(workdir, config, set_aside_incomplete=True,
+                                         retrier=storage)
   tokenizer = run_tokenizer(config, checkpointer)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise cli.ConfigError(f"tokenizer has {tokenizer.vocab_size} ids but config "
@@ -179,7 +187,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   hang_at_step = _debug_step("MMJAX_DEBUG_HANG_AT_STEP")
   writer, train_iterator, profiler = None, None, None
   hang_watch = watchdog.Watchdog(workdir, jax.process_index(), **config.watchdog)
-  storage = retry.Retrier()  # shared: goodput.json counts the retries of every writer
   accounts = goodput.Goodput(workdir, enabled=process0, retrier=storage)
 
   def phase(name: str) -> contextlib.ExitStack:
@@ -211,11 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with accounts.phase("checkpoint restore"):
           state = checkpointer.restore(start_step, rt.abstract_state)
         data_position = checkpointer.restore_data(start_step)
+        # Every process: an Orbax restore ends at a barrier of all processes (from process
+        # 0 alone it waited forever for the others, already at the start barrier).
+        saved_config = checkpointer.saved_config(start_step)
         if process0:
           print(f"Resumed from {checkpointer.directory} at step {start_step}"
                 + (f" (persistent tier; local tier: {local.reason})" if local else ""),
                 flush=True)
-          changed = checkpoint.config_changes(checkpointer.saved_config(start_step), config)
+          changed = checkpoint.config_changes(saved_config, config)
           if changed:
             print(f"Config differs from the checkpoint's at: {', '.join(changed)}", flush=True)
           writers.truncate_metrics(workdir, start_step)
@@ -286,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done == hang_at_step:
           threading.Event().wait()
         pending = (done, metrics)
+        storage.at_step(done)
         accounts.step_done(done)
         checkpointer.seal_committed()
         preempted = preemption.reached(done)
