@@ -285,23 +285,50 @@ def test_slurm_dry_run_states_the_restart_policy():
   assert res.returncode == 2 and "--max-restarts must be a whole number" in res.stderr
 
 
-@pytest.mark.parametrize("statuses, restarts, status, message", [
-    ("42 43 137 0", "3", 0, "restart 3/3"),  # preempted, hang, a killed host: resumed
-    ("42 1", "3", 1, "exit status 1 is not retried"),  # a bug: retrying cannot help
-    ("2", "3", 2, "exit status 2 is not retried"),  # a config error
-    ("130", "3", 130, "exit status 130 is not retried"),  # a person's Ctrl-C, twice
-    ("42 42 0", "1", 42, "after 1 restarts: giving up"),
-])
-def test_slurm_job_restarts_what_a_restart_can_fix(tmp_path, statuses, restarts, status,
-                                                   message):
+# `sleep` first on PATH: records each backoff instead of waiting it.
+FAKE_SLEEP = '#!/bin/sh\necho "$1" >> "$FAKE_SLEEPS"\n'
+
+
+def fake_sleep(bin_dir, tmp_path):
+  bin_dir.mkdir(parents=True, exist_ok=True)
+  (bin_dir / "sleep").write_text(FAKE_SLEEP)
+  (bin_dir / "sleep").chmod(0o755)
+  return dict(FAKE_SLEEPS=str(tmp_path / "sleeps"))
+
+
+def sleeps(tmp_path):
+  path = tmp_path / "sleeps"
+  return [int(s) for s in path.read_text().split()] if path.exists() else []
+
+
+# What a restart can fix is retried (42 preempted, 43 hang, 128+N a death by signal: 137 a
+# killed host, 134 the coordination service's abort when a peer died, 143 SIGTERM), at most
+# --max-restarts times, waiting backoff, 2 x backoff, ... (at most 600 s); a bug (1), a
+# config error (2) or a person's Ctrl-C (130) is not.
+RESTART_CASES = [
+    ("42 43 137 0", "3", "5", 0, "restart 3/3", [5, 10, 20]),
+    ("134 143 0", "3", "400", 0, "restart 2/3", [400, 600]),
+    ("42 1", "3", "5", 1, "exit status 1 is not retried", [5]),
+    ("2", "3", "5", 2, "exit status 2 is not retried", []),
+    ("130", "3", "5", 130, "exit status 130 is not retried", []),
+    ("42 42 0", "1", "5", 42, "after 1 restarts: giving up", [5]),
+    ("43 43 43 43 43", "3", "1", 43, "after 3 restarts: giving up", [1, 2, 4]),
+]
+
+
+@pytest.mark.parametrize("statuses, restarts, backoff, status, message, waits", RESTART_CASES)
+def test_slurm_job_restarts_what_a_restart_can_fix(tmp_path, statuses, restarts, backoff,
+                                                   status, message, waits):
   env = _env(SLURM_JOB_ID="7", SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NUM_NODES="2",
              SLURM_GPUS_ON_NODE="8", SLURM_NTASKS_PER_NODE="8", MAX_RESTARTS=restarts,
-             RESTART_BACKOFF="0", PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
-             **fake_exits(tmp_path / "bin" / "srun", statuses, tmp_path))
+             RESTART_BACKOFF=backoff, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             **fake_exits(tmp_path / "bin" / "srun", statuses, tmp_path),
+             **fake_sleep(tmp_path / "bin", tmp_path))
   res = run_script("slurm.sbatch", "--workdir", "/shared/w", env=env)
   assert res.returncode == status, res.stdout + res.stderr
   starts = min(len(statuses.split()), int(restarts) + 1)
   assert res.stdout.count("START") == starts and message in res.stderr, res.stderr
+  assert sleeps(tmp_path) == waits
 
 
 def tpu_worker_script(*args):
@@ -313,17 +340,21 @@ def tpu_worker_script(*args):
   return next(lexer).split("<<'MMJAX_EOF'\n")[1].split("\nMMJAX_EOF")[0]
 
 
-@pytest.mark.parametrize("statuses, status, starts", [("43 42 0", 0, 3), ("42 1", 1, 2)])
-def test_tpu_worker_restarts_what_a_restart_can_fix(tmp_path, statuses, status, starts):
+@pytest.mark.parametrize("statuses, restarts, backoff, status, message, waits", RESTART_CASES)
+def test_tpu_worker_restarts_what_a_restart_can_fix(tmp_path, statuses, restarts, backoff,
+                                                    status, message, waits):
   script = tmp_path / "train.sh"
-  script.write_text(tpu_worker_script("--max-restarts", "4", "--restart-backoff", "0"))
-  env = _env(HOME=str(tmp_path), **fake_exits(tmp_path / "mmjax-venv" / "bin" / "python",
-                                               statuses, tmp_path))
+  script.write_text(tpu_worker_script("--max-restarts", restarts, "--restart-backoff",
+                                      backoff))
+  env = _env(HOME=str(tmp_path), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+             **fake_exits(tmp_path / "mmjax-venv" / "bin" / "python", statuses, tmp_path),
+             **fake_sleep(tmp_path / "bin", tmp_path))
   res = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env,
                        timeout=20)
   assert res.returncode == status, res.stderr
-  assert res.stdout.count("START") == starts
-  assert "restart 1/4 in 0 s" in res.stderr and "mmjax worker" in res.stderr
+  assert res.stdout.count("START") == min(len(statuses.split()), int(restarts) + 1)
+  assert message in res.stderr and "mmjax worker" in res.stderr, res.stderr
+  assert sleeps(tmp_path) == waits
 
 
 # ---------------------------------------------------------------- local_multiprocess.sh
