@@ -1,6 +1,7 @@
 """Fault injection on a 2-process CPU job under launch/local_multiprocess.sh's restart loop:
 kill -9 one process at a random step, freeze one (SIGSTOP: its peer's watchdog must fire,
-not hang), cut the newest checkpoint while the job is down. Each job must finish on its own
+not hang), cut the newest checkpoint while the job is down, make the object store refuse
+30% of the writes for a while. Each job must finish on its own
 and end with the uninterrupted job's parameters, bit for bit. Each test prints one JSON line
 (steps recomputed, wall time lost, goodput) for benchmarks/RESULTS.md.
 
@@ -39,7 +40,7 @@ class Job:
   # The launcher sees a killed process at once; the coordination service's heartbeat timeout
   # only has to outlast a loaded host (10 s aborted a restarted job at its start barrier
   # while the machine's load was 50).
-  def __init__(self, workdir, data_dir, heartbeat_s=120, backoff_s=1):
+  def __init__(self, workdir, data_dir, heartbeat_s=120, backoff_s=1, env=None):
     self.workdir = workdir
     argv = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "-n", "2",
             "--devices_per_process", "1", "--max-restarts", "3", "--restart-backoff",
@@ -47,7 +48,8 @@ class Job:
             "--workdir", workdir, "--", *TRAIN_FLAGS, f"--config.data_dir={data_dir}",
             f"--heartbeat_timeout_seconds={heartbeat_s}",
             "--config.compilation_cache_dir=/tmp/mmjax_test_jax_cache"]
-    env = {k: v for k, v in environment().items() if k != "JAX_NUM_CPU_DEVICES"}
+    env = {**{k: v for k, v in environment().items() if k != "JAX_NUM_CPU_DEVICES"},
+           **(env or {})}
     self.started = time.time()
     self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
@@ -104,10 +106,10 @@ def reference(tmp_path_factory, data_dir):
   return final_params(workdir), job.wall_s
 
 
-def check_and_report(fault, job, reference):
+def check_and_report(fault, job, reference, restarted=True):
   err = job.finish()
   assert job.proc.returncode == 0, "".join(job.out)[-2000:] + err[-4000:]
-  assert "restart 1/3" in err, err[-3000:]
+  assert ("restart 1/3" in err) == restarted, err[-3000:]
   ref_params, ref_wall = reference
   params = final_params(job.workdir)
   jax.tree.map(np.testing.assert_array_equal, params, ref_params)
@@ -117,8 +119,9 @@ def check_and_report(fault, job, reference):
                     "wall_s": round(job.wall_s, 1), "reference_wall_s": round(ref_wall, 1),
                     "lost_to_failures_s": good["seconds"]["lost_to_failures"],
                     "goodput": good["goodput"], "attempts": good["attempts"],
+                    "storage_retries": good["storage_retries"],
                     "load": os.getloadavg()[0]}))
-  return err
+  return err, good
 
 
 def test_kill_9_one_process_at_a_random_step(tmp_path, data_dir, reference):
@@ -134,7 +137,7 @@ def test_a_frozen_process_trips_its_peers_watchdog(tmp_path, data_dir, reference
   job = Job(str(tmp_path / "run"), data_dir, heartbeat_s=300)
   job.wait_for_step(7)
   os.kill(job.pids[1], signal.SIGSTOP)
-  err = check_and_report("SIGSTOP process 1", job, reference)
+  err, _ = check_and_report("SIGSTOP process 1", job, reference)
   assert "exited with status 43" in err and "hang: no progress" in job.log(0)
   hang = open(os.path.join(job.workdir, "hangs", "0.txt")).read()
   assert "last completed step" in hang and "Thread MainThread" in hang
@@ -150,6 +153,19 @@ def test_a_cut_checkpoint_is_not_restored(tmp_path, data_dir, reference):
            for f in fs if f != "mmjax_files.json"]
   biggest = max(files, key=os.path.getsize)
   os.truncate(biggest, os.path.getsize(biggest) // 2)
-  err = check_and_report("truncated newest checkpoint", job, reference)
+  err, _ = check_and_report("truncated newest checkpoint", job, reference)
   warning = [line for line in job.log(0).splitlines() if "is incomplete" in line]
   assert len(warning) == 1 and f"checkpoint step {newest}" in warning[0], err[-3000:]
+
+
+def test_a_flaky_store_failing_30_percent_of_writes_loses_nothing(tmp_path, data_dir,
+                                                                  reference):
+  # From step 1 to 15 every process's store refuses 30% of the writes it retries (checkpoint
+  # saves and seals, goodput.json) with a 503 (mmjax.retry's injection): retried with
+  # backoff, counted, and the job never stops.
+  job = Job(str(tmp_path / "run"), data_dir, env={"MMJAX_DEBUG_STORE_FAILURES": "0.3:1-15"})
+  _, good = check_and_report("object store fails 30% of writes", job, reference,
+                             restarted=False)
+  refused = [line for line in job.log(0).splitlines() if "(injected)" in line]
+  assert refused and good["storage_retries"] == len(refused), refused
+  assert any("checkpoint save of step" in line for line in refused + job.log(1).splitlines())
