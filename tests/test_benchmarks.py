@@ -187,3 +187,13 @@ def test_readme_figures_splits_the_first_runs_wall_time(tmp_path, monkeypatch):
   # training: 10 steps x 16 / 64 + 10 x 16 / 32 = 2.5 + 5 s; evaluation: 95 - 70 s
   assert split == {"wall_s": 100.0, "data_build_s": 10.0, "train_steps_s": 7.5,
                    "eval_s": 25.0, "rest_s": 57.5}
+
+
+def test_checkpoint_tiers_benchmark_times_both_tiers(tmp_path):
+  out = run_script("benchmarks/checkpoint_tiers.py", "--config",
+                   "configs/shapes.py:coca_unicl_prefix,tiny", "--saves", "1",
+                   "--workdir", str(tmp_path / "work"), "--local_dir", str(tmp_path / "local"))
+  assert out["processes"] == 1 and out["global_state_mib"] > 0
+  for tier in ("persistent", "local", "local_write_only"):
+    assert 0 < out[f"{tier}_blocking_s"] <= out[f"{tier}_committed_s"], tier
+  assert sorted(os.listdir(tmp_path / "local" / "process_0" / "own")) == ["2"]
