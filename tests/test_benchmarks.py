@@ -83,6 +83,24 @@ def test_ablation_summary_means_spreads_and_paired_differences():
   assert "| unicl_prefix/caption - clip/caption | 2 | +0.150 ± 0.212 |" in table
 
 
+def test_patch_dropout_shapes_summary_pairs_seeds():
+  """benchmarks/patch_dropout_shapes.py's summary from given runs (no training): mean and
+  sample std per arm, dropout minus none paired by seed over the seeds both arms have."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import patch_dropout_shapes as pds
+  unseen = pds.HELD_OUT
+  runs = [{"fraction": 0.0, "seed": s, "metrics": {unseen: u}}
+          for s, u in ((0, 0.6), (1, 0.7), (2, 0.8))]
+  runs += [{"fraction": 0.5, "seed": s, "metrics": {unseen: u}} for s, u in ((0, 0.5), (1, 0.8))]
+  summary = pds.summarize(runs, (0.0, 0.5))
+  none, dropped = summary["arms"]["0.0"][unseen], summary["arms"]["0.5"][unseen]
+  assert (none["n"], none["mean"], none["std"]) == (3, pytest.approx(0.7), pytest.approx(0.1))
+  assert (dropped["n"], dropped["mean"]) == (2, pytest.approx(0.65))
+  diff = summary["paired_difference"][unseen]
+  assert diff["seeds"] == [0, 1] and diff["mean"] == pytest.approx(0.0)  # (-0.1 + 0.1) / 2
+  assert diff["std"] == pytest.approx(np.std([-0.1, 0.1], ddof=1))
+
+
 @pytest.mark.slow
 def test_ablation_script_trains_every_arm_and_seed(tmp_path, data_dir):
   """Two seeds of a prefix arm, tiny, 2 steps: trained, evaluated with both test prefixes on
