@@ -83,6 +83,21 @@ def test_ablation_summary_means_spreads_and_paired_differences():
   assert "| unicl_prefix/caption - clip/caption | 2 | +0.150 ± 0.212 |" in table
 
 
+@pytest.mark.slow
+def test_patch_dropout_step_time_runs_both_variants_interleaved():
+  """benchmarks/patch_dropout.py time on the tiny shapes model: every round times both
+  variants; the ratios are those of the recorded steps."""
+  out = run_script("benchmarks/patch_dropout.py", "time", "--config",
+                   "configs/shapes.py:coca_unicl_prefix,tiny", "--rounds", "3")
+  steps = out["step_seconds"]
+  assert set(steps) == {"0.0", "0.5"} and all(len(v) == 3 and min(v) > 0 for v in steps.values())
+  assert out["step_time_ratio"] == pytest.approx(
+      np.median(steps["0.5"]) / np.median(steps["0.0"]))
+  assert out["step_time_ratio_paired_median"] == pytest.approx(
+      np.median(np.asarray(steps["0.5"]) / np.asarray(steps["0.0"])))
+  assert out["cpu"] and len(out["load_average_start"]) == 3
+
+
 def test_patch_dropout_shapes_summary_pairs_seeds():
   """benchmarks/patch_dropout_shapes.py's summary from given runs (no training): mean and
   sample std per arm, dropout minus none paired by seed over the seeds both arms have."""
