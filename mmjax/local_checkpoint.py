@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -69,6 +70,14 @@ NOTHING = "no local checkpoint"
 DATA_FILE = "data/metadata"  # JsonCheckpointHandler's file in the `data` item
 KEY_VALUE_TIMEOUT_S = 900
 _BLOB_QUANTUM = 1 << 20  # the exchanged buffer's size is rounded up: few recompilations
+
+
+class _QuietPerProcessSaves(logging.Filter):
+  """Orbax warns at every save without a primary host that it cannot log the global object
+  size; every local save is one by design, so the warning would only bury the step lines."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Global object size logging disabled" not in str(record.msg)
 
 
 def layout_of(abstract_state: Any) -> str:
@@ -132,6 +141,8 @@ class LocalCheckpoints:
         if not (path.name.isdigit() and int(path.name) in keep):
           shutil.rmtree(path, ignore_errors=True)
     self._manager = self._make_manager()
+    # Sent to the peer again at the next save: the peer's copy may be the one that is gone.
+    self._unreplicated = step
     return step
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -182,6 +193,9 @@ class LocalCheckpoints:
   # --- save ------------------------------------------------------------------------------
 
   def _make_manager(self) -> ocp.CheckpointManager:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietPerProcessSaves) for f in absl_logger.filters):
+      absl_logger.addFilter(_QuietPerProcessSaves())
     # Every process writes its own folder: no primary host, every addressable shard.
     every_process = ocp.options.MultiprocessingOptions(
         primary_host=None, barrier_sync_key_prefix="mmjax_local")
