@@ -228,7 +228,8 @@ class LocalCheckpoints:
       return
     step, self._unreplicated = self._unreplicated, None
     self._manager.wait_until_finished()
-    integrity.seal(self.own / str(step))
+    if not (self.own / str(step) / integrity.MANIFEST).exists():  # else: a restored step
+      integrity.seal(self.own / str(step))
     if self.count == 1:
       return
     received = shift(_pack(self.own / str(step)), self.process, self.count)
