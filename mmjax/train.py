@@ -232,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         if local and process0 and local.reason != local_checkpoint.NOTHING:
           print(f"Starting at step 0 (local tier not restored: {local.reason})", flush=True)
+        if process0:  # lines of an attempt that died before its first checkpoint are redone
+          writers.truncate_metrics(workdir, 0)
         state = rt.init_state()
         if config.init.checkpoint:
           params, table = warm_start.initial_params(config, state.params)

@@ -1,9 +1,9 @@
 """Fault injection on a 2-process CPU job under launch/local_multiprocess.sh's restart loop:
-kill -9 one process at a random step, freeze one (SIGSTOP: its peer's watchdog must fire,
-not hang), cut the newest checkpoint while the job is down, make the object store refuse
-30% of the writes for a while. Each job must finish on its own
-and end with the uninterrupted job's parameters, bit for bit. Each test prints one JSON line
-(steps recomputed, wall time lost, goodput) for benchmarks/RESULTS.md.
+kill -9 one process at a random step (also with a local checkpoint tier), freeze one
+(SIGSTOP: its peer's watchdog must fire, not hang), cut the newest checkpoint while the job
+is down, make the object store refuse 30% of the writes for a while. Each job must finish on
+its own and end with the uninterrupted job's parameters, bit for bit. Each test prints one
+JSON line (steps recomputed, wall time lost, goodput) for benchmarks/RESULTS.md.
 
 Slow (each job compiles in both processes, several times): `pytest -m slow tests/test_faults.py`.
 """
@@ -40,14 +40,14 @@ class Job:
   # The launcher sees a killed process at once; the coordination service's heartbeat timeout
   # only has to outlast a loaded host (10 s aborted a restarted job at its start barrier
   # while the machine's load was 50).
-  def __init__(self, workdir, data_dir, heartbeat_s=120, backoff_s=1, env=None):
+  def __init__(self, workdir, data_dir, heartbeat_s=120, backoff_s=1, env=None, flags=()):
     self.workdir = workdir
     argv = ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), "-n", "2",
             "--devices_per_process", "1", "--max-restarts", "3", "--restart-backoff",
             str(backoff_s), "--python", sys.executable, "--config", SHAPES_TINY,
             "--workdir", workdir, "--", *TRAIN_FLAGS, f"--config.data_dir={data_dir}",
             f"--heartbeat_timeout_seconds={heartbeat_s}",
-            "--config.compilation_cache_dir=/tmp/mmjax_test_jax_cache"]
+            "--config.compilation_cache_dir=/tmp/mmjax_test_jax_cache", *flags]
     env = {**{k: v for k, v in environment().items() if k != "JAX_NUM_CPU_DEVICES"},
            **(env or {})}
     self.started = time.time()
@@ -120,15 +120,37 @@ def check_and_report(fault, job, reference, restarted=True):
                     "lost_to_failures_s": good["seconds"]["lost_to_failures"],
                     "goodput": good["goodput"], "attempts": good["attempts"],
                     "storage_retries": good["storage_retries"],
+                    "resumed_from": [(r["resumed_from_step"], r.get("tier"))
+                                     for r in good["restarts"]],
                     "load": os.getloadavg()[0]}))
   return err, good
 
 
+# 12: the kill lands as step 12's persistent save begins, so the newest persistent step
+# committed is 8 (the kill -9 test resumes there).
+KILL_AFTER = random.Random(0).randint(6, TOTAL - 4)
+
+
 def test_kill_9_one_process_at_a_random_step(tmp_path, data_dir, reference):
   job = Job(str(tmp_path / "run"), data_dir)
-  job.wait_for_step(random.Random(0).randint(6, TOTAL - 4))
+  job.wait_for_step(KILL_AFTER)
   os.kill(job.pids[1], signal.SIGKILL)
   check_and_report("kill -9 process 1", job, reference)
+
+
+def test_kill_9_with_a_local_tier_recomputes_fewer_steps(tmp_path, data_dir, reference):
+  # The same kill with a local checkpoint every step (mmjax.local_checkpoint): the restart
+  # resumes from a local step newer than the persistent tier's, bit for bit.
+  job = Job(str(tmp_path / "run"), data_dir,
+            flags=(f"--config.checkpoint.local_dir={tmp_path / 'local'}",
+                   "--config.checkpoint.local_every_steps=1"))
+  job.wait_for_step(KILL_AFTER)
+  os.kill(job.pids[1], signal.SIGKILL)
+  _, good = check_and_report("kill -9 process 1, local tier every step", job, reference)
+  persistent = (KILL_AFTER - 1) // 4 * 4
+  restart = good["restarts"][-1]
+  assert restart["tier"] == "local" and restart["resumed_from_step"] > persistent, restart
+  assert good["steps_recomputed"] < KILL_AFTER - persistent
 
 
 def test_a_frozen_process_trips_its_peers_watchdog(tmp_path, data_dir, reference):
@@ -145,9 +167,13 @@ def test_a_frozen_process_trips_its_peers_watchdog(tmp_path, data_dir, reference
 
 def test_a_cut_checkpoint_is_not_restored(tmp_path, data_dir, reference):
   job = Job(str(tmp_path / "run"), data_dir, backoff_s=5)
-  job.wait_for_step(10)  # step 8 committed and sealed
-  os.kill(job.pids[0], signal.SIGKILL)
+  job.wait_for_step(10)
   checkpoints = os.path.join(job.workdir, "checkpoints")
+  sealed = os.path.join(checkpoints, "8", "mmjax_files.json")
+  while not os.path.exists(sealed):  # step 8 committed and sealed (an async save: under
+    assert job.proc.poll() is None and time.time() - job.started < 900  # load it can lag)
+    time.sleep(0.05)
+  os.kill(job.pids[0], signal.SIGKILL)
   newest = max(int(s) for s in os.listdir(checkpoints) if s.isdigit())
   files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(checkpoints, str(newest)))
            for f in fs if f != "mmjax_files.json"]

@@ -175,6 +175,19 @@ def test_a_cut_newest_checkpoint_is_set_aside_and_the_previous_one_restored(
   assert steps_in(workdir)[-1] == TOTAL
 
 
+def test_a_start_without_checkpoint_drops_the_metrics_of_an_attempt_that_died(tmp_path,
+                                                                             data_dir):
+  # What a job killed before its first checkpoint (or whose only checkpoint was cut) left:
+  # its steps are trained again from step 0 and logged once.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 9.0}}\n'
+                                                 for s in range(1, 4)))
+  train(str(workdir), data_dir, "--config.total_steps=2")
+  assert [m["step"] for m in metrics(str(workdir))] == [1, 2]
+  assert all(m["loss"] != 9.0 for m in metrics(str(workdir)))
+
+
 def test_restoring_with_different_shapes_names_the_parameter(tmp_path, data_dir, reference):
   workdir = str(tmp_path / "run")
   shutil.copytree(os.path.join(reference[0], "checkpoints"),
