@@ -230,3 +230,15 @@ def test_checkpoint_tiers_benchmark_times_both_tiers(tmp_path):
   for tier in ("persistent", "local", "local_write_only"):
     assert 0 < out[f"{tier}_blocking_s"] <= out[f"{tier}_committed_s"], tier
   assert sorted(os.listdir(tmp_path / "local" / "process_0" / "own")) == ["2"]
+
+
+@pytest.mark.slow  # two TPU compiles: a minute on 2 cores
+def test_locked_towers_compiles_both_variants_and_the_lock_saves():
+  """The tiny CoCa compiled for v4-8 by the TPU compiler, trained and with its ViT locked."""
+  out = run_script("benchmarks/locked_towers.py", "--batch", "8",
+                   "--case", "configs/coca.py:tiny=vision/.*", timeout=900)
+  row = out["configs"]["configs/coca.py:tiny"]
+  assert row["flops_ratio"] < 0.9 and row["memory_ratio"] < 1
+  trained, locked = row["trained"]["memory_parts_bytes"], row["locked"]["memory_parts_bytes"]
+  assert locked["params"] == trained["params"]
+  assert locked["optimizer_state"] < trained["optimizer_state"]
