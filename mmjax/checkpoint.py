@@ -148,6 +148,10 @@ class Checkpointer:
     run kept none)."""
     key = "ema_params" if ema else "params"
     stored = self._stored_shapes(step, "state")
+    if not ema and not stored.get(key):
+      raise errors.UsageError(f"checkpoint {self.directory} step {step} holds no parameters: "
+                              "it is not a train-state checkpoint of mmjax.train or "
+                              "mmjax.convert")
     if not stored.get(key):
       raise errors.UsageError(
           f"checkpoint {self.directory} step {step} has no EMA of the parameters: it was "

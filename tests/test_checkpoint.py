@@ -97,6 +97,25 @@ def test_assets_round_trip_and_a_checkpoint_without_them_reads_as_none(tmp_path)
   reopened.close()
 
 
+def test_restore_params_names_what_the_checkpoint_lacks(tmp_path):
+  """Parameters only, the EMA asked of a run without one, and a state without parameters."""
+  ckpt = checkpointer(tmp_path, max_to_keep=3, keep_period=0)
+  config = helpers.tiny_config()
+  ckpt.save(1, small_state(1.0), config)
+  ckpt.save(2, {"weights": jnp.ones(3)}, config)  # not a train state
+  ckpt.close()
+  ckpt = checkpointer(tmp_path, max_to_keep=3, keep_period=0)  # as a reader opens it
+  abstract = {"dense": {"kernel": jnp.zeros((2, 3))}}
+  np.testing.assert_array_equal(ckpt.restore_params(1, abstract)["dense"]["kernel"],
+                                np.ones((2, 3)))
+  with pytest.raises(errors.UsageError, match=r"step 1 has no EMA of the parameters"):
+    ckpt.restore_params(1, abstract, ema=True)
+  with pytest.raises(errors.UsageError, match=r"step 2 holds no parameters: it is not a "
+                     r"train-state checkpoint"):
+    ckpt.restore_params(2, abstract)
+  ckpt.close()
+
+
 def test_the_stored_tokenizer_wins_over_the_configured_one(tmp_path):
   trained = sentencepiece.train_tokenizer(["a red circle", "a blue square"] * 20, 40)
   # data.tokenizer.path names a file that does not exist here: without assets that is an
