@@ -15,7 +15,9 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
+from etils import epath
 from PIL import Image
 
 from configs import flava, shapes
@@ -262,3 +264,17 @@ def assert_trees_close(a, b, rtol: float) -> None:
   assert worst[1] <= rtol * scale, worst
   norm = lambda t: np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(t)))
   assert norm(jax.tree.map(np.subtract, a, b)) <= rtol * norm(b)
+
+
+def checkpoint_params(workdir: str, step: int) -> dict:
+  """The parameters of `workdir`'s persistent checkpoint `step` as NumPy arrays, read from
+  its files alone (no devices, no config: compares runs of any process count)."""
+  path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
+  metadata = ocp.PyTreeCheckpointHandler().metadata(path)
+  tree = getattr(metadata, "tree", metadata)["params"]
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                              is_leaf=lambda m: hasattr(m, "shape"))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        {"params": tree}, restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]

@@ -18,12 +18,10 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from etils import epath
 
 from conftest import REPO
-from helpers import SHAPES_TINY, environment, metrics
+from helpers import SHAPES_TINY, checkpoint_params, environment, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -85,16 +83,7 @@ class Job:
 
 
 def final_params(workdir):
-  """The last checkpoint's parameters as NumPy arrays (read without the job's devices)."""
-  path = epath.Path(workdir) / "checkpoints" / str(TOTAL) / "state"
-  metadata = ocp.PyTreeCheckpointHandler().metadata(path)
-  tree = getattr(metadata, "tree", metadata)["params"]
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                              is_leaf=lambda m: hasattr(m, "shape"))
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        {"params": tree}, restore_args={"params": restore_args}, partial_restore=True))
-  return restored["params"]
+  return checkpoint_params(workdir, TOTAL)
 
 
 @pytest.fixture(scope="module")

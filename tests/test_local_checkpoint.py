@@ -15,13 +15,11 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from etils import epath
 
 from conftest import REPO
-from helpers import SHAPES_TINY, command, environment, metrics, run, usage_error
-
+from helpers import (SHAPES_TINY, checkpoint_params, command, environment, metrics, run,
+                     usage_error)
 from mmjax import local_checkpoint
 
 TOTAL = 12
@@ -36,16 +34,7 @@ def local_flags(local_dir, every=2):
 
 
 def final_params(workdir, step=TOTAL):
-  """A persistent checkpoint's parameters as NumPy arrays (no devices needed)."""
-  path = epath.Path(workdir) / "checkpoints" / str(step) / "state"
-  metadata = ocp.PyTreeCheckpointHandler().metadata(path)
-  tree = getattr(metadata, "tree", metadata)["params"]
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-                              is_leaf=lambda m: hasattr(m, "shape"))
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        {"params": tree}, restore_args={"params": restore_args}, partial_restore=True))
-  return restored["params"]
+  return checkpoint_params(workdir, step)
 
 
 def assert_same_params(workdir, reference_workdir):
